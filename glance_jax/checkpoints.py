@@ -1,0 +1,324 @@
+"""The one loader: PyTorch checkpoints (diffusers folders, BFL single files) and converted Flax folders.
+
+Every format is first turned into a `Checkpoint`: a config dict and, for each
+diffusers tensor name, the file pieces (row ranges of stored tensors) that
+make it up. `weight_table(model)` says where each diffusers name lives in the
+Flax parameter tree: the parameter path joined with dots, the block index put
+back after the stack's name, `kernel` <-> `weight` (transposed), `scale` <->
+`weight`, `bias` <-> `bias`. Names and shapes are checked against that table
+before any data is read; then tensors are read one at a time into
+preallocated arrays of the target dtype, so peak host memory is about the
+size of the output. LoRA import/export uses the same table.
+"""
+
+import contextlib
+import dataclasses
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax.traverse_util import flatten_dict, unflatten_dict
+
+from glance_jax import safetensors_io
+from glance_jax.errors import GlanceError
+from glance_jax.models import flux_bfl
+
+FORMAT_FILE = "glance_jax.json"  # marks a folder written by `convert_checkpoint`
+PARAMS_DIR = "params"
+DTYPES = {"fp32": jnp.float32, "float32": jnp.float32, "bf16": jnp.bfloat16, "bfloat16": jnp.bfloat16,
+          "fp16": jnp.float16, "float16": jnp.float16}
+
+
+def model_classes():
+    from glance_jax.models import FluxTransformer2DModel
+    return {"FluxTransformer2DModel": FluxTransformer2DModel}
+
+
+def parse_dtype(dtype):
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise GlanceError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+        return jnp.dtype(DTYPES[dtype])
+    return jnp.dtype(dtype)
+
+
+# ---- where each torch tensor goes ----
+
+@dataclasses.dataclass(frozen=True)
+class Slot:
+    """The place of one torch tensor in the Flax tree: leaf path, block index (or None), transpose."""
+
+    path: tuple
+    index: int | None
+    transpose: bool
+    torch_shape: tuple
+
+
+_TORCH_LEAF = {"kernel": "weight", "bias": "bias", "scale": "weight"}
+
+
+def abstract_params(model):
+    """The parameter tree as ShapeDtypeStructs: no allocation, no compute."""
+    return jax.eval_shape(model.init_params, jax.random.PRNGKey(0))
+
+
+def weight_table(model):
+    """{diffusers tensor name: Slot} for every parameter of `model`."""
+    table = {}
+    for path, leaf in flatten_dict(abstract_params(model)).items():
+        *modules, leaf_name = path
+        transpose = leaf_name == "kernel"
+        torch_leaf = _TORCH_LEAF[leaf_name]
+        if modules[0] in model.stacked:
+            shape = leaf.shape[1:]
+            torch_shape = shape[::-1] if transpose else shape
+            for i in range(leaf.shape[0]):
+                name = ".".join([modules[0], str(i), *modules[1:], torch_leaf])
+                table[name] = Slot(path, i, transpose, tuple(torch_shape))
+        else:
+            torch_shape = leaf.shape[::-1] if transpose else leaf.shape
+            table[".".join([*modules, torch_leaf])] = Slot(path, None, transpose, tuple(torch_shape))
+    return table
+
+
+# ---- checkpoints on disk ----
+
+@dataclasses.dataclass
+class Tensor:
+    """One diffusers tensor, made of row ranges of tensors stored in safetensors files."""
+
+    shape: tuple
+    pieces: list  # [(SafetensorsFile, stored name, (row start, row stop)), ...]
+
+    def read(self):
+        parts = [f.read(name, rows) for f, name, rows in self.pieces]
+        return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
+
+
+@dataclasses.dataclass
+class Checkpoint:
+    config: dict
+    tensors: dict  # diffusers name -> Tensor; empty for a converted folder
+    converted_dir: str | None = None
+
+
+def _read_json(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise GlanceError(f"{path}: cannot read JSON ({e})") from None
+
+
+def _whole(f, name):
+    info = f.tensors[name]
+    return Tensor(info.shape, [(f, name, None)])
+
+
+def _open_diffusers_folder(path):
+    config = _read_json(os.path.join(path, "config.json"))
+    index = [n for n in os.listdir(path) if n.endswith(".safetensors.index.json")]
+    if index:
+        weight_map = _read_json(os.path.join(path, index[0])).get("weight_map", {})
+        files = {name: safetensors_io.SafetensorsFile(os.path.join(path, name)) for name in set(weight_map.values())}
+        tensors = {}
+        for name, file_name in weight_map.items():
+            if name not in files[file_name].tensors:
+                raise GlanceError(f"{os.path.join(path, index[0])} puts {name!r} in {file_name}, which lacks it")
+            tensors[name] = _whole(files[file_name], name)
+        return Checkpoint(config, tensors)
+    files = sorted(n for n in os.listdir(path) if n.endswith(".safetensors"))
+    if not files:
+        raise GlanceError(f"{path}: no .safetensors weights next to config.json")
+    tensors = {}
+    for file_name in files:
+        f = safetensors_io.SafetensorsFile(os.path.join(path, file_name))
+        tensors.update({name: _whole(f, name) for name in f.keys()})
+    return Checkpoint(config, tensors)
+
+
+def _open_bfl_file(path, axes_dims_rope=None):
+    f = safetensors_io.SafetensorsFile(path)
+    if not flux_bfl.is_bfl(f.keys()):
+        raise GlanceError(
+            f"{path}: not a Black Forest Labs FLUX checkpoint (no double_blocks.* / single_blocks.* keys); "
+            "for diffusers weights pass the folder that holds config.json")
+    shapes = {flux_bfl.strip_prefix(n): info.shape for n, info in f.tensors.items()}
+    try:
+        config = flux_bfl.config_from_shapes(shapes, axes_dims_rope)
+    except KeyError as e:
+        raise GlanceError(f"{path}: BFL checkpoint lacks {e.args[0]!r}") from None
+    except ValueError as e:
+        raise GlanceError(f"{path}: {e}") from None
+    hidden = config["attention_head_dim"] * config["num_attention_heads"]
+    tensors, unknown = {}, []
+    for name, info in f.tensors.items():
+        targets = flux_bfl.to_diffusers(name, info.shape[0] if info.shape else 0, hidden)
+        if targets is None:
+            unknown.append(name)
+            continue
+        for target, row_ranges in targets:
+            rows = sum(stop - start for start, stop in row_ranges)
+            tensors[target] = Tensor((rows, *info.shape[1:]), [(f, name, r) for r in row_ranges])
+    if unknown:
+        raise GlanceError(f"{path}: {len(unknown)} unexpected BFL keys: {', '.join(sorted(unknown)[:8])}")
+    return Checkpoint(config, tensors)
+
+
+def open_checkpoint(path, axes_dims_rope=None):
+    """Recognises the format at `path` and returns its Checkpoint (headers only; no tensor data is read)."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise GlanceError(f"{path}: no such file or folder")
+    if os.path.isfile(path):
+        return _open_bfl_file(path, axes_dims_rope)
+    if os.path.isfile(os.path.join(path, FORMAT_FILE)):
+        return Checkpoint(_read_json(os.path.join(path, "config.json")), {}, converted_dir=path)
+    if os.path.isfile(os.path.join(path, "config.json")):
+        return _open_diffusers_folder(path)
+    if os.path.isfile(os.path.join(path, "transformer", "config.json")):  # a whole pipeline folder
+        return open_checkpoint(os.path.join(path, "transformer"), axes_dims_rope)
+    raise GlanceError(f"{path}: neither a diffusers model folder (config.json + safetensors), "
+                      "a converted glance_jax folder, nor a .safetensors file")
+
+
+def model_from_config(config, dtype, expected_class=None, **overrides):
+    classes = model_classes()
+    name = config.get("_class_name")
+    if name not in classes:
+        raise GlanceError(f"config.json: unknown _class_name {name!r}; supported: {', '.join(classes)}")
+    if expected_class is not None and classes[name] is not expected_class:
+        raise GlanceError(f"the checkpoint holds a {name}, not a {expected_class.__name__}")
+    return classes[name].from_config(config, dtype=dtype, **overrides)
+
+
+def check_names_and_shapes(table, tensors, where):
+    """Raises one GlanceError naming unexpected keys, missing keys or the first shape mismatches."""
+    unexpected = sorted(set(tensors) - set(table))
+    missing = sorted(set(table) - set(tensors))
+    problems = []
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected keys ({', '.join(unexpected[:6])}"
+                        f"{', ...' if len(unexpected) > 6 else ''})")
+    if missing:
+        problems.append(f"{len(missing)} missing keys ({', '.join(missing[:6])}{', ...' if len(missing) > 6 else ''})")
+    if problems:
+        raise GlanceError(f"{where}: " + "; ".join(problems))
+    bad = [(n, tensors[n].shape, table[n].torch_shape) for n in sorted(table)
+           if tuple(tensors[n].shape) != table[n].torch_shape]
+    if bad:
+        raise GlanceError(f"{where}: shape mismatch for " + "; ".join(
+            f"{n} (checkpoint {tuple(got)}, model expects {want})" for n, got, want in bad[:4]))
+
+
+def read_params(model, checkpoint, dtype, where="checkpoint", progress=None):
+    """Fills a numpy parameter tree of `dtype` from `checkpoint`, one tensor at a time."""
+    table = weight_table(model)
+    check_names_and_shapes(table, checkpoint.tensors, where)
+    leaves = {path: np.empty(leaf.shape, dtype) for path, leaf in flatten_dict(abstract_params(model)).items()}
+    for name in (progress or (lambda x: x))(sorted(table)):
+        slot = table[name]
+        value = checkpoint.tensors[name].read()
+        if slot.transpose:
+            value = value.T
+        target = leaves[slot.path]
+        if slot.index is None:
+            target[...] = value.astype(dtype)
+        else:
+            target[slot.index] = value.astype(dtype)
+        del value
+    return unflatten_dict(leaves)
+
+
+def _to_device(tree):
+    """numpy tree -> jax arrays, leaf by leaf, so that host and device copies never both hold the whole tree."""
+    flat = flatten_dict(tree)
+    for path in list(flat):
+        flat[path] = jnp.asarray(flat.pop(path))
+    return unflatten_dict(flat)
+
+
+def _restore_converted(directory, dtype):
+    import orbax.checkpoint as ocp
+    try:
+        tree = ocp.PyTreeCheckpointer().restore(os.path.abspath(os.path.join(directory, PARAMS_DIR)))
+    except Exception as e:  # orbax raises many types for a damaged folder
+        raise GlanceError(f"{directory}: cannot restore converted parameters ({type(e).__name__}: {e})") from None
+    flat = flatten_dict(tree)
+    for path in list(flat):
+        flat[path] = np.asarray(flat[path]).astype(dtype, copy=False)
+    return unflatten_dict(flat)
+
+
+def load_model(path, dtype=jnp.float32, expected_class=None, axes_dims_rope=None, **overrides):
+    """`(model, params)` from any supported checkpoint at `path`, parameters in `dtype` on the default device."""
+    dtype = parse_dtype(dtype)
+    checkpoint = open_checkpoint(path, axes_dims_rope)
+    model = model_from_config(checkpoint.config, dtype, expected_class, **overrides)
+    if checkpoint.converted_dir:
+        params = _restore_converted(checkpoint.converted_dir, dtype)
+        expected = {p: l.shape for p, l in flatten_dict(abstract_params(model)).items()}
+        got = {p: l.shape for p, l in flatten_dict(params).items()}
+        if got != expected:
+            raise GlanceError(f"{path}: converted parameters do not match its config.json")
+    else:
+        params = read_params(model, checkpoint, dtype, where=os.fspath(path))
+    return model, _to_device(params)
+
+
+# ---- conversion ----
+
+@contextlib.contextmanager
+def atomic_directory(dst, overwrite=False):
+    """Yields a scratch folder that becomes `dst` only if the block succeeds; nothing is left behind otherwise."""
+    dst = os.path.abspath(os.fspath(dst))
+    if os.path.exists(dst) and not overwrite:
+        raise GlanceError(f"{dst} already exists (pass --overwrite to replace it)")
+    parent = os.path.dirname(dst)
+    if not os.path.isdir(parent):
+        raise GlanceError(f"{parent}: no such folder")
+    tmp = f"{dst}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        yield tmp
+        if os.path.exists(dst):
+            old = f"{dst}.old-{os.getpid()}"
+            os.rename(dst, old)
+            os.rename(tmp, dst)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, dst)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def save_converted(directory, model, params, dtype):
+    """Writes config.json, the format marker and the orbax parameter checkpoint into `directory`."""
+    import orbax.checkpoint as ocp
+    ocp.PyTreeCheckpointer().save(os.path.join(directory, PARAMS_DIR), params)
+    with open(os.path.join(directory, "config.json"), "w") as f:
+        json.dump(model.to_config(), f, indent=2)
+    with open(os.path.join(directory, FORMAT_FILE), "w") as f:
+        json.dump({"format": "glance_jax-orbax", "version": 1, "dtype": jnp.dtype(dtype).name}, f, indent=2)
+
+
+def convert_checkpoint(src, dst, dtype="bf16", overwrite=False, axes_dims_rope=None, progress=None):
+    """Converts a PyTorch checkpoint (diffusers folder or BFL file) to a Flax (orbax) folder at `dst`.
+
+    Streams tensor by tensor into host arrays of the output dtype; `dst`
+    appears only when everything was written.
+    """
+    dtype = parse_dtype(dtype)
+    checkpoint = open_checkpoint(src, axes_dims_rope)
+    if checkpoint.converted_dir:
+        raise GlanceError(f"{src} is already a converted glance_jax folder")
+    model = model_from_config(checkpoint.config, dtype)
+    check_names_and_shapes(weight_table(model), checkpoint.tensors, os.fspath(src))
+    with atomic_directory(dst, overwrite) as tmp:
+        params = read_params(model, checkpoint, dtype, where=os.fspath(src), progress=progress)
+        save_converted(tmp, model, params, dtype)
+    return model

@@ -1,0 +1,43 @@
+"""The `glance-jax` command: `glance-jax SUBCOMMAND --help` explains each one."""
+
+import sys
+
+from glance_jax.errors import GlanceError
+
+USAGE = """usage: glance-jax SUBCOMMAND [ARGS]
+
+subcommands:
+  convert   convert a PyTorch FLUX.1 checkpoint (diffusers folder or BFL file) to a Flax folder
+  demo      run the embedded demo (placeholder: one forward pass of a tiny random FLUX)
+
+run 'glance-jax SUBCOMMAND --help' for its arguments."""
+
+
+def _subcommands():
+    import convert.cli
+    from glance_jax import demo
+    return {"convert": convert.cli.main, "demo": demo.main}
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0
+    commands = _subcommands()
+    if argv[0] not in commands:
+        print(f"glance-jax: error: unknown subcommand {argv[0]!r}\n\n{USAGE}", file=sys.stderr)
+        return 2
+    try:
+        commands[argv[0]](argv[1:])
+    except GlanceError as e:
+        print(f"glance-jax {argv[0]}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"glance-jax {argv[0]}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
