@@ -91,11 +91,25 @@ class Tensor:
     """One diffusers tensor, made of row ranges of tensors stored in safetensors files."""
 
     shape: tuple
-    pieces: list  # [(SafetensorsFile, stored name, (row start, row stop)), ...]
+    pieces: list  # [(SafetensorsFile, stored name, (row start, row stop) or None for all rows), ...]
 
     def read(self):
-        parts = [f.read(name, rows) for f, name, rows in self.pieces]
-        return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
+        """The whole tensor as one array."""
+        out = np.empty(self.shape, self.pieces[0][0].tensors[self.pieces[0][1]].dtype)
+        for start, chunk in self.chunks():
+            out[start:start + len(chunk)] = chunk
+        return out
+
+    def chunks(self, max_bytes=16 * 2 ** 20):
+        """Yields (first row, rows) in pieces of at most about `max_bytes`, so that huge tensors are never whole."""
+        offset = 0
+        for f, name, rows in self.pieces:
+            info = f.tensors[name]
+            start, stop = rows or (0, info.shape[0])
+            step = max(1, max_bytes * info.shape[0] // max(1, info.nbytes))
+            for lo in range(start, stop, step):
+                yield offset + lo - start, f.read(name, (lo, min(stop, lo + step)))
+            offset += stop - start
 
 
 @dataclasses.dataclass
@@ -221,15 +235,13 @@ def read_params(model, checkpoint, dtype, where="checkpoint", progress=None):
     leaves = {path: np.empty(leaf.shape, dtype) for path, leaf in flatten_dict(abstract_params(model)).items()}
     for name in (progress or (lambda x: x))(sorted(table)):
         slot = table[name]
-        value = checkpoint.tensors[name].read()
-        if slot.transpose:
-            value = value.T
-        target = leaves[slot.path]
-        if slot.index is None:
-            target[...] = value.astype(dtype)
-        else:
-            target[slot.index] = value.astype(dtype)
-        del value
+        target = leaves[slot.path] if slot.index is None else leaves[slot.path][slot.index]
+        for start, chunk in checkpoint.tensors[name].chunks():
+            rows = slice(start, start + len(chunk))
+            if slot.transpose:
+                target[:, rows] = chunk.T  # numpy casts to the target dtype while copying
+            else:
+                target[rows] = chunk
     return unflatten_dict(leaves)
 
 
@@ -260,8 +272,8 @@ def load_model(path, dtype=jnp.float32, expected_class=None, axes_dims_rope=None
     model = model_from_config(checkpoint.config, dtype, expected_class, **overrides)
     if checkpoint.converted_dir:
         params = _restore_converted(checkpoint.converted_dir, dtype)
-        expected = {p: l.shape for p, l in flatten_dict(abstract_params(model)).items()}
-        got = {p: l.shape for p, l in flatten_dict(params).items()}
+        expected = {path: leaf.shape for path, leaf in flatten_dict(abstract_params(model)).items()}
+        got = {path: leaf.shape for path, leaf in flatten_dict(params).items()}
         if got != expected:
             raise GlanceError(f"{path}: converted parameters do not match its config.json")
     else:
@@ -299,7 +311,14 @@ def atomic_directory(dst, overwrite=False):
 def save_converted(directory, model, params, dtype):
     """Writes config.json, the format marker and the orbax parameter checkpoint into `directory`."""
     import orbax.checkpoint as ocp
-    ocp.PyTreeCheckpointer().save(os.path.join(directory, PARAMS_DIR), params)
+    # Orbax's defaults copy every host array before writing and buffer 2 GB data files: together about
+    # twice the output in extra memory. The arrays here are not touched again, and small data files
+    # are flushed as they fill.
+    registry = ocp.type_handlers.create_type_handler_registry(
+        (np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)))
+    checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(type_handler_registry=registry))
+    checkpointer.save(os.path.join(directory, PARAMS_DIR),
+                      args=ocp.args.PyTreeSave(params, ocdbt_target_data_file_size=16 * 2 ** 20))
     with open(os.path.join(directory, "config.json"), "w") as f:
         json.dump(model.to_config(), f, indent=2)
     with open(os.path.join(directory, FORMAT_FILE), "w") as f:

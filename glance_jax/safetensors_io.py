@@ -77,7 +77,8 @@ class SafetensorsFile:
                 shape = [int(d) for d in entry["shape"]]
                 begin, end = (int(x) for x in entry["data_offsets"])
             except (KeyError, TypeError, ValueError):
-                raise GlanceError(f"{self.path} is not a safetensors file: bad or unsupported entry for {name!r}") from None
+                raise GlanceError(
+                    f"{self.path} is not a safetensors file: bad or unsupported entry for {name!r}") from None
             info = TensorInfo(name, dtype, shape, data_start + begin)
             if end - begin != info.nbytes or begin < 0:
                 raise GlanceError(f"{self.path}: tensor {name!r} has {end - begin} bytes for shape {tuple(shape)}")

@@ -4,7 +4,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 from diffusers import FluxTransformer2DModel as TorchFlux
 
 from glance_jax import checkpoints

@@ -1,4 +1,4 @@
-"""Reference PyTorch models for parity tests: diffusers/peft objects with random weights, saved in their real formats."""
+"""PyTorch peers for parity tests: diffusers/peft models with random weights, saved in their real formats."""
 
 import numpy as np
 import torch

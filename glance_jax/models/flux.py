@@ -99,9 +99,9 @@ def project_qkv(x, heads, head_dim, names, kw):
     return RMSNorm(1e-6, **kw, name=norm_q)(q), RMSNorm(1e-6, **kw, name=norm_k)(k), v
 
 
-def joint_attention(q, k, v, cos, sin):
+def joint_attention(q, k, v, cos, sin, implementation):
     """RoPE on q and k, attention over the whole (text + image) sequence, heads merged back."""
-    out = attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v)
+    out = attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, implementation=implementation)
     return out.reshape(*out.shape[:2], -1)
 
 
@@ -110,18 +110,20 @@ class DoubleStreamAttention(nn.Module):
 
     heads: int
     head_dim: int
+    attention_impl: str
     dtype: Dtype
     param_dtype: Dtype
 
     @nn.compact
     def __call__(self, img, txt, cos, sin):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        img_q, img_k, img_v = project_qkv(img, self.heads, self.head_dim,
-                                          ("to_q", "to_k", "to_v", "norm_q", "norm_k"), kw)
-        txt_q, txt_k, txt_v = project_qkv(txt, self.heads, self.head_dim,
-                                          ("add_q_proj", "add_k_proj", "add_v_proj", "norm_added_q", "norm_added_k"), kw)
+        img_names = ("to_q", "to_k", "to_v", "norm_q", "norm_k")
+        txt_names = ("add_q_proj", "add_k_proj", "add_v_proj", "norm_added_q", "norm_added_k")
+        img_q, img_k, img_v = project_qkv(img, self.heads, self.head_dim, img_names, kw)
+        txt_q, txt_k, txt_v = project_qkv(txt, self.heads, self.head_dim, txt_names, kw)
         cat = lambda a, b: jnp.concatenate([a, b], axis=1)
-        out = joint_attention(cat(txt_q, img_q), cat(txt_k, img_k), cat(txt_v, img_v), cos, sin)
+        out = joint_attention(cat(txt_q, img_q), cat(txt_k, img_k), cat(txt_v, img_v), cos, sin,
+                              self.attention_impl)
         txt_out, img_out = out[:, :txt.shape[1]], out[:, txt.shape[1]:]
         dim = img.shape[-1]
         return Dense(dim, **kw, name="to_out.0")(img_out), Dense(dim, **kw, name="to_add_out")(txt_out)
@@ -133,6 +135,7 @@ class DoubleStreamBlock(nn.Module):
     dim: int
     heads: int
     head_dim: int
+    attention_impl: str
     dtype: Dtype
     param_dtype: Dtype
 
@@ -145,7 +148,7 @@ class DoubleStreamBlock(nn.Module):
         norm_txt, (txt_gate, txt_shift_mlp, txt_scale_mlp, txt_gate_mlp) = AdaLayerNormZero(
             self.dim, 6, **kw, name="norm1_context")(txt, temb)
 
-        img_attn, txt_attn = DoubleStreamAttention(self.heads, self.head_dim, **kw, name="attn")(
+        img_attn, txt_attn = DoubleStreamAttention(self.heads, self.head_dim, self.attention_impl, **kw, name="attn")(
             norm_img, norm_txt, cos, sin)
 
         img = img + img_gate[:, None] * img_attn
@@ -164,6 +167,7 @@ class SingleStreamAttention(nn.Module):
 
     heads: int
     head_dim: int
+    attention_impl: str
     dtype: Dtype
     param_dtype: Dtype
 
@@ -171,7 +175,7 @@ class SingleStreamAttention(nn.Module):
     def __call__(self, x, cos, sin):
         q, k, v = project_qkv(x, self.heads, self.head_dim, ("to_q", "to_k", "to_v", "norm_q", "norm_k"),
                               dict(dtype=self.dtype, param_dtype=self.param_dtype))
-        return joint_attention(q, k, v, cos, sin)
+        return joint_attention(q, k, v, cos, sin, self.attention_impl)
 
 
 class SingleStreamBlock(nn.Module):
@@ -180,6 +184,7 @@ class SingleStreamBlock(nn.Module):
     dim: int
     heads: int
     head_dim: int
+    attention_impl: str
     dtype: Dtype
     param_dtype: Dtype
 
@@ -190,17 +195,18 @@ class SingleStreamBlock(nn.Module):
         x = jnp.concatenate([txt, img], axis=1)
         norm_x, (gate,) = AdaLayerNormZero(self.dim, 3, **kw, name="norm")(x, temb)
         mlp = gelu_tanh(Dense(4 * self.dim, **kw, name="proj_mlp")(norm_x))
-        attn = SingleStreamAttention(self.heads, self.head_dim, **kw, name="attn")(norm_x, cos, sin)
+        attn = SingleStreamAttention(self.heads, self.head_dim, self.attention_impl, **kw, name="attn")(
+            norm_x, cos, sin)
         x = x + gate[:, None] * Dense(self.dim, **kw, name="proj_out")(jnp.concatenate([attn, mlp], axis=-1))
         return (x[:, txt.shape[1]:], x[:, :txt.shape[1]]), None
 
 
-def block_stack(block_cls, length, remat_policy):
+def block_stack(block_cls, length, remat_policy, unroll):
     """`length` copies of `block_cls` with parameters (and LoRAs) stacked on axis 0, run by `nn.scan`."""
     if remat_policy != "none":
         block_cls = nn.remat(block_cls, policy=REMAT_POLICIES[remat_policy], prevent_cse=False)
     return nn.scan(block_cls, variable_axes={"params": 0, "lora": 0}, split_rngs={"params": True},
-                   in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=length)
+                   in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=length, unroll=unroll)
 
 
 class FluxTransformer2DModel(nn.Module):
@@ -225,6 +231,8 @@ class FluxTransformer2DModel(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     remat_policy: str = "none"
+    attention_impl: str = "auto"  # "auto", "xla" or "blocked" (see layers.attention)
+    scan_unroll: bool = False  # unrolled blocks: slower to compile, but XLA's cost analysis counts every block
 
     # The stacks of blocks, in diffusers' names, that are scanned (leading axis = block index).
     stacked = ("transformer_blocks", "single_transformer_blocks")
@@ -243,13 +251,14 @@ class FluxTransformer2DModel(nn.Module):
             timestep, guidance, pooled_projections)
         cos, sin = EmbedND(self.axes_dims_rope)(jnp.concatenate([txt_ids, img_ids], axis=0))
 
-        blocks = dict(dim=dim, heads=self.num_attention_heads, head_dim=self.attention_head_dim, **kw)
+        blocks = dict(dim=dim, heads=self.num_attention_heads, head_dim=self.attention_head_dim,
+                      attention_impl=self.attention_impl, **kw)
         carry = (img, txt)
         if self.num_layers:
-            carry, _ = block_stack(DoubleStreamBlock, self.num_layers, self.remat_policy)(
+            carry, _ = block_stack(DoubleStreamBlock, self.num_layers, self.remat_policy, self.scan_unroll)(
                 **blocks, name="transformer_blocks")(carry, temb, cos, sin)
         if self.num_single_layers:
-            carry, _ = block_stack(SingleStreamBlock, self.num_single_layers, self.remat_policy)(
+            carry, _ = block_stack(SingleStreamBlock, self.num_single_layers, self.remat_policy, self.scan_unroll)(
                 **blocks, name="single_transformer_blocks")(carry, temb, cos, sin)
         img = carry[0]
 

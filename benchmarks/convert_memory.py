@@ -1,0 +1,62 @@
+"""Peak host memory of `glance-jax convert` on a full-width FLUX.1-dev with 1 double + 2 single blocks.
+
+A random diffusers checkpoint (fp32, 2.6 GB) is written to a temporary
+folder, then converted in a fresh process to fp32 and to bf16. The child
+reports its resident memory after imports and its peak (VmHWM) after the
+conversion; the figure of merit is the growth over the output's size
+(the goal is at most about 1.3x).
+
+    python benchmarks/convert_memory.py   # about 2 minutes, 8 GB of free disk
+"""
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+from diffusers import FluxTransformer2DModel as TorchFlux
+
+CHILD = r"""
+import json, sys
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key):
+            return int(line.split()[1]) * 1024
+from glance_jax import checkpoints
+import orbax.checkpoint, tqdm  # everything the command imports
+base = status("VmRSS")
+checkpoints.convert_checkpoint(sys.argv[1], sys.argv[2], dtype=sys.argv[3])
+print(json.dumps({"baseline": base, "peak": status("VmHWM")}))
+"""
+
+
+def folder_bytes(path):
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
+
+
+def main():
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "src")
+        model = TorchFlux(num_layers=1, num_single_layers=2, guidance_embeds=True)
+        n_params = sum(p.numel() for p in model.parameters())
+        model.save_pretrained(src)
+        del model
+        print(f"source: {n_params / 1e6:.0f} M parameters, {folder_bytes(src) / 2**30:.2f} GiB of fp32 safetensors")
+        for dtype, itemsize in (("fp32", 4), ("bf16", 2)):
+            dst = os.path.join(tmp, f"out-{dtype}")
+            out = subprocess.run([sys.executable, "-c", CHILD, src, dst, dtype], capture_output=True, text=True,
+                                 check=True)
+            figures = json.loads(out.stdout.strip().splitlines()[-1])
+            output = n_params * itemsize
+            growth = figures["peak"] - figures["baseline"]
+            print(f"to {dtype}: output {output / 2**30:.2f} GiB (on disk {folder_bytes(dst) / 2**30:.2f} GiB), "
+                  f"process after imports {figures['baseline'] / 2**30:.2f} GiB, "
+                  f"peak {figures['peak'] / 2**30:.2f} GiB: growth {growth / output:.2f}x the output")
+            print(json.dumps({"benchmark": "convert_memory", "dtype": dtype, "output_bytes": output,
+                              "baseline_rss": figures["baseline"], "peak_rss": figures["peak"],
+                              "growth_over_output": growth / output}))
+
+
+if __name__ == "__main__":
+    main()
