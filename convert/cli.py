@@ -38,3 +38,39 @@ def main(argv):
     model = checkpoints.convert_checkpoint(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite,
                                            axes_dims_rope=axes, progress=bar)
     print(f"wrote {type(model).__name__} ({args.dtype}) to {args.dst} in {time.perf_counter() - start:.1f} s")
+
+
+EXPORT_EXAMPLE = """example:
+  glance-jax export-lora run/slow_lora.safetensors slow_kohya.safetensors --model ~/flux-dev-bf16 --format kohya
+  glance-jax export-lora comfy_style.safetensors style_diffusers.safetensors --model ~/FLUX.1-dev/transformer"""
+
+
+def export_lora_parser():
+    p = argparse.ArgumentParser(
+        prog="glance-jax export-lora", epilog=EXPORT_EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Rewrites a LoRA (diffusers/PEFT, kohya or ComfyUI layout) in the layout other tools want. "
+                    "Every key is matched against the model's layers; nothing is skipped silently.")
+    p.add_argument("src", help="LoRA .safetensors file (or a diffusers/PEFT LoRA folder)")
+    p.add_argument("dst", help="output .safetensors file")
+    p.add_argument("--model", required=True,
+                   help="the base model the LoRA is for (any checkpoint glance-jax loads; only its config is read)")
+    p.add_argument("--format", default="diffusers", choices=["diffusers", "kohya"])
+    p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    p.add_argument("--non_strict", action="store_true", help="leave out (and list) keys that match no layer")
+    return p
+
+
+def export_lora_main(argv):
+    import os
+
+    from glance_jax import lora
+    from glance_jax.errors import GlanceError
+
+    args = export_lora_parser().parse_args(argv)
+    if os.path.exists(args.dst) and not args.overwrite:
+        raise GlanceError(f"{args.dst} already exists (pass --overwrite to replace it)")
+    checkpoint = checkpoints.open_checkpoint(args.model)
+    model = checkpoints.model_from_config(checkpoint.config, checkpoints.parse_dtype("fp32"))
+    tree = lora.load_lora(args.src, checkpoints.abstract_params(model), strict=not args.non_strict)
+    lora.save_lora(tree, args.dst, format=args.format)
+    print(f"wrote {lora.describe(tree)} to {args.dst} ({args.format} layout)")

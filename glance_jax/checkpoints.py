@@ -2,7 +2,7 @@
 
 Every format is first turned into a `Checkpoint`: a config dict and, for each
 diffusers tensor name, the file pieces (row ranges of stored tensors) that
-make it up. `weight_table(model)` says where each diffusers name lives in the
+make it up. `weight_table(params)` says where each diffusers name lives in the
 Flax parameter tree: the parameter path joined with dots, the block index put
 back after the stack's name, `kernel` <-> `weight` (transposed), `scale` <->
 `weight`, `bias` <-> `bias`. Names and shapes are checked against that table
@@ -25,6 +25,7 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 from glance_jax import safetensors_io
 from glance_jax.errors import GlanceError
 from glance_jax.models import flux_bfl
+from glance_jax.models.layers import STACKED_BLOCKS
 
 FORMAT_FILE = "glance_jax.json"  # marks a folder written by `convert_checkpoint`
 PARAMS_DIR = "params"
@@ -65,14 +66,14 @@ def abstract_params(model):
     return jax.eval_shape(model.init_params, jax.random.PRNGKey(0))
 
 
-def weight_table(model):
-    """{diffusers tensor name: Slot} for every parameter of `model`."""
+def weight_table(params):
+    """{diffusers tensor name: Slot} for every leaf of a parameter tree (arrays or ShapeDtypeStructs)."""
     table = {}
-    for path, leaf in flatten_dict(abstract_params(model)).items():
+    for path, leaf in flatten_dict(params).items():
         *modules, leaf_name = path
         transpose = leaf_name == "kernel"
         torch_leaf = _TORCH_LEAF[leaf_name]
-        if modules[0] in model.stacked:
+        if modules[0] in STACKED_BLOCKS:
             shape = leaf.shape[1:]
             torch_shape = shape[::-1] if transpose else shape
             for i in range(leaf.shape[0]):
@@ -230,7 +231,7 @@ def check_names_and_shapes(table, tensors, where):
 
 def read_params(model, checkpoint, dtype, where="checkpoint", progress=None):
     """Fills a numpy parameter tree of `dtype` from `checkpoint`, one tensor at a time."""
-    table = weight_table(model)
+    table = weight_table(abstract_params(model))
     check_names_and_shapes(table, checkpoint.tensors, where)
     leaves = {path: np.empty(leaf.shape, dtype) for path, leaf in flatten_dict(abstract_params(model)).items()}
     for name in (progress or (lambda x: x))(sorted(table)):
@@ -336,7 +337,7 @@ def convert_checkpoint(src, dst, dtype="bf16", overwrite=False, axes_dims_rope=N
     if checkpoint.converted_dir:
         raise GlanceError(f"{src} is already a converted glance_jax folder")
     model = model_from_config(checkpoint.config, dtype)
-    check_names_and_shapes(weight_table(model), checkpoint.tensors, os.fspath(src))
+    check_names_and_shapes(weight_table(abstract_params(model)), checkpoint.tensors, os.fspath(src))
     with atomic_directory(dst, overwrite) as tmp:
         params = read_params(model, checkpoint, dtype, where=os.fspath(src), progress=progress)
         save_converted(tmp, model, params, dtype)

@@ -1,5 +1,6 @@
 """The `glance-jax` command: `glance-jax SUBCOMMAND --help` explains each one."""
 
+import logging
 import sys
 
 from glance_jax.errors import GlanceError
@@ -7,8 +8,9 @@ from glance_jax.errors import GlanceError
 USAGE = """usage: glance-jax SUBCOMMAND [ARGS]
 
 subcommands:
-  convert   convert a PyTorch FLUX.1 checkpoint (diffusers folder or BFL file) to a Flax folder
-  demo      run the embedded demo (placeholder: one forward pass of a tiny random FLUX)
+  convert      convert a PyTorch FLUX.1 checkpoint (diffusers folder or BFL file) to a Flax folder
+  export-lora  rewrite a LoRA file in diffusers/PEFT or kohya layout
+  demo         run the embedded demo (placeholder: one forward pass of a tiny random FLUX)
 
 run 'glance-jax SUBCOMMAND --help' for its arguments."""
 
@@ -16,11 +18,12 @@ run 'glance-jax SUBCOMMAND --help' for its arguments."""
 def _subcommands():
     import convert.cli
     from glance_jax import demo
-    return {"convert": convert.cli.main, "demo": demo.main}
+    return {"convert": convert.cli.main, "export-lora": convert.cli.export_lora_main, "demo": demo.main}
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0

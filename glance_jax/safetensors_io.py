@@ -116,7 +116,7 @@ def save_file(tensors, path, metadata=None):
     header, offset = {}, 0
     arrays = {}
     for name in sorted(tensors):
-        a = np.ascontiguousarray(tensors[name])
+        a = np.asarray(tensors[name], order="C")  # (ascontiguousarray would turn a scalar into shape (1,))
         if a.dtype not in DTYPE_NAMES:
             raise GlanceError(f"cannot store {name!r}: dtype {a.dtype} has no safetensors name")
         header[name] = {"dtype": DTYPE_NAMES[a.dtype], "shape": list(a.shape),

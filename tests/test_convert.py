@@ -149,7 +149,7 @@ def test_loader_raises_the_same_errors(good, tmp_path):
         FluxTransformer2DModel.from_pretrained(src)
 
 
-@pytest.mark.parametrize("args", [["--help"], ["convert", "--help"], ["demo", "--help"]])
+@pytest.mark.parametrize("args", [["--help"], ["convert", "--help"], ["export-lora", "--help"], ["demo", "--help"]])
 def test_help(args):
     out = subprocess.run([sys.executable, "-m", "glance_jax.cli", *args], capture_output=True, text=True)
     assert out.returncode == 0

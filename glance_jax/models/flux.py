@@ -234,9 +234,6 @@ class FluxTransformer2DModel(nn.Module):
     attention_impl: str = "auto"  # "auto", "xla" or "blocked" (see layers.attention)
     scan_unroll: bool = False  # unrolled blocks: slower to compile, but XLA's cost analysis counts every block
 
-    # The stacks of blocks, in diffusers' names, that are scanned (leading axis = block index).
-    stacked = ("transformer_blocks", "single_transformer_blocks")
-
     @nn.compact
     def __call__(self, hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids, txt_ids,
                  guidance=None):

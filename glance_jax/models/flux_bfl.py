@@ -116,3 +116,14 @@ def config_from_shapes(shapes, axes_dims_rope=None):
         "guidance_embeds": "guidance_in.in_layer.weight" in shapes,
         "axes_dims_rope": list(axes_dims_rope),
     }
+
+
+def module_rows(num_double, num_single):
+    """[(BFL module, rule, diffusers module(s))] with block indices filled in, for a model of this depth."""
+    rows = []
+    for bfl, rule, targets in BFL_MODULES:
+        count = num_double if bfl.startswith("double_blocks") else num_single if bfl.startswith("single_") else 1
+        for i in range(count):
+            fill = lambda t: t.replace("{i}", str(i))
+            rows.append((fill(bfl), rule, tuple(map(fill, targets)) if isinstance(targets, tuple) else fill(targets)))
+    return rows
