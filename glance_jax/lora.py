@@ -118,42 +118,39 @@ def _modules(tree):
 
 # ---- merging ----
 
-@jax.jit
-def _merged_kernels(kernels, loras, scale):
-    out = {}
-    for path, kernel in kernels.items():
-        lora = loras[path]
-        a, b = lora["A"].astype(jnp.float32), lora["B"].astype(jnp.float32)
-        factor = scale * lora["alpha"].astype(jnp.float32) / a.shape[-1]
-        delta = jnp.matmul(a, b) * factor[..., None, None]
-        out[path] = (kernel.astype(jnp.float32) + delta).astype(kernel.dtype)
-    return out
+def merged_params(params, tree, scale=1.0):
+    """params with `W + scale (alpha / r) A B` in each adapted kernel (fp32 math, W's dtype). Traceable.
+
+    Only the adapted kernels are new arrays; every other leaf is `params`' own.
+    """
+    flat = flatten_dict(params)
+    modules = _modules(tree)
+    missing = [".".join(p) for p in modules if p + ("kernel",) not in flat]
+    if missing:
+        raise GlanceError(f"LoRA modules not in the model: {', '.join(missing[:6])}")
+    for path, m in modules.items():
+        kernel = flat[path + ("kernel",)]
+        a, b = m["A"].astype(jnp.float32), m["B"].astype(jnp.float32)
+        factor = scale * m["alpha"].astype(jnp.float32) / a.shape[-1]
+        delta = jnp.matmul(a, b) * jnp.asarray(factor)[..., None, None]
+        flat[path + ("kernel",)] = (kernel.astype(jnp.float32) + delta).astype(kernel.dtype)
+    return unflatten_dict(flat)
 
 
-_merged_kernels_donated = jax.jit(_merged_kernels.__wrapped__, donate_argnums=0)
+_merge = jax.jit(merged_params)
+_merge_in_place = jax.jit(merged_params, donate_argnums=0)
 
 
 def merge_lora(params, tree, scale=1.0, donate=True):
     """params with `W + scale (alpha / r) A B` in every adapted kernel, computed in fp32, cast to W's dtype.
 
-    With `donate=True` (the default) the adapted kernels of `params` are
-    donated: the update happens in place and the `params` passed in must not
-    be used again (`params = merge_lora(params, tree)`). Merge several LoRAs by
-    calling it once for each; `merge_lora(params, tree, scale=-1.0)` (or
-    `unmerge_lora`) takes one out again, to rounding.
+    With `donate=True` (the default) `params` is donated: the update happens
+    in place and the `params` passed in must not be used again
+    (`params = merge_lora(params, tree)`). Merge several LoRAs by calling it
+    once for each; `merge_lora(params, tree, scale=-1.0)` (or `unmerge_lora`)
+    takes one out again, to rounding.
     """
-    flat = flatten_dict(params)
-    modules = {path: m for path, m in _modules(tree).items()}
-    missing = [".".join(p) for p in modules if p + ("kernel",) not in flat]
-    if missing:
-        raise GlanceError(f"LoRA modules not in the model: {', '.join(missing[:6])}")
-    kernels = {"/".join(p): flat[p + ("kernel",)] for p in modules}
-    loras = {"/".join(p): m for p, m in modules.items()}
-    merge = _merged_kernels_donated if donate else _merged_kernels
-    new = merge(kernels, loras, jnp.float32(scale))
-    for p in modules:
-        flat[p + ("kernel",)] = new["/".join(p)]
-    return unflatten_dict(flat)
+    return (_merge_in_place if donate else _merge)(params, tree, jnp.float32(scale))
 
 
 def unmerge_lora(params, tree, scale=1.0, donate=True):

@@ -1,0 +1,193 @@
+"""Flow-matching schedules: diffusers' FlowMatchEulerDiscreteScheduler, and the Glance slow/fast split.
+
+Everything here is host-side numpy, computed once per resolution and step
+count; the sampler receives the results as arrays, so changing them never
+recompiles anything. Arithmetic follows diffusers' dtypes (float32 arrays,
+Python-float shift parameters) so that sigmas and timesteps agree with it to
+float32 rounding.
+"""
+
+import dataclasses
+import math
+
+import ml_dtypes
+import numpy as np
+
+from glance_jax.errors import GlanceError
+
+# diffusers' scheduler_config.json of the two models Glance targets.
+FLUX_SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0,
+                  "use_dynamic_shifting": True, "base_image_seq_len": 256, "max_image_seq_len": 4096,
+                  "base_shift": 0.5, "max_shift": 1.15}
+QWEN_IMAGE_SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 1.0,
+                        "use_dynamic_shifting": True, "base_image_seq_len": 256, "max_image_seq_len": 8192,
+                        "base_shift": 0.5, "max_shift": 0.9, "shift_terminal": 0.02,
+                        "time_shift_type": "exponential"}
+SCHEDULERS = {"flux": FLUX_SCHEDULER, "qwen-image": QWEN_IMAGE_SCHEDULER}
+
+# The official Glance phases: 1-based step indices of each model's 50-step schedule.
+OFFICIAL_SLOW_STEPS = (1, 3, 5, 7, 9)
+OFFICIAL_FAST_STEPS = (11, 21, 31, 41, 50)
+
+
+class FlowMatchEulerScheduler:
+    """Sigmas and timesteps of diffusers' FlowMatchEulerDiscreteScheduler, as its pipelines call it."""
+
+    def __init__(self, num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=False, base_shift=0.5,
+                 max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096, shift_terminal=None,
+                 time_shift_type="exponential"):
+        if time_shift_type not in ("exponential", "linear"):
+            raise GlanceError(f"unknown time_shift_type {time_shift_type!r}")
+        self.num_train_timesteps = num_train_timesteps
+        self.shift, self.use_dynamic_shifting = shift, use_dynamic_shifting
+        self.base_shift, self.max_shift = base_shift, max_shift
+        self.base_image_seq_len, self.max_image_seq_len = base_image_seq_len, max_image_seq_len
+        self.shift_terminal, self.time_shift_type = shift_terminal, time_shift_type
+
+    @classmethod
+    def from_config(cls, config):
+        """From a diffusers scheduler_config.json dict; options this scheduler does not implement are refused."""
+        config = dict(config)
+        for flag in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "invert_sigmas",
+                     "stochastic_sampling"):
+            if config.pop(flag, False):
+                raise GlanceError(f"scheduler option {flag}=True is not supported")
+        names = {"num_train_timesteps", "shift", "use_dynamic_shifting", "base_shift", "max_shift",
+                 "base_image_seq_len", "max_image_seq_len", "shift_terminal", "time_shift_type"}
+        return cls(**{k: v for k, v in config.items() if k in names and v is not None})
+
+    def mu(self, image_seq_len):
+        """The pipelines' `calculate_shift`: linear in the image sequence length between the two anchors."""
+        m = (self.max_shift - self.base_shift) / (self.max_image_seq_len - self.base_image_seq_len)
+        return image_seq_len * m + (self.base_shift - m * self.base_image_seq_len)
+
+    def shifted(self, sigmas, image_seq_len=None):
+        """Applies the time shift (and the terminal stretch) to unshifted float32 sigmas."""
+        sigmas = np.asarray(sigmas, np.float32)
+        if self.use_dynamic_shifting:
+            if image_seq_len is None:
+                raise GlanceError("this scheduler shifts by resolution: pass image_seq_len")
+            mu = self.mu(image_seq_len)
+            if self.time_shift_type == "exponential":
+                sigmas = math.exp(mu) / (math.exp(mu) + (1 / sigmas - 1) ** 1.0)
+            else:
+                sigmas = mu / (mu + (1 / sigmas - 1) ** 1.0)
+        else:
+            sigmas = self.shift * sigmas / (1 + (self.shift - 1) * sigmas)
+        if self.shift_terminal:
+            if len(sigmas) < 2:
+                raise GlanceError("a schedule with shift_terminal needs at least 2 steps")
+            one_minus = 1 - sigmas
+            sigmas = 1 - one_minus / (one_minus[-1] / (1 - self.shift_terminal))
+        return np.asarray(sigmas, np.float32)
+
+    def set_timesteps(self, num_inference_steps, image_seq_len=None, sigmas=None):
+        """(timesteps, sigmas): N timesteps (1000 x sigma) and N + 1 sigmas ending with the terminal 0.
+
+        Unshifted sigmas default to `linspace(1, 1/N, N)`, as the FLUX and Qwen-Image pipelines pass them.
+        """
+        if sigmas is None:
+            sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
+        elif len(sigmas) != num_inference_steps:
+            raise GlanceError(f"{len(sigmas)} sigmas given for {num_inference_steps} steps")
+        sigmas = self.shifted(np.asarray(sigmas).astype(np.float32), image_seq_len)
+        timesteps = sigmas * np.float32(self.num_train_timesteps)
+        return timesteps, np.concatenate([sigmas, np.zeros(1, np.float32)])
+
+
+def snr(sigma):
+    """Signal-to-noise ratio of x_t = (1 - sigma) x0 + sigma noise: ((1 - sigma) / sigma)^2."""
+    sigma = np.asarray(sigma, np.float64)
+    return ((1 - sigma) / sigma) ** 2
+
+
+@dataclasses.dataclass(frozen=True)
+class GlanceSchedule:
+    """The slow and fast timesteps of a Glance sampler, and how they were chosen.
+
+    `slow` and `fast` are timesteps in [0, 1000] (the model is conditioned on
+    t / 1000). A schedule chosen by step index on a base grid records that grid
+    (`scheduler`, `base_steps`, `image_seq_len`, the indices): the sampler
+    recomputes it for another resolution with `for_image_seq_len`. A schedule
+    given as raw timesteps has `image_seq_len=None` and is used as given.
+    """
+
+    slow: tuple
+    fast: tuple
+    scheduler: dict | None = None
+    image_seq_len: int | None = None
+    base_steps: int = 50
+    slow_steps: tuple | None = None
+    fast_steps: tuple | None = None
+    round_bf16: bool = False
+
+    @property
+    def boundary(self):
+        """The timestep where the fast phase begins."""
+        return self.fast[0]
+
+    @property
+    def num_steps(self):
+        return len(self.slow) + len(self.fast)
+
+    @classmethod
+    def from_steps(cls, scheduler, slow_steps, fast_steps, image_seq_len, base_steps=50, round_bf16=False):
+        """Slow and fast steps picked by 1-based index on the `base_steps`-step schedule at this resolution."""
+        if isinstance(scheduler, str):
+            scheduler = SCHEDULERS[scheduler]
+        steps = list(slow_steps) + list(fast_steps)
+        if not steps or min(steps) < 1 or max(steps) > base_steps or steps != sorted(set(steps)):
+            raise GlanceError(f"Glance steps must be increasing indices in 1..{base_steps}, got {steps}")
+        timesteps, _ = FlowMatchEulerScheduler.from_config(scheduler).set_timesteps(base_steps, image_seq_len)
+        pick = lambda idx: timesteps[np.asarray(idx, int) - 1]
+        slow, fast = pick(slow_steps), pick(fast_steps)
+        if round_bf16:
+            slow, fast = (x.astype(ml_dtypes.bfloat16).astype(np.float32) for x in (slow, fast))
+        return cls(tuple(map(float, slow)), tuple(map(float, fast)), dict(scheduler), image_seq_len, base_steps,
+                   tuple(slow_steps), tuple(fast_steps), round_bf16)
+
+    @classmethod
+    def official(cls, model, image_seq_len=4096, round_bf16=False):
+        """The official phases (steps 1, 3, 5, 7, 9 | 11, 21, 31, 41, 50 of 50) for "flux" or "qwen-image".
+
+        `round_bf16=True` rounds the timesteps to bfloat16 as the official code
+        stores them (Qwen-Image: 1000, 980, 956, 936, 912 | 888, 744, 564, 320, 20).
+        """
+        if model not in SCHEDULERS:
+            raise GlanceError(f"unknown model {model!r}: use one of {', '.join(SCHEDULERS)}")
+        return cls.from_steps(model, OFFICIAL_SLOW_STEPS, OFFICIAL_FAST_STEPS, image_seq_len, round_bf16=round_bf16)
+
+    @classmethod
+    def from_timesteps(cls, slow, fast):
+        """Raw timesteps in [0, 1000], decreasing; used as given at every resolution."""
+        steps = list(slow) + list(fast)
+        if not steps or any(a <= b for a, b in zip(steps, steps[1:])) or steps[0] > 1000 or steps[-1] <= 0:
+            raise GlanceError(f"Glance timesteps must decrease within (0, 1000], got {steps}")
+        return cls(tuple(map(float, slow)), tuple(map(float, fast)))
+
+    @classmethod
+    def from_snr(cls, scheduler, num_slow, num_fast, snr_threshold, image_seq_len, base_steps=50):
+        """Phases split where SNR(sigma) first reaches `snr_threshold` on the base grid.
+
+        The boundary b is the first base step whose sigma has SNR >= threshold;
+        slow steps are `num_slow` evenly spaced indices in 1..b-1 and fast steps
+        `num_fast` evenly spaced in b..base_steps (rounded half up).
+        """
+        if isinstance(scheduler, str):
+            scheduler = SCHEDULERS[scheduler]
+        _, sigmas = FlowMatchEulerScheduler.from_config(scheduler).set_timesteps(base_steps, image_seq_len)
+        above = np.nonzero(snr(sigmas[:base_steps]) >= snr_threshold)[0]
+        if len(above) == 0 or above[0] < num_slow or base_steps - above[0] < num_fast:
+            raise GlanceError(f"SNR threshold {snr_threshold} leaves no room for {num_slow} slow and {num_fast} "
+                              f"fast steps on a {base_steps}-step grid")
+        boundary = int(above[0]) + 1  # 1-based
+        spread = lambda lo, hi, n: [int(math.floor(x + 0.5)) for x in np.linspace(lo, hi, n)]
+        return cls.from_steps(scheduler, spread(1, boundary - 1, num_slow), spread(boundary, base_steps, num_fast),
+                              image_seq_len, base_steps)
+
+    def for_image_seq_len(self, image_seq_len):
+        """This schedule at another resolution: recomputed from its step indices, or itself if resolution-free."""
+        if self.image_seq_len is None or self.image_seq_len == image_seq_len:
+            return self
+        return GlanceSchedule.from_steps(self.scheduler, self.slow_steps, self.fast_steps, image_seq_len,
+                                         self.base_steps, self.round_bf16)
