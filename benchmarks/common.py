@@ -23,3 +23,17 @@ def report(name, **figures):
     for k, v in figures.items():
         print(f"  {k:<34} {v:.4g}" if isinstance(v, float) else f"  {k:<34} {v}")
     print(json.dumps({"benchmark": name, **figures}))
+
+
+def interleaved_medians(fns, repeats=5, warmup=1):
+    """Median wall time of each fn in {name: fn}, run in turn so that a slow spell of the machine hits all alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
