@@ -10,6 +10,7 @@ USAGE = """usage: glance-jax SUBCOMMAND [ARGS]
 subcommands:
   convert      convert a PyTorch FLUX.1 checkpoint (diffusers folder or BFL file) to a Flax folder
   export-lora  rewrite a LoRA file in diffusers/PEFT or kohya layout
+  train        distil the Slow-LoRA and Fast-LoRA from one image and caption
   demo         run the embedded demo (placeholder: one forward pass of a tiny random FLUX)
 
 run 'glance-jax SUBCOMMAND --help' for its arguments."""
@@ -17,13 +18,19 @@ run 'glance-jax SUBCOMMAND --help' for its arguments."""
 
 def _subcommands():
     import convert.cli
-    from glance_jax import demo
-    return {"convert": convert.cli.main, "export-lora": convert.cli.export_lora_main, "demo": demo.main}
+    from glance_jax import demo, train_cli
+    return {"convert": convert.cli.main, "export-lora": convert.cli.export_lora_main, "train": train_cli.main,
+            "demo": demo.main}
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    package_log = logging.getLogger("glance_jax")  # this package's notes on stderr; other libraries stay quiet
+    package_log.addHandler(handler)
+    package_log.setLevel(logging.INFO)
+    package_log.propagate = False
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0

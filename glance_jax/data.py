@@ -1,0 +1,150 @@
+"""The one training sample: a folder of images with same-name .txt captions, validated, sized and encoded.
+
+The official layout is `DIR/name.png` (or .jpg, .jpeg, .webp) beside
+`DIR/name.txt`. Every image is checked before any training starts. Images are
+resized so that the long side is the training resolution (never upscaled)
+and centre-cropped to a multiple of `multiple` pixels.
+
+Encoded arrays (latents and text embeddings) are cached on disk under a key
+that hashes the image bytes, the caption, the training size and the encoder's
+identity, so a second run skips the encoders. Until the Flax VAE and text
+encoders land, the encoder is `PrecomputedEncoder`: a `name.safetensors` file
+beside the image, written by any tool, with these arrays (FLUX):
+- `latents` (H/8, W/8, 16): the VAE latent mean of the resized, cropped image,
+  normalised as diffusers trains on it: `(mean - shift_factor) * scaling_factor`;
+- `prompt_embeds` (T, 4096): T5 hidden states of the caption;
+- `pooled_prompt_embeds` (768,): the CLIP pooled output of the caption;
+- for caption dropout, `empty_prompt_embeds` and `empty_pooled_prompt_embeds`
+  for the empty prompt " ", shaped like the two above.
+"""
+
+import dataclasses
+import hashlib
+import os
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from glance_jax import safetensors_io
+from glance_jax.errors import GlanceError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
+ENCODED_KEYS = ("latents", "prompt_embeds", "pooled_prompt_embeds")
+
+
+@dataclasses.dataclass
+class Sample:
+    image_path: str
+    caption: str
+    width: int  # training size in pixels, after resizing and cropping
+    height: int
+
+
+def training_size(width, height, resolution, multiple):
+    """(width, height) after scaling the long side to `resolution` and cropping to a multiple of `multiple`."""
+    scale = resolution / max(width, height)
+    w, h = round(width * scale), round(height * scale)
+    return w - w % multiple, h - h % multiple
+
+
+def find_samples(folder, resolution, multiple=32):
+    """All image/caption pairs of `folder`, validated; raises one GlanceError naming the first problem."""
+    if not os.path.isdir(folder):
+        raise GlanceError(f"{folder}: no such folder (config.data.dir)")
+    images = sorted(n for n in os.listdir(folder) if n.lower().endswith(IMAGE_EXTENSIONS))
+    if not images:
+        raise GlanceError(f"{folder}: no images ({', '.join(IMAGE_EXTENSIONS)}) in the training folder")
+    samples = []
+    for name in images:
+        path = os.path.join(folder, name)
+        caption_path = os.path.splitext(path)[0] + ".txt"
+        if not os.path.isfile(caption_path):
+            raise GlanceError(f"{path}: no caption ({os.path.basename(caption_path)} is missing)")
+        with open(caption_path, encoding="utf-8") as f:
+            caption = f.read().strip()
+        if not caption:
+            raise GlanceError(f"{caption_path}: the caption is empty")
+        try:
+            with Image.open(path) as image:
+                image.verify()
+            with Image.open(path) as image:
+                width, height = image.size
+        except (UnidentifiedImageError, OSError, SyntaxError) as e:
+            raise GlanceError(f"{path}: unreadable image ({e})") from None
+        if max(width, height) < resolution:
+            raise GlanceError(f"{path}: {width}x{height} is smaller than the training resolution {resolution} "
+                              "(long side); images are not upscaled")
+        w, h = training_size(width, height, resolution, multiple)
+        if min(w, h) < multiple:
+            raise GlanceError(f"{path}: {width}x{height} is too narrow to crop to a multiple of {multiple}")
+        samples.append(Sample(path, caption, w, h))
+    return samples
+
+
+def load_image(sample):
+    """The sample's image resized and centre-cropped to its training size: (H, W, 3) float32 in [-1, 1]."""
+    with Image.open(sample.image_path) as image:
+        image = image.convert("RGB")
+        scale = max(sample.width, sample.height) / max(image.size)
+        scale = max(scale, sample.width / image.size[0], sample.height / image.size[1])
+        size = (max(sample.width, round(image.size[0] * scale)), max(sample.height, round(image.size[1] * scale)))
+        image = image.resize(size, Image.Resampling.BICUBIC)
+        left, top = (size[0] - sample.width) // 2, (size[1] - sample.height) // 2
+        image = image.crop((left, top, left + sample.width, top + sample.height))
+    return np.asarray(image, np.float32) / 127.5 - 1.0
+
+
+class PrecomputedEncoder:
+    """Reads `name.safetensors` beside each image (see the module docstring for its arrays)."""
+
+    def __init__(self, latent_channels, text_dim, pooled_dim, vae_scale_factor=8):
+        self.latent_channels, self.text_dim, self.pooled_dim = latent_channels, text_dim, pooled_dim
+        self.vae_scale_factor = vae_scale_factor
+
+    def path(self, sample):
+        return os.path.splitext(sample.image_path)[0] + ".safetensors"
+
+    def identity(self, sample):
+        path = self.path(sample)
+        if not os.path.isfile(path):
+            raise GlanceError(
+                f"{sample.image_path}: no encoded latents and embeddings ({os.path.basename(path)}); the Flax VAE "
+                "and text encoders are not ported yet, so write them with any tool (see glance_jax/data.py)")
+        with open(path, "rb") as f:
+            return "precomputed:" + hashlib.sha256(f.read()).hexdigest()
+
+    def encode(self, sample):
+        path = self.path(sample)
+        f = safetensors_io.SafetensorsFile(path)
+        missing = [k for k in ENCODED_KEYS if k not in f.tensors]
+        if missing:
+            raise GlanceError(f"{path}: missing arrays {', '.join(missing)}")
+        arrays = {k: f.read(k).astype(np.float32) for k in f.keys()}
+        want = {"latents": (sample.height // self.vae_scale_factor, sample.width // self.vae_scale_factor,
+                            self.latent_channels),
+                "pooled_prompt_embeds": (self.pooled_dim,)}
+        for key, shape in want.items():
+            if arrays[key].shape != shape:
+                raise GlanceError(f"{path}: {key} has shape {arrays[key].shape}, training at "
+                                  f"{sample.width}x{sample.height} needs {shape}")
+        embeds = arrays["prompt_embeds"]
+        if embeds.ndim != 2 or embeds.shape[1] != self.text_dim:
+            raise GlanceError(
+                f"{path}: prompt_embeds has shape {embeds.shape}, the model needs (tokens, {self.text_dim})")
+        return arrays
+
+
+def encoded_sample(sample, encoder, cache_dir, resolution):
+    """The sample's encoded arrays, from the cache if an identical encoding was made before."""
+    with open(sample.image_path, "rb") as f:
+        digest = hashlib.sha256(f.read())
+    for part in (sample.caption, f"{sample.width}x{sample.height}@{resolution}", encoder.identity(sample)):
+        digest.update(b"\0" + part.encode())
+    path = os.path.join(cache_dir, digest.hexdigest() + ".safetensors")
+    if os.path.isfile(path):
+        f = safetensors_io.SafetensorsFile(path)
+        return {k: f.read(k) for k in f.keys()}, True
+    arrays = encoder.encode(sample)
+    os.makedirs(cache_dir, exist_ok=True)
+    safetensors_io.save_file(arrays, path, {"image": sample.image_path, "caption": sample.caption})
+    return arrays, False

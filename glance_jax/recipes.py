@@ -1,0 +1,60 @@
+"""The official Glance training recipes as ml_collections configs; the files in configs/ start from these."""
+
+import ml_collections
+
+from glance_jax.schedules import OFFICIAL_FAST_STEPS, OFFICIAL_SLOW_STEPS
+
+# family -> (rank, learning rate, caption dropout), from the official configs.
+OFFICIAL = {"flux": (16, 5e-4, 0.0), "qwen-image": (32, 3e-4, 0.1)}
+
+
+def official(family, phase):
+    """The official recipe for `family` ("flux" or "qwen-image") and `phase` ("slow", "fast" or "both")."""
+    rank, lr, caption_dropout = OFFICIAL[family]
+    c = ml_collections.ConfigDict()
+    c.family = family
+    c.phase = phase
+    c.seed = 0
+    c.steps = 60
+    c.batch_size = 1
+    c.target = "data"  # "data": the sample's straight-line velocity (the paper); "teacher": the base's trajectory
+
+    c.model = ml_collections.ConfigDict()
+    c.model.path = ""  # any checkpoint glance-jax loads: diffusers folder, BFL file, converted folder
+    c.model.dtype = "bf16"  # the frozen base; LoRA and optimizer state are always fp32
+    c.model.remat_policy = "none"  # "none", "full", "dots", "dots_saveable"
+    c.model.guidance = 1.0  # FLUX.1-dev's guidance input during training, as the official code passes it
+
+    c.data = ml_collections.ConfigDict()
+    c.data.dir = ""  # images with same-name .txt captions
+    c.data.resolution = 1024  # long side in pixels
+    c.data.multiple = 32  # crop to a multiple of this many pixels
+    c.data.caption_dropout = caption_dropout  # probability of training on the empty prompt " "
+    c.data.cache_dir = ""  # encoded latents/embeddings; default ~/.cache/glance_jax
+
+    c.lora = ml_collections.ConfigDict()
+    c.lora.targets = family  # a preset of glance_jax.lora.PRESETS, or a comma-separated list of module names
+    c.lora.rank = rank
+    c.lora.alpha = 4.0 * rank
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.lr = lr
+    c.optim.warmup_steps = 10  # linear from 0, then constant (diffusers' constant_with_warmup)
+    c.optim.b1, c.optim.b2, c.optim.eps = 0.9, 0.999, 1e-8
+    c.optim.weight_decay = 0.01
+    c.optim.grad_clip = 1.0
+
+    c.schedule = ml_collections.ConfigDict()  # 1-based steps of the base_steps-step schedule at the sample's size
+    c.schedule.slow_steps = OFFICIAL_SLOW_STEPS
+    c.schedule.fast_steps = OFFICIAL_FAST_STEPS
+    c.schedule.base_steps = 50
+    c.schedule.round_bf16 = False  # True: timesteps rounded to bf16, as the official code stores them
+
+    c.teacher = ml_collections.ConfigDict()  # only for target="teacher"
+    c.teacher.trajectories = 4  # noise seeds whose teacher trajectories are integrated once, then reused
+    c.teacher.substeps = 50  # the base integrates on this fine grid (plus the Glance points)
+
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.every = 20
+    c.checkpoint.keep = 3
+    return c

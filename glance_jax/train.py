@@ -1,0 +1,294 @@
+"""The phase trainer: distils a Slow-LoRA and/or a Fast-LoRA from one image and its caption.
+
+Each phase trains one LoRA on the frozen base with flow-matching steps at
+timesteps drawn uniformly from the phase's list:
+`x_t = (1 - sigma) x0 + sigma noise`, loss `|v(x_t, t) - target|^2` with
+target `noise - x0` (config.target = "data", the paper) or the velocity that
+carries x_t to where the frozen base itself lands at the next Glance timestep
+(config.target = "teacher"; needs no image, only the caption and noise).
+
+A run writes into its workdir:
+- `slow_lora.safetensors` / `fast_lora.safetensors` (diffusers layout with alpha metadata) at
+  every checkpoint and at the end;
+- `metrics.jsonl`, one JSON object a step;
+- `checkpoints/<phase>/`: orbax checkpoints of the LoRA, the optimizer state, the step and the
+  RNG key, the last `checkpoint.keep` kept. Restarting the same command resumes from the last
+  one and ends with the same LoRA, bit for bit on CPU, as an uninterrupted run.
+"""
+
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm import tqdm
+
+from glance_jax import checkpoints, data, lora
+from glance_jax.errors import GlanceError
+from glance_jax.pipelines import flux_image_ids, pack_flux_latents
+from glance_jax.schedules import FlowMatchEulerScheduler, GlanceSchedule
+
+PHASES = ("slow", "fast")
+
+
+# ---- optimizer ----
+
+def learning_rate(config):
+    """Linear warm-up from 0 over `warmup_steps`, then constant (diffusers' constant_with_warmup)."""
+    o = config.optim
+    if o.warmup_steps <= 0:
+        return optax.constant_schedule(o.lr)
+    return optax.join_schedules([optax.linear_schedule(0.0, o.lr, o.warmup_steps), optax.constant_schedule(o.lr)],
+                                [o.warmup_steps])
+
+
+def optimizer(config):
+    """AdamW with global-norm clipping on the LoRA's A and B; alpha is not trained."""
+    o = config.optim
+    adamw = optax.chain(optax.clip_by_global_norm(o.grad_clip),
+                        optax.adamw(learning_rate(config), b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay))
+    labels = lambda tree: jax.tree_util.tree_map_with_path(
+        lambda path, _: "frozen" if path[-1].key == "alpha" else "trained", tree)
+    return optax.multi_transform({"trained": adamw, "frozen": optax.set_to_zero()}, labels)
+
+
+# ---- the training batch ----
+
+def flux_batch(model, arrays, guidance):
+    """Model inputs for a FLUX sample: packed latents x0, text conditioning, position ids."""
+    latents = jnp.asarray(arrays["latents"])[None]
+    rows, cols = latents.shape[1] // 2, latents.shape[2] // 2
+    batch = dict(x0=pack_flux_latents(latents),
+                 encoder_hidden_states=jnp.asarray(arrays["prompt_embeds"])[None],
+                 pooled_projections=jnp.asarray(arrays["pooled_prompt_embeds"])[None],
+                 img_ids=jnp.asarray(flux_image_ids(rows, cols)),
+                 txt_ids=jnp.zeros((arrays["prompt_embeds"].shape[0], 3), jnp.float32),
+                 guidance=jnp.full((1,), guidance, jnp.float32) if model.guidance_embeds else None)
+    if "empty_prompt_embeds" in arrays:
+        batch["empty_encoder_hidden_states"] = jnp.asarray(arrays["empty_prompt_embeds"])[None]
+        batch["empty_pooled_projections"] = jnp.asarray(arrays["empty_pooled_prompt_embeds"])[None]
+    return batch
+
+
+def conditioning(model, batch, drop_caption):
+    """The model's keyword inputs besides hidden_states and timestep; the empty prompt if `drop_caption`."""
+    cond = dict(encoder_hidden_states=batch["encoder_hidden_states"], pooled_projections=batch["pooled_projections"],
+                img_ids=batch["img_ids"], txt_ids=batch["txt_ids"], guidance=batch["guidance"])
+    if "empty_encoder_hidden_states" in batch:
+        cond["encoder_hidden_states"] = jnp.where(drop_caption, batch["empty_encoder_hidden_states"],
+                                                  cond["encoder_hidden_states"])
+        cond["pooled_projections"] = jnp.where(drop_caption, batch["empty_pooled_projections"],
+                                               cond["pooled_projections"])
+    return {k: (v.astype(model.dtype) if k in ("encoder_hidden_states", "pooled_projections") else v)
+            for k, v in cond.items()}
+
+
+# ---- the teacher target ----
+
+def teacher_trajectories(model, params, batch, schedule, config, key):
+    """States of the frozen base at every Glance timestep (and at 0), for `teacher.trajectories` noises.
+
+    The base integrates with Euler steps on a fine grid: the union of its own
+    `teacher.substeps`-step schedule and the Glance points. Returns
+    (states (K, points + 1, tokens, C), sigmas (points + 1,)).
+    """
+    scheduler = FlowMatchEulerScheduler.from_config(schedule.scheduler)
+    _, grid = scheduler.set_timesteps(config.teacher.substeps, batch["x0"].shape[1])
+    points = np.float32(list(schedule.slow) + list(schedule.fast)) / np.float32(1000)
+    points = np.concatenate([points, [0.0]]).astype(np.float32)
+    fine = np.unique(np.concatenate([grid, points]))[::-1].astype(np.float32)
+    fine = fine[fine <= points[0]]
+    record = np.array([int(np.argmin(np.abs(fine - p))) for p in points])
+    cond = conditioning(model, batch, False)
+
+    @jax.jit
+    def integrate(noise):
+        def step(x, sigmas):
+            sigma, sigma_next = sigmas
+            v = model.apply({"params": params}, hidden_states=x.astype(model.dtype),
+                            timestep=jnp.full((1,), sigma), **cond)
+            x = x + (sigma_next - sigma) * v.astype(jnp.float32)
+            return x, x
+        _, xs = jax.lax.scan(step, noise, (jnp.asarray(fine[:-1]), jnp.asarray(fine[1:])))
+        return jnp.concatenate([noise[None], xs])[jnp.asarray(record)]
+
+    noises = jax.random.normal(key, (config.teacher.trajectories, *batch["x0"].shape), jnp.float32)
+    states = jnp.stack([integrate(n)[:, 0] for n in noises])
+    return states, jnp.asarray(points)
+
+
+# ---- the train step ----
+
+def make_train_step(model, opt, config, phase_points):
+    """One jit-compiled step; the LoRA and optimizer state are donated.
+
+    `phase_points` are the indices (into the Glance schedule) of this phase's timesteps.
+    """
+    points = jnp.asarray(phase_points)
+    dropout = float(config.data.caption_dropout)
+
+    def loss_fn(adapter, params, batch, teacher, key):
+        k_t, k_noise, k_drop, k_traj = jax.random.split(key, 4)
+        index = points[jax.random.randint(k_t, (), 0, len(phase_points))]
+        sigma = teacher["sigmas"][index]
+        if config.target == "teacher":
+            k = jax.random.randint(k_traj, (), 0, teacher["states"].shape[0])
+            x_t = teacher["states"][k, index][None]
+            sigma_next = teacher["sigmas"][index + 1]
+            target = (teacher["states"][k, index + 1][None] - x_t) / (sigma_next - sigma)
+        else:
+            x0 = batch["x0"]
+            noise = jax.random.normal(k_noise, x0.shape, jnp.float32)
+            x_t = (1 - sigma) * x0 + sigma * noise
+            target = noise - x0
+        drop = jax.random.uniform(k_drop) < dropout
+        v = model.apply({"params": params, "lora": adapter}, hidden_states=x_t.astype(model.dtype),
+                        timestep=jnp.full((1,), sigma), **conditioning(model, batch, drop))
+        return jnp.mean(jnp.square(v.astype(jnp.float32) - target)), sigma * 1000
+
+    def step(adapter, opt_state, params, batch, teacher, key):
+        (loss, timestep), grads = jax.value_and_grad(loss_fn, has_aux=True)(adapter, params, batch, teacher, key)
+        updates, opt_state = opt.update(grads, opt_state, adapter)
+        adapter = optax.apply_updates(adapter, updates)
+        return adapter, opt_state, {"loss": loss, "timestep": timestep, "grad_norm": optax.global_norm(grads)}
+
+    return jax.jit(step, donate_argnums=(0, 1))
+
+
+# ---- the run ----
+
+class Run:
+    """One training run in `workdir`: loads the base and the sample once, then trains the phases."""
+
+    def __init__(self, config, workdir):
+        self.config, self.workdir = config, os.path.abspath(workdir)
+        if config.family != "flux":
+            raise GlanceError(f"config.family {config.family!r}: only 'flux' can be trained so far")
+        if config.phase not in (*PHASES, "both"):
+            raise GlanceError(f"config.phase {config.phase!r}: use 'slow', 'fast' or 'both'")
+        if config.target not in ("data", "teacher"):
+            raise GlanceError(f"config.target {config.target!r}: use 'data' or 'teacher'")
+        if config.batch_size != 1:
+            raise GlanceError("config.batch_size: Glance trains on one sample; only 1 is supported")
+        if not config.model.path:
+            raise GlanceError("config.model.path is not set (pass --config.model.path=...)")
+        if not config.data.dir:
+            raise GlanceError("config.data.dir is not set (pass --config.data.dir=...)")
+        samples = data.find_samples(os.path.expanduser(config.data.dir), config.data.resolution,
+                                    config.data.multiple)
+        if len(samples) != 1:
+            raise GlanceError(f"{config.data.dir}: {len(samples)} image/caption pairs; Glance trains on exactly one")
+        self.sample = samples[0]
+        self.model, self.params = checkpoints.load_model(os.path.expanduser(config.model.path), config.model.dtype,
+                                                         remat_policy=config.model.remat_policy)
+        if not self.model.guidance_embeds and config.model.guidance not in (None, 1.0):
+            raise GlanceError("config.model.guidance: this model has no guidance embedding")
+        encoder = data.PrecomputedEncoder(self.model.in_channels // 4, self.model.joint_attention_dim,
+                                          self.model.pooled_projection_dim)
+        cache = os.path.expanduser(config.data.cache_dir or os.path.join("~", ".cache", "glance_jax"))
+        arrays, self.cache_hit = data.encoded_sample(self.sample, encoder, cache, config.data.resolution)
+        if config.data.caption_dropout > 0 and "empty_prompt_embeds" not in arrays:
+            raise GlanceError("config.data.caption_dropout > 0 needs empty_prompt_embeds in the encoded sample")
+        self.batch = flux_batch(self.model, arrays, config.model.guidance)
+        image_seq_len = self.batch["x0"].shape[1]
+        self.schedule = GlanceSchedule.from_steps("flux", config.schedule.slow_steps, config.schedule.fast_steps,
+                                                  image_seq_len, config.schedule.base_steps,
+                                                  config.schedule.round_bf16)
+        os.makedirs(self.workdir, exist_ok=True)
+
+    def teacher_inputs(self):
+        sigmas = np.float32(list(self.schedule.slow) + list(self.schedule.fast) + [0.0]) / np.float32(1000)
+        if self.config.target != "teacher":
+            return {"sigmas": jnp.asarray(sigmas), "states": jnp.zeros((1, 1, 1, 1))}
+        key = jax.random.fold_in(jax.random.PRNGKey(self.config.seed), 10 ** 6)
+        states, sigmas = teacher_trajectories(self.model, self.params, self.batch, self.schedule, self.config, key)
+        return {"sigmas": sigmas, "states": states}
+
+    def train(self):
+        """Trains the configured phase(s); returns {phase: path of its LoRA file}."""
+        phases = PHASES if self.config.phase == "both" else (self.config.phase,)
+        teacher = self.teacher_inputs()
+        return {phase: self.train_phase(phase, teacher) for phase in phases}
+
+    def train_phase(self, phase, teacher):
+        import orbax.checkpoint as ocp
+
+        config = self.config
+        n_slow = len(self.schedule.slow)
+        points = list(range(n_slow)) if phase == "slow" else list(range(n_slow, self.schedule.num_steps))
+        opt = optimizer(config)
+        key = jax.random.fold_in(jax.random.PRNGKey(config.seed), PHASES.index(phase))
+        targets = config.lora.targets
+        targets = targets if targets in lora.PRESETS else [t.strip() for t in targets.split(",")]
+        adapter = lora.init_lora(jax.random.fold_in(key, 1), self.params, targets, config.lora.rank,
+                                 float(config.lora.alpha))
+        opt_state = opt.init(adapter)
+        manager = ocp.CheckpointManager(
+            os.path.join(self.workdir, "checkpoints", phase),
+            options=ocp.CheckpointManagerOptions(max_to_keep=config.checkpoint.keep, create=True))
+        start = 0
+        if manager.latest_step() is not None:
+            start = manager.latest_step()
+            state = manager.restore(start, args=ocp.args.StandardRestore(
+                {"lora": adapter, "opt_state": opt_state, "step": 0, "key": key}))
+            adapter, opt_state = state["lora"], state["opt_state"]
+            if not np.array_equal(np.asarray(state["key"]), np.asarray(key)):
+                raise GlanceError(f"{manager.directory}: checkpoints come from a run with another seed")
+        metrics_path = os.path.join(self.workdir, "metrics.jsonl")
+        _truncate_metrics(metrics_path, phase, start)
+        step_fn = make_train_step(self.model, opt, config, points)
+        lr = learning_rate(config)
+        lora_path = os.path.join(self.workdir, f"{phase}_lora.safetensors")
+
+        def save(step):
+            manager.save(step, args=ocp.args.StandardSave(
+                {"lora": adapter, "opt_state": opt_state, "step": step, "key": key}))
+            manager.wait_until_finished()
+            lora.save_lora(adapter, lora_path)
+
+        bar = tqdm(range(start, config.steps), initial=start, total=config.steps, desc=f"{phase}-LoRA",
+                   unit="step", dynamic_ncols=True)
+        with open(metrics_path, "a") as metrics:
+            for step in bar:
+                began = time.perf_counter()
+                adapter, opt_state, out = step_fn(adapter, opt_state, self.params, self.batch, teacher,
+                                                  jax.random.fold_in(key, step))
+                loss = float(out["loss"])
+                if not np.isfinite(loss):
+                    last = manager.latest_step()
+                    raise GlanceError(f"the {phase} loss became {loss} at step {step + 1}; stopped. The last good "
+                                      f"checkpoint is {'step ' + str(last) if last else 'none'} in {manager.directory}")
+                seconds = time.perf_counter() - began
+                record = {"phase": phase, "step": step + 1, "loss": loss, "lr": float(lr(step)),
+                          "timestep": float(out["timestep"]), "grad_norm": float(out["grad_norm"]),
+                          "steps_per_sec": 1.0 / seconds}
+                metrics.write(json.dumps(record) + "\n")
+                metrics.flush()
+                bar.set_postfix(loss=f"{loss:.4f}", t=f"{record['timestep']:.0f}")
+                if (step + 1) % config.checkpoint.every == 0 or step + 1 == config.steps:
+                    save(step + 1)
+        if start == config.steps and not os.path.exists(lora_path):
+            lora.save_lora(adapter, lora_path)
+        manager.close()
+        return lora_path
+
+
+def _truncate_metrics(path, phase, step):
+    """Drops this phase's metric lines after `step`, so that a resumed run does not log a step twice."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = [line for line in f if line.strip()]
+    keep = [line for line in lines if json.loads(line)["phase"] != phase or json.loads(line)["step"] <= step]
+    if len(keep) != len(lines):
+        with open(path, "w") as f:
+            f.writelines(keep)
+
+
+def train(config, workdir):
+    """Runs the trainer; returns {phase: LoRA file}."""
+    return Run(config, workdir).train()
+

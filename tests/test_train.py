@@ -1,0 +1,219 @@
+"""The phase trainer on a tiny random FLUX and a real photo (scikit-learn's china.jpg), end to end."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+import torch
+from diffusers import AutoencoderKL
+from diffusers import FluxTransformer2DModel as TorchFlux
+from sklearn.datasets import load_sample_images
+
+from glance_jax import data, safetensors_io
+from glance_jax.cli import main
+from glance_jax.models import FluxTransformer2DModel
+from glance_jax.recipes import official
+from glance_jax.train import Run, train
+from torch_peers import randomize_
+
+CONFIG = dict(in_channels=64, num_layers=1, num_single_layers=2, attention_head_dim=16, num_attention_heads=2,
+              joint_attention_dim=24, pooled_projection_dim=20, guidance_embeds=True, axes_dims_rope=[4, 6, 6])
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def encode_with_diffusers(folder, name, caption, resolution=256, seed=0):
+    """Writes name.safetensors the way a user would with PyTorch tools: a (tiny, random) diffusers VAE
+    encodes the resized photo; the text embeddings are random stand-ins for T5 and CLIP."""
+    sample = [s for s in data.find_samples(folder, resolution) if s.caption == caption][0]
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(8, 16, 16, 16),
+                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                        layers_per_block=1, norm_num_groups=8, use_quant_conv=False, use_post_quant_conv=False,
+                        scaling_factor=0.3611, shift_factor=0.1159).eval()
+    pixels = torch.from_numpy(data.load_image(sample)).permute(2, 0, 1)[None]
+    with torch.no_grad():
+        mean = vae.encode(pixels).latent_dist.mean
+    latents = ((mean - vae.config.shift_factor) * vae.config.scaling_factor)[0].permute(1, 2, 0).numpy()
+    rng = np.random.default_rng(seed)
+    safetensors_io.save_file({"latents": latents, "prompt_embeds": rng.standard_normal((6, 24), dtype=np.float32),
+                              "pooled_prompt_embeds": rng.standard_normal((20,), dtype=np.float32)},
+                             os.path.join(folder, name + ".safetensors"))
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("train")
+    randomize_(TorchFlux(**CONFIG), seed=0).save_pretrained(tmp / "base")
+    sample = tmp / "sample"
+    sample.mkdir()
+    shutil.copy(load_sample_images().filenames[0], sample / "china.jpg")
+    (sample / "china.txt").write_text("a chinese temple among green trees")
+    encode_with_diffusers(sample, "china", "a chinese temple among green trees")
+    return tmp
+
+
+def tiny_config(setup, **overrides):
+    c = official("flux", "slow")
+    c.model.path, c.model.dtype = str(setup / "base"), "fp32"
+    c.data.dir, c.data.resolution, c.data.cache_dir = str(setup / "sample"), 256, str(setup / "cache")
+    c.lora.rank, c.lora.alpha = 4, 16.0
+    c.optim.warmup_steps = 2
+    c.steps, c.checkpoint.every = 12, 4
+    for key, value in overrides.items():
+        node = c
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return c
+
+
+def metrics(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_loss_falls_and_only_the_lora_changes(setup, tmp_path):
+    config = tiny_config(setup, steps=30, **{"checkpoint.every": 30})
+    run = Run(config, tmp_path)
+    base = jax.tree_util.tree_map(np.array, run.params)
+    written = run.train()
+    losses = [m["loss"] for m in metrics(tmp_path)]
+    print("loss curve:", " ".join(f"{x:.2f}" for x in losses))
+    assert len(losses) == 30 and np.mean(losses[-10:]) < 0.8 * np.mean(losses[:10])
+    jax.tree_util.tree_map(np.testing.assert_array_equal, run.params, base)
+    record = metrics(tmp_path)[0]
+    assert set(record) >= {"step", "loss", "lr", "timestep", "steps_per_sec"} and record["lr"] == 0.0
+    assert {round(m["timestep"], 3) for m in metrics(tmp_path)} <= {round(t, 3) for t in run.schedule.slow}
+    keys = safetensors_io.SafetensorsFile(written["slow"]).keys()
+    assert keys and all(".lora_A." in k or ".lora_B." in k for k in keys)
+
+
+def test_exported_lora_loads_into_diffusers(setup, tmp_path):
+    written = train(tiny_config(setup, steps=4), tmp_path)
+    reference = TorchFlux.from_pretrained(setup / "base")
+    reference.load_lora_adapter(str(tmp_path), weight_name="slow_lora.safetensors", prefix="transformer")
+    config = reference.peft_config["default_0"]
+    assert (config.r, config.lora_alpha) == (4, 16.0)
+    assert any("lora_B" in n and float(p.detach().abs().max()) > 0 for n, p in reference.named_parameters())
+    assert os.path.exists(written["slow"])
+
+
+def test_both_phases_and_the_teacher_target(setup, tmp_path):
+    config = tiny_config(setup, phase="both", target="teacher", steps=6, **{"teacher.trajectories": 2,
+                                                                             "teacher.substeps": 10})
+    run = Run(config, tmp_path)
+    assert run.cache_hit  # the encoded sample was cached by an earlier run: no encoder ran
+    written = run.train()
+    assert set(written) == {"slow", "fast"}
+    by_phase = {p: [m for m in metrics(tmp_path) if m["phase"] == p] for p in ("slow", "fast")}
+    assert len(by_phase["slow"]) == len(by_phase["fast"]) == 6
+    assert all(np.isfinite(m["loss"]) for m in metrics(tmp_path))
+    assert {round(m["timestep"], 3) for m in by_phase["fast"]} <= {round(t, 3) for t in run.schedule.fast}
+
+
+def run_cli(workdir, setup, *extra):
+    return [sys.executable, "-m", "glance_jax.cli", "train", "--config", os.path.join(REPO, "configs/flux_tiny.py"),
+            "--workdir", str(workdir), f"--config.model.path={setup / 'base'}", f"--config.data.dir={setup / 'sample'}",
+            f"--config.data.cache_dir={setup / 'cache'}", "--config.phase=slow", "--config.steps=16", *extra]
+
+
+def test_killed_run_resumes_to_the_same_lora(setup, tmp_path):
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    subprocess.run(run_cli(tmp_path / "whole", setup), check=True, capture_output=True, env=env)
+    proc = subprocess.Popen(run_cli(tmp_path / "killed", setup), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env=env)
+    path = tmp_path / "killed" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if path.exists() and len(path.read_text().splitlines()) >= 7:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.05)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    subprocess.run(run_cli(tmp_path / "killed", setup), check=True, capture_output=True, env=env)
+    read = lambda d: {k: f.read(k) for f in [safetensors_io.SafetensorsFile(d / "slow_lora.safetensors")]
+                      for k in f.keys()}
+    whole, resumed = read(tmp_path / "whole"), read(tmp_path / "killed")
+    assert whole.keys() == resumed.keys()
+    for k in whole:
+        np.testing.assert_array_equal(whole[k], resumed[k])
+    steps = [m["step"] for m in metrics(tmp_path / "killed")]
+    assert steps == list(range(1, 17))  # no step logged twice after the resume
+
+
+def test_nan_loss_stops_with_a_clear_message(setup, tmp_path, capsys):
+    bad = tmp_path / "bad_sample"
+    shutil.copytree(setup / "sample", bad)
+    f = safetensors_io.SafetensorsFile(bad / "china.safetensors")
+    arrays = {k: f.read(k) for k in f.keys()}
+    arrays["latents"][0, 0, 0] = np.nan
+    safetensors_io.save_file(arrays, bad / "china.safetensors")
+    code = main(["train", "--config", os.path.join(REPO, "configs/flux_tiny.py"), "--workdir", str(tmp_path / "w"),
+                 f"--config.model.path={setup / 'base'}", f"--config.data.dir={bad}",
+                 f"--config.data.cache_dir={tmp_path / 'cache'}"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 1 and "loss became nan at step 1" in err and "last good checkpoint is none" in err
+
+
+@pytest.mark.parametrize("problem,message", [
+    ("no_caption", "no caption (china.txt is missing)"),
+    ("empty_caption", "the caption is empty"),
+    ("unreadable", "unreadable image"),
+    ("small", "smaller than the training resolution 256"),
+    ("empty", "no images"),
+    ("no_encoding", "no encoded latents and embeddings"),
+])
+def test_bad_sample_folders(setup, tmp_path, capsys, problem, message):
+    folder = tmp_path / "sample"
+    shutil.copytree(setup / "sample", folder)
+    if problem == "no_caption":
+        os.remove(folder / "china.txt")
+    elif problem == "empty_caption":
+        (folder / "china.txt").write_text("  \n")
+    elif problem == "unreadable":
+        (folder / "china.jpg").write_bytes(b"not really a jpeg")
+    elif problem == "small":
+        from PIL import Image
+        Image.open(folder / "china.jpg").resize((200, 133)).save(folder / "china.jpg")
+    elif problem == "empty":
+        for name in os.listdir(folder):
+            os.remove(folder / name)
+    elif problem == "no_encoding":
+        os.remove(folder / "china.safetensors")
+    code = main(["train", "--config", os.path.join(REPO, "configs/flux_tiny.py"), "--workdir", str(tmp_path / "w"),
+                 f"--config.model.path={setup / 'base'}", f"--config.data.dir={folder}",
+                 f"--config.data.cache_dir={tmp_path / 'cache'}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1 and err[0].startswith("glance-jax train: error:") and message in err[0]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--config.optim.nonexistent=1"], "nonexistent"),
+    (["--config.model.path="], "config.model.path is not set"),
+    (["--config.target=magic"], "config.target 'magic'"),
+])
+def test_bad_flags(setup, tmp_path, capsys, args, message):
+    code = main(["train", "--config", os.path.join(REPO, "configs/flux_tiny.py"), "--workdir", str(tmp_path),
+                 f"--config.model.path={setup / 'base'}", f"--config.data.dir={setup / 'sample'}", *args])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1 and message in err[0], err
+
+
+def test_every_config_file_loads():
+    import importlib.util
+    for name in sorted(os.listdir(os.path.join(REPO, "configs"))):
+        spec = importlib.util.spec_from_file_location(name[:-3], os.path.join(REPO, "configs", name))
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        config = module.get_config()
+        assert "glance-jax train --config configs/" + name in module.__doc__
+        assert config.lora.alpha == 4 * config.lora.rank
+    assert FluxTransformer2DModel  # the configs train this model
