@@ -1,0 +1,154 @@
+"""Train-step speed against the official recipe's structure in PyTorch, and the full-size FLUX.1-dev step.
+
+Part 1, same CPU, one process: a small FLUX.1-dev-shaped model (hidden 384 = 6 heads x 64, 2 double +
+4 single blocks) at 256 x 256 (256 packed tokens) with 64 text tokens, fp32, rank 16 / alpha 64 LoRA on
+to_q, to_k, to_v, to_out.0, AdamW (5e-4, 0.9, 0.999, wd 0.01), clipping at 1.0, the official slow
+timesteps. glance_jax's jit-compiled step against diffusers' transformer + peft LoRA + torch AdamW in
+eager mode (the official training loop's structure). Reports median steps per second and the ratio.
+
+Part 2, from abstract shapes (no weights): the full-size FLUX.1-dev LoRA train step at 1024 x 1024 in
+bf16: compile time, FLOPs from XLA's cost analysis against 3x the forward's, and XLA's memory analysis.
+
+    python benchmarks/train_step.py   # about 3 minutes on 2 CPU cores
+"""
+
+import os
+import sys
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+from diffusers import FluxTransformer2DModel as TorchFlux
+from peft import LoraConfig
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+from common import interleaved_medians, report  # noqa: E402
+from torch_peers import randomize_  # noqa: E402
+
+from glance_jax import analysis  # noqa: E402
+from glance_jax.lora import PRESETS, init_lora  # noqa: E402
+from glance_jax.models import FluxTransformer2DModel  # noqa: E402
+from glance_jax.pipelines import flux_image_ids  # noqa: E402
+from glance_jax.recipes import official  # noqa: E402
+from glance_jax.schedules import GlanceSchedule  # noqa: E402
+from glance_jax.train import make_train_step, optimizer  # noqa: E402
+
+CONFIG = dict(in_channels=64, num_layers=2, num_single_layers=4, attention_head_dim=64, num_attention_heads=6,
+              joint_attention_dim=256, pooled_projection_dim=128, guidance_embeds=True, axes_dims_rope=[8, 28, 28])
+SIZE, TEXT = 256, 64
+
+
+def cpu_speed():
+    torch_model = randomize_(TorchFlux(**CONFIG), seed=0)
+    with tempfile.TemporaryDirectory() as tmp:
+        torch_model.save_pretrained(tmp)
+        model, params = FluxTransformer2DModel.from_pretrained(tmp)
+    tokens, rows = (SIZE // 16) ** 2, SIZE // 16
+    rng = np.random.default_rng(0)
+    x0 = rng.standard_normal((1, tokens, 64), dtype=np.float32)
+    embeds = rng.standard_normal((1, TEXT, CONFIG["joint_attention_dim"]), dtype=np.float32)
+    pooled = rng.standard_normal((1, CONFIG["pooled_projection_dim"]), dtype=np.float32)
+    schedule = GlanceSchedule.official("flux", image_seq_len=tokens)
+    sigmas = np.float32(list(schedule.slow) + list(schedule.fast) + [0]) / 1000
+
+    config = official("flux", "slow")
+    opt = optimizer(config)
+    adapter = init_lora(jax.random.PRNGKey(0), params, "flux", 16, 64.0)
+    state = {"adapter": adapter, "opt": opt.init(adapter)}
+    batch = dict(x0=jnp.asarray(x0), encoder_hidden_states=jnp.asarray(embeds), pooled_projections=jnp.asarray(pooled),
+                 img_ids=jnp.asarray(flux_image_ids(rows, rows)), txt_ids=jnp.zeros((TEXT, 3)),
+                 guidance=jnp.ones(1))
+    teacher = {"sigmas": jnp.asarray(sigmas), "states": jnp.zeros((1, 1, 1, 1))}
+    counter = [0]
+
+    def jax_step_with(step_fn):
+        def run():
+            counter[0] += 1
+            state["adapter"], state["opt"], out = step_fn(state["adapter"], state["opt"], params, batch, teacher,
+                                                          jax.random.PRNGKey(counter[0]))
+            out["loss"].block_until_ready()
+        return run
+
+    jax_step = jax_step_with(make_train_step(model, opt, config, list(range(5))))
+    jax_step_remat = jax_step_with(make_train_step(model.clone(remat_policy="dots_saveable"), opt, config,
+                                                   list(range(5))))
+
+    torch_model.requires_grad_(False)
+    torch_model.add_adapter(LoraConfig(r=16, lora_alpha=64, target_modules=list(PRESETS["flux"]),
+                                       init_lora_weights="gaussian"))
+    trainable = [p for p in torch_model.parameters() if p.requires_grad]
+    torch_opt = torch.optim.AdamW(trainable, lr=5e-4, betas=(0.9, 0.999), weight_decay=0.01, eps=1e-8)
+    t_x0, t_embeds, t_pooled = map(torch.from_numpy, (x0, embeds, pooled))
+    img_ids, txt_ids = torch.from_numpy(flux_image_ids(rows, rows)), torch.zeros(TEXT, 3)
+    generator = torch.Generator().manual_seed(0)
+
+    def torch_step():
+        sigma = float(sigmas[torch.randint(0, 5, (1,), generator=generator)])
+        noise = torch.randn(t_x0.shape, generator=generator)
+        x_t = (1 - sigma) * t_x0 + sigma * noise
+        v = torch_model(hidden_states=x_t, timestep=torch.full((1,), sigma), guidance=torch.ones(1),
+                        encoder_hidden_states=t_embeds, pooled_projections=t_pooled, img_ids=img_ids,
+                        txt_ids=txt_ids, return_dict=False)[0]
+        loss = torch.nn.functional.mse_loss(v.float(), (noise - t_x0).float())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        torch_opt.step()
+        torch_opt.zero_grad()
+
+    t = interleaved_medians({"jax": jax_step, "jax_remat": jax_step_remat, "torch": torch_step}, repeats=15,
+                            warmup=2)
+    report("train_step_cpu", config="hidden 384, 2 double + 4 single, 256x256, 64 text tokens, fp32, rank 16",
+           jax_steps_per_sec=1 / t["jax"], jax_remat_dots_saveable_steps_per_sec=1 / t["jax_remat"],
+           torch_steps_per_sec=1 / t["torch"], speedup_jax_over_torch=t["torch"] / t["jax"],
+           speedup_jax_remat_over_torch=t["torch"] / t["jax_remat"])
+
+
+def full_size():
+    config = official("flux", "slow")
+    model = FluxTransformer2DModel(guidance_embeds=True, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+    params = jax.eval_shape(model.init_params, jax.random.PRNGKey(0))
+    adapter = jax.eval_shape(lambda p: init_lora(jax.random.PRNGKey(0), p, "flux", 16, 64.0), params)
+    opt = optimizer(config)
+    opt_state = jax.eval_shape(opt.init, adapter)
+    tokens, text = 4096, 512
+    f32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)
+    batch = dict(x0=f32(1, tokens, 64), encoder_hidden_states=f32(1, text, 4096), pooled_projections=f32(1, 768),
+                 img_ids=f32(tokens, 3), txt_ids=f32(text, 3), guidance=f32(1))
+    teacher = {"sigmas": f32(11), "states": f32(1, 1, 1, 1)}
+    key = jax.eval_shape(lambda: jax.random.PRNGKey(0))
+    figures = {}
+    for policy in ("none", "dots", "full"):
+        m = model.clone(remat_policy=policy)
+        step = make_train_step(m, opt, config, list(range(5)))
+        start = time.perf_counter()
+        compiled = step.lower(adapter, opt_state, params, batch, teacher, key).compile()
+        figures[f"compile_s_remat_{policy}"] = time.perf_counter() - start
+        memory = compiled.memory_analysis()
+        figures[f"xla_cpu_temp_gib_remat_{policy}"] = memory.temp_size_in_bytes / 2 ** 30
+        counted = analysis.for_cost_analysis(m)
+        step_flops = analysis.flops(make_train_step(counted, opt, config, list(range(5))), adapter, opt_state,
+                                    params, batch, teacher, key)
+        figures[f"train_step_tflop_remat_{policy}"] = step_flops / 1e12
+    counted = analysis.for_cost_analysis(model)
+    forward = analysis.flops(lambda p, l, b: counted.apply(
+        {"params": p, "lora": l}, hidden_states=b["x0"].astype(jnp.bfloat16), timestep=jnp.ones(1),
+        encoder_hidden_states=b["encoder_hidden_states"].astype(jnp.bfloat16),
+        pooled_projections=b["pooled_projections"].astype(jnp.bfloat16), img_ids=b["img_ids"], txt_ids=b["txt_ids"],
+        guidance=b["guidance"]), params, adapter, batch)
+    figures["forward_tflop"] = forward / 1e12
+    for policy in ("none", "dots", "full"):
+        figures[f"step_over_3x_forward_remat_{policy}"] = figures[f"train_step_tflop_remat_{policy}"] * 1e12 / (
+            3 * forward)
+    n_params = sum(x.size for x in jax.tree_util.tree_leaves(params))
+    n_lora = sum(x.size for x in jax.tree_util.tree_leaves(adapter))
+    figures["base_gib_bf16"] = 2 * n_params / 2 ** 30
+    figures["lora_and_adam_gib_fp32"] = 3 * 4 * n_lora / 2 ** 30
+    report("train_step_full_size_flux_dev_1024_bf16", **figures)
+
+
+if __name__ == "__main__":
+    cpu_speed()
+    full_size()
