@@ -3,9 +3,10 @@
     glance-jax train --config configs/flux_slow.py --workdir runs/flux \
         --config.model.path=/path/to/FLUX.1-dev/transformer --config.data.dir=/path/to/one_sample
 
-Writes runs/flux/slow_lora.safetensors. Expected run time: not measured yet (no accelerator in this
-project's CI); from XLA's FLOP count of the train step, 60 steps are about a minute of compute on one
-H100 at 1024x1024. Run both phases with --config.phase=both.
+Writes runs/flux/slow_lora.safetensors. Expected run time: not measured here (no accelerator). XLA
+counts 165 TFLOP per train step at 1024x1024 (benchmarks/train_step.py): 60 steps are about 10 s of H100
+bf16 peak, so under a minute at realistic utilisation, plus about a minute of compilation. Run both
+phases at once with --config.phase=both.
 """
 
 from glance_jax.recipes import official

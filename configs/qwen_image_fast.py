@@ -3,9 +3,8 @@
     glance-jax train --config configs/qwen_image_fast.py --workdir runs/qwen_image \
         --config.model.path=/path/to/Qwen-Image/transformer --config.data.dir=/path/to/one_sample
 
-Writes runs/qwen_image/fast_lora.safetensors. Expected run time: not measured yet (no accelerator in this
-project's CI); from XLA's FLOP count of the train step, 60 steps are about a minute of compute on one
-H100 at 1024x1024. Run both phases with --config.phase=both.
+Writes runs/qwen_image/fast_lora.safetensors. The Qwen-Image transformer is not ported yet: this file
+records the official recipe, and the trainer refuses it with a clear message until the port lands.
 """
 
 from glance_jax.recipes import official
