@@ -5,7 +5,7 @@
 
 Writes runs/flux/slow_lora.safetensors. Expected run time: not measured here (no accelerator). XLA
 counts 165 TFLOP per train step at 1024x1024 (benchmarks/train_step.py): 60 steps are about 10 s of H100
-bf16 peak, so under a minute at realistic utilisation, plus about a minute of compilation. Run both
+bf16 peak, so under a minute at realistic utilisation, plus compilation (13 s on CPU). Run both
 phases at once with --config.phase=both.
 """
 
