@@ -4,6 +4,12 @@ import json
 import statistics
 import time
 
+# The small FLUX.1-dev-shaped model of the sampling and training benchmarks: hidden 384 (6 heads x 64),
+# 2 double + 4 single blocks, a 256 x 256 image (256 packed tokens) and 64 text tokens.
+SMALL_FLUX = dict(in_channels=64, num_layers=2, num_single_layers=4, attention_head_dim=64, num_attention_heads=6,
+                  joint_attention_dim=256, pooled_projection_dim=128, guidance_embeds=True, axes_dims_rope=[8, 28, 28])
+SMALL_SIZE, SMALL_TEXT = 256, 64
+
 
 def median_seconds(fn, repeats=7, warmup=1):
     """Median wall time of fn() over `repeats` runs after `warmup` runs (fn must block until done)."""

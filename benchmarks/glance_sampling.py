@@ -22,7 +22,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
 from diffusers import FluxTransformer2DModel as TorchFlux
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-from common import interleaved_medians, report  # noqa: E402
+from common import SMALL_FLUX, SMALL_SIZE, SMALL_TEXT, interleaved_medians, report  # noqa: E402
 from torch_peers import randomize_  # noqa: E402
 
 from glance_jax.lora import init_lora  # noqa: E402
@@ -30,9 +30,7 @@ from glance_jax.models import FluxTransformer2DModel  # noqa: E402
 from glance_jax.pipelines import FluxGlancePipeline, flux_image_ids  # noqa: E402
 from glance_jax.schedules import FLUX_SCHEDULER, GlanceSchedule  # noqa: E402
 
-CONFIG = dict(in_channels=64, num_layers=2, num_single_layers=4, attention_head_dim=64, num_attention_heads=6,
-              joint_attention_dim=256, pooled_projection_dim=128, guidance_embeds=True, axes_dims_rope=[8, 28, 28])
-SIZE, TEXT = 256, 64
+CONFIG, SIZE, TEXT = SMALL_FLUX, SMALL_SIZE, SMALL_TEXT
 
 
 def main():

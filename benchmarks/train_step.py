@@ -25,7 +25,7 @@ from diffusers import FluxTransformer2DModel as TorchFlux
 from peft import LoraConfig
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-from common import interleaved_medians, report  # noqa: E402
+from common import SMALL_FLUX, SMALL_SIZE, SMALL_TEXT, interleaved_medians, report  # noqa: E402
 from torch_peers import randomize_  # noqa: E402
 
 from glance_jax import analysis  # noqa: E402
@@ -36,9 +36,7 @@ from glance_jax.recipes import official  # noqa: E402
 from glance_jax.schedules import GlanceSchedule  # noqa: E402
 from glance_jax.train import make_train_step, optimizer  # noqa: E402
 
-CONFIG = dict(in_channels=64, num_layers=2, num_single_layers=4, attention_head_dim=64, num_attention_heads=6,
-              joint_attention_dim=256, pooled_projection_dim=128, guidance_embeds=True, axes_dims_rope=[8, 28, 28])
-SIZE, TEXT = 256, 64
+CONFIG, SIZE, TEXT = SMALL_FLUX, SMALL_SIZE, SMALL_TEXT
 
 
 def cpu_speed():
@@ -133,8 +131,8 @@ def full_size():
                                     params, batch, teacher, key)
         figures[f"train_step_tflop_remat_{policy}"] = step_flops / 1e12
     counted = analysis.for_cost_analysis(model)
-    forward = analysis.flops(lambda p, l, b: counted.apply(
-        {"params": p, "lora": l}, hidden_states=b["x0"].astype(jnp.bfloat16), timestep=jnp.ones(1),
+    forward = analysis.flops(lambda p, adapter, b: counted.apply(
+        {"params": p, "lora": adapter}, hidden_states=b["x0"].astype(jnp.bfloat16), timestep=jnp.ones(1),
         encoder_hidden_states=b["encoder_hidden_states"].astype(jnp.bfloat16),
         pooled_projections=b["pooled_projections"].astype(jnp.bfloat16), img_ids=b["img_ids"], txt_ids=b["txt_ids"],
         guidance=b["guidance"]), params, adapter, batch)
