@@ -387,7 +387,7 @@ def _most_common(values):
     return collections.Counter(values).most_common(1)[0][0]
 
 
-def save_lora(tree, path, format="diffusers"):
+def save_lora(tree, path, format="diffusers", model_type=None):
     """Writes a LoRA tree as .safetensors that diffusers, PEFT, ComfyUI and kohya-style tools load.
 
     - "diffusers": `transformer.<module>.lora_A.weight` (r, in) and `lora_B.weight` (out, r), with the
@@ -395,7 +395,8 @@ def save_lora(tree, path, format="diffusers"):
       entry of the file's metadata, so diffusers applies exactly the scale alpha / r used here.
     - "kohya": `lora_unet_<module>.lora_down.weight` / `lora_up.weight` / `.alpha`. FLUX modules use
       BFL names (q, k, v LoRAs fused into one `qkv` / `linear1` LoRA of rank 3r with a block-diagonal
-      up matrix, exact); other models use diffusers names with underscores.
+      up matrix, exact); Qwen-Image uses diffusers names with underscores. `model_type` ("flux" or
+      "qwen-image") is read off the tree's layers when they tell, and must be given when they do not.
     The file is written whole or not at all.
     """
     entries = _entries(tree)
@@ -415,10 +416,29 @@ def save_lora(tree, path, format="diffusers"):
         metadata = {"format": "pt",
                     METADATA_KEY: json.dumps({f"transformer.{k}": v for k, v in config.items()}, sort_keys=True)}
     elif format == "kohya":
-        tensors, metadata = _kohya_tensors(tree, entries), {"format": "pt"}
+        model_type = model_type or _model_type(tree)
+        if model_type == "flux":
+            tensors = _kohya_tensors(tree, entries)
+        else:
+            tensors = {}
+            for name, a, b, alpha in entries:
+                stem = "lora_unet_" + name.replace(".", "_")
+                tensors[f"{stem}.lora_down.weight"], tensors[f"{stem}.lora_up.weight"] = a.T, b.T
+                tensors[f"{stem}.alpha"] = np.asarray(alpha, np.float32)
+        metadata = {"format": "pt"}
     else:
         raise GlanceError(f"unknown LoRA format {format!r}: use 'diffusers' or 'kohya'")
     safetensors_io.save_file(tensors, path, metadata)
+
+
+def _model_type(tree):
+    """"flux" or "qwen-image" from a LoRA tree's layers, when they tell."""
+    names = {path[1] for path in _modules(tree) if len(path) > 1}
+    if "single_transformer_blocks" in tree:
+        return "flux"
+    if names & {"img_mod.1", "txt_mod.1", "img_mlp", "txt_mlp"}:
+        return "qwen-image"
+    raise GlanceError("cannot tell FLUX from Qwen-Image by this LoRA's layers: pass model_type")
 
 
 def _kohya_tensors(tree, entries):

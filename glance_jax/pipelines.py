@@ -91,8 +91,26 @@ def phase_steps(scheduler_config, image_seq_len, schedule=None, num_inference_st
 
 # ---- the compiled sampler ----
 
-def _sample(model, lora_mode, params, loras, phases, latents, conditioning, lora_scale):
-    """Runs every phase; returns (latents, params with every LoRA taken out again)."""
+def _velocity(model, static, variables, x, t, conds, cfg_scale):
+    """The model's velocity; with two conditionings (prompt, negative prompt), true CFG with norm rescale.
+
+    Rescale as diffusers' QwenImagePipeline: `comb = neg + s (cond - neg)`,
+    then `comb * ||cond|| / ||comb||` per token (norms over channels).
+    """
+    outs = [model.apply(variables, hidden_states=x, timestep=t, **dict(static), **c).astype(jnp.float32)
+            for c in conds]
+    if len(outs) == 1:
+        return outs[0]
+    cond, neg = outs
+    comb = neg + cfg_scale * (cond - neg)
+    return comb * (jnp.linalg.norm(cond, axis=-1, keepdims=True) / jnp.linalg.norm(comb, axis=-1, keepdims=True))
+
+
+def _sample(model, lora_mode, static, params, loras, phases, latents, conds, cfg_scale, lora_scale):
+    """Runs every phase; returns (latents, params with every LoRA taken out again).
+
+    `static` holds hashable model arguments that shape the program (Qwen-Image's img_shapes).
+    """
     batch = latents.shape[0]
     for lora, (timesteps, step_sizes) in zip(loras, phases):
         merge = lora is not None and lora_mode == "merge"
@@ -105,8 +123,8 @@ def _sample(model, lora_mode, params, loras, phases, latents, conditioning, lora
 
         def step(x, t_and_dt, variables=variables):
             t, dt = t_and_dt
-            v = model.apply(variables, hidden_states=x, timestep=jnp.full((batch,), t / 1000), **conditioning)
-            return (x.astype(jnp.float32) + dt * v.astype(jnp.float32)).astype(x.dtype), None
+            v = _velocity(model, static, variables, x, jnp.full((batch,), t / 1000), conds, cfg_scale)
+            return (x.astype(jnp.float32) + dt * v).astype(x.dtype), None
 
         latents, _ = jax.lax.scan(step, latents, (timesteps, step_sizes))
         if merge:
@@ -114,8 +132,8 @@ def _sample(model, lora_mode, params, loras, phases, latents, conditioning, lora
     return latents, params
 
 
-_sample_plain = jax.jit(_sample, static_argnums=(0, 1))
-_sample_donating = jax.jit(_sample, static_argnums=(0, 1), donate_argnums=2)
+_sample_plain = jax.jit(_sample, static_argnums=(0, 1, 2))
+_sample_donating = jax.jit(_sample, static_argnums=(0, 1, 2), donate_argnums=3)
 
 
 def _check_lora(tree, name):
@@ -123,66 +141,51 @@ def _check_lora(tree, name):
         raise GlanceError(f"{name} must be a LoRA tree (from glance_jax.lora.load_lora or init_lora)")
 
 
-class FluxGlancePipeline:
-    """Slow-Fast sampling for FLUX.1 with the transformer `(model, params)` and a scheduler config dict.
+class GlancePipeline:
+    """What the FLUX and Qwen-Image pipelines share: noise, schedule, phases, LoRAs, the compiled sampler.
 
     The pipeline owns `params`: a call with LoRAs merges them into the
     weights in place (and takes them out again), so keep using
     `pipeline.params`, not an older reference.
+
+    `lora_mode="merge"` (default) adds each LoRA into the weights in place
+    before its phase and subtracts it after, so every step costs what the
+    base costs; like PEFT's merge/unmerge, the subtraction restores the base
+    to rounding (an element can move by one ulp when the LoRA pushes it across
+    a power of two). `lora_mode="unmerged"` applies the LoRAs beside the
+    weights instead (about 1-2% more FLOPs at rank 16-32): the base is never
+    modified and repeated calls agree bit for bit.
     """
+
+    latent_channels = 16
 
     def __init__(self, model, params, scheduler_config):
         self.model, self.params, self.scheduler_config = model, params, dict(scheduler_config)
         FlowMatchEulerScheduler.from_config(self.scheduler_config)  # refuse unsupported configs now
 
-    def __call__(self, prompt_embeds, pooled_prompt_embeds, latents=None, height=1024, width=1024,
-                 num_inference_steps=None, schedule=None, guidance_scale=3.5, slow_lora=None, fast_lora=None,
-                 lora_scale=1.0, integration="consistent", seed=0, output_type="latent", lora_mode="merge"):
-        """Samples packed latents (B, tokens, 64); arguments carry diffusers' FluxPipeline names.
-
-        `seed` is an int or one int per prompt; `latents` (packed) overrides
-        the noise. With `schedule=GlanceSchedule(...)`, `slow_lora` and
-        `fast_lora` adapt the two phases; with `num_inference_steps` alone the
-        base samples on the plain schedule, as diffusers' FluxPipeline does.
-
-        `lora_mode="merge"` (default) adds each LoRA into the weights in place
-        before its phase and subtracts it after, so every step costs what the
-        base costs; like PEFT's merge/unmerge, the subtraction restores the
-        base to rounding (an element can move by one ulp when the LoRA pushes
-        it across a power of two). `lora_mode="unmerged"` applies the LoRAs
-        beside the weights instead (about 1-2% more FLOPs at rank 16-32):
-        the base is never modified and repeated calls agree bit for bit.
-        """
+    def _run(self, batch, latents, height, width, schedule, num_inference_steps, integration, slow_lora,
+             fast_lora, lora_scale, lora_mode, seed, output_type, static, conds, cfg_scale=1.0):
         if output_type not in ("latent", "unpacked_latent"):
             raise GlanceError(f"output_type {output_type!r} needs the VAE, which is not ported yet: use 'latent'")
+        if lora_mode not in ("merge", "unmerged"):
+            raise GlanceError(f"unknown lora_mode {lora_mode!r}: use 'merge' or 'unmerged'")
         _check_lora(slow_lora, "slow_lora")
         _check_lora(fast_lora, "fast_lora")
-        prompt_embeds = jnp.asarray(prompt_embeds)
-        batch = prompt_embeds.shape[0]
         rows, cols = flux_latent_grid(height, width)
         if latents is None:
             latents = self.noise(seed, batch, height, width)
         latents = jnp.asarray(latents, self.model.dtype)
-        if latents.shape != (batch, rows * cols, self.model.in_channels):
+        if latents.shape != (batch, rows * cols, 4 * self.latent_channels):
             raise GlanceError(f"latents of shape {latents.shape} do not fit {batch} images of {height}x{width}")
-
         phases = phase_steps(self.scheduler_config, rows * cols, schedule, num_inference_steps, integration)
-        loras = [None] if len(phases) == 1 else [slow_lora, fast_lora]
         if len(phases) == 1 and (slow_lora is not None or fast_lora is not None):
             raise GlanceError("slow_lora and fast_lora need schedule=GlanceSchedule(...)")
-        conditioning = dict(
-            encoder_hidden_states=prompt_embeds.astype(self.model.dtype),
-            pooled_projections=jnp.asarray(pooled_prompt_embeds, self.model.dtype),
-            img_ids=jnp.asarray(flux_image_ids(rows, cols)),
-            txt_ids=jnp.zeros((prompt_embeds.shape[1], 3), jnp.float32),
-            guidance=jnp.full((batch,), guidance_scale, jnp.float32) if self.model.guidance_embeds else None)
+        loras = [None] if len(phases) == 1 else [slow_lora, fast_lora]
         phases = [(jnp.asarray(t), jnp.asarray(dt)) for t, dt in phases]
-        if lora_mode not in ("merge", "unmerged"):
-            raise GlanceError(f"unknown lora_mode {lora_mode!r}: use 'merge' or 'unmerged'")
         in_place = lora_mode == "merge" and any(lora is not None for lora in loras)
         sample = _sample_donating if in_place else _sample_plain
-        latents, self.params = sample(self.model, lora_mode, self.params, loras, phases, latents, conditioning,
-                                      jnp.float32(lora_scale))
+        latents, self.params = sample(self.model, lora_mode, static, self.params, loras, phases, latents, conds,
+                                      jnp.float32(cfg_scale), jnp.float32(lora_scale))
         if output_type == "unpacked_latent":
             return unpack_flux_latents(latents, height, width)
         return latents
@@ -193,10 +196,63 @@ class FluxGlancePipeline:
         if len(seeds) != batch:
             raise GlanceError(f"{len(seeds)} seeds for {batch} prompts")
         rows, cols = flux_latent_grid(height, width)
-        return _flux_noise(jnp.asarray(seeds, jnp.uint32), rows * 2, cols * 2)
+        return _packed_noise(jnp.asarray(seeds, jnp.uint32), rows * 2, cols * 2, self.latent_channels)
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2))
-def _flux_noise(seeds, h, w):
-    draw = lambda s: jax.random.normal(jax.random.PRNGKey(s), (h, w, 16), jnp.float32)
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _packed_noise(seeds, h, w, channels):
+    draw = lambda s: jax.random.normal(jax.random.PRNGKey(s), (h, w, channels), jnp.float32)
     return pack_flux_latents(jax.vmap(draw)(seeds))
+
+
+class FluxGlancePipeline(GlancePipeline):
+    """Slow-Fast sampling for FLUX.1 with the transformer `(model, params)` and a scheduler config dict."""
+
+    def __call__(self, prompt_embeds, pooled_prompt_embeds, latents=None, height=1024, width=1024,
+                 num_inference_steps=None, schedule=None, guidance_scale=3.5, slow_lora=None, fast_lora=None,
+                 lora_scale=1.0, integration="consistent", seed=0, output_type="latent", lora_mode="merge"):
+        """Samples packed latents (B, tokens, 64); arguments carry diffusers' FluxPipeline names.
+
+        `seed` is an int or one int per prompt; `latents` (packed) overrides
+        the noise. With `schedule=GlanceSchedule(...)`, `slow_lora` and
+        `fast_lora` adapt the two phases; with `num_inference_steps` alone the
+        base samples on the plain schedule, as diffusers' FluxPipeline does.
+        `guidance_scale` feeds FLUX.1-dev's guidance embedding (no second pass).
+        """
+        prompt_embeds = jnp.asarray(prompt_embeds, self.model.dtype)
+        batch, text_len = prompt_embeds.shape[:2]
+        rows, cols = flux_latent_grid(height, width)
+        cond = dict(encoder_hidden_states=prompt_embeds,
+                    pooled_projections=jnp.asarray(pooled_prompt_embeds, self.model.dtype),
+                    img_ids=jnp.asarray(flux_image_ids(rows, cols)), txt_ids=jnp.zeros((text_len, 3), jnp.float32),
+                    guidance=jnp.full((batch,), guidance_scale, jnp.float32) if self.model.guidance_embeds else None)
+        return self._run(batch, latents, height, width, schedule, num_inference_steps, integration, slow_lora,
+                         fast_lora, lora_scale, lora_mode, seed, output_type, (), [cond])
+
+
+class QwenImageGlancePipeline(GlancePipeline):
+    """Slow-Fast sampling for Qwen-Image, with true CFG, from the transformer `(model, params)` and a scheduler config."""
+
+    def __call__(self, prompt_embeds, prompt_embeds_mask=None, negative_prompt_embeds=None,
+                 negative_prompt_embeds_mask=None, true_cfg_scale=4.0, latents=None, height=1024, width=1024,
+                 num_inference_steps=None, schedule=None, slow_lora=None, fast_lora=None, lora_scale=1.0,
+                 integration="consistent", seed=0, output_type="latent", lora_mode="merge"):
+        """Samples packed latents (B, tokens, 64); arguments carry diffusers' QwenImagePipeline names.
+
+        True CFG (two transformer passes a step, norm rescale) runs when
+        `negative_prompt_embeds` is given and `true_cfg_scale > 1`, as in
+        diffusers; otherwise one pass. The official Glance pipeline uses
+        `true_cfg_scale=5` with the negative prompt " ". Masks are 1 for real
+        tokens and 0 for padding; None means no padding.
+        """
+        prompt_embeds = jnp.asarray(prompt_embeds, self.model.dtype)
+        batch = prompt_embeds.shape[0]
+        rows, cols = flux_latent_grid(height, width)
+        mask = lambda m: None if m is None else jnp.asarray(m).astype(jnp.int32)
+        conds = [dict(encoder_hidden_states=prompt_embeds, encoder_hidden_states_mask=mask(prompt_embeds_mask))]
+        if negative_prompt_embeds is not None and true_cfg_scale > 1:
+            conds.append(dict(encoder_hidden_states=jnp.asarray(negative_prompt_embeds, self.model.dtype),
+                              encoder_hidden_states_mask=mask(negative_prompt_embeds_mask)))
+        static = (("img_shapes", ((1, rows, cols),) * batch),)
+        return self._run(batch, latents, height, width, schedule, num_inference_steps, integration, slow_lora,
+                         fast_lora, lora_scale, lora_mode, seed, output_type, static, conds, true_cfg_scale)

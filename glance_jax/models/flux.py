@@ -13,13 +13,13 @@ transpose of torch's Linear weights. Blocks of one kind are stacked on a
 leading axis and run with `nn.scan`, so compile time does not grow with depth.
 """
 
-import dataclasses
 from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from glance_jax.models.base import PretrainedModel
 from glance_jax.models.layers import (REMAT_POLICIES, Dense, MLPEmbedder, RMSNorm, apply_rope, attention,
                                       gelu_tanh, layer_norm, modulate, rope_angles, timestep_sinusoid)
 
@@ -99,9 +99,9 @@ def project_qkv(x, heads, head_dim, names, kw):
     return RMSNorm(1e-6, **kw, name=norm_q)(q), RMSNorm(1e-6, **kw, name=norm_k)(k), v
 
 
-def joint_attention(q, k, v, cos, sin, implementation):
+def joint_attention(q, k, v, cos, sin, implementation, mask=None):
     """RoPE on q and k, attention over the whole (text + image) sequence, heads merged back."""
-    out = attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, implementation=implementation)
+    out = attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, mask, implementation)
     return out.reshape(*out.shape[:2], -1)
 
 
@@ -115,7 +115,8 @@ class DoubleStreamAttention(nn.Module):
     param_dtype: Dtype
 
     @nn.compact
-    def __call__(self, img, txt, cos, sin):
+    def __call__(self, img, txt, cos, sin, mask=None):
+        """`mask` (B, text + image tokens), True = attend; None attends to everything (FLUX)."""
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         img_names = ("to_q", "to_k", "to_v", "norm_q", "norm_k")
         txt_names = ("add_q_proj", "add_k_proj", "add_v_proj", "norm_added_q", "norm_added_k")
@@ -123,7 +124,7 @@ class DoubleStreamAttention(nn.Module):
         txt_q, txt_k, txt_v = project_qkv(txt, self.heads, self.head_dim, txt_names, kw)
         cat = lambda a, b: jnp.concatenate([a, b], axis=1)
         out = joint_attention(cat(txt_q, img_q), cat(txt_k, img_k), cat(txt_v, img_v), cos, sin,
-                              self.attention_impl)
+                              self.attention_impl, mask)
         txt_out, img_out = out[:, :txt.shape[1]], out[:, txt.shape[1]:]
         dim = img.shape[-1]
         return Dense(dim, **kw, name="to_out.0")(img_out), Dense(dim, **kw, name="to_add_out")(txt_out)
@@ -201,15 +202,18 @@ class SingleStreamBlock(nn.Module):
         return (x[:, txt.shape[1]:], x[:, :txt.shape[1]]), None
 
 
-def block_stack(block_cls, length, remat_policy, unroll):
-    """`length` copies of `block_cls` with parameters (and LoRAs) stacked on axis 0, run by `nn.scan`."""
+def block_stack(block_cls, length, remat_policy, unroll, broadcast_args=3):
+    """`length` copies of `block_cls` with parameters (and LoRAs) stacked on axis 0, run by `nn.scan`.
+
+    Blocks take (carry, *broadcast_args): the same conditioning for every block.
+    """
     if remat_policy != "none":
         block_cls = nn.remat(block_cls, policy=REMAT_POLICIES[remat_policy], prevent_cse=False)
     return nn.scan(block_cls, variable_axes={"params": 0, "lora": 0}, split_rngs={"params": True},
-                   in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=length, unroll=unroll)
+                   in_axes=(nn.broadcast,) * broadcast_args, length=length, unroll=unroll)
 
 
-class FluxTransformer2DModel(nn.Module):
+class FluxTransformer2DModel(PretrainedModel, nn.Module):
     """The FLUX.1 MMDiT. Fields are diffusers' config keys, plus the compute dtype and the remat policy.
 
     `apply({"params": params}, hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids,
@@ -233,6 +237,10 @@ class FluxTransformer2DModel(nn.Module):
     remat_policy: str = "none"
     attention_impl: str = "auto"  # "auto", "xla" or "blocked" (see layers.attention)
     scan_unroll: bool = False  # unrolled blocks: slower to compile, but XLA's cost analysis counts every block
+
+    config_keys = ("patch_size", "in_channels", "out_channels", "num_layers", "num_single_layers",
+                   "attention_head_dim", "num_attention_heads", "joint_attention_dim", "pooled_projection_dim",
+                   "guidance_embeds", "axes_dims_rope")
 
     @nn.compact
     def __call__(self, hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids, txt_ids,
@@ -265,26 +273,6 @@ class FluxTransformer2DModel(nn.Module):
         out_channels = self.out_channels or self.in_channels
         return Dense(self.patch_size ** 2 * out_channels, **kw, name="proj_out")(img)
 
-    # ---- configuration and construction ----
-
-    @classmethod
-    def from_config(cls, config, dtype=jnp.float32, **overrides):
-        """Builds the module from a diffusers config.json dict (unknown keys such as `_class_name` are ignored)."""
-        fields = {f.name for f in dataclasses.fields(cls)} - {"parent", "name", "dtype", "param_dtype"}
-        kwargs = {k: v for k, v in config.items() if k in fields}
-        if "axes_dims_rope" in kwargs:
-            kwargs["axes_dims_rope"] = tuple(kwargs["axes_dims_rope"])
-        return cls(**kwargs, dtype=dtype, param_dtype=dtype, **overrides)
-
-    def to_config(self):
-        """The diffusers config.json dict of this model."""
-        keys = ("patch_size", "in_channels", "out_channels", "num_layers", "num_single_layers",
-                "attention_head_dim", "num_attention_heads", "joint_attention_dim", "pooled_projection_dim",
-                "guidance_embeds", "axes_dims_rope")
-        config = {k: getattr(self, k) for k in keys}
-        config["axes_dims_rope"] = list(config["axes_dims_rope"])
-        return {"_class_name": "FluxTransformer2DModel", **config}
-
     def example_inputs(self, batch=1, image_tokens=1, text_tokens=1):
         """Zero inputs of the right shapes: enough to initialise or trace the model."""
         zeros = lambda *s: jnp.zeros(s, jnp.float32)
@@ -293,13 +281,3 @@ class FluxTransformer2DModel(nn.Module):
                     pooled_projections=zeros(batch, self.pooled_projection_dim), timestep=zeros(batch),
                     img_ids=zeros(image_tokens, 3), txt_ids=zeros(text_tokens, 3),
                     guidance=zeros(batch) if self.guidance_embeds else None)
-
-    def init_params(self, rng):
-        """Random parameters (for tests and new models; real weights come from `from_pretrained`)."""
-        return self.init(rng, **self.example_inputs())["params"]
-
-    @classmethod
-    def from_pretrained(cls, path, dtype=jnp.float32, **overrides):
-        """`(model, params)` from a diffusers `transformer/` folder, a BFL `.safetensors` file or a converted folder."""
-        from glance_jax import checkpoints
-        return checkpoints.load_model(path, dtype=dtype, expected_class=cls, **overrides)
