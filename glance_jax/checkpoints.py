@@ -35,7 +35,7 @@ DTYPES = {"fp32": jnp.float32, "float32": jnp.float32, "bf16": jnp.bfloat16, "bf
 
 def model_classes():
     from glance_jax.models import FluxTransformer2DModel, QwenImageTransformer2DModel
-    return {"FluxTransformer2DModel": FluxTransformer2DModel, "QwenImageTransformer2DModel": QwenImageTransformer2DModel}
+    return {cls.__name__: cls for cls in (FluxTransformer2DModel, QwenImageTransformer2DModel)}
 
 
 def parse_dtype(dtype):
