@@ -231,7 +231,7 @@ class FluxGlancePipeline(GlancePipeline):
 
 
 class QwenImageGlancePipeline(GlancePipeline):
-    """Slow-Fast sampling for Qwen-Image with true CFG, from the transformer `(model, params)` and a scheduler config."""
+    """Slow-Fast sampling for Qwen-Image with true CFG, from the transformer `(model, params)` and a scheduler dict."""
 
     def __call__(self, prompt_embeds, prompt_embeds_mask=None, negative_prompt_embeds=None,
                  negative_prompt_embeds_mask=None, true_cfg_scale=4.0, latents=None, height=1024, width=1024,
