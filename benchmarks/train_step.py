@@ -56,9 +56,9 @@ def cpu_speed():
     opt = optimizer(config)
     adapter = init_lora(jax.random.PRNGKey(0), params, "flux", 16, 64.0)
     state = {"adapter": adapter, "opt": opt.init(adapter)}
-    batch = dict(x0=jnp.asarray(x0), encoder_hidden_states=jnp.asarray(embeds), pooled_projections=jnp.asarray(pooled),
-                 img_ids=jnp.asarray(flux_image_ids(rows, rows)), txt_ids=jnp.zeros((TEXT, 3)),
-                 guidance=jnp.ones(1))
+    batch = dict(x0=jnp.asarray(x0), cond=dict(
+        encoder_hidden_states=jnp.asarray(embeds), pooled_projections=jnp.asarray(pooled),
+        img_ids=jnp.asarray(flux_image_ids(rows, rows)), txt_ids=jnp.zeros((TEXT, 3)), guidance=jnp.ones(1)))
     teacher = {"sigmas": jnp.asarray(sigmas), "states": jnp.zeros((1, 1, 1, 1))}
     counter = [0]
 
@@ -113,8 +113,10 @@ def full_size():
     opt_state = jax.eval_shape(opt.init, adapter)
     tokens, text = 4096, 512
     f32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)
-    batch = dict(x0=f32(1, tokens, 64), encoder_hidden_states=f32(1, text, 4096), pooled_projections=f32(1, 768),
-                 img_ids=f32(tokens, 3), txt_ids=f32(text, 3), guidance=f32(1))
+    bf16 = lambda *s: jax.ShapeDtypeStruct(s, jnp.bfloat16)
+    batch = dict(x0=f32(1, tokens, 64), cond=dict(
+        encoder_hidden_states=bf16(1, text, 4096), pooled_projections=bf16(1, 768), img_ids=f32(tokens, 3),
+        txt_ids=f32(text, 3), guidance=f32(1)))
     teacher = {"sigmas": f32(11), "states": f32(1, 1, 1, 1)}
     key = jax.eval_shape(lambda: jax.random.PRNGKey(0))
     figures = {}
@@ -133,9 +135,7 @@ def full_size():
     counted = analysis.for_cost_analysis(model)
     forward = analysis.flops(lambda p, adapter, b: counted.apply(
         {"params": p, "lora": adapter}, hidden_states=b["x0"].astype(jnp.bfloat16), timestep=jnp.ones(1),
-        encoder_hidden_states=b["encoder_hidden_states"].astype(jnp.bfloat16),
-        pooled_projections=b["pooled_projections"].astype(jnp.bfloat16), img_ids=b["img_ids"], txt_ids=b["txt_ids"],
-        guidance=b["guidance"]), params, adapter, batch)
+        **b["cond"]), params, adapter, batch)
     figures["forward_tflop"] = forward / 1e12
     for policy in ("none", "dots", "full"):
         figures[f"step_over_3x_forward_remat_{policy}"] = figures[f"train_step_tflop_remat_{policy}"] * 1e12 / (

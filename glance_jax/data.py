@@ -16,6 +16,10 @@ beside the image, written by any tool, with these arrays (FLUX):
 - `pooled_prompt_embeds` (768,): the CLIP pooled output of the caption;
 - for caption dropout, `empty_prompt_embeds` and `empty_pooled_prompt_embeds`
   for the empty prompt " ", shaped like the two above.
+For Qwen-Image: `latents` (H/8, W/8, 16) normalised as its pipeline does,
+`(mean - latents_mean) / latents_std`; `prompt_embeds` (T, 3584) and optionally
+`prompt_embeds_mask` (T,) (1 = real token); for caption dropout
+`empty_prompt_embeds` (T', 3584) and optionally `empty_prompt_embeds_mask`.
 """
 
 import dataclasses
@@ -29,7 +33,7 @@ from glance_jax import safetensors_io
 from glance_jax.errors import GlanceError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
-ENCODED_KEYS = ("latents", "prompt_embeds", "pooled_prompt_embeds")
+
 
 
 @dataclasses.dataclass
@@ -97,7 +101,8 @@ def load_image(sample):
 class PrecomputedEncoder:
     """Reads `name.safetensors` beside each image (see the module docstring for its arrays)."""
 
-    def __init__(self, latent_channels, text_dim, pooled_dim, vae_scale_factor=8):
+    def __init__(self, latent_channels, text_dim, pooled_dim=None, vae_scale_factor=8):
+        """`pooled_dim` None: the model takes no pooled text vector (Qwen-Image)."""
         self.latent_channels, self.text_dim, self.pooled_dim = latent_channels, text_dim, pooled_dim
         self.vae_scale_factor = vae_scale_factor
 
@@ -116,13 +121,15 @@ class PrecomputedEncoder:
     def encode(self, sample):
         path = self.path(sample)
         f = safetensors_io.SafetensorsFile(path)
-        missing = [k for k in ENCODED_KEYS if k not in f.tensors]
+        required = ("latents", "prompt_embeds") + (("pooled_prompt_embeds",) if self.pooled_dim else ())
+        missing = [k for k in required if k not in f.tensors]
         if missing:
             raise GlanceError(f"{path}: missing arrays {', '.join(missing)}")
-        arrays = {k: f.read(k).astype(np.float32) for k in f.keys()}
+        arrays = {k: f.read(k).astype(np.int32 if k.endswith("_mask") else np.float32) for k in f.keys()}
         want = {"latents": (sample.height // self.vae_scale_factor, sample.width // self.vae_scale_factor,
-                            self.latent_channels),
-                "pooled_prompt_embeds": (self.pooled_dim,)}
+                            self.latent_channels)}
+        if self.pooled_dim:
+            want["pooled_prompt_embeds"] = (self.pooled_dim,)
         for key, shape in want.items():
             if arrays[key].shape != shape:
                 raise GlanceError(f"{path}: {key} has shape {arrays[key].shape}, training at "

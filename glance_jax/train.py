@@ -28,10 +28,12 @@ from tqdm import tqdm
 
 from glance_jax import checkpoints, data, lora
 from glance_jax.errors import GlanceError
+from glance_jax.models import FluxTransformer2DModel, QwenImageTransformer2DModel
 from glance_jax.pipelines import flux_image_ids, pack_flux_latents
 from glance_jax.schedules import FlowMatchEulerScheduler, GlanceSchedule
 
 PHASES = ("slow", "fast")
+FAMILIES = {"flux": FluxTransformer2DModel, "qwen-image": QwenImageTransformer2DModel}
 
 
 # ---- optimizer ----
@@ -57,38 +59,62 @@ def optimizer(config):
 
 # ---- the training batch ----
 
-def flux_batch(model, arrays, guidance):
-    """Model inputs for a FLUX sample: packed latents x0, text conditioning, position ids."""
+def _pad_text(embeds, mask, length):
+    """Text embeddings (T, D) and mask (T,) padded with masked zeros to `length` tokens."""
+    pad = length - embeds.shape[0]
+    return (np.concatenate([embeds, np.zeros((pad, embeds.shape[1]), embeds.dtype)]),
+            np.concatenate([mask, np.zeros(pad, mask.dtype)]))
+
+
+def training_batch(model, arrays, guidance):
+    """(batch, static): the encoded sample as model inputs, and the hashable arguments that shape the program.
+
+    batch["x0"] holds the packed latents, batch["cond"] the model's keyword
+    inputs, batch["empty_cond"] (if the sample has empty-prompt encodings) the
+    replacements used when the caption is dropped.
+    """
     latents = jnp.asarray(arrays["latents"])[None]
     rows, cols = latents.shape[1] // 2, latents.shape[2] // 2
-    batch = dict(x0=pack_flux_latents(latents),
-                 encoder_hidden_states=jnp.asarray(arrays["prompt_embeds"])[None],
-                 pooled_projections=jnp.asarray(arrays["pooled_prompt_embeds"])[None],
-                 img_ids=jnp.asarray(flux_image_ids(rows, cols)),
-                 txt_ids=jnp.zeros((arrays["prompt_embeds"].shape[0], 3), jnp.float32),
-                 guidance=jnp.full((1,), guidance, jnp.float32) if model.guidance_embeds else None)
+    batch = {"x0": pack_flux_latents(latents)}
+    embeds = arrays["prompt_embeds"]
+    if isinstance(model, FluxTransformer2DModel):
+        text = lambda e: jnp.asarray(e, model.dtype)[None]
+        batch["cond"] = dict(encoder_hidden_states=text(embeds),
+                             pooled_projections=text(arrays["pooled_prompt_embeds"]),
+                             img_ids=jnp.asarray(flux_image_ids(rows, cols)),
+                             txt_ids=jnp.zeros((embeds.shape[0], 3), jnp.float32),
+                             guidance=jnp.full((1,), guidance, jnp.float32) if model.guidance_embeds else None)
+        if "empty_prompt_embeds" in arrays:
+            if arrays["empty_prompt_embeds"].shape != embeds.shape:
+                raise GlanceError("empty_prompt_embeds must have the shape of prompt_embeds (FLUX pads to a fixed "
+                                  f"length): {arrays['empty_prompt_embeds'].shape} vs {embeds.shape}")
+            batch["empty_cond"] = dict(encoder_hidden_states=text(arrays["empty_prompt_embeds"]),
+                                       pooled_projections=text(arrays["empty_pooled_prompt_embeds"]))
+        return batch, ()
+    # Qwen-Image: text of any length with a mask; the empty prompt is padded to a common length.
+    mask = arrays.get("prompt_embeds_mask", np.ones(embeds.shape[0], np.int32)).astype(np.int32)
+    length = max(embeds.shape[0], arrays["empty_prompt_embeds"].shape[0] if "empty_prompt_embeds" in arrays else 0)
+    embeds, mask = _pad_text(embeds, mask, length)
+    batch["cond"] = dict(encoder_hidden_states=jnp.asarray(embeds, model.dtype)[None],
+                         encoder_hidden_states_mask=jnp.asarray(mask)[None])
     if "empty_prompt_embeds" in arrays:
-        batch["empty_encoder_hidden_states"] = jnp.asarray(arrays["empty_prompt_embeds"])[None]
-        batch["empty_pooled_projections"] = jnp.asarray(arrays["empty_pooled_prompt_embeds"])[None]
-    return batch
+        empty = arrays["empty_prompt_embeds"]
+        empty_mask = arrays.get("empty_prompt_embeds_mask", np.ones(empty.shape[0], np.int32)).astype(np.int32)
+        empty, empty_mask = _pad_text(empty, empty_mask, length)
+        batch["empty_cond"] = dict(encoder_hidden_states=jnp.asarray(empty, model.dtype)[None],
+                                   encoder_hidden_states_mask=jnp.asarray(empty_mask)[None])
+    return batch, (("img_shapes", ((1, rows, cols),)),)
 
 
-def conditioning(model, batch, drop_caption):
-    """The model's keyword inputs besides hidden_states and timestep; the empty prompt if `drop_caption`."""
-    cond = dict(encoder_hidden_states=batch["encoder_hidden_states"], pooled_projections=batch["pooled_projections"],
-                img_ids=batch["img_ids"], txt_ids=batch["txt_ids"], guidance=batch["guidance"])
-    if "empty_encoder_hidden_states" in batch:
-        cond["encoder_hidden_states"] = jnp.where(drop_caption, batch["empty_encoder_hidden_states"],
-                                                  cond["encoder_hidden_states"])
-        cond["pooled_projections"] = jnp.where(drop_caption, batch["empty_pooled_projections"],
-                                               cond["pooled_projections"])
-    return {k: (v.astype(model.dtype) if k in ("encoder_hidden_states", "pooled_projections") else v)
-            for k, v in cond.items()}
+def conditioning(batch, drop_caption):
+    """The model's keyword inputs besides hidden_states and timestep; the empty prompt's if `drop_caption`."""
+    empty = batch.get("empty_cond", {})
+    return {k: jnp.where(drop_caption, empty[k], v) if k in empty else v for k, v in batch["cond"].items()}
 
 
 # ---- the teacher target ----
 
-def teacher_trajectories(model, params, batch, schedule, config, key):
+def teacher_trajectories(model, static, params, batch, schedule, config, key):
     """States of the frozen base at every Glance timestep (and at 0), for `teacher.trajectories` noises.
 
     The base integrates with Euler steps on a fine grid: the union of its own
@@ -102,14 +128,14 @@ def teacher_trajectories(model, params, batch, schedule, config, key):
     fine = np.unique(np.concatenate([grid, points]))[::-1].astype(np.float32)
     fine = fine[fine <= points[0]]
     record = np.array([int(np.argmin(np.abs(fine - p))) for p in points])
-    cond = conditioning(model, batch, False)
+    cond = conditioning(batch, False)
 
     @jax.jit
     def integrate(noise):
         def step(x, sigmas):
             sigma, sigma_next = sigmas
             v = model.apply({"params": params}, hidden_states=x.astype(model.dtype),
-                            timestep=jnp.full((1,), sigma), **cond)
+                            timestep=jnp.full((1,), sigma), **cond, **dict(static))
             x = x + (sigma_next - sigma) * v.astype(jnp.float32)
             return x, x
         _, xs = jax.lax.scan(step, noise, (jnp.asarray(fine[:-1]), jnp.asarray(fine[1:])))
@@ -122,7 +148,7 @@ def teacher_trajectories(model, params, batch, schedule, config, key):
 
 # ---- the train step ----
 
-def make_train_step(model, opt, config, phase_points):
+def make_train_step(model, opt, config, phase_points, static=()):
     """One jit-compiled step; the LoRA and optimizer state are donated.
 
     `phase_points` are the indices (into the Glance schedule) of this phase's timesteps.
@@ -146,7 +172,7 @@ def make_train_step(model, opt, config, phase_points):
             target = noise - x0
         drop = jax.random.uniform(k_drop) < dropout
         v = model.apply({"params": params, "lora": adapter}, hidden_states=x_t.astype(model.dtype),
-                        timestep=jnp.full((1,), sigma), **conditioning(model, batch, drop))
+                        timestep=jnp.full((1,), sigma), **conditioning(batch, drop), **dict(static))
         return jnp.mean(jnp.square(v.astype(jnp.float32) - target)), sigma * 1000
 
     def step(adapter, opt_state, params, batch, teacher, key):
@@ -165,8 +191,8 @@ class Run:
 
     def __init__(self, config, workdir):
         self.config, self.workdir = config, os.path.abspath(workdir)
-        if config.family != "flux":
-            raise GlanceError(f"config.family {config.family!r}: only 'flux' can be trained so far")
+        if config.family not in FAMILIES:
+            raise GlanceError(f"config.family {config.family!r}: use one of {', '.join(FAMILIES)}")
         if config.phase not in (*PHASES, "both"):
             raise GlanceError(f"config.phase {config.phase!r}: use 'slow', 'fast' or 'both'")
         if config.target not in ("data", "teacher"):
@@ -184,17 +210,21 @@ class Run:
         self.sample = samples[0]
         self.model, self.params = checkpoints.load_model(os.path.expanduser(config.model.path), config.model.dtype,
                                                          remat_policy=config.model.remat_policy)
+        if not isinstance(self.model, FAMILIES[config.family]):
+            raise GlanceError(f"config.model.path holds a {type(self.model).__name__}, config.family is "
+                              f"{config.family!r}")
         if not self.model.guidance_embeds and config.model.guidance not in (None, 1.0):
             raise GlanceError("config.model.guidance: this model has no guidance embedding")
         encoder = data.PrecomputedEncoder(self.model.in_channels // 4, self.model.joint_attention_dim,
-                                          self.model.pooled_projection_dim)
+                                          getattr(self.model, "pooled_projection_dim", None))
         cache = os.path.expanduser(config.data.cache_dir or os.path.join("~", ".cache", "glance_jax"))
         arrays, self.cache_hit = data.encoded_sample(self.sample, encoder, cache, config.data.resolution)
         if config.data.caption_dropout > 0 and "empty_prompt_embeds" not in arrays:
             raise GlanceError("config.data.caption_dropout > 0 needs empty_prompt_embeds in the encoded sample")
-        self.batch = flux_batch(self.model, arrays, config.model.guidance)
+        self.batch, self.static = training_batch(self.model, arrays, config.model.guidance)
         image_seq_len = self.batch["x0"].shape[1]
-        self.schedule = GlanceSchedule.from_steps("flux", config.schedule.slow_steps, config.schedule.fast_steps,
+        self.schedule = GlanceSchedule.from_steps(config.family, config.schedule.slow_steps,
+                                                  config.schedule.fast_steps,
                                                   image_seq_len, config.schedule.base_steps,
                                                   config.schedule.round_bf16)
         os.makedirs(self.workdir, exist_ok=True)
@@ -204,7 +234,8 @@ class Run:
         if self.config.target != "teacher":
             return {"sigmas": jnp.asarray(sigmas), "states": jnp.zeros((1, 1, 1, 1))}
         key = jax.random.fold_in(jax.random.PRNGKey(self.config.seed), 10 ** 6)
-        states, sigmas = teacher_trajectories(self.model, self.params, self.batch, self.schedule, self.config, key)
+        states, sigmas = teacher_trajectories(self.model, self.static, self.params, self.batch, self.schedule,
+                                              self.config, key)
         return {"sigmas": sigmas, "states": states}
 
     def train(self):
@@ -239,7 +270,7 @@ class Run:
                 raise GlanceError(f"{manager.directory}: checkpoints come from a run with another seed")
         metrics_path = os.path.join(self.workdir, "metrics.jsonl")
         _truncate_metrics(metrics_path, phase, start)
-        step_fn = make_train_step(self.model, opt, config, points)
+        step_fn = make_train_step(self.model, opt, config, points, self.static)
         lr = learning_rate(config)
         lora_path = os.path.join(self.workdir, f"{phase}_lora.safetensors")
 

@@ -217,3 +217,36 @@ def test_every_config_file_loads():
         assert "glance-jax train --config configs/" + name in module.__doc__
         assert config.lora.alpha == 4 * config.lora.rank
     assert FluxTransformer2DModel  # the configs train this model
+
+
+def test_qwen_image_trains_with_caption_dropout(tmp_path):
+    """Qwen-Image: masked text of any length, the empty prompt padded to it, caption dropout 0.5."""
+    from diffusers import QwenImageTransformer2DModel as TorchQwen
+    config_q = dict(patch_size=2, in_channels=64, out_channels=16, num_layers=2, attention_head_dim=16,
+                    num_attention_heads=2, joint_attention_dim=24, axes_dims_rope=[4, 6, 6])
+    randomize_(TorchQwen(**config_q), seed=0).save_pretrained(tmp_path / "base")
+    sample = tmp_path / "sample"
+    sample.mkdir()
+    shutil.copy(load_sample_images().filenames[1], sample / "flower.jpg")
+    (sample / "flower.txt").write_text("a pink flower")
+    s = data.find_samples(sample, 256)[0]
+    rng = np.random.default_rng(0)
+    safetensors_io.save_file({
+        "latents": rng.standard_normal((s.height // 8, s.width // 8, 16), dtype=np.float32),
+        "prompt_embeds": rng.standard_normal((5, 24), dtype=np.float32), "prompt_embeds_mask": np.ones(5, np.int64),
+        "empty_prompt_embeds": rng.standard_normal((2, 24), dtype=np.float32)}, sample / "flower.safetensors")
+    c = official("qwen-image", "both")
+    c.model.path, c.model.dtype = str(tmp_path / "base"), "fp32"
+    c.data.dir, c.data.resolution, c.data.cache_dir = str(sample), 256, str(tmp_path / "cache")
+    c.lora.rank, c.lora.alpha = 4, 16.0
+    c.steps, c.checkpoint.every, c.data.caption_dropout = 8, 8, 0.5
+    run = Run(c, tmp_path / "run")
+    assert run.batch["cond"]["encoder_hidden_states"].shape == (1, 5, 24) == run.batch["empty_cond"][
+        "encoder_hidden_states"].shape
+    assert run.schedule.slow_steps == (1, 3, 5, 7, 9)
+    written = run.train()
+    losses = [m["loss"] for m in metrics(tmp_path / "run")]
+    assert len(losses) == 16 and all(np.isfinite(losses))
+    keys = set(safetensors_io.SafetensorsFile(written["slow"]).keys())
+    assert "transformer.transformer_blocks.1.img_mod.1.lora_A.weight" in keys  # the Qwen preset's twelve targets
+    assert len(keys) == 2 * 12 * 2
