@@ -89,16 +89,17 @@ def full_size():
     teacher = {"sigmas": jax.ShapeDtypeStruct((11,), jnp.float32),
                "states": jax.ShapeDtypeStruct((1, 1, 1, 1), jnp.float32)}
     key = jax.eval_shape(lambda: jax.random.PRNGKey(0))
+    points = jax.ShapeDtypeStruct((5,), jnp.int32)
     static_items = (("img_shapes", ((1, rows, cols),)),)
     for policy in ("none", "full"):
         m = model.clone(remat_policy=policy)
         start = time.perf_counter()
-        compiled = make_train_step(m, opt, config, list(range(5)), static_items).lower(
-            adapter, opt_state, params, batch, teacher, key).compile()
+        compiled = make_train_step(m, config, static_items).lower(
+            adapter, opt_state, params, batch, teacher, points, key).compile()
         figures[f"train_compile_s_remat_{policy}"] = time.perf_counter() - start
         figures[f"xla_cpu_train_temp_gib_remat_{policy}"] = compiled.memory_analysis().temp_size_in_bytes / 2 ** 30
-        step_flops = analysis.flops(make_train_step(analysis.for_cost_analysis(m), opt, config, list(range(5)),
-                                                    static_items), adapter, opt_state, params, batch, teacher, key)
+        step_flops = analysis.flops(make_train_step(analysis.for_cost_analysis(m), config, static_items), adapter,
+                                    opt_state, params, batch, teacher, points, key)
         figures[f"train_step_tflop_remat_{policy}"] = step_flops / 1e12
     n_params = sum(x.size for x in jax.tree_util.tree_leaves(params))
     n_lora = sum(x.size for x in jax.tree_util.tree_leaves(adapter))

@@ -66,13 +66,12 @@ def cpu_speed():
         def run():
             counter[0] += 1
             state["adapter"], state["opt"], out = step_fn(state["adapter"], state["opt"], params, batch, teacher,
-                                                          jax.random.PRNGKey(counter[0]))
+                                                          jnp.arange(5), jax.random.PRNGKey(counter[0]))
             out["loss"].block_until_ready()
         return run
 
-    jax_step = jax_step_with(make_train_step(model, opt, config, list(range(5))))
-    jax_step_remat = jax_step_with(make_train_step(model.clone(remat_policy="dots_saveable"), opt, config,
-                                                   list(range(5))))
+    jax_step = jax_step_with(make_train_step(model, config))
+    jax_step_remat = jax_step_with(make_train_step(model.clone(remat_policy="dots_saveable"), config))
 
     torch_model.requires_grad_(False)
     torch_model.add_adapter(LoraConfig(r=16, lora_alpha=64, target_modules=list(PRESETS["flux"]),
@@ -119,18 +118,19 @@ def full_size():
         txt_ids=f32(text, 3), guidance=f32(1)))
     teacher = {"sigmas": f32(11), "states": f32(1, 1, 1, 1)}
     key = jax.eval_shape(lambda: jax.random.PRNGKey(0))
+    points = jax.ShapeDtypeStruct((5,), jnp.int32)
     figures = {}
     for policy in ("none", "dots", "full"):
         m = model.clone(remat_policy=policy)
-        step = make_train_step(m, opt, config, list(range(5)))
+        step = make_train_step(m, config)
         start = time.perf_counter()
-        compiled = step.lower(adapter, opt_state, params, batch, teacher, key).compile()
+        compiled = step.lower(adapter, opt_state, params, batch, teacher, points, key).compile()
         figures[f"compile_s_remat_{policy}"] = time.perf_counter() - start
         memory = compiled.memory_analysis()
         figures[f"xla_cpu_temp_gib_remat_{policy}"] = memory.temp_size_in_bytes / 2 ** 30
         counted = analysis.for_cost_analysis(m)
-        step_flops = analysis.flops(make_train_step(counted, opt, config, list(range(5))), adapter, opt_state,
-                                    params, batch, teacher, key)
+        step_flops = analysis.flops(make_train_step(counted, config), adapter, opt_state,
+                                    params, batch, teacher, points, key)
         figures[f"train_step_tflop_remat_{policy}"] = step_flops / 1e12
     counted = analysis.for_cost_analysis(model)
     forward = analysis.flops(lambda p, adapter, b: counted.apply(

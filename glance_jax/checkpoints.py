@@ -326,6 +326,19 @@ def save_converted(directory, model, params, dtype):
         json.dump({"format": "glance_jax-orbax", "version": 1, "dtype": jnp.dtype(dtype).name}, f, indent=2)
 
 
+def save_diffusers(model, params, directory):
+    """Writes `params` as a diffusers model folder (config.json + safetensors): the inverse table lookup."""
+    state, flat = {}, flatten_dict(params)
+    for name, slot in weight_table(params).items():
+        value = np.asarray(flat[slot.path])
+        value = value if slot.index is None else value[slot.index]
+        state[name] = value.T if slot.transpose else value
+    os.makedirs(directory, exist_ok=True)
+    safetensors_io.save_file(state, os.path.join(directory, "diffusion_pytorch_model.safetensors"), {"format": "pt"})
+    with open(os.path.join(directory, "config.json"), "w") as f:
+        json.dump(model.to_config(), f, indent=2)
+
+
 def convert_checkpoint(src, dst, dtype="bf16", overwrite=False, axes_dims_rope=None, progress=None):
     """Converts a PyTorch checkpoint (diffusers folder or BFL file) to a Flax (orbax) folder at `dst`.
 

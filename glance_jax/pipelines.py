@@ -157,10 +157,10 @@ class GlancePipeline:
     modified and repeated calls agree bit for bit.
     """
 
-    latent_channels = 16
-
-    def __init__(self, model, params, scheduler_config):
+    def __init__(self, model, params, scheduler_config, latent_channels=16, vae_scale_factor=8):
+        """`latent_channels` and `vae_scale_factor` describe the VAE (FLUX.1 and Qwen-Image: 16 and 8)."""
         self.model, self.params, self.scheduler_config = model, params, dict(scheduler_config)
+        self.latent_channels, self.vae_scale_factor = latent_channels, vae_scale_factor
         FlowMatchEulerScheduler.from_config(self.scheduler_config)  # refuse unsupported configs now
 
     def _run(self, batch, latents, height, width, schedule, num_inference_steps, integration, slow_lora,
@@ -171,7 +171,7 @@ class GlancePipeline:
             raise GlanceError(f"unknown lora_mode {lora_mode!r}: use 'merge' or 'unmerged'")
         _check_lora(slow_lora, "slow_lora")
         _check_lora(fast_lora, "fast_lora")
-        rows, cols = flux_latent_grid(height, width)
+        rows, cols = flux_latent_grid(height, width, self.vae_scale_factor)
         if latents is None:
             latents = self.noise(seed, batch, height, width)
         latents = jnp.asarray(latents, self.model.dtype)
@@ -187,7 +187,7 @@ class GlancePipeline:
         latents, self.params = sample(self.model, lora_mode, static, self.params, loras, phases, latents, conds,
                                       jnp.float32(cfg_scale), jnp.float32(lora_scale))
         if output_type == "unpacked_latent":
-            return unpack_flux_latents(latents, height, width)
+            return unpack_flux_latents(latents, height, width, self.vae_scale_factor)
         return latents
 
     def noise(self, seed, batch, height, width):
@@ -195,7 +195,7 @@ class GlancePipeline:
         seeds = [seed + i for i in range(batch)] if np.isscalar(seed) else list(seed)
         if len(seeds) != batch:
             raise GlanceError(f"{len(seeds)} seeds for {batch} prompts")
-        rows, cols = flux_latent_grid(height, width)
+        rows, cols = flux_latent_grid(height, width, self.vae_scale_factor)
         return _packed_noise(jnp.asarray(seeds, jnp.uint32), rows * 2, cols * 2, self.latent_channels)
 
 
@@ -221,7 +221,7 @@ class FluxGlancePipeline(GlancePipeline):
         """
         prompt_embeds = jnp.asarray(prompt_embeds, self.model.dtype)
         batch, text_len = prompt_embeds.shape[:2]
-        rows, cols = flux_latent_grid(height, width)
+        rows, cols = flux_latent_grid(height, width, self.vae_scale_factor)
         cond = dict(encoder_hidden_states=prompt_embeds,
                     pooled_projections=jnp.asarray(pooled_prompt_embeds, self.model.dtype),
                     img_ids=jnp.asarray(flux_image_ids(rows, cols)), txt_ids=jnp.zeros((text_len, 3), jnp.float32),
@@ -247,7 +247,7 @@ class QwenImageGlancePipeline(GlancePipeline):
         """
         prompt_embeds = jnp.asarray(prompt_embeds, self.model.dtype)
         batch = prompt_embeds.shape[0]
-        rows, cols = flux_latent_grid(height, width)
+        rows, cols = flux_latent_grid(height, width, self.vae_scale_factor)
         mask = lambda m: None if m is None else jnp.asarray(m).astype(jnp.int32)
         conds = [dict(encoder_hidden_states=prompt_embeds, encoder_hidden_states_mask=mask(prompt_embeds_mask))]
         if negative_prompt_embeds is not None and true_cfg_scale > 1:

@@ -29,6 +29,7 @@ def official(family, phase):
     c.data.dir = ""  # images with same-name .txt captions
     c.data.resolution = 1024  # long side in pixels
     c.data.multiple = 32  # crop to a multiple of this many pixels
+    c.data.vae_scale_factor = 8  # pixels per latent (1 for models without a VAE, such as the demo's)
     c.data.caption_dropout = caption_dropout  # probability of training on the empty prompt " "
     c.data.cache_dir = ""  # encoded latents/embeddings; default ~/.cache/glance_jax
 

@@ -16,9 +16,12 @@ A run writes into its workdir:
   one and ends with the same LoRA, bit for bit on CPU, as an uninterrupted run.
 """
 
+import functools
 import json
 import os
 import time
+
+import ml_collections
 
 import jax
 import jax.numpy as jnp
@@ -148,19 +151,25 @@ def teacher_trajectories(model, static, params, batch, schedule, config, key):
 
 # ---- the train step ----
 
-def make_train_step(model, opt, config, phase_points, static=()):
-    """One jit-compiled step; the LoRA and optimizer state are donated.
-
-    `phase_points` are the indices (into the Glance schedule) of this phase's timesteps.
+def make_train_step(model, config, static=()):
+    """The jit-compiled step `(adapter, opt_state, params, batch, teacher, points, key) -> (adapter, opt_state,
+    metrics)`; the LoRA and optimizer state are donated. `points` are the indices (into the Glance schedule) of
+    the phase's timesteps. Steps that would compile to the same program are shared (both phases, several runs).
     """
-    points = jnp.asarray(phase_points)
-    dropout = float(config.data.caption_dropout)
+    settings = (tuple(sorted(config.optim.items())), config.target, float(config.data.caption_dropout))
+    return _train_step(model, settings, tuple(static))
 
-    def loss_fn(adapter, params, batch, teacher, key):
+
+@functools.lru_cache(maxsize=16)
+def _train_step(model, settings, static):
+    optim, target_kind, dropout = settings
+    opt = optimizer(ml_collections.ConfigDict({"optim": dict(optim)}))
+
+    def loss_fn(adapter, params, batch, teacher, points, key):
         k_t, k_noise, k_drop, k_traj = jax.random.split(key, 4)
-        index = points[jax.random.randint(k_t, (), 0, len(phase_points))]
+        index = points[jax.random.randint(k_t, (), 0, points.shape[0])]
         sigma = teacher["sigmas"][index]
-        if config.target == "teacher":
+        if target_kind == "teacher":
             k = jax.random.randint(k_traj, (), 0, teacher["states"].shape[0])
             x_t = teacher["states"][k, index][None]
             sigma_next = teacher["sigmas"][index + 1]
@@ -175,8 +184,9 @@ def make_train_step(model, opt, config, phase_points, static=()):
                         timestep=jnp.full((1,), sigma), **conditioning(batch, drop), **dict(static))
         return jnp.mean(jnp.square(v.astype(jnp.float32) - target)), sigma * 1000
 
-    def step(adapter, opt_state, params, batch, teacher, key):
-        (loss, timestep), grads = jax.value_and_grad(loss_fn, has_aux=True)(adapter, params, batch, teacher, key)
+    def step(adapter, opt_state, params, batch, teacher, points, key):
+        (loss, timestep), grads = jax.value_and_grad(loss_fn, has_aux=True)(adapter, params, batch, teacher,
+                                                                            points, key)
         updates, opt_state = opt.update(grads, opt_state, adapter)
         adapter = optax.apply_updates(adapter, updates)
         return adapter, opt_state, {"loss": loss, "timestep": timestep, "grad_norm": optax.global_norm(grads)}
@@ -216,7 +226,8 @@ class Run:
         if not self.model.guidance_embeds and config.model.guidance not in (None, 1.0):
             raise GlanceError("config.model.guidance: this model has no guidance embedding")
         encoder = data.PrecomputedEncoder(self.model.in_channels // 4, self.model.joint_attention_dim,
-                                          getattr(self.model, "pooled_projection_dim", None))
+                                          getattr(self.model, "pooled_projection_dim", None),
+                                          config.data.vae_scale_factor)
         cache = os.path.expanduser(config.data.cache_dir or os.path.join("~", ".cache", "glance_jax"))
         arrays, self.cache_hit = data.encoded_sample(self.sample, encoder, cache, config.data.resolution)
         if config.data.caption_dropout > 0 and "empty_prompt_embeds" not in arrays:
@@ -270,7 +281,8 @@ class Run:
                 raise GlanceError(f"{manager.directory}: checkpoints come from a run with another seed")
         metrics_path = os.path.join(self.workdir, "metrics.jsonl")
         _truncate_metrics(metrics_path, phase, start)
-        step_fn = make_train_step(self.model, opt, config, points, self.static)
+        step_fn = make_train_step(self.model, config, self.static)
+        points = jnp.asarray(points)
         lr = learning_rate(config)
         lora_path = os.path.join(self.workdir, f"{phase}_lora.safetensors")
 
@@ -285,7 +297,7 @@ class Run:
         with open(metrics_path, "a") as metrics:
             for step in bar:
                 began = time.perf_counter()
-                adapter, opt_state, out = step_fn(adapter, opt_state, self.params, self.batch, teacher,
+                adapter, opt_state, out = step_fn(adapter, opt_state, self.params, self.batch, teacher, points,
                                                   jax.random.fold_in(key, step))
                 loss = float(out["loss"])
                 if not np.isfinite(loss):
