@@ -11,16 +11,18 @@ subcommands:
   convert      convert a PyTorch FLUX.1 checkpoint (diffusers folder or BFL file) to a Flax folder
   export-lora  rewrite a LoRA file in diffusers/PEFT or kohya layout
   train        distil the Slow-LoRA and Fast-LoRA from one image and caption
-  demo         run the embedded demo (placeholder: one forward pass of a tiny random FLUX)
+  sample       sample one prompt (cached embeddings) with or without Glance LoRAs
+  eval         agreement (PSNR, SSIM) and timing of Glance against the base's N-step samples
+  demo         the whole method on an embedded digits teacher: distil, sample, measure (2 CPU minutes)
 
 run 'glance-jax SUBCOMMAND --help' for its arguments."""
 
 
 def _subcommands():
     import convert.cli
-    from glance_jax import demo, train_cli
+    from glance_jax import demo, sampling_cli, train_cli
     return {"convert": convert.cli.main, "export-lora": convert.cli.export_lora_main, "train": train_cli.main,
-            "demo": demo.main}
+            "sample": sampling_cli.sample_main, "eval": sampling_cli.eval_main, "demo": demo.main}
 
 
 def main(argv=None):

@@ -56,3 +56,39 @@ def test_demo_loras_load_into_diffusers(quick_demo):
     reference.load_lora_adapter(str(folder), weight_name="slow_lora.safetensors", prefix="transformer")
     config = reference.peft_config["default_0"]
     assert (config.r, config.lora_alpha) == (4, 16.0)
+
+
+def test_sample_and_eval_commands(quick_demo, tmp_path, capsys):
+    loras = quick_demo / "loras" / "teacher-10"
+    lora_args = ["--slow_lora", str(loras / "slow_lora.safetensors"),
+                 "--fast_lora", str(loras / "fast_lora.safetensors")]
+    out = tmp_path / "three.png"
+    assert main(["sample", "--prompt", "the numeral three, written by hand", "--out", str(out), *lora_args]) == 0
+    assert Image.open(out).size == (8, 8)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("the numeral three, written by hand\nthe number five\n")
+    assert main(["eval", "--prompts", str(prompts), "--seeds", "0,1", "--workdir", str(tmp_path / "eval"),
+                 *lora_args]) == 0
+    report = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert [r["name"] for r in report["runs"]] == ["base-50", "glance-10"]
+    assert 10 < report["runs"][1]["psnr_vs_base"] < 100 and 0 < report["runs"][1]["ssim_vs_base"] <= 1
+    assert (tmp_path / "eval" / "grid.png").exists()
+    capsys.readouterr()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["sample", "--prompt", "a cat", "--out", "x.png"], "has no embeddings for 'a cat'"),
+    (["sample", "--prompt", "the number five", "--out", "x.png", "--schedule", "1,2"], "--schedule '1,2'"),
+    (["eval", "--prompts", "/nonexistent.txt"], "no such prompt file"),
+    (["demo", "--no-such-flag"], None),
+])
+def test_bad_arguments_give_one_line(args, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    if message is None:
+        with pytest.raises(SystemExit) as e:
+            main(args)
+        assert e.value.code == 2 and "unrecognized arguments" in capsys.readouterr().err
+        return
+    assert main(args) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"glance-jax {args[0]}: error:") and message in err[-1]

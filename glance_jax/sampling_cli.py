@@ -1,0 +1,204 @@
+"""`glance-jax sample` and `glance-jax eval`: sampling and teacher agreement from the command line.
+
+Prompts come as cached text embeddings (the Flax text encoders are not
+ported yet): a .safetensors file with `prompt_embeds` (N, T, D), for FLUX
+`pooled_prompt_embeds` (N, D), for Qwen-Image optionally `prompt_embeds_mask`
+(N, T), and the captions as a JSON list in its metadata under "captions" (the
+demo's glance_jax/demo/assets/prompts.safetensors is such a file). Models
+whose latents are pixels (1 or 3 channels, such as the demo teacher) write
+PNG images; latent models write their latents (.safetensors) until the Flax
+VAEs land.
+"""
+
+import argparse
+import json
+import os
+import time
+
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+
+from glance_jax import checkpoints, evaluation, safetensors_io
+from glance_jax.errors import GlanceError
+from glance_jax.lora import load_lora
+from glance_jax.pipelines import FluxGlancePipeline, QwenImageGlancePipeline, unpack_flux_latents
+from glance_jax.schedules import SCHEDULERS, GlanceSchedule
+
+EMBEDDINGS_HELP = "text embeddings file (.safetensors with prompt_embeds and a 'captions' list in its metadata)"
+
+
+def _family(model):
+    return "flux" if type(model).__name__ == "FluxTransformer2DModel" else "qwen-image"
+
+
+def _pipeline(model_path, scheduler_path=None):
+    """(pipeline, family, pixel space?) for any model folder glance-jax loads; the demo teacher by default."""
+    from glance_jax.demo import teacher
+    model, params = checkpoints.load_model(model_path or teacher.TEACHER_DIR)
+    family = _family(model)
+    if scheduler_path:
+        with open(scheduler_path) as f:
+            scheduler = json.load(f)
+    else:
+        scheduler = teacher.SCHEDULER if not model_path else SCHEDULERS[family]
+    channels = model.in_channels // 4
+    pixels = channels in (1, 3)
+    cls = FluxGlancePipeline if family == "flux" else QwenImageGlancePipeline
+    return cls(model, params, scheduler, latent_channels=channels, vae_scale_factor=1 if pixels else 8), family, pixels
+
+
+def _embeddings(path, captions):
+    """Arrays for `captions` (in order) from an embeddings file."""
+    from glance_jax.demo import teacher
+    f = safetensors_io.SafetensorsFile(path or teacher.PROMPTS_FILE)
+    try:
+        stored = json.loads(f.metadata["captions"])
+    except (KeyError, ValueError):
+        raise GlanceError(f"{f.path}: no 'captions' list in its metadata") from None
+    missing = [c for c in captions if c not in stored]
+    if missing:
+        raise GlanceError(f"{f.path} has no embeddings for {missing[0]!r}; it has: "
+                          + ", ".join(repr(c) for c in stored[:8]) + (", ..." if len(stored) > 8 else ""))
+    rows = [stored.index(c) for c in captions]
+    return {k: f.read(k)[rows] for k in f.keys()}
+
+
+def _schedule_kwargs(args, family, image_seq_len):
+    kw = dict(integration=args.integration)
+    if args.schedule == "official":
+        kw["schedule"] = GlanceSchedule.official(family, image_seq_len)
+    else:
+        try:
+            slow, fast = ([int(s) for s in part.split(",")] for part in args.schedule.split("|"))
+        except ValueError:
+            raise GlanceError(f"--schedule {args.schedule!r}: use 'official' or slow|fast step indices such as "
+                              "'1,5,9|16,31,46'") from None
+        kw["schedule"] = GlanceSchedule.from_steps(family, slow, fast, image_seq_len)
+    return kw
+
+
+def _call(pipe, family, arrays, **kw):
+    if family == "flux":
+        return pipe(arrays["prompt_embeds"], arrays["pooled_prompt_embeds"], **kw)
+    return pipe(arrays["prompt_embeds"], arrays.get("prompt_embeds_mask"), **kw)
+
+
+def _sizes(args, pipe, pixels):
+    """(height, width, packed tokens); pixel models default to 8 x 8 (the demo teacher), others to 1024."""
+    default = 8 if pixels else 1024
+    height, width = args.height or default, args.width or default
+    rows, cols = height // (2 * pipe.vae_scale_factor), width // (2 * pipe.vae_scale_factor)
+    return height, width, rows * cols
+
+
+def _save_images(images, path):
+    pixels = evaluation.to_uint8(images)
+    Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels).save(path)
+
+
+def _common_flags(p):
+    p.add_argument("--model", default=None, help="model folder or file (default: the demo's teacher)")
+    p.add_argument("--scheduler", default=None, help="diffusers scheduler_config.json (default: the model's)")
+    p.add_argument("--embeddings", default=None, help=EMBEDDINGS_HELP + " (default: the demo's)")
+    p.add_argument("--slow_lora", default=None, help="Slow-LoRA file (any layout load_lora reads)")
+    p.add_argument("--fast_lora", default=None, help="Fast-LoRA file")
+    p.add_argument("--schedule", default="official", help="'official' or slow|fast steps, e.g. '1,5,9|16,31,46'")
+    p.add_argument("--integration", default="consistent", choices=["consistent", "official"])
+    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--width", type=int, default=None)
+
+
+def sample_main(argv):
+    p = argparse.ArgumentParser(prog="glance-jax sample", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog="""example:
+  glance-jax sample --prompt "the numeral three, written by hand" --out three.png
+  glance-jax sample --model ~/flux-dev-bf16 --embeddings prompts.safetensors --prompt "a red fox" \\
+      --slow_lora runs/flux/slow_lora.safetensors --fast_lora runs/flux/fast_lora.safetensors --out fox.safetensors""")
+    p.add_argument("--prompt", required=True, help="a caption of the embeddings file")
+    p.add_argument("--out", required=True, help="output .png (pixel models) or .safetensors (latents)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=None, help="plain sampling with this many steps instead of Glance")
+    _common_flags(p)
+    args = p.parse_args(argv)
+    pipe, family, pixels = _pipeline(args.model, args.scheduler)
+    if args.out.endswith(".png") and not pixels:
+        raise GlanceError("PNG output of a latent model needs the VAE (not ported yet): use --out x.safetensors")
+    height, width, tokens = _sizes(args, pipe, pixels)
+    arrays = _embeddings(args.embeddings, [args.prompt])
+    kw = dict(num_inference_steps=args.steps) if args.steps else _schedule_kwargs(args, family, tokens)
+    if not args.steps:
+        kw["slow_lora"] = load_lora(args.slow_lora, pipe.params) if args.slow_lora else None
+        kw["fast_lora"] = load_lora(args.fast_lora, pipe.params) if args.fast_lora else None
+    latents = _call(pipe, family, arrays, height=height, width=width, seed=args.seed, **kw)
+    images = np.asarray(unpack_flux_latents(latents, height, width, pipe.vae_scale_factor))
+    if args.out.endswith(".png"):
+        _save_images(np.clip(images[0], -1, 1), args.out)
+    else:
+        safetensors_io.save_file({"latents": images[0]}, args.out, {"prompt": args.prompt, "seed": args.seed})
+    print(f"wrote {args.out}")
+
+
+def eval_main(argv):
+    p = argparse.ArgumentParser(prog="glance-jax eval", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog="""example:
+  glance-jax eval --prompts prompts.txt --seeds 0,1,2 --workdir eval_out
+  glance-jax eval --model ~/flux-dev-bf16 --embeddings embeds.safetensors --prompts prompts.txt \\
+      --slow_lora slow_lora.safetensors --fast_lora fast_lora.safetensors --base_steps 50""")
+    p.add_argument("--prompts", required=True, help="text file, one caption of the embeddings file per line")
+    p.add_argument("--seeds", default="0", help="comma-separated seeds; every prompt is sampled with each")
+    p.add_argument("--base_steps", type=int, default=50, help="steps of the base's reference sampling")
+    p.add_argument("--workdir", default="glance_eval", help="where eval.json and grid.png go")
+    _common_flags(p)
+    args = p.parse_args(argv)
+    if not os.path.isfile(args.prompts):
+        raise GlanceError(f"{args.prompts}: no such prompt file")
+    with open(args.prompts) as f:
+        captions = [line.strip() for line in f if line.strip()]
+    if not captions:
+        raise GlanceError(f"{args.prompts}: no prompts in it")
+    try:
+        seeds = [int(s) for s in args.seeds.split(",")]
+    except ValueError:
+        raise GlanceError(f"--seeds {args.seeds!r}: use comma-separated integers") from None
+    pipe, family, pixels = _pipeline(args.model, args.scheduler)
+    height, width, tokens = _sizes(args, pipe, pixels)
+    batch_captions = [c for c in captions for _ in seeds]
+    arrays = {k: jnp.asarray(v) for k, v in _embeddings(args.embeddings, batch_captions).items()}
+    batch_seeds = [s for _ in captions for s in seeds]
+    glance = _schedule_kwargs(args, family, tokens)
+    glance["slow_lora"] = load_lora(args.slow_lora, pipe.params) if args.slow_lora else None
+    glance["fast_lora"] = load_lora(args.fast_lora, pipe.params) if args.fast_lora else None
+    runs = [(f"base-{args.base_steps}", args.base_steps, dict(num_inference_steps=args.base_steps)),
+            (f"glance-{glance['schedule'].num_steps}", glance["schedule"].num_steps, glance)]
+    rows, outputs = [], {}
+    for name, nfe, kw in runs:
+        run = lambda: _call(pipe, family, arrays, height=height, width=width, seed=batch_seeds,
+                            **kw).block_until_ready()
+        run()
+        start = time.perf_counter()
+        latents = run()
+        seconds = time.perf_counter() - start
+        out = np.asarray(unpack_flux_latents(latents, height, width, pipe.vae_scale_factor))
+        outputs[name] = np.clip(out, -1, 1) if pixels else out
+        ref = outputs[runs[0][0]]
+        rows.append({"name": name, "nfe": nfe, "sec_per_image": seconds / len(out),
+                     "psnr_vs_base": evaluation.psnr(outputs[name], ref) if pixels else None,
+                     "ssim_vs_base": evaluation.ssim(outputs[name], ref) if pixels else None,
+                     "mse_vs_base": evaluation.mse(outputs[name], ref)})
+    os.makedirs(args.workdir, exist_ok=True)
+    with open(os.path.join(args.workdir, "eval.json"), "w") as f:
+        json.dump({"runs": rows, "prompts": captions, "seeds": seeds,
+                   "space": "pixels" if pixels else "latents (no VAE yet)"}, f, indent=2)
+    print(f"{'run':<14}{'NFE':>5}{'s/img':>9}{'PSNR':>8}{'SSIM':>8}{'MSE':>10}")
+    for r in rows:
+        fmt = lambda v, spec: format(v, spec) if v is not None else "-"
+        print(f"{r['name']:<14}{r['nfe']:>5}{r['sec_per_image']:>9.4f}{fmt(r['psnr_vs_base'], '>8.2f')}"
+              f"{fmt(r['ssim_vs_base'], '>8.3f')}{r['mse_vs_base']:>10.5f}")
+    if pixels:
+        grid = evaluation.grid([list(outputs[r["name"]]) for r in rows], [r["name"] for r in rows],
+                               [f"{i // len(seeds)}:{s}" for i, s in enumerate(batch_seeds)], scale=5)
+        grid.save(os.path.join(args.workdir, "grid.png"))
+        print(f"wrote {args.workdir}/eval.json and {args.workdir}/grid.png")
+    else:
+        print(f"wrote {args.workdir}/eval.json (agreement in latent space; pixels and the grid need the VAE)")
