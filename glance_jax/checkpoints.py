@@ -34,8 +34,10 @@ DTYPES = {"fp32": jnp.float32, "float32": jnp.float32, "bf16": jnp.bfloat16, "bf
 
 
 def model_classes():
-    from glance_jax.models import FluxTransformer2DModel, QwenImageTransformer2DModel
-    return {cls.__name__: cls for cls in (FluxTransformer2DModel, QwenImageTransformer2DModel)}
+    from glance_jax.models import (AutoencoderKL, AutoencoderKLQwenImage, FluxTransformer2DModel,
+                                   QwenImageTransformer2DModel)
+    return {cls.__name__: cls for cls in (FluxTransformer2DModel, QwenImageTransformer2DModel, AutoencoderKL,
+                                          AutoencoderKLQwenImage)}
 
 
 def parse_dtype(dtype):
@@ -54,11 +56,25 @@ class Slot:
 
     path: tuple
     index: int | None
-    transpose: bool
+    transpose: bool  # kernels: torch Linear (out, in) <-> (in, out); Conv (out, in, *k) <-> (*k, in, out)
     torch_shape: tuple
 
+    def to_flax(self, value):
+        """A torch tensor (or a slab of its leading rows) in this slot's Flax layout."""
+        if not self.transpose:
+            return value
+        return value.T if value.ndim == 2 else value.transpose(*range(2, value.ndim), 1, 0)
 
-_TORCH_LEAF = {"kernel": "weight", "bias": "bias", "scale": "weight"}
+
+def _torch_shape(flax_shape, transpose):
+    if not transpose:
+        return tuple(flax_shape)
+    if len(flax_shape) == 2:
+        return tuple(flax_shape[::-1])
+    return (flax_shape[-1], flax_shape[-2], *flax_shape[:-2])
+
+
+_TORCH_LEAF = {"kernel": "weight", "bias": "bias", "scale": "weight", "gamma": "gamma"}
 
 
 def abstract_params(model):
@@ -74,14 +90,11 @@ def weight_table(params):
         transpose = leaf_name == "kernel"
         torch_leaf = _TORCH_LEAF[leaf_name]
         if modules[0] in STACKED_BLOCKS:
-            shape = leaf.shape[1:]
-            torch_shape = shape[::-1] if transpose else shape
             for i in range(leaf.shape[0]):
                 name = ".".join([modules[0], str(i), *modules[1:], torch_leaf])
-                table[name] = Slot(path, i, transpose, tuple(torch_shape))
+                table[name] = Slot(path, i, transpose, _torch_shape(leaf.shape[1:], transpose))
         else:
-            torch_shape = leaf.shape[::-1] if transpose else leaf.shape
-            table[".".join([*modules, torch_leaf])] = Slot(path, None, transpose, tuple(torch_shape))
+            table[".".join([*modules, torch_leaf])] = Slot(path, None, transpose, _torch_shape(leaf.shape, transpose))
     return table
 
 
@@ -238,9 +251,9 @@ def read_params(model, checkpoint, dtype, where="checkpoint", progress=None):
         slot = table[name]
         target = leaves[slot.path] if slot.index is None else leaves[slot.path][slot.index]
         for start, chunk in checkpoint.tensors[name].chunks():
-            rows = slice(start, start + len(chunk))
+            rows = slice(start, start + len(chunk))  # torch's leading axis is the Flax kernel's last
             if slot.transpose:
-                target[:, rows] = chunk.T  # numpy casts to the target dtype while copying
+                target[..., rows] = slot.to_flax(chunk)  # numpy casts to the target dtype while copying
             else:
                 target[rows] = chunk
     return unflatten_dict(leaves)
@@ -332,7 +345,10 @@ def save_diffusers(model, params, directory):
     for name, slot in weight_table(params).items():
         value = np.asarray(flat[slot.path])
         value = value if slot.index is None else value[slot.index]
-        state[name] = value.T if slot.transpose else value
+        if slot.transpose:  # the inverse of Slot.to_flax
+            value = value.T if value.ndim == 2 else value.transpose(value.ndim - 1, value.ndim - 2,
+                                                                    *range(value.ndim - 2))
+        state[name] = value
     os.makedirs(directory, exist_ok=True)
     safetensors_io.save_file(state, os.path.join(directory, "diffusion_pytorch_model.safetensors"), {"format": "pt"})
     with open(os.path.join(directory, "config.json"), "w") as f:

@@ -7,9 +7,11 @@ and centre-cropped to a multiple of `multiple` pixels.
 
 Encoded arrays (latents and text embeddings) are cached on disk under a key
 that hashes the image bytes, the caption, the training size and the encoder's
-identity, so a second run skips the encoders. Until the Flax VAE and text
-encoders land, the encoder is `PrecomputedEncoder`: a `name.safetensors` file
-beside the image, written by any tool, with these arrays (FLUX):
+identity, so a second run skips the encoders. With `config.model.vae_path` the
+Flax VAE encodes the image (`VAEEncoder`); until the Flax text encoders land,
+the text encodings (and, without a VAE, the latents too) come from
+`PrecomputedEncoder`: a `name.safetensors` file beside the image, written by
+any tool, with these arrays (FLUX):
 - `latents` (H/8, W/8, 16): the VAE latent mean of the resized, cropped image,
   normalised as diffusers trains on it: `(mean - shift_factor) * scaling_factor`;
 - `prompt_embeds` (T, 4096): T5 hidden states of the caption;
@@ -24,8 +26,10 @@ For Qwen-Image: `latents` (H/8, W/8, 16) normalised as its pipeline does,
 
 import dataclasses
 import hashlib
+import json
 import os
 
+import jax
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
@@ -101,8 +105,10 @@ def load_image(sample):
 class PrecomputedEncoder:
     """Reads `name.safetensors` beside each image (see the module docstring for its arrays)."""
 
-    def __init__(self, latent_channels, text_dim, pooled_dim=None, vae_scale_factor=8):
-        """`pooled_dim` None: the model takes no pooled text vector (Qwen-Image)."""
+    def __init__(self, latent_channels, text_dim, pooled_dim=None, vae_scale_factor=8, with_latents=True):
+        """`pooled_dim` None: the model takes no pooled text vector (Qwen-Image); `with_latents=False`: the
+        file only holds the text encodings (the latents come from the Flax VAE)."""
+        self.with_latents = with_latents
         self.latent_channels, self.text_dim, self.pooled_dim = latent_channels, text_dim, pooled_dim
         self.vae_scale_factor = vae_scale_factor
 
@@ -121,13 +127,14 @@ class PrecomputedEncoder:
     def encode(self, sample):
         path = self.path(sample)
         f = safetensors_io.SafetensorsFile(path)
-        required = ("latents", "prompt_embeds") + (("pooled_prompt_embeds",) if self.pooled_dim else ())
+        required = (("latents",) if self.with_latents else ()) + ("prompt_embeds",) + (
+            ("pooled_prompt_embeds",) if self.pooled_dim else ())
         missing = [k for k in required if k not in f.tensors]
         if missing:
             raise GlanceError(f"{path}: missing arrays {', '.join(missing)}")
         arrays = {k: f.read(k).astype(np.int32 if k.endswith("_mask") else np.float32) for k in f.keys()}
         want = {"latents": (sample.height // self.vae_scale_factor, sample.width // self.vae_scale_factor,
-                            self.latent_channels)}
+                            self.latent_channels)} if self.with_latents else {}
         if self.pooled_dim:
             want["pooled_prompt_embeds"] = (self.pooled_dim,)
         for key, shape in want.items():
@@ -139,6 +146,31 @@ class PrecomputedEncoder:
             raise GlanceError(
                 f"{path}: prompt_embeds has shape {embeds.shape}, the model needs (tokens, {self.text_dim})")
         return arrays
+
+
+class VAEEncoder:
+    """Latents from a Flax VAE (FLUX.1's or Qwen-Image's), text encodings from the precomputed file."""
+
+    def __init__(self, vae_path, text):
+        from glance_jax.checkpoints import load_model
+        self.vae, self.params = load_model(vae_path)
+        digest = hashlib.sha256(json.dumps(self.vae.to_config(), sort_keys=True).encode())
+        for leaf in jax.tree_util.tree_leaves(self.params):
+            digest.update(np.asarray(leaf).tobytes())
+        self.vae_identity, self.text = "vae:" + digest.hexdigest(), text
+        self._encode = jax.jit(lambda p, x: self.vae.apply({"params": p}, x, method="encode")[0])
+
+    def identity(self, sample):
+        return self.vae_identity + "|" + self.text.identity(sample)
+
+    def encode(self, sample):
+        from glance_jax.models import AutoencoderKL
+        from glance_jax.pipelines import normalize_latents
+        image = load_image(sample)[None]
+        video = not isinstance(self.vae, AutoencoderKL)
+        mean = self._encode(self.params, image[:, None] if video else image)
+        latents = normalize_latents(self.vae, mean[:, 0] if video else mean)[0]
+        return {**self.text.encode(sample), "latents": np.asarray(latents, np.float32)}
 
 
 def encoded_sample(sample, encoder, cache_dir, resolution):

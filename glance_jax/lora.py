@@ -53,7 +53,7 @@ def dense_layers(params):
     """{diffusers module name: (module path in the tree, block index or None, (in, out))} for every Dense kernel."""
     layers = {}
     for name, slot in weight_table(params).items():
-        if slot.path[-1] == "kernel":
+        if slot.path[-1] == "kernel" and len(slot.torch_shape) == 2:
             layers[name[:-len(".weight")]] = (slot.path[:-1], slot.index, slot.torch_shape[::-1])
     return layers
 

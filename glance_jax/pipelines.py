@@ -64,6 +64,35 @@ def flux_image_ids(rows, cols):
     return ids.reshape(-1, 3)
 
 
+# ---- VAE latents: one normalisation per model, shared by the sampler and the trainer ----
+
+def normalize_latents(vae, mean):
+    """VAE posterior mean -> the latents the transformer works on (FLUX: shift and scale; Qwen-Image: per channel)."""
+    from glance_jax.models import AutoencoderKL
+    if isinstance(vae, AutoencoderKL):
+        return (mean - (vae.shift_factor or 0.0)) * vae.scaling_factor
+    return (mean - jnp.asarray(vae.latents_mean, mean.dtype)) / jnp.asarray(vae.latents_std, mean.dtype)
+
+
+def denormalize_latents(vae, latents):
+    """The inverse of `normalize_latents`: transformer latents -> what the VAE decodes."""
+    from glance_jax.models import AutoencoderKL
+    if isinstance(vae, AutoencoderKL):
+        return latents / vae.scaling_factor + (vae.shift_factor or 0.0)
+    return latents * jnp.asarray(vae.latents_std, latents.dtype) + jnp.asarray(vae.latents_mean, latents.dtype)
+
+
+def decode_latents(vae, vae_params, latents, tiled=False):
+    """Images (B, H, W, 3) in [-1, 1] from transformer latents (B, h, w, C) of either model."""
+    from glance_jax.models import AutoencoderKL
+    from glance_jax.models.vae import tiled_decode
+    z = denormalize_latents(vae, jnp.asarray(latents, jnp.float32))
+    if not isinstance(vae, AutoencoderKL):
+        z = z[:, None]  # Qwen-Image's VAE is video-shaped: one frame
+    images = tiled_decode(vae, vae_params, z) if tiled else vae.apply({"params": vae_params}, z, method="decode")
+    return images if isinstance(vae, AutoencoderKL) else images[:, 0]
+
+
 # ---- the schedule as per-phase step arrays ----
 
 def phase_steps(scheduler_config, image_seq_len, schedule=None, num_inference_steps=None, integration="consistent"):
@@ -157,16 +186,24 @@ class GlancePipeline:
     modified and repeated calls agree bit for bit.
     """
 
-    def __init__(self, model, params, scheduler_config, latent_channels=16, vae_scale_factor=8):
-        """`latent_channels` and `vae_scale_factor` describe the VAE (FLUX.1 and Qwen-Image: 16 and 8)."""
+    def __init__(self, model, params, scheduler_config, latent_channels=16, vae_scale_factor=8, vae=None,
+                 tiled_vae=False):
+        """`latent_channels` and `vae_scale_factor` describe the VAE (FLUX.1 and Qwen-Image: 16 and 8).
+
+        `vae=(vae_model, vae_params)` enables `output_type="np"` and `"pil"`; `tiled_vae=True` decodes in
+        tiles (diffusers' tiling), so large images fit in less memory.
+        """
         self.model, self.params, self.scheduler_config = model, params, dict(scheduler_config)
         self.latent_channels, self.vae_scale_factor = latent_channels, vae_scale_factor
+        self.vae, self.tiled_vae = vae, tiled_vae
         FlowMatchEulerScheduler.from_config(self.scheduler_config)  # refuse unsupported configs now
 
     def _run(self, batch, latents, height, width, schedule, num_inference_steps, integration, slow_lora,
              fast_lora, lora_scale, lora_mode, seed, output_type, static, conds, cfg_scale=1.0):
-        if output_type not in ("latent", "unpacked_latent"):
-            raise GlanceError(f"output_type {output_type!r} needs the VAE, which is not ported yet: use 'latent'")
+        if output_type not in ("latent", "unpacked_latent", "np", "pil"):
+            raise GlanceError(f"unknown output_type {output_type!r}: use 'latent', 'unpacked_latent', 'np' or 'pil'")
+        if output_type in ("np", "pil") and self.vae is None:
+            raise GlanceError(f"output_type {output_type!r} needs a VAE: build the pipeline with vae=(vae, params)")
         if lora_mode not in ("merge", "unmerged"):
             raise GlanceError(f"unknown lora_mode {lora_mode!r}: use 'merge' or 'unmerged'")
         _check_lora(slow_lora, "slow_lora")
@@ -186,9 +223,17 @@ class GlancePipeline:
         sample = _sample_donating if in_place else _sample_plain
         latents, self.params = sample(self.model, lora_mode, static, self.params, loras, phases, latents, conds,
                                       jnp.float32(cfg_scale), jnp.float32(lora_scale))
+        if output_type == "latent":
+            return latents
+        unpacked = unpack_flux_latents(latents, height, width, self.vae_scale_factor)
         if output_type == "unpacked_latent":
-            return unpack_flux_latents(latents, height, width, self.vae_scale_factor)
-        return latents
+            return unpacked
+        images = np.asarray(decode_latents(*self.vae, unpacked, self.tiled_vae), np.float32)
+        images = np.clip(images / 2 + 0.5, 0.0, 1.0)  # diffusers' image processor: [-1, 1] -> [0, 1]
+        if output_type == "np":
+            return images
+        from PIL import Image
+        return [Image.fromarray((image * 255).round().astype(np.uint8)) for image in images]
 
     def noise(self, seed, batch, height, width):
         """Packed Gaussian noise, one PRNG key per image: `seed` (int) gives images seed, seed + 1, ..."""

@@ -227,7 +227,9 @@ class Run:
             raise GlanceError("config.model.guidance: this model has no guidance embedding")
         encoder = data.PrecomputedEncoder(self.model.in_channels // 4, self.model.joint_attention_dim,
                                           getattr(self.model, "pooled_projection_dim", None),
-                                          config.data.vae_scale_factor)
+                                          config.data.vae_scale_factor, with_latents=not config.model.vae_path)
+        if config.model.vae_path:
+            encoder = data.VAEEncoder(os.path.expanduser(config.model.vae_path), encoder)
         cache = os.path.expanduser(config.data.cache_dir or os.path.join("~", ".cache", "glance_jax"))
         arrays, self.cache_hit = data.encoded_sample(self.sample, encoder, cache, config.data.resolution)
         if config.data.caption_dropout > 0 and "empty_prompt_embeds" not in arrays:
