@@ -6,8 +6,8 @@ ported yet): a .safetensors file with `prompt_embeds` (N, T, D), for FLUX
 (N, T), and the captions as a JSON list in its metadata under "captions" (the
 demo's glance_jax/demo/assets/prompts.safetensors is such a file). Models
 whose latents are pixels (1 or 3 channels, such as the demo teacher) write
-PNG images; latent models write their latents (.safetensors) until the Flax
-VAEs land.
+PNG images directly; latent models need `--vae` (their VAE folder) for PNGs
+and pixel-space metrics, and otherwise work on latents (.safetensors).
 """
 
 import argparse
@@ -22,7 +22,7 @@ from PIL import Image
 from glance_jax import checkpoints, evaluation, safetensors_io
 from glance_jax.errors import GlanceError
 from glance_jax.lora import load_lora
-from glance_jax.pipelines import FluxGlancePipeline, QwenImageGlancePipeline, unpack_flux_latents
+from glance_jax.pipelines import FluxGlancePipeline, QwenImageGlancePipeline, decode_latents, unpack_flux_latents
 from glance_jax.schedules import SCHEDULERS, GlanceSchedule
 
 EMBEDDINGS_HELP = "text embeddings file (.safetensors with prompt_embeds and a 'captions' list in its metadata)"
@@ -32,7 +32,7 @@ def _family(model):
     return "flux" if type(model).__name__ == "FluxTransformer2DModel" else "qwen-image"
 
 
-def _pipeline(model_path, scheduler_path=None):
+def _pipeline(model_path, scheduler_path=None, vae_path=None):
     """(pipeline, family, pixel space?) for any model folder glance-jax loads; the demo teacher by default."""
     from glance_jax.demo import teacher
     model, params = checkpoints.load_model(model_path or teacher.TEACHER_DIR)
@@ -45,7 +45,10 @@ def _pipeline(model_path, scheduler_path=None):
     channels = model.in_channels // 4
     pixels = channels in (1, 3)
     cls = FluxGlancePipeline if family == "flux" else QwenImageGlancePipeline
-    return cls(model, params, scheduler, latent_channels=channels, vae_scale_factor=1 if pixels else 8), family, pixels
+    vae = checkpoints.load_model(vae_path) if vae_path else None
+    pipe = cls(model, params, scheduler, latent_channels=channels, vae_scale_factor=1 if pixels else 8, vae=vae,
+               tiled_vae=vae is not None)
+    return pipe, family, pixels
 
 
 def _embeddings(path, captions):
@@ -101,6 +104,7 @@ def _common_flags(p):
     p.add_argument("--model", default=None, help="model folder or file (default: the demo's teacher)")
     p.add_argument("--scheduler", default=None, help="diffusers scheduler_config.json (default: the model's)")
     p.add_argument("--embeddings", default=None, help=EMBEDDINGS_HELP + " (default: the demo's)")
+    p.add_argument("--vae", default=None, help="VAE folder of a latent model: PNG output and pixel metrics")
     p.add_argument("--slow_lora", default=None, help="Slow-LoRA file (any layout load_lora reads)")
     p.add_argument("--fast_lora", default=None, help="Fast-LoRA file")
     p.add_argument("--schedule", default="official", help="'official' or slow|fast steps, e.g. '1,5,9|16,31,46'")
@@ -121,15 +125,20 @@ def sample_main(argv):
     p.add_argument("--steps", type=int, default=None, help="plain sampling with this many steps instead of Glance")
     _common_flags(p)
     args = p.parse_args(argv)
-    pipe, family, pixels = _pipeline(args.model, args.scheduler)
-    if args.out.endswith(".png") and not pixels:
-        raise GlanceError("PNG output of a latent model needs the VAE (not ported yet): use --out x.safetensors")
+    pipe, family, pixels = _pipeline(args.model, args.scheduler, args.vae)
+    if args.out.endswith(".png") and not pixels and pipe.vae is None:
+        raise GlanceError("PNG output of a latent model needs its VAE: pass --vae, or use --out x.safetensors")
     height, width, tokens = _sizes(args, pipe, pixels)
     arrays = _embeddings(args.embeddings, [args.prompt])
     kw = dict(num_inference_steps=args.steps) if args.steps else _schedule_kwargs(args, family, tokens)
     if not args.steps:
         kw["slow_lora"] = load_lora(args.slow_lora, pipe.params) if args.slow_lora else None
         kw["fast_lora"] = load_lora(args.fast_lora, pipe.params) if args.fast_lora else None
+    if args.out.endswith(".png") and not pixels:
+        _call(pipe, family, arrays, height=height, width=width, seed=args.seed, output_type="pil", **kw)[0].save(
+            args.out)
+        print(f"wrote {args.out}")
+        return
     latents = _call(pipe, family, arrays, height=height, width=width, seed=args.seed, **kw)
     images = np.asarray(unpack_flux_latents(latents, height, width, pipe.vae_scale_factor))
     if args.out.endswith(".png"):
@@ -161,8 +170,10 @@ def eval_main(argv):
         seeds = [int(s) for s in args.seeds.split(",")]
     except ValueError:
         raise GlanceError(f"--seeds {args.seeds!r}: use comma-separated integers") from None
-    pipe, family, pixels = _pipeline(args.model, args.scheduler)
+    pipe, family, pixels = _pipeline(args.model, args.scheduler, args.vae)
     height, width, tokens = _sizes(args, pipe, pixels)
+    decode = not pixels and pipe.vae is not None
+    pixels = pixels or decode
     batch_captions = [c for c in captions for _ in seeds]
     arrays = {k: jnp.asarray(v) for k, v in _embeddings(args.embeddings, batch_captions).items()}
     batch_seeds = [s for _ in captions for s in seeds]
@@ -179,7 +190,10 @@ def eval_main(argv):
         start = time.perf_counter()
         latents = run()
         seconds = time.perf_counter() - start
-        out = np.asarray(unpack_flux_latents(latents, height, width, pipe.vae_scale_factor))
+        if decode:
+            out = np.asarray(decode_latents(*pipe.vae, unpack_flux_latents(latents, height, width), tiled=True))
+        else:
+            out = np.asarray(unpack_flux_latents(latents, height, width, pipe.vae_scale_factor))
         outputs[name] = np.clip(out, -1, 1) if pixels else out
         ref = outputs[runs[0][0]]
         rows.append({"name": name, "nfe": nfe, "sec_per_image": seconds / len(out),
@@ -189,7 +203,7 @@ def eval_main(argv):
     os.makedirs(args.workdir, exist_ok=True)
     with open(os.path.join(args.workdir, "eval.json"), "w") as f:
         json.dump({"runs": rows, "prompts": captions, "seeds": seeds,
-                   "space": "pixels" if pixels else "latents (no VAE yet)"}, f, indent=2)
+                   "space": "pixels" if pixels else "latents (pass --vae for pixels)"}, f, indent=2)
     print(f"{'run':<14}{'NFE':>5}{'s/img':>9}{'PSNR':>8}{'SSIM':>8}{'MSE':>10}")
     for r in rows:
         fmt = lambda v, spec: format(v, spec) if v is not None else "-"
@@ -201,4 +215,4 @@ def eval_main(argv):
         grid.save(os.path.join(args.workdir, "grid.png"))
         print(f"wrote {args.workdir}/eval.json and {args.workdir}/grid.png")
     else:
-        print(f"wrote {args.workdir}/eval.json (agreement in latent space; pixels and the grid need the VAE)")
+        print(f"wrote {args.workdir}/eval.json (agreement in latent space; --vae gives pixels and a grid)")

@@ -189,3 +189,25 @@ def test_trainer_encodes_the_photo_with_the_flax_vae_and_caches_it(flux_vae, tmp
     assert second.cache_hit  # the VAE did not run again
     np.testing.assert_array_equal(second.batch["x0"], first.batch["x0"])
     second.train()
+
+
+def test_sample_command_writes_png_through_the_vae(flux_vae, tmp_path):
+    import json
+
+    from PIL import Image
+
+    from glance_jax import safetensors_io
+    from glance_jax.cli import main
+    _, vae_path, _, _ = flux_vae
+    config = dict(in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+                  joint_attention_dim=24, pooled_projection_dim=20, guidance_embeds=True, axes_dims_rope=[4, 6, 6])
+    randomize_(TorchFlux(**config), seed=0).save_pretrained(tmp_path / "model")
+    rng = np.random.default_rng(10)
+    safetensors_io.save_file({"prompt_embeds": rng.standard_normal((1, 5, 24), dtype=np.float32),
+                              "pooled_prompt_embeds": rng.standard_normal((1, 20), dtype=np.float32)},
+                             tmp_path / "embeds.safetensors", {"captions": json.dumps(["a red fox"])})
+    out = tmp_path / "fox.png"
+    assert main(["sample", "--model", str(tmp_path / "model"), "--vae", str(vae_path), "--embeddings",
+                 str(tmp_path / "embeds.safetensors"), "--prompt", "a red fox", "--steps", "2", "--height", "48",
+                 "--width", "64", "--out", str(out)]) == 0
+    assert Image.open(out).size == (64, 48)
