@@ -218,7 +218,7 @@ def test_bad_arguments(setup):
         pipe(**inputs, height=H, width=W, schedule=GlanceSchedule.official("flux"), integration="euler")
     with pytest.raises(GlanceError, match="need schedule"):
         pipe(**inputs, height=H, width=W, num_inference_steps=4, slow_lora=loras["slow"])
-    with pytest.raises(GlanceError, match="needs the VAE"):
+    with pytest.raises(GlanceError, match="needs a VAE: build the pipeline with vae="):
         pipe(**inputs, height=H, width=W, num_inference_steps=4, output_type="pil")
     with pytest.raises(GlanceError, match="multiples of 16"):
         pipe(**inputs, height=60, width=W, num_inference_steps=4)
