@@ -34,8 +34,12 @@ DTYPES = {"fp32": jnp.float32, "float32": jnp.float32, "bf16": jnp.bfloat16, "bf
 
 
 def model_classes():
-    from glance_jax.models import (AutoencoderKL, AutoencoderKLQwenImage, FluxTransformer2DModel,
-                                   QwenImageTransformer2DModel)
+    from glance_jax.models import (
+        AutoencoderKL,
+        AutoencoderKLQwenImage,
+        FluxTransformer2DModel,
+        QwenImageTransformer2DModel,
+    )
     return {cls.__name__: cls for cls in (FluxTransformer2DModel, QwenImageTransformer2DModel, AutoencoderKL,
                                           AutoencoderKLQwenImage)}
 
@@ -113,6 +117,18 @@ class Tensor:
         for start, chunk in self.chunks():
             out[start:start + len(chunk)] = chunk
         return out
+
+    def read_rows(self, start, stop):
+        """Rows [start, stop) of the tensor, reading only the stored rows they come from."""
+        parts, offset = [], 0
+        for f, name, rows in self.pieces:
+            info = f.tensors[name]
+            lo, hi = rows or (0, info.shape[0])
+            a, b = max(start, offset), min(stop, offset + hi - lo)
+            if a < b:
+                parts.append(f.read(name, (lo + a - offset, lo + b - offset)))
+            offset += hi - lo
+        return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
 
     def chunks(self, max_bytes=16 * 2 ** 20):
         """Yields (first row, rows) in pieces of at most about `max_bytes`, so that huge tensors are never whole."""
@@ -259,6 +275,41 @@ def read_params(model, checkpoint, dtype, where="checkpoint", progress=None):
     return unflatten_dict(leaves)
 
 
+def _read_sharded(model, checkpoint, dtype, mesh, rules, where):
+    """Parameters placed directly on their shards: each device's block is read from the files on its own."""
+    from glance_jax import sharding
+    abstract = abstract_params(model)
+    table = weight_table(abstract)
+    check_names_and_shapes(table, checkpoint.tensors, where)
+    by_leaf = {}
+    for name, slot in table.items():
+        by_leaf.setdefault(slot.path, []).append((slot.index, name, slot))
+    shardings = flatten_dict(sharding.tree_shardings(abstract, mesh, rules))
+
+    def reader(path, shape):
+        slots = sorted(by_leaf[path], key=lambda s: -1 if s[0] is None else s[0])
+
+        def one(name, slot, index):  # index: slices of this (unstacked) Flax leaf
+            tensor = checkpoint.tensors[name]
+            rows = index[-1] if slot.transpose else index[0]
+            start, stop, _ = rows.indices(tensor.shape[0])
+            value = slot.to_flax(tensor.read_rows(start, stop))
+            rest = index[:-1] + (slice(None),) if slot.transpose else (slice(None),) + index[1:]
+            return value[rest].astype(dtype)
+
+        def read(index):
+            index = tuple(index) + (slice(None),) * (len(shape) - len(index))
+            if slots[0][0] is None:
+                return one(slots[0][1], slots[0][2], index)
+            layers = range(*index[0].indices(shape[0]))
+            return np.stack([one(slots[i][1], slots[i][2], index[1:]) for i in layers])
+        return read
+
+    flat = {path: jax.make_array_from_callback(leaf.shape, shardings[path], reader(path, leaf.shape))
+            for path, leaf in flatten_dict(abstract).items()}
+    return unflatten_dict(flat)
+
+
 def _to_device(tree):
     """numpy tree -> jax arrays, leaf by leaf, so that host and device copies never both hold the whole tree."""
     flat = flatten_dict(tree)
@@ -267,23 +318,43 @@ def _to_device(tree):
     return unflatten_dict(flat)
 
 
-def _restore_converted(directory, dtype):
+def _restore_converted(directory, dtype, shardings=None):
+    """The converted parameters: host arrays, or with `shardings` sharded arrays that orbax reads shard by shard."""
     import orbax.checkpoint as ocp
+    kwargs = {}
+    if shardings is not None:
+        kwargs["args"] = ocp.args.PyTreeRestore(restore_args=jax.tree_util.tree_map(
+            lambda s: ocp.ArrayRestoreArgs(sharding=s, dtype=dtype), shardings))
     try:
-        tree = ocp.PyTreeCheckpointer().restore(os.path.abspath(os.path.join(directory, PARAMS_DIR)))
+        tree = ocp.PyTreeCheckpointer().restore(os.path.abspath(os.path.join(directory, PARAMS_DIR)), **kwargs)
     except Exception as e:  # orbax raises many types for a damaged folder
         raise GlanceError(f"{directory}: cannot restore converted parameters ({type(e).__name__}: {e})") from None
+    if shardings is not None:
+        return tree
     flat = flatten_dict(tree)
     for path in list(flat):
         flat[path] = np.asarray(flat[path]).astype(dtype, copy=False)
     return unflatten_dict(flat)
 
 
-def load_model(path, dtype=jnp.float32, expected_class=None, axes_dims_rope=None, **overrides):
-    """`(model, params)` from any supported checkpoint at `path`, parameters in `dtype` on the default device."""
+def load_model(path, dtype=jnp.float32, expected_class=None, axes_dims_rope=None, mesh=None, rules=None,
+               **overrides):
+    """`(model, params)` from any supported checkpoint at `path`, parameters in `dtype`.
+
+    Without `mesh` the parameters go to the default device. With a `jax.sharding.Mesh` each one is
+    sharded by `glance_jax.sharding` (with `rules`, default its DEFAULT_RULES) and every device's block
+    is read from disk on its own: no full copy on any device or host.
+    """
     dtype = parse_dtype(dtype)
     checkpoint = open_checkpoint(path, axes_dims_rope)
     model = model_from_config(checkpoint.config, dtype, expected_class, **overrides)
+    if mesh is not None:
+        from glance_jax import sharding
+        rules = rules or sharding.DEFAULT_RULES
+        if checkpoint.converted_dir:
+            shardings = sharding.tree_shardings(abstract_params(model), mesh, rules)
+            return model, _restore_converted(checkpoint.converted_dir, dtype, shardings)
+        return model, _read_sharded(model, checkpoint, dtype, mesh, rules, os.fspath(path))
     if checkpoint.converted_dir:
         params = _restore_converted(checkpoint.converted_dir, dtype)
         expected = {path: leaf.shape for path, leaf in flatten_dict(abstract_params(model)).items()}

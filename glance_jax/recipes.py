@@ -56,6 +56,8 @@ def official(family, phase):
     c.teacher.trajectories = 4  # noise seeds whose teacher trajectories are integrated once, then reused
     c.teacher.substeps = 50  # the base integrates on this fine grid (plus the Glance points)
 
+    c.mesh = ""  # device mesh, e.g. "data=2,fsdp=4" (axes data, fsdp, tensor); empty: one device
+
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every = 20
     c.checkpoint.keep = 3

@@ -21,15 +21,15 @@ import json
 import os
 import time
 
-import ml_collections
-
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from glance_jax import checkpoints, data, lora
+from glance_jax import checkpoints, data, lora, sharding
 from glance_jax.errors import GlanceError
 from glance_jax.models import FluxTransformer2DModel, QwenImageTransformer2DModel
 from glance_jax.pipelines import flux_image_ids, pack_flux_latents
@@ -151,16 +151,24 @@ def teacher_trajectories(model, static, params, batch, schedule, config, key):
 
 # ---- the train step ----
 
-def make_train_step(model, config, static=()):
+def make_train_step(model, config, static=(), shardings=None):
     """The jit-compiled step `(adapter, opt_state, params, batch, teacher, points, key) -> (adapter, opt_state,
     metrics)`; the LoRA and optimizer state are donated. `points` are the indices (into the Glance schedule) of
     the phase's timesteps. Steps that would compile to the same program are shared (both phases, several runs).
+    With `shardings=(in_shardings, out_shardings)` the step is compiled for a device mesh.
     """
     settings = (tuple(sorted(config.optim.items())), config.target, float(config.data.caption_dropout))
-    return _train_step(model, settings, tuple(static))
+    if shardings is None:
+        return _compiled_train_step(model, settings, tuple(static))
+    return jax.jit(_train_step(model, settings, tuple(static)), in_shardings=shardings[0],
+                   out_shardings=shardings[1], donate_argnums=(0, 1))
 
 
 @functools.lru_cache(maxsize=16)
+def _compiled_train_step(model, settings, static):
+    return jax.jit(_train_step(model, settings, static), donate_argnums=(0, 1))
+
+
 def _train_step(model, settings, static):
     optim, target_kind, dropout = settings
     opt = optimizer(ml_collections.ConfigDict({"optim": dict(optim)}))
@@ -191,7 +199,7 @@ def _train_step(model, settings, static):
         adapter = optax.apply_updates(adapter, updates)
         return adapter, opt_state, {"loss": loss, "timestep": timestep, "grad_norm": optax.global_norm(grads)}
 
-    return jax.jit(step, donate_argnums=(0, 1))
+    return step
 
 
 # ---- the run ----
@@ -218,8 +226,12 @@ class Run:
         if len(samples) != 1:
             raise GlanceError(f"{config.data.dir}: {len(samples)} image/caption pairs; Glance trains on exactly one")
         self.sample = samples[0]
+        if jax.process_count() > 1 and not config.mesh:
+            raise GlanceError(f"{jax.process_count()} processes: set config.mesh to spread the run over their devices")
+        self.mesh = sharding.make_mesh(config.mesh) if config.mesh else None
+        self.writer = jax.process_index() == 0  # only one process writes LoRA files and metrics
         self.model, self.params = checkpoints.load_model(os.path.expanduser(config.model.path), config.model.dtype,
-                                                         remat_policy=config.model.remat_policy)
+                                                         mesh=self.mesh, remat_policy=config.model.remat_policy)
         if not isinstance(self.model, FAMILIES[config.family]):
             raise GlanceError(f"config.model.path holds a {type(self.model).__name__}, config.family is "
                               f"{config.family!r}")
@@ -235,12 +247,26 @@ class Run:
         if config.data.caption_dropout > 0 and "empty_prompt_embeds" not in arrays:
             raise GlanceError("config.data.caption_dropout > 0 needs empty_prompt_embeds in the encoded sample")
         self.batch, self.static = training_batch(self.model, arrays, config.model.guidance)
+        if self.mesh is not None:
+            self.batch = sharding.place(self.batch, self.batch_shardings())
         image_seq_len = self.batch["x0"].shape[1]
         self.schedule = GlanceSchedule.from_steps(config.family, config.schedule.slow_steps,
                                                   config.schedule.fast_steps,
                                                   image_seq_len, config.schedule.base_steps,
                                                   config.schedule.round_bf16)
         os.makedirs(self.workdir, exist_ok=True)
+
+    def batch_shardings(self):
+        return jax.tree_util.tree_map(lambda x: sharding.batch_sharding(self.mesh, x.shape), self.batch)
+
+    def step_shardings(self, adapter, opt_state, teacher):
+        """(in, out) shardings of the train step: the base, LoRA and Adam state by rule, the batch over data."""
+        mesh, rep = self.mesh, sharding.replicated(self.mesh)
+        lora_sh, opt_sh = sharding.tree_shardings(adapter, mesh), sharding.tree_shardings(opt_state, mesh)
+        teacher_sh = jax.tree_util.tree_map(lambda _: rep, teacher)
+        param_sh = jax.tree_util.tree_map(lambda x: x.sharding, self.params)
+        return ((lora_sh, opt_sh, param_sh, self.batch_shardings(), teacher_sh, rep, rep),
+                (lora_sh, opt_sh, {"loss": rep, "timestep": rep, "grad_norm": rep}))
 
     def teacher_inputs(self):
         sigmas = np.float32(list(self.schedule.slow) + list(self.schedule.fast) + [0.0]) / np.float32(1000)
@@ -270,6 +296,10 @@ class Run:
         adapter = lora.init_lora(jax.random.fold_in(key, 1), self.params, targets, config.lora.rank,
                                  float(config.lora.alpha))
         opt_state = opt.init(adapter)
+        step_shardings = None
+        if self.mesh is not None:
+            step_shardings = self.step_shardings(adapter, opt_state, teacher)
+            adapter, opt_state = sharding.place((adapter, opt_state), step_shardings[0][:2])
         manager = ocp.CheckpointManager(
             os.path.join(self.workdir, "checkpoints", phase),
             options=ocp.CheckpointManagerOptions(max_to_keep=config.checkpoint.keep, create=True))
@@ -282,8 +312,9 @@ class Run:
             if not np.array_equal(np.asarray(state["key"]), np.asarray(key)):
                 raise GlanceError(f"{manager.directory}: checkpoints come from a run with another seed")
         metrics_path = os.path.join(self.workdir, "metrics.jsonl")
-        _truncate_metrics(metrics_path, phase, start)
-        step_fn = make_train_step(self.model, config, self.static)
+        if self.writer:
+            _truncate_metrics(metrics_path, phase, start)
+        step_fn = make_train_step(self.model, config, self.static, step_shardings)
         points = jnp.asarray(points)
         lr = learning_rate(config)
         lora_path = os.path.join(self.workdir, f"{phase}_lora.safetensors")
@@ -292,11 +323,13 @@ class Run:
             manager.save(step, args=ocp.args.StandardSave(
                 {"lora": adapter, "opt_state": opt_state, "step": step, "key": key}))
             manager.wait_until_finished()
-            lora.save_lora(adapter, lora_path)
+            host_lora = multihost_utils.process_allgather(adapter, tiled=True)  # every process joins; one writes
+            if self.writer:
+                lora.save_lora(host_lora, lora_path)
 
         bar = tqdm(range(start, config.steps), initial=start, total=config.steps, desc=f"{phase}-LoRA",
-                   unit="step", dynamic_ncols=True)
-        with open(metrics_path, "a") as metrics:
+                   unit="step", dynamic_ncols=True, disable=not self.writer)
+        with open(metrics_path if self.writer else os.devnull, "a") as metrics:
             for step in bar:
                 began = time.perf_counter()
                 adapter, opt_state, out = step_fn(adapter, opt_state, self.params, self.batch, teacher, points,
@@ -316,7 +349,9 @@ class Run:
                 if (step + 1) % config.checkpoint.every == 0 or step + 1 == config.steps:
                     save(step + 1)
         if start == config.steps and not os.path.exists(lora_path):
-            lora.save_lora(adapter, lora_path)
+            host_lora = multihost_utils.process_allgather(adapter, tiled=True)
+            if self.writer:
+                lora.save_lora(host_lora, lora_path)
         manager.close()
         return lora_path
 

@@ -108,8 +108,10 @@ def test_exported_lora_loads_into_diffusers(setup, tmp_path):
 def test_both_phases_and_the_teacher_target(setup, tmp_path):
     config = tiny_config(setup, phase="both", target="teacher", steps=6, **{"teacher.trajectories": 2,
                                                                              "teacher.substeps": 10})
+    config.data.cache_dir = str(tmp_path / "cache")
+    assert not Run(config, tmp_path).cache_hit
     run = Run(config, tmp_path)
-    assert run.cache_hit  # the encoded sample was cached by an earlier run: no encoder ran
+    assert run.cache_hit  # the encoded sample was cached by the first run: no encoder ran
     written = run.train()
     assert set(written) == {"slow", "fast"}
     by_phase = {p: [m for m in metrics(tmp_path) if m["phase"] == p] for p in ("slow", "fast")}

@@ -20,8 +20,19 @@ import jax
 import jax.numpy as jnp
 
 from glance_jax.models.base import PretrainedModel
-from glance_jax.models.layers import (REMAT_POLICIES, Dense, MLPEmbedder, RMSNorm, apply_rope, attention,
-                                      gelu_tanh, layer_norm, modulate, rope_angles, timestep_sinusoid)
+from glance_jax.models.layers import (
+    REMAT_POLICIES,
+    Dense,
+    MLPEmbedder,
+    RMSNorm,
+    apply_rope,
+    attention,
+    gelu_tanh,
+    layer_norm,
+    modulate,
+    rope_angles,
+    timestep_sinusoid,
+)
 
 Dtype = Any
 
