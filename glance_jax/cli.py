@@ -13,6 +13,7 @@ subcommands:
   train        distil the Slow-LoRA and Fast-LoRA from one image and caption
   sample       sample one prompt (cached embeddings) with or without Glance LoRAs
   eval         agreement (PSNR, SSIM) and timing of Glance against the base's N-step samples
+  plan         per-device memory and FLOPs of a full-size model on a mesh, from abstract shapes
   demo         the whole method on an embedded digits teacher: distil, sample, measure (2 CPU minutes)
 
 run 'glance-jax SUBCOMMAND --help' for its arguments."""
@@ -20,9 +21,9 @@ run 'glance-jax SUBCOMMAND --help' for its arguments."""
 
 def _subcommands():
     import convert.cli
-    from glance_jax import demo, sampling_cli, train_cli
+    from glance_jax import demo, plan, sampling_cli, train_cli
     return {"convert": convert.cli.main, "export-lora": convert.cli.export_lora_main, "train": train_cli.main,
-            "sample": sampling_cli.sample_main, "eval": sampling_cli.eval_main, "demo": demo.main}
+            "sample": sampling_cli.sample_main, "eval": sampling_cli.eval_main, "plan": plan.main, "demo": demo.main}
 
 
 def main(argv=None):

@@ -187,12 +187,14 @@ class GlancePipeline:
     """
 
     def __init__(self, model, params, scheduler_config, latent_channels=16, vae_scale_factor=8, vae=None,
-                 tiled_vae=False):
+                 tiled_vae=False, mesh=None):
         """`latent_channels` and `vae_scale_factor` describe the VAE (FLUX.1 and Qwen-Image: 16 and 8).
 
         `vae=(vae_model, vae_params)` enables `output_type="np"` and `"pil"`; `tiled_vae=True` decodes in
-        tiles (diffusers' tiling), so large images fit in less memory.
+        tiles (diffusers' tiling), so large images fit in less memory. With a `mesh` (and params loaded
+        onto it, `from_pretrained(..., mesh=mesh)`), prompts are spread over its `data` axis.
         """
+        self.mesh = mesh
         self.model, self.params, self.scheduler_config = model, params, dict(scheduler_config)
         self.latent_channels, self.vae_scale_factor = latent_channels, vae_scale_factor
         self.vae, self.tiled_vae = vae, tiled_vae
@@ -219,6 +221,12 @@ class GlancePipeline:
             raise GlanceError("slow_lora and fast_lora need schedule=GlanceSchedule(...)")
         loras = [None] if len(phases) == 1 else [slow_lora, fast_lora]
         phases = [(jnp.asarray(t), jnp.asarray(dt)) for t, dt in phases]
+        if self.mesh is not None:  # prompts over `data`; everything without a batch axis replicated
+            from glance_jax import sharding
+            put = lambda x: jax.device_put(x, sharding.batch_sharding(self.mesh, x.shape) if x.ndim and
+                                           x.shape[0] == batch else sharding.replicated(self.mesh))
+            latents, conds = put(latents), jax.tree_util.tree_map(put, conds)
+            phases = jax.tree_util.tree_map(lambda x: jax.device_put(x, sharding.replicated(self.mesh)), phases)
         in_place = lora_mode == "merge" and any(lora is not None for lora in loras)
         sample = _sample_donating if in_place else _sample_plain
         latents, self.params = sample(self.model, lora_mode, static, self.params, loras, phases, latents, conds,

@@ -307,7 +307,7 @@ class Run:
         if manager.latest_step() is not None:
             start = manager.latest_step()
             state = manager.restore(start, args=ocp.args.StandardRestore(
-                {"lora": adapter, "opt_state": opt_state, "step": 0, "key": key}))
+                {"lora": adapter, "opt_state": opt_state, "step": 0, "key": np.asarray(key)}))
             adapter, opt_state = state["lora"], state["opt_state"]
             if not np.array_equal(np.asarray(state["key"]), np.asarray(key)):
                 raise GlanceError(f"{manager.directory}: checkpoints come from a run with another seed")
@@ -321,7 +321,7 @@ class Run:
 
         def save(step):
             manager.save(step, args=ocp.args.StandardSave(
-                {"lora": adapter, "opt_state": opt_state, "step": step, "key": key}))
+                {"lora": adapter, "opt_state": opt_state, "step": step, "key": np.asarray(key)}))
             manager.wait_until_finished()
             host_lora = multihost_utils.process_allgather(adapter, tiled=True)  # every process joins; one writes
             if self.writer:

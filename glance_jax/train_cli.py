@@ -18,7 +18,11 @@ example:
   glance-jax train --config configs/flux_slow.py --workdir runs/flux \\
       --config.model.path=~/flux-dev-bf16 --config.data.dir=~/one_sample --config.optim.lr=1e-4
 
-writes DIR/slow_lora.safetensors and/or DIR/fast_lora.safetensors, DIR/metrics.jsonl, DIR/checkpoints/"""
+writes DIR/slow_lora.safetensors and/or DIR/fast_lora.safetensors, DIR/metrics.jsonl, DIR/checkpoints/
+
+on several devices: --config.mesh=data=2,fsdp=4 (the base sharded over fsdp, prompts over data);
+on several hosts: the same command on each, plus --distributed (TPU pods, SLURM) or
+  --coordinator_address=HOST0:1234 --num_processes=N --process_id=I"""
 
 
 def main(argv):
@@ -30,6 +34,12 @@ def main(argv):
     config_flags.DEFINE_config_file("config", None, "experiment config file", flag_values=fv, lock_config=True,
                                     sys_argv=args)  # overrides are read from these args, not from sys.argv
     flags.DEFINE_string("workdir", None, "output folder", flag_values=fv)
+    flags.DEFINE_bool("distributed", False, "join a multi-host run (jax.distributed.initialize; on TPU pods and "
+                      "SLURM the addresses are found automatically)", flag_values=fv)
+    flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for multi-host runs elsewhere",
+                        flag_values=fv)
+    flags.DEFINE_integer("num_processes", None, "number of processes of a multi-host run", flag_values=fv)
+    flags.DEFINE_integer("process_id", None, "this process's index in a multi-host run", flag_values=fv)
     try:
         rest = fv(args)
     except (flags.Error, FileNotFoundError, AttributeError, KeyError, ValueError, TypeError) as e:
@@ -38,6 +48,14 @@ def main(argv):
         raise GlanceError(f"unexpected arguments: {' '.join(rest[1:])}")
     if fv.config is None or fv.workdir is None:
         raise GlanceError("both --config and --workdir are required (see glance-jax train --help)")
+    if fv.distributed or fv.coordinator_address:
+        import jax
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU hosts; accelerators use their own
+        kwargs = {}
+        if fv.coordinator_address:
+            kwargs = dict(coordinator_address=fv.coordinator_address, num_processes=fv.num_processes,
+                          process_id=fv.process_id)
+        jax.distributed.initialize(**kwargs)
     from glance_jax.train import train
 
     written = train(fv.config, fv.workdir)
