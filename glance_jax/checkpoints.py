@@ -34,14 +34,24 @@ DTYPES = {"fp32": jnp.float32, "float32": jnp.float32, "bf16": jnp.bfloat16, "bf
 
 
 def model_classes():
+    """{class name: Flax class}, under diffusers' `_class_name` and transformers' `architectures` names."""
     from glance_jax.models import (
         AutoencoderKL,
         AutoencoderKLQwenImage,
         FluxTransformer2DModel,
         QwenImageTransformer2DModel,
     )
-    return {cls.__name__: cls for cls in (FluxTransformer2DModel, QwenImageTransformer2DModel, AutoencoderKL,
-                                          AutoencoderKLQwenImage)}
+    from glance_jax.text import CLIPTextModel, Qwen25VLTextModel, T5EncoderModel
+    classes = (FluxTransformer2DModel, QwenImageTransformer2DModel, AutoencoderKL, AutoencoderKLQwenImage,
+               CLIPTextModel, T5EncoderModel, Qwen25VLTextModel)
+    by_name = {cls.__name__: cls for cls in classes}
+    by_name.update({cls.architecture: cls for cls in classes if hasattr(cls, "architecture")})
+    return by_name
+
+
+def class_name(config):
+    """diffusers configs name the class in `_class_name`, transformers configs in `architectures`."""
+    return config.get("_class_name") or (config.get("architectures") or [None])[0]
 
 
 def parse_dtype(dtype):
@@ -78,7 +88,8 @@ def _torch_shape(flax_shape, transpose):
     return (flax_shape[-1], flax_shape[-2], *flax_shape[:-2])
 
 
-_TORCH_LEAF = {"kernel": "weight", "bias": "bias", "scale": "weight", "gamma": "gamma"}
+_TORCH_LEAF = {"kernel": "weight", "bias": "bias", "scale": "weight", "gamma": "gamma", "embedding": "weight",
+               "weight": "weight"}
 
 
 def abstract_params(model):
@@ -231,12 +242,31 @@ def open_checkpoint(path, axes_dims_rope=None):
 
 def model_from_config(config, dtype, expected_class=None, **overrides):
     classes = model_classes()
-    name = config.get("_class_name")
+    name = class_name(config)
     if name not in classes:
-        raise GlanceError(f"config.json: unknown _class_name {name!r}; supported: {', '.join(classes)}")
+        raise GlanceError(f"config.json: unknown _class_name {name!r}; supported: {', '.join(sorted(classes))}")
     if expected_class is not None and classes[name] is not expected_class:
         raise GlanceError(f"the checkpoint holds a {name}, not a {expected_class.__name__}")
     return classes[name].from_config(config, dtype=dtype, **overrides)
+
+
+def adapt_names(model, checkpoint):
+    """Applies a model's known checkpoint renames (hub prefixes) and leaves out the parts that are not it.
+
+    Only prefixes the model class names (`key_renames`, `ignored_prefixes`: a vision tower, an LM head,
+    a tied embedding copy) are touched; every other unknown key still fails the name check.
+    """
+    renamed = {}
+    for name, tensor in checkpoint.tensors.items():
+        if name.startswith(tuple(getattr(model, "ignored_prefixes", ()))):
+            continue
+        for old, new in getattr(model, "key_renames", ()):
+            if name.startswith(old):
+                name = new + name[len(old):]
+                break
+        renamed[name] = tensor
+    checkpoint.tensors = renamed
+    return checkpoint
 
 
 def check_names_and_shapes(table, tensors, where):
@@ -348,6 +378,7 @@ def load_model(path, dtype=jnp.float32, expected_class=None, axes_dims_rope=None
     dtype = parse_dtype(dtype)
     checkpoint = open_checkpoint(path, axes_dims_rope)
     model = model_from_config(checkpoint.config, dtype, expected_class, **overrides)
+    adapt_names(model, checkpoint)
     if mesh is not None:
         from glance_jax import sharding
         rules = rules or sharding.DEFAULT_RULES
@@ -437,6 +468,7 @@ def convert_checkpoint(src, dst, dtype="bf16", overwrite=False, axes_dims_rope=N
     if checkpoint.converted_dir:
         raise GlanceError(f"{src} is already a converted glance_jax folder")
     model = model_from_config(checkpoint.config, dtype)
+    adapt_names(model, checkpoint)
     check_names_and_shapes(weight_table(abstract_params(model)), checkpoint.tensors, os.fspath(src))
     with atomic_directory(dst, overwrite) as tmp:
         params = read_params(model, checkpoint, dtype, where=os.fspath(src), progress=progress)
