@@ -102,13 +102,23 @@ def load_image(sample):
     return np.asarray(image, np.float32) / 127.5 - 1.0
 
 
-class PrecomputedEncoder:
-    """Reads `name.safetensors` beside each image (see the module docstring for its arrays)."""
+def _params_digest(kind, config, params, extra=b""):
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode() + extra)
+    for leaf in jax.tree_util.tree_leaves(params):
+        digest.update(np.asarray(leaf).tobytes())
+    return f"{kind}:{digest.hexdigest()}"
 
-    def __init__(self, latent_channels, text_dim, pooled_dim=None, vae_scale_factor=8, with_latents=True):
-        """`pooled_dim` None: the model takes no pooled text vector (Qwen-Image); `with_latents=False`: the
-        file only holds the text encodings (the latents come from the Flax VAE)."""
-        self.with_latents = with_latents
+
+class PrecomputedEncoder:
+    """Reads `name.safetensors` beside each image (see the module docstring for its arrays).
+
+    `with_latents` / `with_text` say which parts come from the file (the others come from the Flax VAE or
+    text encoders); `pooled_dim` None: the model takes no pooled text vector (Qwen-Image).
+    """
+
+    def __init__(self, latent_channels, text_dim, pooled_dim=None, vae_scale_factor=8, with_latents=True,
+                 with_text=True):
+        self.with_latents, self.with_text = with_latents, with_text
         self.latent_channels, self.text_dim, self.pooled_dim = latent_channels, text_dim, pooled_dim
         self.vae_scale_factor = vae_scale_factor
 
@@ -118,50 +128,49 @@ class PrecomputedEncoder:
     def identity(self, sample):
         path = self.path(sample)
         if not os.path.isfile(path):
+            wanted = " and ".join(w for w, on in (("latents", self.with_latents), ("text encodings", self.with_text))
+                                  if on)
             raise GlanceError(
-                f"{sample.image_path}: no encoded latents and embeddings ({os.path.basename(path)}); the Flax VAE "
-                "and text encoders are not ported yet, so write them with any tool (see glance_jax/data.py)")
+                f"{sample.image_path}: no encoded {wanted} ({os.path.basename(path)}): set config.model.vae_path / "
+                "config.model.text_encoder_path, or write them with any tool (see glance_jax/data.py)")
         with open(path, "rb") as f:
             return "precomputed:" + hashlib.sha256(f.read()).hexdigest()
 
     def encode(self, sample):
         path = self.path(sample)
         f = safetensors_io.SafetensorsFile(path)
-        required = (("latents",) if self.with_latents else ()) + ("prompt_embeds",) + (
-            ("pooled_prompt_embeds",) if self.pooled_dim else ())
+        required = (("latents",) if self.with_latents else ()) + (("prompt_embeds",) if self.with_text else ()) + (
+            ("pooled_prompt_embeds",) if self.pooled_dim and self.with_text else ())
         missing = [k for k in required if k not in f.tensors]
         if missing:
             raise GlanceError(f"{path}: missing arrays {', '.join(missing)}")
-        arrays = {k: f.read(k).astype(np.int32 if k.endswith("_mask") else np.float32) for k in f.keys()}
+        wanted = lambda k: self.with_latents if k == "latents" else self.with_text
+        arrays = {k: f.read(k).astype(np.int32 if k.endswith("_mask") else np.float32) for k in f.keys() if wanted(k)}
         want = {"latents": (sample.height // self.vae_scale_factor, sample.width // self.vae_scale_factor,
                             self.latent_channels)} if self.with_latents else {}
-        if self.pooled_dim:
+        if self.pooled_dim and self.with_text:
             want["pooled_prompt_embeds"] = (self.pooled_dim,)
         for key, shape in want.items():
             if arrays[key].shape != shape:
                 raise GlanceError(f"{path}: {key} has shape {arrays[key].shape}, training at "
                                   f"{sample.width}x{sample.height} needs {shape}")
-        embeds = arrays["prompt_embeds"]
-        if embeds.ndim != 2 or embeds.shape[1] != self.text_dim:
-            raise GlanceError(
-                f"{path}: prompt_embeds has shape {embeds.shape}, the model needs (tokens, {self.text_dim})")
+        if self.with_text and (arrays["prompt_embeds"].ndim != 2 or arrays["prompt_embeds"].shape[1] != self.text_dim):
+            raise GlanceError(f"{path}: prompt_embeds has shape {arrays['prompt_embeds'].shape}, the model needs "
+                              f"(tokens, {self.text_dim})")
         return arrays
 
 
 class VAEEncoder:
-    """Latents from a Flax VAE (FLUX.1's or Qwen-Image's), text encodings from the precomputed file."""
+    """The latents of the resized, cropped image from a Flax VAE (FLUX.1's or Qwen-Image's)."""
 
-    def __init__(self, vae_path, text):
+    def __init__(self, vae_path):
         from glance_jax.checkpoints import load_model
         self.vae, self.params = load_model(vae_path)
-        digest = hashlib.sha256(json.dumps(self.vae.to_config(), sort_keys=True).encode())
-        for leaf in jax.tree_util.tree_leaves(self.params):
-            digest.update(np.asarray(leaf).tobytes())
-        self.vae_identity, self.text = "vae:" + digest.hexdigest(), text
+        self._identity = _params_digest("vae", self.vae.to_config(), self.params)
         self._encode = jax.jit(lambda p, x: self.vae.apply({"params": p}, x, method="encode")[0])
 
     def identity(self, sample):
-        return self.vae_identity + "|" + self.text.identity(sample)
+        return self._identity
 
     def encode(self, sample):
         from glance_jax.models import AutoencoderKL
@@ -169,8 +178,50 @@ class VAEEncoder:
         image = load_image(sample)[None]
         video = not isinstance(self.vae, AutoencoderKL)
         mean = self._encode(self.params, image[:, None] if video else image)
-        latents = normalize_latents(self.vae, mean[:, 0] if video else mean)[0]
-        return {**self.text.encode(sample), "latents": np.asarray(latents, np.float32)}
+        return {"latents": np.asarray(normalize_latents(self.vae, mean[:, 0] if video else mean)[0], np.float32)}
+
+
+class FlaxTextEncoder:
+    """The caption's (and the empty prompt's) text encodings from the Flax text encoders of a pipeline folder."""
+
+    def __init__(self, family, path):
+        from glance_jax import prompts
+        cls = prompts.FluxPromptEncoder if family == "flux" else prompts.QwenImagePromptEncoder
+        self.family, self.encoder = family, cls.from_pretrained(path)
+        models = [self.encoder.clip, self.encoder.t5] if family == "flux" else [self.encoder.encoder]
+        tokenizers = [self.encoder.clip_tokenizer, self.encoder.t5_tokenizer] if family == "flux" else [
+            self.encoder.tokenizer]
+        vocab = json.dumps([sorted(t.get_vocab().items()) for t in tokenizers]).encode()
+        self._identity = _params_digest("text", [m.to_config() for m, _ in models], [p for _, p in models], vocab)
+
+    def identity(self, sample):
+        return self._identity
+
+    def encode(self, sample):
+        out = {}
+        for prefix, text in (("", sample.caption), ("empty_", " ")):  # " ": the official empty prompt
+            if self.family == "flux":
+                embeds, pooled, _ = self.encoder([text])
+                out[f"{prefix}pooled_prompt_embeds"] = np.asarray(pooled[0], np.float32)
+            else:
+                embeds, mask = self.encoder([text])
+                if mask is not None:
+                    out[f"{prefix}prompt_embeds_mask"] = np.asarray(mask[0], np.int32)
+            out[f"{prefix}prompt_embeds"] = np.asarray(embeds[0], np.float32)
+        return out
+
+
+class SampleEncoder:
+    """Latents from one source and text encodings from another, under one cache identity."""
+
+    def __init__(self, latents, text):
+        self.parts = [p for p in (latents, text) if p is not None]
+
+    def identity(self, sample):
+        return "|".join(p.identity(sample) for p in self.parts)
+
+    def encode(self, sample):
+        return {k: v for p in self.parts for k, v in p.encode(sample).items()}
 
 
 def encoded_sample(sample, encoder, cache_dir, resolution):

@@ -187,14 +187,15 @@ class GlancePipeline:
     """
 
     def __init__(self, model, params, scheduler_config, latent_channels=16, vae_scale_factor=8, vae=None,
-                 tiled_vae=False, mesh=None):
+                 tiled_vae=False, mesh=None, prompt_encoder=None):
         """`latent_channels` and `vae_scale_factor` describe the VAE (FLUX.1 and Qwen-Image: 16 and 8).
 
         `vae=(vae_model, vae_params)` enables `output_type="np"` and `"pil"`; `tiled_vae=True` decodes in
         tiles (diffusers' tiling), so large images fit in less memory. With a `mesh` (and params loaded
-        onto it, `from_pretrained(..., mesh=mesh)`), prompts are spread over its `data` axis.
+        onto it, `from_pretrained(..., mesh=mesh)`), prompts are spread over its `data` axis. A
+        `prompt_encoder` (glance_jax.prompts) lets calls pass `prompt=` strings instead of embeddings.
         """
-        self.mesh = mesh
+        self.mesh, self.prompt_encoder = mesh, prompt_encoder
         self.model, self.params, self.scheduler_config = model, params, dict(scheduler_config)
         self.latent_channels, self.vae_scale_factor = latent_channels, vae_scale_factor
         self.vae, self.tiled_vae = vae, tiled_vae
@@ -243,6 +244,12 @@ class GlancePipeline:
         from PIL import Image
         return [Image.fromarray((image * 255).round().astype(np.uint8)) for image in images]
 
+    def _encode(self, prompt):
+        if self.prompt_encoder is None:
+            raise GlanceError("prompt strings need a prompt encoder: build the pipeline with prompt_encoder=... "
+                              "(glance_jax.prompts), or pass prompt_embeds")
+        return self.prompt_encoder(prompt)
+
     def noise(self, seed, batch, height, width):
         """Packed Gaussian noise, one PRNG key per image: `seed` (int) gives images seed, seed + 1, ..."""
         seeds = [seed + i for i in range(batch)] if np.isscalar(seed) else list(seed)
@@ -261,9 +268,10 @@ def _packed_noise(seeds, h, w, channels):
 class FluxGlancePipeline(GlancePipeline):
     """Slow-Fast sampling for FLUX.1 with the transformer `(model, params)` and a scheduler config dict."""
 
-    def __call__(self, prompt_embeds, pooled_prompt_embeds, latents=None, height=1024, width=1024,
+    def __call__(self, prompt_embeds=None, pooled_prompt_embeds=None, latents=None, height=1024, width=1024,
                  num_inference_steps=None, schedule=None, guidance_scale=3.5, slow_lora=None, fast_lora=None,
-                 lora_scale=1.0, integration="consistent", seed=0, output_type="latent", lora_mode="merge"):
+                 lora_scale=1.0, integration="consistent", seed=0, output_type="latent", lora_mode="merge",
+                 prompt=None):
         """Samples packed latents (B, tokens, 64); arguments carry diffusers' FluxPipeline names.
 
         `seed` is an int or one int per prompt; `latents` (packed) overrides
@@ -272,6 +280,8 @@ class FluxGlancePipeline(GlancePipeline):
         base samples on the plain schedule, as diffusers' FluxPipeline does.
         `guidance_scale` feeds FLUX.1-dev's guidance embedding (no second pass).
         """
+        if prompt is not None:
+            prompt_embeds, pooled_prompt_embeds, _ = self._encode(prompt)
         prompt_embeds = jnp.asarray(prompt_embeds, self.model.dtype)
         batch, text_len = prompt_embeds.shape[:2]
         rows, cols = flux_latent_grid(height, width, self.vae_scale_factor)
@@ -286,18 +296,25 @@ class FluxGlancePipeline(GlancePipeline):
 class QwenImageGlancePipeline(GlancePipeline):
     """Slow-Fast sampling for Qwen-Image with true CFG, from the transformer `(model, params)` and a scheduler dict."""
 
-    def __call__(self, prompt_embeds, prompt_embeds_mask=None, negative_prompt_embeds=None,
+    def __call__(self, prompt_embeds=None, prompt_embeds_mask=None, negative_prompt_embeds=None,
                  negative_prompt_embeds_mask=None, true_cfg_scale=4.0, latents=None, height=1024, width=1024,
                  num_inference_steps=None, schedule=None, slow_lora=None, fast_lora=None, lora_scale=1.0,
-                 integration="consistent", seed=0, output_type="latent", lora_mode="merge"):
+                 integration="consistent", seed=0, output_type="latent", lora_mode="merge", prompt=None,
+                 negative_prompt=None):
         """Samples packed latents (B, tokens, 64); arguments carry diffusers' QwenImagePipeline names.
 
         True CFG (two transformer passes a step, norm rescale) runs when
         `negative_prompt_embeds` is given and `true_cfg_scale > 1`, as in
         diffusers; otherwise one pass. The official Glance pipeline uses
         `true_cfg_scale=5` with the negative prompt " ". Masks are 1 for real
-        tokens and 0 for padding; None means no padding.
+        tokens and 0 for padding; None means no padding. `prompt` / `negative_prompt` strings go through
+        the pipeline's prompt encoder (the official Glance pipeline uses `negative_prompt=" "`).
         """
+        if prompt is not None:
+            prompt_embeds, prompt_embeds_mask = self._encode(prompt)
+        if negative_prompt is not None:
+            negative_prompt_embeds, negative_prompt_embeds_mask = self._encode(
+                [negative_prompt] * prompt_embeds.shape[0] if isinstance(negative_prompt, str) else negative_prompt)
         prompt_embeds = jnp.asarray(prompt_embeds, self.model.dtype)
         batch = prompt_embeds.shape[0]
         rows, cols = flux_latent_grid(height, width, self.vae_scale_factor)

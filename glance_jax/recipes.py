@@ -22,6 +22,7 @@ def official(family, phase):
     c.model = ml_collections.ConfigDict()
     c.model.path = ""  # any checkpoint glance-jax loads: diffusers folder, BFL file, converted folder
     c.model.vae_path = ""  # the VAE folder (e.g. FLUX.1-dev/vae): encodes the image; empty: latents precomputed
+    c.model.text_encoder_path = ""  # the pipeline folder with text_encoder(s) and tokenizer(s); empty: precomputed
     c.model.dtype = "bf16"  # the frozen base; LoRA and optimizer state are always fp32
     c.model.remat_policy = "none"  # "none", "full", "dots", "dots_saveable"
     c.model.guidance = 1.0  # FLUX.1-dev's guidance input during training, as the official code passes it

@@ -237,11 +237,16 @@ class Run:
                               f"{config.family!r}")
         if not self.model.guidance_embeds and config.model.guidance not in (None, 1.0):
             raise GlanceError("config.model.guidance: this model has no guidance embedding")
-        encoder = data.PrecomputedEncoder(self.model.in_channels // 4, self.model.joint_attention_dim,
-                                          getattr(self.model, "pooled_projection_dim", None),
-                                          config.data.vae_scale_factor, with_latents=not config.model.vae_path)
-        if config.model.vae_path:
-            encoder = data.VAEEncoder(os.path.expanduser(config.model.vae_path), encoder)
+        pooled = getattr(self.model, "pooled_projection_dim", None)  # FLUX's CLIP vector; Qwen-Image has none
+        precomputed = data.PrecomputedEncoder(self.model.in_channels // 4, self.model.joint_attention_dim, pooled,
+                                              config.data.vae_scale_factor, with_latents=not config.model.vae_path,
+                                              with_text=not config.model.text_encoder_path)
+        encoder = data.SampleEncoder(
+            data.VAEEncoder(os.path.expanduser(config.model.vae_path)) if config.model.vae_path else None,
+            data.FlaxTextEncoder(config.family, os.path.expanduser(config.model.text_encoder_path))
+            if config.model.text_encoder_path else None)
+        if not (config.model.vae_path and config.model.text_encoder_path):
+            encoder.parts.append(precomputed)
         cache = os.path.expanduser(config.data.cache_dir or os.path.join("~", ".cache", "glance_jax"))
         arrays, self.cache_hit = data.encoded_sample(self.sample, encoder, cache, config.data.resolution)
         if config.data.caption_dropout > 0 and "empty_prompt_embeds" not in arrays:

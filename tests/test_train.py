@@ -171,7 +171,7 @@ def test_nan_loss_stops_with_a_clear_message(setup, tmp_path, capsys):
     ("unreadable", "unreadable image"),
     ("small", "smaller than the training resolution 256"),
     ("empty", "no images"),
-    ("no_encoding", "no encoded latents and embeddings"),
+    ("no_encoding", "no encoded latents and text encodings"),
 ])
 def test_bad_sample_folders(setup, tmp_path, capsys, problem, message):
     folder = tmp_path / "sample"
