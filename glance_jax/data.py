@@ -8,10 +8,11 @@ and centre-cropped to a multiple of `multiple` pixels.
 Encoded arrays (latents and text embeddings) are cached on disk under a key
 that hashes the image bytes, the caption, the training size and the encoder's
 identity, so a second run skips the encoders. With `config.model.vae_path` the
-Flax VAE encodes the image (`VAEEncoder`); until the Flax text encoders land,
-the text encodings (and, without a VAE, the latents too) come from
-`PrecomputedEncoder`: a `name.safetensors` file beside the image, written by
-any tool, with these arrays (FLUX):
+Flax VAE encodes the image (`VAEEncoder`), with `config.model.text_encoder_path`
+the Flax text encoders encode the caption and the empty prompt
+(`FlaxTextEncoder`); whatever neither gives comes from `PrecomputedEncoder`:
+a `name.safetensors` file beside the image, written by any tool, with these
+arrays (FLUX):
 - `latents` (H/8, W/8, 16): the VAE latent mean of the resized, cropped image,
   normalised as diffusers trains on it: `(mean - shift_factor) * scaling_factor`;
 - `prompt_embeds` (T, 4096): T5 hidden states of the caption;

@@ -1,7 +1,8 @@
 """`glance-jax sample` and `glance-jax eval`: sampling and teacher agreement from the command line.
 
-Prompts come as cached text embeddings (the Flax text encoders are not
-ported yet): a .safetensors file with `prompt_embeds` (N, T, D), for FLUX
+Prompts are encoded by the Flax text encoders of a pipeline folder
+(`--text_encoders`), or come as cached text embeddings: a .safetensors file
+with `prompt_embeds` (N, T, D), for FLUX
 `pooled_prompt_embeds` (N, D), for Qwen-Image optionally `prompt_embeds_mask`
 (N, T), and the captions as a JSON list in its metadata under "captions" (the
 demo's glance_jax/demo/assets/prompts.safetensors is such a file). Models
@@ -51,8 +52,18 @@ def _pipeline(model_path, scheduler_path=None, vae_path=None):
     return pipe, family, pixels
 
 
-def _embeddings(path, captions):
-    """Arrays for `captions` (in order) from an embeddings file."""
+def _embeddings(path, captions, text_encoders=None, family="flux"):
+    """Arrays for `captions` (in order): encoded by the Flax text encoders, or read from an embeddings file."""
+    if text_encoders:
+        from glance_jax import prompts
+        if family == "flux":
+            embeds, pooled, _ = prompts.FluxPromptEncoder.from_pretrained(text_encoders)(captions)
+            return {"prompt_embeds": np.asarray(embeds), "pooled_prompt_embeds": np.asarray(pooled)}
+        embeds, mask = prompts.QwenImagePromptEncoder.from_pretrained(text_encoders)(captions)
+        arrays = {"prompt_embeds": np.asarray(embeds)}
+        if mask is not None:
+            arrays["prompt_embeds_mask"] = np.asarray(mask)
+        return arrays
     from glance_jax.demo import teacher
     f = safetensors_io.SafetensorsFile(path or teacher.PROMPTS_FILE)
     try:
@@ -105,6 +116,8 @@ def _common_flags(p):
     p.add_argument("--scheduler", default=None, help="diffusers scheduler_config.json (default: the model's)")
     p.add_argument("--embeddings", default=None, help=EMBEDDINGS_HELP + " (default: the demo's)")
     p.add_argument("--vae", default=None, help="VAE folder of a latent model: PNG output and pixel metrics")
+    p.add_argument("--text_encoders", default=None,
+                   help="pipeline folder with the text encoder(s) and tokenizer(s): any prompt, no embeddings file")
     p.add_argument("--slow_lora", default=None, help="Slow-LoRA file (any layout load_lora reads)")
     p.add_argument("--fast_lora", default=None, help="Fast-LoRA file")
     p.add_argument("--schedule", default="official", help="'official' or slow|fast steps, e.g. '1,5,9|16,31,46'")
@@ -129,7 +142,7 @@ def sample_main(argv):
     if args.out.endswith(".png") and not pixels and pipe.vae is None:
         raise GlanceError("PNG output of a latent model needs its VAE: pass --vae, or use --out x.safetensors")
     height, width, tokens = _sizes(args, pipe, pixels)
-    arrays = _embeddings(args.embeddings, [args.prompt])
+    arrays = _embeddings(args.embeddings, [args.prompt], args.text_encoders, family)
     kw = dict(num_inference_steps=args.steps) if args.steps else _schedule_kwargs(args, family, tokens)
     if not args.steps:
         kw["slow_lora"] = load_lora(args.slow_lora, pipe.params) if args.slow_lora else None
@@ -175,7 +188,8 @@ def eval_main(argv):
     decode = not pixels and pipe.vae is not None
     pixels = pixels or decode
     batch_captions = [c for c in captions for _ in seeds]
-    arrays = {k: jnp.asarray(v) for k, v in _embeddings(args.embeddings, batch_captions).items()}
+    arrays = {k: jnp.asarray(v) for k, v in _embeddings(args.embeddings, batch_captions, args.text_encoders,
+                                                         family).items()}
     batch_seeds = [s for _ in captions for s in seeds]
     glance = _schedule_kwargs(args, family, tokens)
     glance["slow_lora"] = load_lora(args.slow_lora, pipe.params) if args.slow_lora else None
