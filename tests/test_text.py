@@ -195,3 +195,24 @@ def test_pipeline_prompts_and_trainer_captions_without_pytorch(folders, tmp_path
     assert "empty_cond" in run.batch  # the empty prompt " " is encoded too, for caption dropout
     run.train()
     assert Run(c, tmp_path / "run").cache_hit
+
+
+def test_qwen_pipeline_takes_prompt_strings(folders, tmp_path):
+    from diffusers import QwenImageTransformer2DModel as TorchQwen
+
+    from glance_jax.models import QwenImageTransformer2DModel
+    from glance_jax.pipelines import QwenImageGlancePipeline
+    from glance_jax.schedules import QWEN_IMAGE_SCHEDULER
+    root, _ = folders
+    randomize_(TorchQwen(patch_size=2, in_channels=64, out_channels=16, num_layers=1, attention_head_dim=16,
+                         num_attention_heads=2, joint_attention_dim=32, axes_dims_rope=[4, 6, 6]), seed=0
+               ).save_pretrained(tmp_path)
+    model, params = QwenImageTransformer2DModel.from_pretrained(tmp_path)
+    encoder = QwenImagePromptEncoder.from_pretrained(root / "qwen")
+    pipe = QwenImageGlancePipeline(model, params, QWEN_IMAGE_SCHEDULER, prompt_encoder=encoder)
+    kw = dict(height=32, width=48, num_inference_steps=2, true_cfg_scale=5.0, seed=[0, 1])
+    by_string = pipe(prompt=["a red fox", "two dogs on grass"], negative_prompt=" ", **kw)
+    embeds, mask = encoder(["a red fox", "two dogs on grass"])
+    negative, negative_mask = encoder([" ", " "])
+    by_embeds = pipe(embeds, mask, negative, negative_mask, **kw)
+    np.testing.assert_array_equal(np.asarray(by_string), np.asarray(by_embeds))
