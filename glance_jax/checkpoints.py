@@ -88,8 +88,7 @@ def _torch_shape(flax_shape, transpose):
     return (flax_shape[-1], flax_shape[-2], *flax_shape[:-2])
 
 
-_TORCH_LEAF = {"kernel": "weight", "bias": "bias", "scale": "weight", "gamma": "gamma", "embedding": "weight",
-               "weight": "weight"}
+_TORCH_LEAF = {"kernel": "weight", "bias": "bias", "scale": "weight", "gamma": "gamma", "embedding": "weight"}
 
 
 def abstract_params(model):

@@ -4,7 +4,8 @@ Each is a linen module with transformers' parameter names (so transformers
 checkpoints load through the same table as the transformers above),
 `from_pretrained(path, dtype)` for a transformers model folder or a converted
 one, and `apply({"params": p}, input_ids, attention_mask)`. Attention masks
-are 1 for real tokens and 0 for padding. Norms and softmax run in float32.
+are 1 for real tokens and 0 for padding. Norms and softmax run in float32
+(T5's and Qwen2's RMS norms are `layers.RMSNorm`, its `scale` is their `weight`).
 """
 
 import math
@@ -16,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from glance_jax.models.base import PretrainedModel
-from glance_jax.models.layers import Dense
+from glance_jax.models.layers import Dense, RMSNorm  # RMSNorm: T5LayerNorm and Qwen2RMSNorm alike
 
 Dtype = Any
 NEG = -1e30  # masked logits (finite, so fully masked rows stay NaN-free)
@@ -138,20 +139,6 @@ def t5_relative_buckets(length, num_buckets=32, max_distance=128):
     return buckets + np.where(relative < exact, relative, large)
 
 
-class T5Norm(nn.Module):
-    """T5's RMS norm: variance in float32, no mean subtraction, no bias; param `weight`."""
-
-    eps: float
-    dtype: Dtype
-
-    @nn.compact
-    def __call__(self, x):
-        weight = self.param("weight", nn.initializers.ones, (x.shape[-1],), self.dtype)
-        x32 = x.astype(jnp.float32)
-        return weight * (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)).astype(
-            weight.dtype)
-
-
 class T5Block(nn.Module):
     heads: int
     d_kv: int
@@ -162,13 +149,13 @@ class T5Block(nn.Module):
     @nn.compact
     def __call__(self, x, bias):
         d = x.shape[-1]
-        h = T5Norm(self.eps, self.dtype, name="layer.0.layer_norm")(x)
+        h = RMSNorm(self.eps, self.dtype, self.dtype, name="layer.0.layer_norm")(x)
         split = lambda y: y.reshape(*y.shape[:2], self.heads, self.d_kv)
         q, k, v = (split(_dense(self.heads * self.d_kv, f"layer.0.SelfAttention.{n}", self.dtype, False)(h))
                    for n in "qkv")
         out = _attend(q, k, v, bias, 1.0).reshape(*x.shape[:2], -1)  # T5 does not scale its logits
         x = x + _dense(d, "layer.0.SelfAttention.o", self.dtype, False)(out)
-        h = T5Norm(self.eps, self.dtype, name="layer.1.layer_norm")(x)
+        h = RMSNorm(self.eps, self.dtype, self.dtype, name="layer.1.layer_norm")(x)
         gated = jax.nn.gelu(_dense(self.d_ff, "layer.1.DenseReluDense.wi_0", self.dtype, False)(h), approximate=True)
         h = gated * _dense(self.d_ff, "layer.1.DenseReluDense.wi_1", self.dtype, False)(h)
         return x + _dense(d, "layer.1.DenseReluDense.wo", self.dtype, False)(h)
@@ -211,7 +198,7 @@ class T5EncoderModel(TextEncoder, nn.Module):
         for i in range(self.num_layers):
             x = T5Block(self.num_heads, self.d_kv, self.d_ff, self.layer_norm_epsilon, self.dtype,
                         name=f"encoder.block.{i}")(x, bias)
-        return T5Norm(self.layer_norm_epsilon, self.dtype, name="encoder.final_layer_norm")(x)
+        return RMSNorm(self.layer_norm_epsilon, self.dtype, self.dtype, name="encoder.final_layer_norm")(x)
 
 
 # ---- Qwen2.5-VL language model ----
@@ -227,7 +214,7 @@ class QwenLayer(nn.Module):
     def __call__(self, x, bias, cos, sin):
         d = x.shape[-1]
         head_dim = d // self.heads
-        h = QwenRMSNorm(self.eps, self.dtype, name="input_layernorm")(x)
+        h = RMSNorm(self.eps, self.dtype, self.dtype, name="input_layernorm")(x)
         q = _dense(self.heads * head_dim, "self_attn.q_proj", self.dtype)(h)
         k = _dense(self.kv_heads * head_dim, "self_attn.k_proj", self.dtype)(h)
         v = _dense(self.kv_heads * head_dim, "self_attn.v_proj", self.dtype)(h)
@@ -238,24 +225,10 @@ class QwenLayer(nn.Module):
         k, v = jnp.repeat(k, repeat, axis=2), jnp.repeat(v, repeat, axis=2)
         out = _attend(q, k, v, bias, head_dim ** -0.5).reshape(*x.shape[:2], -1)
         x = x + _dense(d, "self_attn.o_proj", self.dtype, False)(out)
-        h = QwenRMSNorm(self.eps, self.dtype, name="post_attention_layernorm")(x)
+        h = RMSNorm(self.eps, self.dtype, self.dtype, name="post_attention_layernorm")(x)
         h = jax.nn.silu(_dense(self.intermediate, "mlp.gate_proj", self.dtype, False)(h)) * _dense(
             self.intermediate, "mlp.up_proj", self.dtype, False)(h)
         return x + _dense(d, "mlp.down_proj", self.dtype, False)(h)
-
-
-class QwenRMSNorm(nn.Module):
-    """Qwen2's RMSNorm: normalised in float32, cast back, then scaled by `weight`."""
-
-    eps: float
-    dtype: Dtype
-
-    @nn.compact
-    def __call__(self, x):
-        weight = self.param("weight", nn.initializers.ones, (x.shape[-1],), self.dtype)
-        x32 = x.astype(jnp.float32)
-        return weight * (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)).astype(
-            x.dtype)
 
 
 def rotate(x, cos, sin):
@@ -313,4 +286,4 @@ class Qwen25VLTextModel(TextEncoder, nn.Module):
         for i in range(self.num_hidden_layers):
             x = QwenLayer(self.num_attention_heads, self.num_key_value_heads, self.intermediate_size,
                           self.rms_norm_eps, self.dtype, name=f"model.layers.{i}")(x, bias, cos, sin)
-        return QwenRMSNorm(self.rms_norm_eps, self.dtype, name="model.norm")(x)
+        return RMSNorm(self.rms_norm_eps, self.dtype, self.dtype, name="model.norm")(x)
