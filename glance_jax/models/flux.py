@@ -213,6 +213,15 @@ class SingleStreamBlock(nn.Module):
         return (x[:, txt.shape[1]:], x[:, :txt.shape[1]]), None
 
 
+def output_layer(img, temb, features, kw):
+    """`norm_out` (diffusers' AdaLayerNormContinuous: scale, then shift) and `proj_out`; FLUX and Qwen-Image alike.
+
+    Called inside a model's compact `__call__`, so both layers become its children.
+    """
+    scale, shift = jnp.split(Dense(2 * img.shape[-1], **kw, name="norm_out.linear")(jax.nn.silu(temb)), 2, axis=-1)
+    return Dense(features, **kw, name="proj_out")(modulate(layer_norm(img), shift, scale))
+
+
 def block_stack(block_cls, length, remat_policy, unroll, broadcast_args=3):
     """`length` copies of `block_cls` with parameters (and LoRAs) stacked on axis 0, run by `nn.scan`.
 
@@ -278,11 +287,8 @@ class FluxTransformer2DModel(PretrainedModel, nn.Module):
                 **blocks, name="single_transformer_blocks")(carry, temb, cos, sin)
         img = carry[0]
 
-        emb = Dense(2 * dim, **kw, name="norm_out.linear")(jax.nn.silu(temb))
-        scale, shift = jnp.split(emb, 2, axis=-1)  # diffusers' AdaLayerNormContinuous: scale first
-        img = modulate(layer_norm(img), shift, scale)
         out_channels = self.out_channels or self.in_channels
-        return Dense(self.patch_size ** 2 * out_channels, **kw, name="proj_out")(img)
+        return output_layer(img, temb, self.patch_size ** 2 * out_channels, kw)
 
     def example_inputs(self, batch=1, image_tokens=1, text_tokens=1):
         """Zero inputs of the right shapes: enough to initialise or trace the model."""

@@ -20,7 +20,7 @@ import numpy as np
 
 from glance_jax.errors import GlanceError
 from glance_jax.models.base import PretrainedModel
-from glance_jax.models.flux import DoubleStreamAttention, EmbedND, FeedForward, block_stack
+from glance_jax.models.flux import DoubleStreamAttention, EmbedND, FeedForward, block_stack, output_layer
 from glance_jax.models.layers import Dense, MLPEmbedder, RMSNorm, layer_norm, modulate, timestep_sinusoid
 
 Dtype = Any
@@ -129,10 +129,7 @@ class QwenImageTransformer2DModel(PretrainedModel, nn.Module):
         stack = block_stack(DualStreamBlock, self.num_layers, self.remat_policy, self.scan_unroll, broadcast_args=4)
         (img, _), _ = stack(**blocks, name="transformer_blocks")((img, txt), temb, cos, sin, mask)
 
-        emb = Dense(2 * dim, **kw, name="norm_out.linear")(jax.nn.silu(temb))
-        scale, shift = jnp.split(emb, 2, axis=-1)
-        img = modulate(layer_norm(img), shift, scale)
-        return Dense(self.patch_size ** 2 * self.out_channels, **kw, name="proj_out")(img)
+        return output_layer(img, temb, self.patch_size ** 2 * self.out_channels, kw)
 
     def example_inputs(self, batch=1, height=1, width=1, text_tokens=1):
         """Zero inputs for a (height, width) grid of packed tokens: enough to initialise or trace the model."""
