@@ -148,11 +148,12 @@ def plan(args, model=None):
     optimal = None
     if tpu:
         optimal, seen_flops = compiler_estimate(model, args, mesh, within)
-        if impl == "splash":  # Pallas kernels carry no cost estimate: add the FLOPs the compiler did not see
+        if optimal is not None and impl == "splash":  # Pallas kernels carry no cost estimate: add at peak
             optimal += max(0.0, flops / n - seen_flops) / (peak_tflops * 1e12)
     per_image = flops / batch * args.glance_steps if args.task == "sample" else None
     result = {"model": args.model, "task": args.task, "resolution": args.resolution, "mesh": sizes,
-              "devices": n, "dtype": args.dtype, "remat": args.remat, "backend": "tpu" if tpu else jax.default_backend(),
+              "devices": n, "dtype": args.dtype, "remat": args.remat,
+              "backend": "tpu" if tpu else jax.default_backend(),
               "target": args.target, "attention": impl,
               "hbm_bytes_per_chip": hbm, "fits": None if hbm is None else bool(peak <= hbm),
               "params_bytes_per_device": program["params_bytes"], "trainable_bytes_per_device": program["trainable"],
@@ -249,7 +250,7 @@ def step_program(model, args, mesh):
 
 
 def compiler_estimate(model, args, mesh, within):
-    """The TPU compiler's `optimal_seconds` and FLOPs per device for the whole step.
+    """The TPU compiler's `optimal_seconds` and FLOPs per device for the whole step (None if blocks do not fit).
 
     XLA's cost analysis counts a loop's body once, so it is read from small
     unrolled copies of the model: one block per stack, then two blocks in one
@@ -264,13 +265,15 @@ def compiler_estimate(model, args, mesh, within):
         with within():
             compiled, oom = compile_or_oom(program["lower"])
         if oom:
-            from glance_jax.errors import GlanceError
-            raise GlanceError(f"even one block a stack needs {oom[0] / 2 ** 30:.2f} of {oom[1] / 2 ** 30:.2f} GiB")
+            return None
         found = compiled_cost(compiled)
         return np.array([found["optimal_seconds"], found["flops"]])
 
     one = cost()
-    total = one + sum((getattr(model, name) - 1) * (cost(**{name: 2}) - one) for name in stacks)
+    more = [cost(**{name: 2}) for name in stacks] if one is not None else []
+    if one is None or any(m is None for m in more):
+        return None, None  # not even two blocks fit a chip
+    total = one + sum((getattr(model, name) - 1) * (m - one) for name, m in zip(stacks, more))
     return float(total[0]), float(total[1])
 
 

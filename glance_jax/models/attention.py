@@ -139,7 +139,10 @@ def _splash_local(q, k, v, mask):
 
 
 def _splash_kernel(heads, length, interpret):
-    """A new (not cached: its block tables are arrays of the calling trace) splash kernel for `heads` heads over a full (length x length) mask, blocks of up to 512."""
+    """A splash kernel for `heads` heads over a full (length x length) mask, blocks of up to 512.
+
+    Made anew in each trace, not cached: its block tables become arrays of the calling trace.
+    """
     from jax.experimental.pallas.ops.tpu import splash_attention as splash
     block = next(b for b in (512, 256, 128) if length % b == 0)
     sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
