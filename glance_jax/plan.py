@@ -16,7 +16,10 @@ its chips. The figures are then the TPU's own: per-chip HBM peak against the
 chip's HBM (a program that does not fit is the compiler's refusal, reported as
 "does not fit: needs X of Y GiB"), and the compiler's roofline estimate of
 the step's time (`optimal_seconds`) beside the FLOP bound. "auto" attention is
-then Pallas splash attention (never materialises the logits).
+then Pallas splash attention (never materialises the logits). `--target h100`
+compiles for one H100 the same way, through the CUDA PJRT plugin and a target
+description (no GPU or driver needed; `glance_jax[gpu-plan]`), with cuDNN's
+flash attention; XLA's GPU compiler gives memory but no time estimate.
 
     glance-jax plan --model flux-dev --resolution 1024 --mesh fsdp=4 --task train
     glance-jax plan --model qwen-image --mesh data=2,fsdp=4 --task sample --json
@@ -44,6 +47,21 @@ TARGETS = {
     "v6e-8": ("v6e:2x4", (2, 4, 1), 31.25, 918.0),
     "v5p-8": ("v5p:2x2x1", (2, 2, 1), 95.74, 459.0),
 }
+# GPUs, compiled without a GPU through the CUDA PJRT plugin and a target description (XLA's GpuTargetConfig:
+# an H100 SXM's limits, its 80 GB (79.1 GiB) of HBM, CUDA 12.8, cuDNN 9): (description, dense bf16 TFLOP/s).
+H100_CONFIG = """
+gpu_device_info {
+  threads_per_block_limit: 1024 threads_per_warp: 32 shared_memory_per_block: 49152
+  shared_memory_per_core: 233472 threads_per_core_limit: 2048 core_count: 132 fpus_per_core: 128
+  block_dim_limit_x: 2147483647 block_dim_limit_y: 65535 block_dim_limit_z: 65535
+  memory_bandwidth: 3352320000000 l2_cache_size: 52428800 clock_rate_ghz: 1.98
+  device_memory_size: 84929347584 shared_memory_per_block_optin: 232448
+  cuda_compute_capability { major: 9 } registers_per_core_limit: 65536 registers_per_block_limit: 65536
+}
+platform_name: "CUDA" dnn_version_info { major: 9 minor: 7 } runtime_version { major: 12 minor: 8 }
+device_description_str: "NVIDIA H100 80GB HBM3"
+"""
+GPU_TARGETS = {"h100": (H100_CONFIG, 84929347584, 989.0)}
 OOM = re.compile(r"required for [^(]*\(([\d.]+)G\) exceeds available HBM \(([\d.]+)G\)")
 
 
@@ -52,8 +70,8 @@ def parser():
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, choices=sorted(MODELS))
     p.add_argument("--resolution", type=int, default=1024, help="square image side in pixels")
-    p.add_argument("--target", default="cpu", choices=["cpu", *TARGETS],
-                   help="cpu (this machine's compiler) or a TPU slice compiled through libtpu")
+    p.add_argument("--target", default="cpu", choices=["cpu", *TARGETS, *GPU_TARGETS],
+                   help="cpu (this machine's compiler), a TPU slice (through libtpu) or h100 (CUDA plugin)")
     p.add_argument("--mesh", default=None,
                    help="e.g. fsdp=4 or data=2,fsdp=4 (axes data, fsdp, tensor); default fsdp over all chips")
     p.add_argument("--task", default="train", choices=["train", "sample"])
@@ -98,6 +116,19 @@ def tpu_devices(target):
     return topologies.get_topology_desc(topology, "tpu", chips_per_host_bounds=list(per_host)).devices
 
 
+def gpu_devices(target):
+    """One GPU as a compile-only device: XLA's GPU compiler from the CUDA PJRT plugin, no GPU or driver needed."""
+    from glance_jax.errors import GlanceError
+    os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")  # no CUDA runtime here: only the compiler is used
+    from jax.experimental import topologies
+    try:
+        return topologies.get_topology_desc(platform="cuda", topology="1x1x1",
+                                            target_config=GPU_TARGETS[target][0]).devices
+    except NotImplementedError:
+        raise GlanceError(f"--target {target} compiles with XLA's GPU compiler: install the gpu-plan extra "
+                          "(pip install 'glance_jax[gpu-plan]')") from None
+
+
 def compile_or_oom(lower):
     """`lower().compile()`, or None and the compiler's (needed, available) bytes when it does not fit in HBM."""
     import jax
@@ -120,16 +151,17 @@ def plan(args, model=None):
     from glance_jax.errors import GlanceError
     from glance_jax.models import attention
 
-    tpu = args.target in TARGETS
-    devices = tpu_devices(args.target) if tpu else jax.devices()
+    tpu, gpu = args.target in TARGETS, args.target in GPU_TARGETS
+    devices = tpu_devices(args.target) if tpu else gpu_devices(args.target) if gpu else jax.devices()
     sizes = sharding.parse_mesh(args.mesh or f"fsdp={len(devices)}")
     n = math.prod(sizes.values())
-    if tpu and n != len(devices):
+    if (tpu or gpu) and n != len(devices):
         raise GlanceError(f"mesh {args.mesh} has {n} positions, {args.target} has {len(devices)} chips")
     mesh = sharding.make_mesh(sizes, devices[:n])
     peak_tflops = args.peak_tflops or (TARGETS[args.target][3] if tpu else 989.0)
+    platform = "tpu" if tpu else "gpu" if gpu else jax.default_backend()
     model = model or build(args.model, args.dtype, args.remat, args.attention)
-    within = lambda: _tpu_context(mesh, attention.compiling_for("tpu")) if tpu else contextlib.ExitStack()
+    within = lambda: _context(mesh, attention.compiling_for(platform)) if tpu or gpu else contextlib.ExitStack()
     with within():
         impl = attention.resolve(model.attention_impl)
     program = step_program(model, args, mesh)
@@ -138,7 +170,7 @@ def plan(args, model=None):
         compiled, oom = compile_or_oom(program["lower"])
     compile_s = time.perf_counter() - start
     flops, batch = program["flops"](), program["batch"]
-    hbm = int(TARGETS[args.target][2] * 2 ** 30) if tpu else None
+    hbm = int(TARGETS[args.target][2] * 2 ** 30) if tpu else GPU_TARGETS[args.target][1] if gpu else None
     if oom:
         peak, hbm = oom
     else:
@@ -153,7 +185,7 @@ def plan(args, model=None):
     per_image = flops / batch * args.glance_steps if args.task == "sample" else None
     result = {"model": args.model, "task": args.task, "resolution": args.resolution, "mesh": sizes,
               "devices": n, "dtype": args.dtype, "remat": args.remat,
-              "backend": "tpu" if tpu else jax.default_backend(),
+              "backend": platform,
               "target": args.target, "attention": impl,
               "hbm_bytes_per_chip": hbm, "fits": None if hbm is None else bool(peak <= hbm),
               "params_bytes_per_device": program["params_bytes"], "trainable_bytes_per_device": program["trainable"],
@@ -278,8 +310,9 @@ def compiler_estimate(model, args, mesh, within):
 
 
 @contextlib.contextmanager
-def _tpu_context(mesh, compiling_for):
-    """The mesh as JAX's context mesh (splash attention's `shard_map` reads it) and "auto" meaning TPU kernels."""
+def _context(mesh, compiling_for):
+    """The mesh as JAX's context mesh (splash attention's `shard_map` reads it) and "auto" meaning the target's
+    kernels."""
     import jax
     with jax.set_mesh(mesh), compiling_for:
         yield
