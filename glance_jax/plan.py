@@ -177,7 +177,7 @@ def plan(args, model=None):
         memory = compiled.memory_analysis()
         peak = (memory.argument_size_in_bytes + memory.output_size_in_bytes + memory.temp_size_in_bytes
                 - memory.alias_size_in_bytes)
-    optimal = None
+    optimal = seen_flops = None
     if tpu:
         optimal, seen_flops = compiler_estimate(model, args, mesh, within)
         if optimal is not None and impl == "splash":  # Pallas kernels carry no cost estimate: add at peak
@@ -193,7 +193,7 @@ def plan(args, model=None):
               "flops_per_step": flops, "flops_per_glance_image": per_image, "compile_seconds": compile_s,
               "peak_tflops": peak_tflops,
               "seconds_per_step_at_peak": flops / (n * peak_tflops * 1e12),
-              "optimal_seconds_per_step": optimal}
+              "optimal_seconds_per_step": optimal, "compiler_flops_per_device": seen_flops}
     if per_image is not None:
         result["seconds_per_glance_image_at_peak"] = per_image * batch / (n * peak_tflops * 1e12) / batch
         result["optimal_seconds_per_glance_image"] = None if optimal is None else optimal * args.glance_steps / batch
