@@ -21,8 +21,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 CACHE = os.path.join(HERE, "plan_table.json")
 
 # (model, task, target, remat, attention), most informative first.
-FIRST = [("flux-dev", "train", "v5e-8", "none", "splash"), ("flux-dev", "train", "v5e-8", "none", "xla"),
-         ("flux-dev", "sample", "v6e-4", "none", "splash"), ("flux-dev", "sample", "v6e-4", "none", "xla"),
+FIRST = [("flux-dev", "train", "v5e-8", "none", "splash"), ("flux-dev", "sample", "v6e-4", "none", "splash"),
+         ("flux-dev", "train", "v5e-8", "none", "xla"), ("flux-dev", "sample", "v6e-4", "none", "xla"),
          ("qwen-image", "sample", "v6e-4", "none", "splash"), ("qwen-image", "train", "v5e-8", "none", "splash"),
          ("flux-dev", "train", "v6e-4", "none", "splash"), ("qwen-image", "train", "v6e-4", "none", "splash")]
 REST = [(model, task, target, remat, attention) for model in ("flux-dev", "qwen-image")

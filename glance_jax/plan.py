@@ -108,9 +108,6 @@ def tpu_devices(target):
         raise GlanceError(f"--target {target} compiles with XLA's TPU compiler: install the libtpu extra "
                           "(pip install 'glance_jax[tpu-plan]')") from None
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # other JAX processes may hold libtpu's lock file
-    # Without these, libtpu looks for a TPU VM's metadata and prints warnings; the topology below is explicit.
-    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
-    os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-1")
     from jax.experimental import topologies
     topology, per_host, _, _ = TARGETS[target]
     return topologies.get_topology_desc(topology, "tpu", chips_per_host_bounds=list(per_host)).devices
