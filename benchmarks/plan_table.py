@@ -47,6 +47,11 @@ def plan(model, task, target, remat, attention):
     return result
 
 
+def seconds(value, digits):
+    """A compiler estimate, or "n/a" where it gave none (a negative optimal_seconds: an op it could not cost)."""
+    return "n/a" if value is None or value < 0 else f"{value:.{digits}f}"
+
+
 def table(cache):
     gib = lambda b: f"{b / 2 ** 30:.2f}"
     rows = ["| model | task | target | remat | attention | peak / chip GiB | fits | TFLOP / step | "
@@ -59,16 +64,13 @@ def table(cache):
         if "error" in r:
             rows.append(f"| {' | '.join(run)} | error: {r['error']} |" + " |" * 8)
             continue
-        image = r.get("optimal_seconds_per_glance_image")
-        rows.append(f"| {' | '.join(run)} | {gib(r['peak_bytes_per_device'])} | "
-                    f"{'yes' if r['fits'] else 'no (of ' + gib(r['hbm_bytes_per_chip']) + ')'} | "
-                    f"{r['flops_per_step'] / 1e12:.1f} | {r['optimal_seconds_per_step']:.3f} | "
-                    f"{r['seconds_per_step_at_peak']:.3f} | {'-' if image is None else f'{image:.2f}'} | "
-                    f"{r['seconds_per_glance_image_at_peak']:.2f} |" if image is not None else
-                    f"| {' | '.join(run)} | {gib(r['peak_bytes_per_device'])} | "
-                    f"{'yes' if r['fits'] else 'no (of ' + gib(r['hbm_bytes_per_chip']) + ')'} | "
-                    f"{r['flops_per_step'] / 1e12:.1f} | {r['optimal_seconds_per_step']:.3f} | "
-                    f"{r['seconds_per_step_at_peak']:.3f} | - | - |")
+        sample = r["task"] == "sample"
+        fits = "yes" if r["fits"] else f"no (of {gib(r['hbm_bytes_per_chip'])})"
+        rows.append(f"| {' | '.join(run)} | {gib(r['peak_bytes_per_device'])} | {fits} | "
+                    f"{r['flops_per_step'] / 1e12:.1f} | {seconds(r['optimal_seconds_per_step'], 3)} | "
+                    f"{r['seconds_per_step_at_peak']:.3f} | " +
+                    (f"{seconds(r['optimal_seconds_per_glance_image'], 2)} | "
+                     f"{r['seconds_per_glance_image_at_peak']:.2f} |" if sample else "- | - |"))
         rows[-1] += f" {r['wall_seconds']:.0f} |"
     return "\n".join(rows)
 

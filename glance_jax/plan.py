@@ -279,7 +279,12 @@ def step_program(model, args, mesh):
 
 
 def compiler_estimate(model, args, mesh, within):
-    """The TPU compiler's `optimal_seconds` and FLOPs per device for the whole step (None if blocks do not fit).
+    """The TPU compiler's `optimal_seconds` and FLOPs per device for the whole step.
+
+    The estimate is None when two blocks do not fit a chip, or when the
+    compiler could not cost some operation: its cost analysis then adds -1
+    for each, and the sum is negative (it is, in this libtpu, for most
+    programs with more than one block).
 
     XLA's cost analysis counts a loop's body once, so it is read from small
     unrolled copies of the model: one block per stack, then two blocks in one
@@ -303,6 +308,8 @@ def compiler_estimate(model, args, mesh, within):
     if one is None or any(m is None for m in more):
         return None, None  # not even two blocks fit a chip
     total = one + sum((getattr(model, name) - 1) * (m - one) for name, m in zip(stacks, more))
+    if min(p[0] for p in [one, *more]) < 0:  # -1 for each op it cannot cost: no estimate
+        return None, float(total[1])
     return float(total[0]), float(total[1])
 
 
