@@ -10,7 +10,10 @@ def _quiet_libtpu_without_tpus():
     """With libtpu installed (the `tpu-plan` extra) on a machine without TPUs, JAX still starts libtpu when it
     looks for backends, and libtpu prints five lines of warnings about missing TPU-VM metadata on stderr
     (which would bury this package's one-line errors). Tell it the host, as a TPU VM would; TPU VMs untouched."""
-    if importlib.util.find_spec("libtpu") is None:
+    try:
+        if importlib.util.find_spec("libtpu") is None:
+            return
+    except ImportError:
         return
     from jax._src import hardware_utils
     if hardware_utils.num_available_tpu_chips_and_device_id()[0] == 0:
