@@ -15,8 +15,9 @@ the slice's chips come from `jax.experimental.topologies`), with the mesh over
 its chips. The figures are then the TPU's own: per-chip HBM peak against the
 chip's HBM (a program that does not fit is the compiler's refusal, reported as
 "does not fit: needs X of Y GiB"), and the compiler's roofline estimate of
-the step's time (`optimal_seconds`) beside the FLOP bound. "auto" attention is
-then Pallas splash attention (never materialises the logits). `--target h100`
+the step's time (`optimal_seconds`, when it gives one) beside the FLOP bound.
+"auto" attention is then Pallas splash attention (never materialises the
+logits). `--target h100`
 compiles for one H100 the same way, through the CUDA PJRT plugin and a target
 description (no GPU or driver needed; `glance_jax[gpu-plan]`), with cuDNN's
 flash attention; XLA's GPU compiler gives memory but no time estimate.
