@@ -71,7 +71,8 @@ def test_missing_libtpu_names_the_extra():
 def test_mesh_that_does_not_cover_the_slice():
     out = cli("--model", "flux-dev", "--target", "v5e-4", "--mesh", "fsdp=8")
     assert out.returncode == 1 and out.stdout == ""
-    assert out.stderr.strip().splitlines()[-1] == "glance-jax plan: error: mesh fsdp=8 has 8 positions, v5e-4 has 4 chips"
+    assert out.stderr.strip().splitlines()[-1] == (
+        "glance-jax plan: error: mesh fsdp=8 has 8 positions, v5e-4 has 4 chips")
 
 
 @pytest.mark.parametrize("target, chips, kind", [("v5e-1", 1, "TPU v5 lite"), ("v6e-8", 8, "TPU v6 lite"),
