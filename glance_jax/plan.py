@@ -9,20 +9,61 @@ XLA's while-loop invariant code motion switched off: otherwise XLA's CPU
 compiler (which has no bf16 matmul) converts every stacked bf16 weight to fp32
 up front and reports memory no accelerator would use.
 
+With `--target` a TPU slice (v5e-8, v6e-4, ...), the same program is
+compiled ahead of time by XLA's TPU compiler through `libtpu` (no TPU needed:
+the slice's chips come from `jax.experimental.topologies`), with the mesh over
+its chips. The figures are then the TPU's own: per-chip HBM peak against the
+chip's HBM (a program that does not fit is the compiler's refusal, reported as
+"does not fit: needs X of Y GiB"), and the compiler's roofline estimate of
+the step's time (`optimal_seconds`, when it gives one) beside the FLOP bound.
+"auto" attention is then Pallas splash attention (never materialises the
+logits). `--target h100`
+compiles for one H100 the same way, through the CUDA PJRT plugin and a target
+description (no GPU or driver needed; `glance_jax[gpu-plan]`), with cuDNN's
+flash attention; XLA's GPU compiler gives memory but no time estimate.
+
     glance-jax plan --model flux-dev --resolution 1024 --mesh fsdp=4 --task train
     glance-jax plan --model qwen-image --mesh data=2,fsdp=4 --task sample --json
+    glance-jax plan --target v5e-8 --model flux-dev --task train          # needs glance_jax[tpu-plan]
 """
 
 import argparse
+import contextlib
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
 
 MODELS = {"flux-dev": ("flux", 512), "flux-schnell": ("flux", 512), "qwen-image": ("qwen-image", 128)}
 CPU_FLAGS = "--xla_disable_hlo_passes=while-loop-invariant-code-motion"
+# TPU slices: (topology name, chips per host, HBM per chip that XLA's TPU compiler allows (GiB, from its
+# out-of-memory message), dense bf16 TFLOP/s per chip). v5p-8 counts TensorCores: 4 chips of 2 cores each.
+TARGETS = {
+    "v5e-1": ("v5e:1x1", (1, 1, 1), 15.75, 197.0), "v5e-4": ("v5e:2x2", (2, 2, 1), 15.75, 197.0),
+    "v5e-8": ("v5e:2x4", (2, 4, 1), 15.75, 197.0),
+    "v6e-1": ("v6e:1x1", (1, 1, 1), 31.25, 918.0), "v6e-4": ("v6e:2x2", (2, 2, 1), 31.25, 918.0),
+    "v6e-8": ("v6e:2x4", (2, 4, 1), 31.25, 918.0),
+    "v5p-8": ("v5p:2x2x1", (2, 2, 1), 95.74, 459.0),
+}
+# GPUs, compiled without a GPU through the CUDA PJRT plugin and a target description (XLA's GpuTargetConfig:
+# an H100 SXM's limits, its 80 GB (79.1 GiB) of HBM, CUDA 12.8, cuDNN 9): (description, dense bf16 TFLOP/s).
+H100_CONFIG = """
+gpu_device_info {
+  threads_per_block_limit: 1024 threads_per_warp: 32 shared_memory_per_block: 49152
+  shared_memory_per_core: 233472 threads_per_core_limit: 2048 core_count: 132 fpus_per_core: 128
+  block_dim_limit_x: 2147483647 block_dim_limit_y: 65535 block_dim_limit_z: 65535
+  memory_bandwidth: 3352320000000 l2_cache_size: 52428800 clock_rate_ghz: 1.98
+  device_memory_size: 84929347584 shared_memory_per_block_optin: 232448
+  cuda_compute_capability { major: 9 } registers_per_core_limit: 65536 registers_per_block_limit: 65536
+}
+platform_name: "CUDA" dnn_version_info { major: 9 minor: 7 } runtime_version { major: 12 minor: 8 }
+device_description_str: "NVIDIA H100 80GB HBM3"
+"""
+GPU_TARGETS = {"h100": (H100_CONFIG, 84929347584, 989.0)}
+OOM = re.compile(r"required for [^(]*\(([\d.]+)G\) exceeds available HBM \(([\d.]+)G\)")
 
 
 def parser():
@@ -30,11 +71,17 @@ def parser():
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, choices=sorted(MODELS))
     p.add_argument("--resolution", type=int, default=1024, help="square image side in pixels")
-    p.add_argument("--mesh", default="fsdp=1", help="e.g. fsdp=4 or data=2,fsdp=4 (axes data, fsdp, tensor)")
+    p.add_argument("--target", default="cpu", choices=["cpu", *TARGETS, *GPU_TARGETS],
+                   help="cpu (this machine's compiler), a TPU slice (through libtpu) or h100 (CUDA plugin)")
+    p.add_argument("--mesh", default=None,
+                   help="e.g. fsdp=4 or data=2,fsdp=4 (axes data, fsdp, tensor); default fsdp over all chips")
     p.add_argument("--task", default="train", choices=["train", "sample"])
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
     p.add_argument("--remat", default="none", help="remat policy of the blocks: none, full, dots, dots_saveable")
-    p.add_argument("--peak_tflops", type=float, default=989.0, help="dense peak of the chip (H100: 989, v6e: 918)")
+    p.add_argument("--attention", default="auto", choices=["auto", "xla", "blocked", "splash", "cudnn"],
+                   help="attention kernel (auto: splash on TPU targets, blocked on cpu)")
+    p.add_argument("--peak_tflops", type=float, default=None,
+                   help="dense peak of the chip (default: the TPU target's; 989, an H100, for cpu)")
     p.add_argument("--target_seconds", type=float, default=None,
                    help="wanted time per train step or per Glance image: prints the MFU that needs")
     p.add_argument("--glance_steps", type=int, default=10, help="model evaluations (x2 with CFG) per Glance image")
@@ -42,18 +89,122 @@ def parser():
     return p
 
 
-def build(name, dtype, remat):
+def build(name, dtype, remat, attention="auto"):
     import jax.numpy as jnp
 
     from glance_jax.models import FluxTransformer2DModel, QwenImageTransformer2DModel
     dt = {"bf16": jnp.bfloat16, "fp32": jnp.float32}[dtype]
     if name == "qwen-image":
-        return QwenImageTransformer2DModel(dtype=dt, param_dtype=dt, remat_policy=remat)
-    return FluxTransformer2DModel(guidance_embeds=name == "flux-dev", dtype=dt, param_dtype=dt, remat_policy=remat)
+        return QwenImageTransformer2DModel(dtype=dt, param_dtype=dt, remat_policy=remat, attention_impl=attention)
+    return FluxTransformer2DModel(guidance_embeds=name == "flux-dev", dtype=dt, param_dtype=dt, remat_policy=remat,
+                                  attention_impl=attention)
 
 
-def plan(args):
-    """The planner's figures as a dict (runs in a process whose devices match the mesh)."""
+def tpu_devices(target):
+    """The chips of a TPU slice as compile-only devices (XLA's TPU compiler from libtpu; no TPU needed)."""
+    from glance_jax.errors import GlanceError
+    try:
+        import libtpu  # noqa: F401
+    except ImportError:
+        raise GlanceError(f"--target {target} compiles with XLA's TPU compiler: install the libtpu extra "
+                          "(pip install 'glance_jax[tpu-plan]')") from None
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # other JAX processes may hold libtpu's lock file
+    from jax.experimental import topologies
+    topology, per_host, _, _ = TARGETS[target]
+    return topologies.get_topology_desc(topology, "tpu", chips_per_host_bounds=list(per_host)).devices
+
+
+def gpu_devices(target):
+    """One GPU as a compile-only device: XLA's GPU compiler from the CUDA PJRT plugin, no GPU or driver needed."""
+    from glance_jax.errors import GlanceError
+    os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")  # no CUDA runtime here: only the compiler is used
+    from jax.experimental import topologies
+    try:
+        return topologies.get_topology_desc(platform="cuda", topology="1x1x1",
+                                            target_config=GPU_TARGETS[target][0]).devices
+    except NotImplementedError:
+        raise GlanceError(f"--target {target} compiles with XLA's GPU compiler: install the gpu-plan extra "
+                          "(pip install 'glance_jax[gpu-plan]')") from None
+
+
+def compile_or_oom(lower):
+    """`lower().compile()`, or None and the compiler's (needed, available) bytes when it does not fit in HBM."""
+    import jax
+    try:
+        return lower().compile(), None
+    except jax.errors.JaxRuntimeError as e:
+        found = OOM.search(str(e))
+        if "RESOURCE_EXHAUSTED" not in str(e) or not found:
+            raise
+        return None, tuple(float(x) * 2 ** 30 for x in found.groups())
+
+
+def plan(args, model=None):
+    """The planner's figures as a dict. On the cpu target it runs in a process whose devices match the mesh;
+    on a TPU target in any process (the default backend stays what it was). `model` replaces the full-size
+    model (tests plan tiny ones)."""
+    import jax
+
+    from glance_jax import sharding
+    from glance_jax.errors import GlanceError
+    from glance_jax.models import attention
+
+    tpu, gpu = args.target in TARGETS, args.target in GPU_TARGETS
+    devices = tpu_devices(args.target) if tpu else gpu_devices(args.target) if gpu else jax.devices()
+    sizes = sharding.parse_mesh(args.mesh or f"fsdp={len(devices)}")
+    n = math.prod(sizes.values())
+    if (tpu or gpu) and n != len(devices):
+        raise GlanceError(f"mesh {args.mesh} has {n} positions, {args.target} has {len(devices)} chips")
+    mesh = sharding.make_mesh(sizes, devices[:n])
+    peak_tflops = args.peak_tflops or (TARGETS[args.target][3] if tpu else 989.0)
+    platform = "tpu" if tpu else "gpu" if gpu else jax.default_backend()
+    model = model or build(args.model, args.dtype, args.remat, args.attention)
+    within = lambda: _context(mesh, attention.compiling_for(platform)) if tpu or gpu else contextlib.ExitStack()
+    with within():
+        impl = attention.resolve(model.attention_impl)
+    program = step_program(model, args, mesh)
+    start = time.perf_counter()
+    with within():
+        compiled, oom = compile_or_oom(program["lower"])
+    compile_s = time.perf_counter() - start
+    flops, batch = program["flops"](), program["batch"]
+    hbm = int(TARGETS[args.target][2] * 2 ** 30) if tpu else GPU_TARGETS[args.target][1] if gpu else None
+    if oom:
+        peak, hbm = oom
+    else:
+        memory = compiled.memory_analysis()
+        peak = (memory.argument_size_in_bytes + memory.output_size_in_bytes + memory.temp_size_in_bytes
+                - memory.alias_size_in_bytes)
+    optimal = seen_flops = None
+    if tpu:
+        optimal, seen_flops = compiler_estimate(model, args, mesh, within)
+        if optimal is not None and impl == "splash":  # Pallas kernels carry no cost estimate: add at peak
+            optimal += max(0.0, flops / n - seen_flops) / (peak_tflops * 1e12)
+    per_image = flops / batch * args.glance_steps if args.task == "sample" else None
+    result = {"model": args.model, "task": args.task, "resolution": args.resolution, "mesh": sizes,
+              "devices": n, "dtype": args.dtype, "remat": args.remat,
+              "backend": platform,
+              "target": args.target, "attention": impl,
+              "hbm_bytes_per_chip": hbm, "fits": None if hbm is None else bool(peak <= hbm),
+              "params_bytes_per_device": program["params_bytes"], "trainable_bytes_per_device": program["trainable"],
+              "peak_bytes_per_device": int(peak),
+              "flops_per_step": flops, "flops_per_glance_image": per_image, "compile_seconds": compile_s,
+              "peak_tflops": peak_tflops,
+              "seconds_per_step_at_peak": flops / (n * peak_tflops * 1e12),
+              "optimal_seconds_per_step": optimal, "compiler_flops_per_device": seen_flops}
+    if per_image is not None:
+        result["seconds_per_glance_image_at_peak"] = per_image * batch / (n * peak_tflops * 1e12) / batch
+        result["optimal_seconds_per_glance_image"] = None if optimal is None else optimal * args.glance_steps / batch
+    if args.target_seconds:
+        work = per_image if per_image is not None else flops
+        result["mfu_needed"] = work / (args.target_seconds * n * peak_tflops * 1e12)
+    return result
+
+
+def step_program(model, args, mesh):
+    """The real train or sampling step of `model` on `mesh`, from abstract shapes: a dict with `lower` (-> the
+    jit-lowered program), `flops` (-> XLA's FLOP count of the step, every block counted), the sampling `batch`,
+    and the per-device bytes of the parameters and of the LoRA + Adam state."""
     import jax
     import jax.numpy as jnp
 
@@ -63,10 +214,7 @@ def plan(args):
     from glance_jax.train import make_train_step, optimizer
 
     family, text = MODELS[args.model]
-    sizes = sharding.parse_mesh(args.mesh)
-    n = math.prod(sizes.values())
-    mesh = sharding.make_mesh(sizes, jax.devices()[:n])
-    model = build(args.model, args.dtype, args.remat)
+    sizes = dict(mesh.shape)
     tokens = (args.resolution // 16) ** 2
     sds = lambda tree, shardings: jax.tree_util.tree_map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
@@ -75,22 +223,22 @@ def plan(args):
     batch = max(1, sizes.get("data", 1)) if args.task == "sample" else 1
     bf = model.dtype
     if family == "flux":
-        cond = dict(encoder_hidden_states=jax.ShapeDtypeStruct((batch, text, 4096), bf),
-                    pooled_projections=jax.ShapeDtypeStruct((batch, 768), bf),
+        cond = dict(encoder_hidden_states=jax.ShapeDtypeStruct((batch, text, model.joint_attention_dim), bf),
+                    pooled_projections=jax.ShapeDtypeStruct((batch, model.pooled_projection_dim), bf),
                     img_ids=jax.ShapeDtypeStruct((tokens, 3), jnp.float32),
                     txt_ids=jax.ShapeDtypeStruct((text, 3), jnp.float32),
                     guidance=jax.ShapeDtypeStruct((batch,), jnp.float32) if model.guidance_embeds else None)
         static = ()
     else:
         side = args.resolution // 16
-        cond = dict(encoder_hidden_states=jax.ShapeDtypeStruct((batch, text, 3584), bf),
+        cond = dict(encoder_hidden_states=jax.ShapeDtypeStruct((batch, text, model.joint_attention_dim), bf),
                     encoder_hidden_states_mask=jax.ShapeDtypeStruct((batch, text), jnp.int32))
         static = (("img_shapes", ((1, side, side),) * batch),)
     cond_sh = jax.tree_util.tree_map(lambda x: sharding.batch_sharding(mesh, x.shape) if x.shape[0] == batch else
                                      sharding.replicated(mesh), cond)
     x_sds = jax.ShapeDtypeStruct((batch, tokens, 64), jnp.float32)
     rep = sharding.replicated(mesh)
-    start = time.perf_counter()
+    program = {"batch": batch, "params_bytes": sharding.bytes_per_device(params, param_sh), "trainable": 0}
     if args.task == "train":
         config = official(family, "slow")
         adapter = jax.eval_shape(lambda p: init_lora(jax.random.PRNGKey(0), p, family, config.lora.rank,
@@ -107,11 +255,13 @@ def plan(args):
         in_sh = (lora_sh, opt_sh, param_sh, batch_sh, teacher_sh, rep, rep)
         out_sh = (lora_sh, opt_sh, {"loss": rep, "timestep": rep, "grad_norm": rep})
         step = make_train_step(model, config, static, (in_sh, out_sh))
-        compiled = step.lower(adapter, opt_state, sds(params, param_sh), batch_tree, teacher, points, key).compile()
+        program["lower"] = lambda: step.lower(adapter, opt_state, sds(params, param_sh), batch_tree, teacher, points,
+                                              key)
         counted = make_train_step(analysis.for_cost_analysis(model), config, static)
-        flops = analysis.flops(counted, adapter, opt_state, params, batch_tree, teacher, points, key)
-        trainable = sharding.bytes_per_device(adapter, lora_sh) + sharding.bytes_per_device(opt_state, opt_sh)
-        passes = 1
+        program["flops"] = lambda: analysis.flops(counted, adapter, opt_state, params, batch_tree, teacher, points,
+                                                  key)
+        program["trainable"] = (sharding.bytes_per_device(adapter, lora_sh)
+                                + sharding.bytes_per_device(opt_state, opt_sh))
     else:
         passes = 2 if family == "qwen-image" else 1  # Qwen-Image samples with true CFG: two passes a step
 
@@ -120,57 +270,103 @@ def plan(args):
                     for c in [conds] * passes)
             return x + 0.1 * v.astype(x.dtype)
 
-        lowered = jax.jit(step, in_shardings=(param_sh, sharding.batch_sharding(mesh, x_sds.shape), cond_sh),
-                          out_shardings=sharding.batch_sharding(mesh, x_sds.shape))
-        compiled = lowered.lower(sds(params, param_sh), x_sds, cond).compile()
+        jitted = jax.jit(step, in_shardings=(param_sh, sharding.batch_sharding(mesh, x_sds.shape), cond_sh),
+                         out_shardings=sharding.batch_sharding(mesh, x_sds.shape))
+        program["lower"] = lambda: jitted.lower(sds(params, param_sh), x_sds, cond)
         counted = analysis.for_cost_analysis(model)
-        flops = passes * analysis.flops(lambda p, x, c: counted.apply(
+        program["flops"] = lambda: passes * analysis.flops(lambda p, x, c: counted.apply(
             {"params": p}, hidden_states=x, timestep=jnp.ones((batch,)), **dict(static), **c), params, x_sds, cond)
-        trainable = 0
-    compile_s = time.perf_counter() - start
-    memory = compiled.memory_analysis()
-    peak = (memory.argument_size_in_bytes + memory.output_size_in_bytes + memory.temp_size_in_bytes
-            - memory.alias_size_in_bytes)
-    per_image = flops / batch * args.glance_steps if args.task == "sample" else None
-    result = {"model": args.model, "task": args.task, "resolution": args.resolution, "mesh": sizes,
-              "devices": n, "dtype": args.dtype, "remat": args.remat, "backend": jax.default_backend(),
-              "params_bytes_per_device": sharding.bytes_per_device(params, param_sh),
-              "trainable_bytes_per_device": trainable, "peak_bytes_per_device": int(peak),
-              "flops_per_step": flops, "flops_per_glance_image": per_image, "compile_seconds": compile_s,
-              "peak_tflops": args.peak_tflops,
-              "seconds_per_step_at_peak": flops / (n * args.peak_tflops * 1e12)}
-    if per_image is not None:
-        result["seconds_per_glance_image_at_peak"] = per_image * batch / (n * args.peak_tflops * 1e12) / batch
-    if args.target_seconds:
-        work = per_image if per_image is not None else flops
-        result["mfu_needed"] = work / (args.target_seconds * n * args.peak_tflops * 1e12)
-    return result
+    return program
+
+
+def compiler_estimate(model, args, mesh, within):
+    """The TPU compiler's `optimal_seconds` and FLOPs per device for the whole step.
+
+    The estimate is None when two blocks do not fit a chip, or when the
+    compiler could not cost some operation: its cost analysis then adds -1
+    for each, and the sum is negative (it is, in this libtpu, for most
+    programs with more than one block).
+
+    XLA's cost analysis counts a loop's body once, so it is read from small
+    unrolled copies of the model: one block per stack, then two blocks in one
+    stack at a time; each extra block adds the difference (the blocks of a
+    stack are the same program)."""
+    import numpy as np
+
+    stacks = [name for name in ("num_layers", "num_single_layers") if getattr(model, name, 0)]
+
+    def cost(**layers):
+        program = step_program(model.clone(scan_unroll=True, **{name: 1 for name in stacks} | layers), args, mesh)
+        with within():
+            compiled, oom = compile_or_oom(program["lower"])
+        if oom:
+            return None
+        found = compiled_cost(compiled)
+        return np.array([found["optimal_seconds"], found["flops"]])
+
+    one = cost()
+    more = [cost(**{name: 2}) for name in stacks] if one is not None else []
+    if one is None or any(m is None for m in more):
+        return None, None  # not even two blocks fit a chip
+    total = one + sum((getattr(model, name) - 1) * (m - one) for name, m in zip(stacks, more))
+    if min(p[0] for p in [one, *more]) < 0:  # -1 for each op it cannot cost: no estimate
+        return None, float(total[1])
+    return float(total[0]), float(total[1])
+
+
+@contextlib.contextmanager
+def _context(mesh, compiling_for):
+    """The mesh as JAX's context mesh (splash attention's `shard_map` reads it) and "auto" meaning the target's
+    kernels."""
+    import jax
+    with jax.set_mesh(mesh), compiling_for:
+        yield
+
+
+def compiled_cost(compiled):
+    """The compiled program's cost analysis as one dict (per device: FLOPs, bytes, the TPU's `optimal_seconds`)."""
+    cost = compiled.cost_analysis()
+    return (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
 
 
 def table(r):
     gib = lambda b: f"{b / 2 ** 30:.2f} GiB"
     rows = [("model / task", f"{r['model']} / {r['task']} at {r['resolution']}x{r['resolution']}, {r['dtype']}, "
                              f"remat {r['remat']}"),
-            ("mesh", f"{r['mesh']} ({r['devices']} devices, {r['backend']} compile)"),
+            ("target", f"{r['target']}: mesh {r['mesh']} ({r['devices']} devices, {r['backend']} compile), "
+                       f"{r['attention']} attention"),
             ("parameters per device", gib(r["params_bytes_per_device"])),
             ("LoRA + Adam per device", gib(r["trainable_bytes_per_device"])),
-            ("peak per device (XLA)", gib(r["peak_bytes_per_device"])),
+            ("peak per device (XLA)", gib(r["peak_bytes_per_device"]))]
+    if r["fits"] is not None:
+        rows.append(("fits", fit_line(r)))
+    rows += [
             ("FLOPs per step", f"{r['flops_per_step'] / 1e12:.1f} TFLOP"),
             ("at peak", f"{r['seconds_per_step_at_peak']:.3f} s a step on {r['devices']} x "
                         f"{r['peak_tflops']:g} TFLOP/s")]
+    if r["optimal_seconds_per_step"] is not None:
+        rows.append(("compiler's estimate", f"{r['optimal_seconds_per_step']:.3f} s a step (optimal_seconds)"))
     if r["flops_per_glance_image"]:
         rows.append(("FLOPs per Glance image", f"{r['flops_per_glance_image'] / 1e12:.1f} TFLOP "
                                                f"(>= {r['seconds_per_glance_image_at_peak']:.2f} s)"))
+        if r.get("optimal_seconds_per_glance_image") is not None:
+            rows.append(("Glance image, compiler", f"{r['optimal_seconds_per_glance_image']:.2f} s"))
     if "mfu_needed" in r:
         rows.append(("MFU needed", f"{100 * r['mfu_needed']:.1f}%"))
     return "\n".join(f"  {k:<24}{v}" for k, v in rows)
 
 
+def fit_line(r):
+    """"fits (X of Y GiB)" or "does not fit: needs X of Y GiB" for a TPU plan."""
+    need, have = r["peak_bytes_per_device"] / 2 ** 30, r["hbm_bytes_per_chip"] / 2 ** 30
+    return f"fits ({need:.2f} of {have:.2f} GiB)" if r["fits"] else f"does not fit: needs {need:.2f} of {have:.2f} GiB"
+
+
 def main(argv):
     args = parser().parse_args(argv)
     from glance_jax import sharding
-    n = math.prod(sharding.parse_mesh(args.mesh).values())
-    if os.environ.get("GLANCE_PLAN_CHILD") != "1":
+    n = math.prod(sharding.parse_mesh(args.mesh or "fsdp=1").values())
+    if args.target == "cpu" and os.environ.get("GLANCE_PLAN_CHILD") != "1":
         import jax
         if jax.default_backend() == "cpu":  # compile in a child with one host device per mesh position
             env = dict(os.environ, GLANCE_PLAN_CHILD="1",

@@ -255,7 +255,7 @@ class FluxTransformer2DModel(PretrainedModel, nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     remat_policy: str = "none"
-    attention_impl: str = "auto"  # "auto", "xla" or "blocked" (see layers.attention)
+    attention_impl: str = "auto"  # "auto", "xla", "blocked", "splash" or "cudnn" (see models.attention)
     scan_unroll: bool = False  # unrolled blocks: slower to compile, but XLA's cost analysis counts every block
 
     config_keys = ("patch_size", "in_channels", "out_channels", "num_layers", "num_single_layers",

@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from glance_jax.models import attention as attention_kernels
+
 Dtype = Any
 
 # Top-level parameter names that hold a stack of blocks (leading axis = block index), in every model.
@@ -134,41 +136,7 @@ def apply_rope(x, cos, sin):
 def attention(q, k, v, mask=None, implementation="auto"):
     """Scaled dot-product attention on (B, S, heads, head_dim); softmax in float32; mask is (B, S_kv), True = attend.
 
-    `implementation`: "xla" is `jax.nn.dot_product_attention` (XLA picks or
-    fuses the kernel; the choice on accelerators). "blocked" processes queries
-    in blocks whose logits stay around 16 MB: on CPU, XLA's version
-    materialises all (B, heads, S, S) logits and runs 3-5x slower than
-    PyTorch's blocked kernel. "auto" is "blocked" on CPU, "xla" elsewhere.
+    `implementation`: "xla", "blocked" (CPU), "splash" (TPU), "cudnn" (GPU) or
+    "auto" (by platform); the kernels are in `glance_jax.models.attention`.
     """
-    if implementation == "auto":
-        implementation = "blocked" if jax.default_backend() == "cpu" else "xla"
-    if implementation == "blocked":
-        return blocked_attention(q, k, v, mask)
-    return jax.nn.dot_product_attention(q, k, v, mask=None if mask is None else mask[:, None, None, :])
-
-
-def blocked_attention(q, k, v, mask=None, block_bytes=16 * 2 ** 20):
-    """Exact attention computed one block of queries at a time (same math as `jax.nn.dot_product_attention`)."""
-    batch, q_len, heads, head_dim = q.shape
-    kv_len = k.shape[1]
-    q = q.transpose(0, 2, 1, 3) * jnp.asarray(head_dim ** -0.5, q.dtype)  # (B, N, T, H)
-    k_t = k.transpose(0, 2, 3, 1)  # (B, N, H, S)
-    v = v.transpose(0, 2, 1, 3)  # (B, N, S, H)
-    bias = None if mask is None else jnp.where(mask, 0.0, jnp.finfo(jnp.float32).min)[:, None, None, :]
-
-    def block(q_block):
-        logits = jnp.matmul(q_block, k_t, preferred_element_type=jnp.float32)
-        if bias is not None:
-            logits = logits + bias
-        probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-        return jnp.matmul(probs, v)
-
-    n_blocks = -(-4 * batch * heads * kv_len * q_len // block_bytes)
-    if n_blocks <= 1:
-        out = block(q)
-    else:
-        rows = -(-q_len // n_blocks)
-        q = jnp.pad(q, ((0, 0), (0, 0), (0, n_blocks * rows - q_len), (0, 0)))
-        q = q.reshape(batch, heads, n_blocks, rows, head_dim).transpose(2, 0, 1, 3, 4)
-        out = jax.lax.map(block, q).transpose(1, 2, 0, 3, 4).reshape(batch, heads, -1, head_dim)[:, :, :q_len]
-    return out.transpose(0, 2, 1, 3)
+    return attention_kernels.attention(q, k, v, mask, implementation)
