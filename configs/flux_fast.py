@@ -13,4 +13,6 @@ from glance_jax.recipes import official
 
 
 def get_config():
-    return official("flux", "fast")
+    c = official("flux", "fast")
+    c.model.quantize = "fp8"  # as the official code trains: a qfloat8 base (--config.model.quantize=none: bf16)
+    return c

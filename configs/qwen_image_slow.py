@@ -15,4 +15,6 @@ from glance_jax.recipes import official
 
 
 def get_config():
-    return official("qwen-image", "slow")
+    c = official("qwen-image", "slow")
+    c.model.quantize = "fp8"  # as the official code trains: a qfloat8 base (--config.model.quantize=none: bf16)
+    return c

@@ -34,6 +34,9 @@ def parser():
     p.add_argument("--task", default="train", choices=["train", "sample"])
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
     p.add_argument("--remat", default="none", help="remat policy of the blocks: none, full, dots, dots_saveable")
+    p.add_argument("--quantize", default="none", choices=["none", "fp8", "int8"],
+                   help="frozen base with 8-bit Dense kernels (glance_jax.quantize), as the official training runs")
+    p.add_argument("--state_dtype", default="fp32", choices=["fp32", "bf16"], help="Adam moments' dtype (train)")
     p.add_argument("--peak_tflops", type=float, default=989.0, help="dense peak of the chip (H100: 989, v6e: 918)")
     p.add_argument("--target_seconds", type=float, default=None,
                    help="wanted time per train step or per Glance image: prints the MFU that needs")
@@ -57,7 +60,7 @@ def plan(args):
     import jax
     import jax.numpy as jnp
 
-    from glance_jax import analysis, sharding
+    from glance_jax import analysis, quantize, sharding
     from glance_jax.lora import init_lora
     from glance_jax.recipes import official
     from glance_jax.train import make_train_step, optimizer
@@ -71,6 +74,8 @@ def plan(args):
     sds = lambda tree, shardings: jax.tree_util.tree_map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
     params = jax.eval_shape(model.init_params, jax.random.PRNGKey(0))
+    if args.quantize != "none":
+        params = quantize.abstract(params, args.quantize)
     param_sh = sharding.tree_shardings(params, mesh)
     batch = max(1, sizes.get("data", 1)) if args.task == "sample" else 1
     bf = model.dtype
@@ -93,6 +98,7 @@ def plan(args):
     start = time.perf_counter()
     if args.task == "train":
         config = official(family, "slow")
+        config.optim.state_dtype = args.state_dtype
         adapter = jax.eval_shape(lambda p: init_lora(jax.random.PRNGKey(0), p, family, config.lora.rank,
                                                      config.lora.alpha), params)
         opt = optimizer(config)
@@ -133,7 +139,8 @@ def plan(args):
             - memory.alias_size_in_bytes)
     per_image = flops / batch * args.glance_steps if args.task == "sample" else None
     result = {"model": args.model, "task": args.task, "resolution": args.resolution, "mesh": sizes,
-              "devices": n, "dtype": args.dtype, "remat": args.remat, "backend": jax.default_backend(),
+              "devices": n, "dtype": args.dtype, "remat": args.remat, "quantize": args.quantize,
+              "state_dtype": args.state_dtype, "backend": jax.default_backend(),
               "params_bytes_per_device": sharding.bytes_per_device(params, param_sh),
               "trainable_bytes_per_device": trainable, "peak_bytes_per_device": int(peak),
               "flops_per_step": flops, "flops_per_glance_image": per_image, "compile_seconds": compile_s,
@@ -150,7 +157,7 @@ def plan(args):
 def table(r):
     gib = lambda b: f"{b / 2 ** 30:.2f} GiB"
     rows = [("model / task", f"{r['model']} / {r['task']} at {r['resolution']}x{r['resolution']}, {r['dtype']}, "
-                             f"remat {r['remat']}"),
+                             f"remat {r['remat']}, quantize {r['quantize']}"),
             ("mesh", f"{r['mesh']} ({r['devices']} devices, {r['backend']} compile)"),
             ("parameters per device", gib(r["params_bytes_per_device"])),
             ("LoRA + Adam per device", gib(r["trainable_bytes_per_device"])),

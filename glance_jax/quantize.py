@@ -122,12 +122,13 @@ def _quantize_on_device(kind):
         info = jnp.iinfo(jnp.int8) if kind == "int8" else jnp.finfo(jnp.float8_e4m3fn)
         return jnp.clip(values, float(info.min), float(info.max)).astype(dtype), scale
 
-    return jax.jit(run, donate_argnums=0)
+    return jax.jit(run)
 
 
 def quantize_params(params, kind):
-    """Quantizes every Dense kernel of a float parameter tree, one kernel at a time, donating each float kernel.
+    """Quantizes every Dense kernel of a float parameter tree, one kernel at a time, deleting each float kernel.
 
+    The `params` passed in must not be used again (their kernels are freed as they are replaced).
     For bases already in memory (e.g. a pipeline built from float params); loading with
     `from_pretrained(..., quantize=kind)` quantizes while reading and never holds the float base at all.
     """
@@ -144,7 +145,7 @@ def quantize_params(params, kind):
             flat[path], flat[path[:-1] + (SCALE,)] = (jnp.asarray(a) for a in quantize_kernel(kernel, kind))
         else:
             flat[path], flat[path[:-1] + (SCALE,)] = run(kernel)
-        del kernel
+            kernel.delete()  # an 8-bit output cannot reuse the float buffer (no donation): free it now
     return unflatten_dict(flat)
 
 
