@@ -10,7 +10,6 @@ float model's, and requires that it did move (so the comparison cannot pass on a
 import copy
 import gc
 import json
-import os
 
 import jax
 import jax.numpy as jnp
@@ -21,8 +20,9 @@ from diffusers import FluxTransformer2DModel as TorchFlux
 from diffusers import QwenImageTransformer2DModel as TorchQwen
 from optimum.quanto import freeze, qfloat8, qint8, quantize
 from peft import LoraConfig
+from PIL import Image
 
-from glance_jax import checkpoints, sharding
+from glance_jax import checkpoints, evaluation, safetensors_io, sharding
 from glance_jax import quantize as quant
 from glance_jax.errors import GlanceError
 from glance_jax.lora import init_lora, load_lora, merge_lora
@@ -237,3 +237,32 @@ def test_full_width_qwen_image_matches_quanto(qwen_full, kind):
     err, moved = relative_error(got, want[kind]), relative_error(got, want["float"])
     print(f"full-width Qwen-Image {kind}: vs quanto {err:.2e}; vs the unquantized model {moved:.2e}")
     assert err <= TOLERANCE and moved > 10 * TOLERANCE
+
+
+def test_training_on_a_quantized_base_with_bf16_adam_moments(tmp_path):
+    """config.model.quantize and config.optim.state_dtype through the trainer, on the demo's teacher."""
+    from glance_jax.demo import teacher
+    from glance_jax.recipes import official
+    from glance_jax.train import Run, optimizer
+    sample = tmp_path / "sample"
+    sample.mkdir()
+    images, labels = teacher.digits()
+    seven = images[int(np.argmax(labels == 7))]
+    states, pooled = teacher.load_prompts()["a handwritten seven"]
+    safetensors_io.save_file({"latents": seven, "prompt_embeds": states, "pooled_prompt_embeds": pooled},
+                             sample / "seven.safetensors")
+    Image.fromarray(evaluation.to_uint8(seven)[..., 0]).save(sample / "seven.png")
+    (sample / "seven.txt").write_text("a handwritten seven")
+    c = official("flux", "slow")
+    c.model.path, c.model.dtype, c.model.quantize = teacher.TEACHER_DIR, "fp32", "fp8"
+    c.data.dir, c.data.resolution, c.data.multiple, c.data.vae_scale_factor = str(sample), 8, 2, 1
+    c.data.cache_dir = str(tmp_path / "cache")
+    c.lora.rank, c.lora.alpha, c.steps, c.checkpoint.every, c.optim.warmup_steps = 4, 16.0, 3, 3, 1
+    c.optim.state_dtype = "bf16"
+    c.schedule.slow_steps, c.schedule.fast_steps = (1, 3, 5, 7, 9), (11, 21, 31, 41, 50)
+    run = Run(c, tmp_path / "run")
+    assert quant.kind_of(run.params) == "fp8"
+    tree = load_lora(run.train()["slow"], run.params)
+    assert float(jnp.abs(tree["transformer_blocks"]["attn"]["to_q"]["B"]).max()) > 0  # the LoRA learned
+    moments = [x for x in jax.tree_util.tree_leaves(optimizer(c).init(tree)) if x.ndim]
+    assert moments and all(x.dtype == jnp.bfloat16 for x in moments)
