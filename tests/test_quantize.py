@@ -10,6 +10,7 @@ float model's, and requires that it did move (so the comparison cannot pass on a
 import copy
 import gc
 import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -165,11 +166,29 @@ def test_converted_quantized_folder_loads_without_quantizing_again(tiny, tmp_pat
         FluxTransformer2DModel.from_pretrained(dst, quantize="int8")
 
 
+SHARDED_LOAD = """
+import sys, numpy as np, jax
+from glance_jax import sharding
+from glance_jax.models import FluxTransformer2DModel
+mesh = sharding.make_mesh("fsdp=2,tensor=2")
+_, plain = FluxTransformer2DModel.from_pretrained(sys.argv[1], quantize="int8")
+_, sharded = FluxTransformer2DModel.from_pretrained(sys.argv[1], quantize="int8", mesh=mesh)
+jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), plain, sharded)
+kernel = sharded["transformer_blocks"]["attn"]["to_q"]["kernel"]
+scale = sharded["transformer_blocks"]["attn"]["to_q"]["kernel_scale"]
+print(kernel.dtype, tuple(kernel.sharding.spec), tuple(scale.sharding.spec))
+"""
+
+
 def test_sharded_quantized_load_equals_the_plain_one(tiny):
-    path, _, _ = tiny
-    _, plain = FluxTransformer2DModel.from_pretrained(path, quantize="int8")
-    _, sharded = FluxTransformer2DModel.from_pretrained(path, quantize="int8", mesh=sharding.make_mesh("fsdp=1"))
-    jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), plain, sharded)
+    """On 4 host devices (fsdp=2 x tensor=2): each shard is quantized from whole output channels."""
+    import subprocess
+    import sys
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+               PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    out = subprocess.run([sys.executable, "-c", SHARDED_LOAD, str(tiny[0])], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "int8 (None, 'fsdp', 'tensor') (None, 'tensor')" in out.stdout
     assert sharding.logical_axes(("transformer_blocks", "attn", "to_q", "kernel_scale"), 2) == ("layers", "out")
     assert sharding.logical_axes(("proj_out", "kernel_scale"), 1) == ("out",)
 
