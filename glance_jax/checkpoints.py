@@ -349,7 +349,7 @@ def _read_sharded(model, checkpoint, dtype, mesh, rules, where, quantize=None):
 
     def reader(path, shape):
         part = "scale" if path[-1] == quant.SCALE else None
-        if part is None and quantize and quant.is_dense_kernel(path, np.empty(shape, np.int8)):
+        if part is None and quantize and quant.is_dense_kernel(path, jax.ShapeDtypeStruct(shape, dtype)):
             part = "kernel"
         kernel_path = path[:-1] + ("kernel",) if part == "scale" else path
         slots = sorted(by_leaf[kernel_path], key=lambda s: -1 if s[0] is None else s[0])
@@ -369,7 +369,7 @@ def _read_sharded(model, checkpoint, dtype, mesh, rules, where, quantize=None):
             index = tuple(index) + (slice(None),) * (len(shape) - len(index))
             if slots[0][0] is None:
                 return one(slots[0][1], slots[0][2], index)
-            layers = range(*index[0].indices(shape[0]))  # a stacked leaf: one slot per block
+            layers = range(*index[0].indices(shape[0]))
             return np.stack([one(slots[i][1], slots[i][2], index[1:]) for i in layers])
         return read
 
