@@ -107,11 +107,12 @@ def main():
         teacher50 = {q: images(q, num_inference_steps=50) for q in BASES}
         rows = []
         for q in BASES:
-            runs = [(f"{q} teacher-50", teacher50[q])]
+            label = "fp32" if q == "none" else q
+            runs = [(f"{label} teacher-50", teacher50[q])]
             for t in TARGETS:
-                runs.append((f"{q} glance-{t}-10, LoRA trained on {q}", images(q, **lora(q, q, t))))
+                runs.append((f"{label} glance-{t}-10, LoRA trained on {label}", images(q, **lora(q, q, t))))
                 if q != "none":
-                    runs.append((f"{q} glance-{t}-10, LoRA trained on fp32", images(q, **lora(q, "none", t))))
+                    runs.append((f"{label} glance-{t}-10, LoRA trained on fp32", images(q, **lora(q, "none", t))))
             for name, out in runs:
                 rows.append({"name": name, "base": q,
                              "psnr_vs_fp32_teacher50": evaluation.psnr(out, teacher50["none"]),

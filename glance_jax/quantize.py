@@ -14,6 +14,8 @@ scale is applied to the dot's output, so no full-precision copy of a kernel is e
 apply unmerged on top; a quantized kernel is never merged into.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -71,10 +73,35 @@ def dequantize_kernel(kernel, scale, dtype=jnp.float32):
     return (jnp.asarray(kernel).astype(jnp.float32) * jnp.asarray(scale, jnp.float32)[..., None, :]).astype(dtype)
 
 
+def _dot(x, kernel, scale, dtype):
+    return jnp.dot(x.astype(dtype), kernel.astype(dtype)) * scale.astype(dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def quantized_dot(x, kernel, scale, dtype):
-    """`x @ (q * scale)` computed as `(x @ q) * scale`: the 8-bit kernel feeds the dot; scales hit its output."""
-    y = jnp.dot(x.astype(dtype), kernel.astype(dtype))
-    return y * scale.astype(dtype)
+    """`x @ (q * scale)` computed as `(x @ q) * scale`: the 8-bit kernel feeds the dot; scales hit its output.
+
+    The gradient flows to `x` only (the base is frozen) and keeps the 8-bit kernel as its residual:
+    left to itself, autodiff would keep each dot's converted (compute-dtype) kernel for the backward
+    pass, a full-precision copy of the base when the blocks are not rematerialised.
+    """
+    return _dot(x, kernel, scale, dtype)
+
+
+def _dot_forward(x, kernel, scale, dtype):
+    return _dot(x, kernel, scale, dtype), (kernel, scale, jnp.zeros((0,), x.dtype))
+
+
+def _dot_backward(dtype, residuals, g):
+    kernel, scale, x_like = residuals
+    g = g * scale.astype(g.dtype)
+    dx = jnp.dot(g, kernel.astype(g.dtype).T).astype(x_like.dtype)
+    no_gradient = lambda a: (np.zeros(a.shape, jax.dtypes.float0) if not jnp.issubdtype(a.dtype, jnp.floating)
+                             else jnp.zeros_like(a))
+    return dx, no_gradient(kernel), no_gradient(scale)
+
+
+quantized_dot.defvjp(_dot_forward, _dot_backward)
 
 
 # ---- parameter trees ----
