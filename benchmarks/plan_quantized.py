@@ -5,7 +5,8 @@ moments, and bf16 moments for the quantized rows with full remat), for the remat
 full. Each row is one `glance-jax plan` run (a full-size compile from abstract shapes, ~30 s and several GB
 on this machine's CPU backend), run one at a time.
 
-    python benchmarks/plan_quantized.py   # about 15 minutes on 2 CPU cores
+    python benchmarks/plan_quantized.py              # about 15 minutes on 2 CPU cores
+    python benchmarks/plan_quantized.py fp8,int8     # only the quantized rows
 """
 
 import json
@@ -26,11 +27,14 @@ def plan(model, remat, quantize, state_dtype):
 
 
 def main():
+    bases = sys.argv[1].split(",") if len(sys.argv) > 1 else ("none", "fp8", "int8")
     gib = lambda b: f"{b / 2 ** 30:.1f}"
     print("| model | base | remat | Adam moments | params / device GiB | LoRA + Adam GiB | peak / device GiB | "
           "TFLOP / step | compile s |")
     print("|---|---|---|---|---|---|---|---|---|")
     for model, remat, quantize, state_dtype in RUNS:
+        if quantize not in bases:
+            continue
         r = plan(model, remat, quantize, state_dtype)
         base = "bf16" if quantize == "none" else quantize
         print(f"| {model} | {base} | {remat} | {state_dtype} | {gib(r['params_bytes_per_device'])} | "
