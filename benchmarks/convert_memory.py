@@ -2,7 +2,9 @@
 
 A random diffusers checkpoint (fp32, 2.6 GB) is written to a temporary
 folder, then converted in a fresh process to fp32, to bf16 and to an fp8
-base (`--quantize fp8`: 8-bit kernels, float32 scales, bf16 otherwise). The child
+base (`--quantize fp8`: 8-bit kernels, float32 scales, bf16 otherwise).
+The baseline is taken after imports and after the JAX CPU runtime has started
+(about 0.25 GiB that any JAX process holds, independent of the model). The child
 reports its resident memory after imports and its peak (VmHWM) after the
 conversion; the figure of merit is the growth over the output's size
 (the goal is at most about 1.3x).
@@ -31,6 +33,8 @@ def status(key):
             return int(line.split()[1]) * 1024
 from glance_jax import checkpoints
 import orbax.checkpoint, tqdm  # everything the command imports
+import jax, jax.numpy as jnp
+jax.jit(lambda x: x + 1)(jnp.ones(3)).block_until_ready()  # the JAX CPU runtime: ~0.25 GiB, whatever the model
 base = status("VmRSS")
 checkpoints.convert_checkpoint(sys.argv[1], sys.argv[2], dtype=sys.argv[3], quantize=sys.argv[4])
 print(json.dumps({"baseline": base, "peak": status("VmHWM")}))
