@@ -14,9 +14,10 @@ import os
 import subprocess
 import sys
 
-RUNS = ([(model, remat, quantize, "fp32") for model in ("flux-dev", "qwen-image") for quantize in ("none", "fp8", "int8")
+MODELS = ("flux-dev", "qwen-image")
+RUNS = ([(model, remat, quantize, "fp32") for model in MODELS for quantize in ("none", "fp8", "int8")
          for remat in ("none", "dots", "full")]
-        + [(model, "full", quantize, "bf16") for model in ("flux-dev", "qwen-image") for quantize in ("fp8", "int8")])
+        + [(model, "full", quantize, "bf16") for model in MODELS for quantize in ("fp8", "int8")])
 
 
 def plan(model, remat, quantize, state_dtype):
