@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
+from glance_jax import quantize as quant
 from glance_jax import safetensors_io
 from glance_jax.errors import GlanceError
 from glance_jax.models import flux_bfl
@@ -101,6 +102,8 @@ def weight_table(params):
     table = {}
     for path, leaf in flatten_dict(params).items():
         *modules, leaf_name = path
+        if leaf_name == quant.SCALE:  # a quantized kernel's scales: computed from its weight, no torch tensor
+            continue
         transpose = leaf_name == "kernel"
         torch_leaf = _TORCH_LEAF[leaf_name]
         if modules[0] in STACKED_BLOCKS:
@@ -287,41 +290,77 @@ def check_names_and_shapes(table, tensors, where):
             f"{n} (checkpoint {tuple(got)}, model expects {want})" for n, got, want in bad[:4]))
 
 
-def read_params(model, checkpoint, dtype, where="checkpoint", progress=None):
-    """Fills a numpy parameter tree of `dtype` from `checkpoint`, one tensor at a time."""
-    table = weight_table(abstract_params(model))
+def _leaf_dtype(path, leaf, dtype, quantize):
+    """The stored dtype of a leaf: 8-bit for quantized Dense kernels, float32 scales, `dtype` for the rest."""
+    if quantize and path[-1] == quant.SCALE:
+        return quant.SCALE_DTYPE
+    if quantize and quant.is_dense_kernel(path, leaf):
+        return quant.storage_dtype(quantize)
+    return dtype
+
+
+def read_params(model, checkpoint, dtype, where="checkpoint", progress=None, quantize=None):
+    """Fills a numpy parameter tree of `dtype` from `checkpoint`, one tensor at a time.
+
+    With `quantize` ("fp8" or "int8") every Dense kernel is quantized while it is read, a chunk of
+    output channels at a time (each channel has its own scale), so the float kernel never exists whole.
+    """
+    abstract = abstract_params(model)
+    table = weight_table(abstract)
     check_names_and_shapes(table, checkpoint.tensors, where)
-    leaves = {path: np.empty(leaf.shape, dtype) for path, leaf in flatten_dict(abstract_params(model)).items()}
+    if quantize:
+        abstract = quant.abstract(abstract, quantize)
+    leaves = {path: np.empty(leaf.shape, _leaf_dtype(path, leaf, dtype, quantize))
+              for path, leaf in flatten_dict(abstract).items()}
     for name in (progress or (lambda x: x))(sorted(table)):
         slot = table[name]
         target = leaves[slot.path] if slot.index is None else leaves[slot.path][slot.index]
+        scale_path = slot.path[:-1] + (quant.SCALE,)
+        scales = None
+        if slot.path[-1] == "kernel" and scale_path in leaves:
+            scales = leaves[scale_path] if slot.index is None else leaves[scale_path][slot.index]
         for start, chunk in checkpoint.tensors[name].chunks():
             rows = slice(start, start + len(chunk))  # torch's leading axis is the Flax kernel's last
-            if slot.transpose:
+            if scales is not None:  # torch rows are output channels: quantized row by row
+                values, scales[rows] = quant.quantize_rows(chunk, quantize)
+                target[..., rows] = values.T
+            elif slot.transpose:
                 target[..., rows] = slot.to_flax(chunk)  # numpy casts to the target dtype while copying
             else:
                 target[rows] = chunk
     return unflatten_dict(leaves)
 
 
-def _read_sharded(model, checkpoint, dtype, mesh, rules, where):
-    """Parameters placed directly on their shards: each device's block is read from the files on its own."""
+def _read_sharded(model, checkpoint, dtype, mesh, rules, where, quantize=None):
+    """Parameters placed directly on their shards: each device's block is read from the files on its own.
+
+    A quantized kernel's block is quantized from whole output channels (their scale needs every input).
+    """
     from glance_jax import sharding
     abstract = abstract_params(model)
     table = weight_table(abstract)
     check_names_and_shapes(table, checkpoint.tensors, where)
+    if quantize:
+        abstract = quant.abstract(abstract, quantize)
     by_leaf = {}
     for name, slot in table.items():
         by_leaf.setdefault(slot.path, []).append((slot.index, name, slot))
     shardings = flatten_dict(sharding.tree_shardings(abstract, mesh, rules))
 
     def reader(path, shape):
-        slots = sorted(by_leaf[path], key=lambda s: -1 if s[0] is None else s[0])
+        part = "scale" if path[-1] == quant.SCALE else None
+        if part is None and quantize and quant.is_dense_kernel(path, jax.ShapeDtypeStruct(shape, dtype)):
+            part = "kernel"
+        kernel_path = path[:-1] + ("kernel",) if part == "scale" else path
+        slots = sorted(by_leaf[kernel_path], key=lambda s: -1 if s[0] is None else s[0])
 
         def one(name, slot, index):  # index: slices of this (unstacked) Flax leaf
             tensor = checkpoint.tensors[name]
             rows = index[-1] if slot.transpose else index[0]
             start, stop, _ = rows.indices(tensor.shape[0])
+            if part is not None:  # whole output channels, quantized, then this block's inputs
+                values, scale = quant.quantize_rows(tensor.read_rows(start, stop), quantize)
+                return scale if part == "scale" else values.T[index[:-1] + (slice(None),)]
             value = slot.to_flax(tensor.read_rows(start, stop))
             rest = index[:-1] + (slice(None),) if slot.transpose else (slice(None),) + index[1:]
             return value[rest].astype(dtype)
@@ -347,13 +386,19 @@ def _to_device(tree):
     return unflatten_dict(flat)
 
 
-def _restore_converted(directory, dtype, shardings=None):
-    """The converted parameters: host arrays, or with `shardings` sharded arrays that orbax reads shard by shard."""
+def _restore_converted(directory, target, shardings=None):
+    """The converted parameters: host arrays, or with `shardings` sharded arrays that orbax reads shard by shard.
+
+    `target` is the abstract parameter tree: each leaf is restored in its dtype (the compute dtype, or
+    the 8-bit and float32 leaves of a quantized base, which are never cast).
+    """
     import orbax.checkpoint as ocp
+    dtypes = flatten_dict(target)
     kwargs = {}
     if shardings is not None:
-        kwargs["args"] = ocp.args.PyTreeRestore(restore_args=jax.tree_util.tree_map(
-            lambda s: ocp.ArrayRestoreArgs(sharding=s, dtype=dtype), shardings))
+        kwargs["args"] = ocp.args.PyTreeRestore(restore_args=unflatten_dict({
+            path: ocp.ArrayRestoreArgs(sharding=s, dtype=dtypes[path].dtype)
+            for path, s in flatten_dict(shardings).items()}))
     try:
         tree = ocp.PyTreeCheckpointer().restore(os.path.abspath(os.path.join(directory, PARAMS_DIR)), **kwargs)
     except Exception as e:  # orbax raises many types for a damaged folder
@@ -362,37 +407,69 @@ def _restore_converted(directory, dtype, shardings=None):
         return tree
     flat = flatten_dict(tree)
     for path in list(flat):
-        flat[path] = np.asarray(flat[path]).astype(dtype, copy=False)
+        want = dtypes[path].dtype if path in dtypes else flat[path].dtype
+        flat[path] = np.asarray(flat[path]).astype(want, copy=False)
     return unflatten_dict(flat)
 
 
+def converted_quantization(directory):
+    """"fp8", "int8" or None: how a converted folder stores its Dense kernels (from its format file)."""
+    return _read_json(os.path.join(directory, FORMAT_FILE)).get("quantize")
+
+
+QUANTIZABLE = ("FluxTransformer2DModel", "QwenImageTransformer2DModel")
+
+
+def _quantization(model, checkpoint, quantize, where):
+    """(kind to load, kind stored): a converted folder may already hold an fp8 or int8 base."""
+    quantize = quant.check_kind(quantize)
+    stored = converted_quantization(checkpoint.converted_dir) if checkpoint.converted_dir else None
+    if stored and quantize and stored != quantize:
+        raise GlanceError(f"{where} holds a {stored} base; it cannot be loaded as {quantize}")
+    kind = quantize or stored
+    if kind and type(model).__name__ not in QUANTIZABLE:
+        raise GlanceError(f"quantize={kind}: only the FLUX.1 and Qwen-Image transformers are quantized, "
+                          f"not a {type(model).__name__}")
+    return kind, stored
+
+
 def load_model(path, dtype=jnp.float32, expected_class=None, axes_dims_rope=None, mesh=None, rules=None,
-               **overrides):
+               quantize=None, **overrides):
     """`(model, params)` from any supported checkpoint at `path`, parameters in `dtype`.
 
     Without `mesh` the parameters go to the default device. With a `jax.sharding.Mesh` each one is
     sharded by `glance_jax.sharding` (with `rules`, default its DEFAULT_RULES) and every device's block
     is read from disk on its own: no full copy on any device or host.
+
+    `quantize="fp8"` or `"int8"` stores every Dense kernel of a transformer as 8-bit values with one
+    scale per output channel (glance_jax.quantize), quantized while reading; `dtype` is then the compute
+    dtype and that of the other leaves. A folder written by `convert --quantize` loads as it is stored.
     """
     dtype = parse_dtype(dtype)
     checkpoint = open_checkpoint(path, axes_dims_rope)
     model = model_from_config(checkpoint.config, dtype, expected_class, **overrides)
     adapt_names(model, checkpoint)
+    kind, stored = _quantization(model, checkpoint, quantize, os.fspath(path))
+    abstract = abstract_params(model)
+    stored_tree = quant.abstract(abstract, stored) if stored else abstract  # what a converted folder holds
     if mesh is not None:
         from glance_jax import sharding
         rules = rules or sharding.DEFAULT_RULES
         if checkpoint.converted_dir:
-            shardings = sharding.tree_shardings(abstract_params(model), mesh, rules)
-            return model, _restore_converted(checkpoint.converted_dir, dtype, shardings)
-        return model, _read_sharded(model, checkpoint, dtype, mesh, rules, os.fspath(path))
+            params = _restore_converted(checkpoint.converted_dir, stored_tree,
+                                        sharding.tree_shardings(stored_tree, mesh, rules))
+            return model, quant.quantize_params(params, kind) if kind != stored else params
+        return model, _read_sharded(model, checkpoint, dtype, mesh, rules, os.fspath(path), kind)
     if checkpoint.converted_dir:
-        params = _restore_converted(checkpoint.converted_dir, dtype)
-        expected = {path: leaf.shape for path, leaf in flatten_dict(abstract_params(model)).items()}
+        params = _restore_converted(checkpoint.converted_dir, stored_tree)
+        expected = {path: leaf.shape for path, leaf in flatten_dict(stored_tree).items()}
         got = {path: leaf.shape for path, leaf in flatten_dict(params).items()}
         if got != expected:
             raise GlanceError(f"{path}: converted parameters do not match its config.json")
+        if kind != stored:
+            params = quant.quantize_params(params, kind)
     else:
-        params = read_params(model, checkpoint, dtype, where=os.fspath(path))
+        params = read_params(model, checkpoint, dtype, where=os.fspath(path), quantize=kind)
     return model, _to_device(params)
 
 
@@ -423,7 +500,7 @@ def atomic_directory(dst, overwrite=False):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def save_converted(directory, model, params, dtype):
+def save_converted(directory, model, params, dtype, quantize=None):
     """Writes config.json, the format marker and the orbax parameter checkpoint into `directory`."""
     import orbax.checkpoint as ocp
     # Orbax's defaults copy every host array before writing and buffer 2 GB data files: together about
@@ -437,7 +514,8 @@ def save_converted(directory, model, params, dtype):
     with open(os.path.join(directory, "config.json"), "w") as f:
         json.dump(model.to_config(), f, indent=2)
     with open(os.path.join(directory, FORMAT_FILE), "w") as f:
-        json.dump({"format": "glance_jax-orbax", "version": 1, "dtype": jnp.dtype(dtype).name}, f, indent=2)
+        json.dump({"format": "glance_jax-orbax", "version": 1, "dtype": jnp.dtype(dtype).name,
+                   "quantize": quantize}, f, indent=2)
 
 
 def save_diffusers(model, params, directory):
@@ -456,11 +534,13 @@ def save_diffusers(model, params, directory):
         json.dump(model.to_config(), f, indent=2)
 
 
-def convert_checkpoint(src, dst, dtype="bf16", overwrite=False, axes_dims_rope=None, progress=None):
+def convert_checkpoint(src, dst, dtype="bf16", overwrite=False, axes_dims_rope=None, progress=None,
+                       quantize=None):
     """Converts a PyTorch checkpoint (diffusers folder or BFL file) to a Flax (orbax) folder at `dst`.
 
     Streams tensor by tensor into host arrays of the output dtype; `dst`
-    appears only when everything was written.
+    appears only when everything was written. With `quantize` ("fp8", "int8") the Dense kernels are
+    stored quantized (about half the bf16 size) and load as they are, without quantizing again.
     """
     dtype = parse_dtype(dtype)
     checkpoint = open_checkpoint(src, axes_dims_rope)
@@ -468,8 +548,9 @@ def convert_checkpoint(src, dst, dtype="bf16", overwrite=False, axes_dims_rope=N
         raise GlanceError(f"{src} is already a converted glance_jax folder")
     model = model_from_config(checkpoint.config, dtype)
     adapt_names(model, checkpoint)
+    kind, _ = _quantization(model, checkpoint, quantize, os.fspath(src))
     check_names_and_shapes(weight_table(abstract_params(model)), checkpoint.tensors, os.fspath(src))
     with atomic_directory(dst, overwrite) as tmp:
-        params = read_params(model, checkpoint, dtype, where=os.fspath(src), progress=progress)
-        save_converted(tmp, model, params, dtype)
+        params = read_params(model, checkpoint, dtype, where=os.fspath(src), progress=progress, quantize=kind)
+        save_converted(tmp, model, params, dtype, kind)
     return model

@@ -31,6 +31,7 @@ from glance_jax import safetensors_io
 from glance_jax.checkpoints import weight_table
 from glance_jax.errors import GlanceError
 from glance_jax.models import flux_bfl
+from glance_jax.quantize import refuse_merge
 from glance_jax.schedules import GlanceSchedule
 
 log = logging.getLogger(__name__)
@@ -125,6 +126,7 @@ def merged_params(params, tree, scale=1.0):
 
     Only the adapted kernels are new arrays; every other leaf is `params`' own.
     """
+    refuse_merge(params)
     flat = flatten_dict(params)
     modules = _modules(tree)
     missing = [".".join(p) for p in modules if p + ("kernel",) not in flat]

@@ -27,6 +27,7 @@ import numpy as np
 
 from glance_jax.errors import GlanceError
 from glance_jax.lora import merged_params
+from glance_jax.quantize import is_quantized, kind_of, quantize_params
 from glance_jax.schedules import FlowMatchEulerScheduler, GlanceSchedule
 
 INTEGRATIONS = ("consistent", "official")
@@ -199,13 +200,14 @@ class GlancePipeline:
     weights in place (and takes them out again), so keep using
     `pipeline.params`, not an older reference.
 
-    `lora_mode="merge"` (default) adds each LoRA into the weights in place
+    `lora_mode="merge"` (default for a float base) adds each LoRA into the weights in place
     before its phase and subtracts it after, so every step costs what the
     base costs; like PEFT's merge/unmerge, the subtraction restores the base
     to rounding (an element can move by one ulp when the LoRA pushes it across
     a power of two). `lora_mode="unmerged"` applies the LoRAs beside the
     weights instead (about 1-2% more FLOPs at rank 16-32): the base is never
-    modified and repeated calls agree bit for bit.
+    modified and repeated calls agree bit for bit; it is the default, and the only
+    mode, for a quantized base (`quantize=`, glance_jax.quantize).
 
     After each call `last_nfe` holds the transformer evaluations spent per image (steps x passes: a
     true-CFG step is two passes), so that cost comparisons count what was actually run.
@@ -215,16 +217,19 @@ class GlancePipeline:
     last_nfe = None
 
     def __init__(self, model, params, scheduler_config, latent_channels=16, vae_scale_factor=8, vae=None,
-                 tiled_vae=False, mesh=None, prompt_encoder=None):
+                 tiled_vae=False, mesh=None, prompt_encoder=None, quantize=None):
         """`latent_channels` and `vae_scale_factor` describe the VAE (FLUX.1 and Qwen-Image: 16 and 8).
 
         `vae=(vae_model, vae_params)` enables `output_type="np"` and `"pil"`; `tiled_vae=True` decodes in
         tiles (diffusers' tiling), so large images fit in less memory. With a `mesh` (and params loaded
         onto it, `from_pretrained(..., mesh=mesh)`), prompts are spread over its `data` axis. A
         `prompt_encoder` (glance_jax.prompts) lets calls pass `prompt=` strings instead of embeddings.
+        `quantize="fp8"` or `"int8"` quantizes float `params` kernel by kernel, donating each float kernel
+        (loading with `from_pretrained(..., quantize=...)` is cheaper: the float base never exists).
         """
         self.mesh, self.prompt_encoder = mesh, prompt_encoder
-        self.model, self.params, self.scheduler_config = model, params, dict(scheduler_config)
+        self.model, self.params = model, quantize_params(params, quantize)
+        self.scheduler_config = dict(scheduler_config)
         self.latent_channels, self.vae_scale_factor = latent_channels, vae_scale_factor
         self.vae, self.tiled_vae = vae, tiled_vae
         FlowMatchEulerScheduler.from_config(self.scheduler_config)  # refuse unsupported configs now
@@ -235,8 +240,7 @@ class GlancePipeline:
             raise GlanceError(f"unknown output_type {output_type!r}: use 'latent', 'unpacked_latent', 'np' or 'pil'")
         if output_type in ("np", "pil") and self.vae is None:
             raise GlanceError(f"output_type {output_type!r} needs a VAE: build the pipeline with vae=(vae, params)")
-        if lora_mode not in ("merge", "unmerged"):
-            raise GlanceError(f"unknown lora_mode {lora_mode!r}: use 'merge' or 'unmerged'")
+        lora_mode = self._lora_mode(lora_mode)
         _check_lora(slow_lora, "slow_lora")
         _check_lora(fast_lora, "fast_lora")
         rows, cols = flux_latent_grid(height, width, self.vae_scale_factor)
@@ -273,6 +277,18 @@ class GlancePipeline:
         from PIL import Image
         return [Image.fromarray((image * 255).round().astype(np.uint8)) for image in images]
 
+    def _lora_mode(self, lora_mode):
+        """None -> "merge" for a float base, "unmerged" for a quantized one (8-bit kernels are never merged into)."""
+        quantized = is_quantized(self.params)
+        if lora_mode is None:
+            return "unmerged" if quantized else "merge"
+        if lora_mode not in ("merge", "unmerged"):
+            raise GlanceError(f"unknown lora_mode {lora_mode!r}: use 'merge' or 'unmerged'")
+        if lora_mode == "merge" and quantized:
+            raise GlanceError(f"lora_mode='merge' needs a float base; this one is {kind_of(self.params)}: "
+                              "use lora_mode='unmerged' (the default for quantized bases)")
+        return lora_mode
+
     def _encode(self, prompt):
         if self.prompt_encoder is None:
             raise GlanceError("prompt strings need a prompt encoder: build the pipeline with prompt_encoder=... "
@@ -299,7 +315,7 @@ class FluxGlancePipeline(GlancePipeline):
 
     def __call__(self, prompt_embeds=None, pooled_prompt_embeds=None, latents=None, height=1024, width=1024,
                  num_inference_steps=None, schedule=None, guidance_scale=3.5, slow_lora=None, fast_lora=None,
-                 lora_scale=1.0, integration="consistent", seed=0, output_type="latent", lora_mode="merge",
+                 lora_scale=1.0, integration="consistent", seed=0, output_type="latent", lora_mode=None,
                  prompt=None, negative_prompt=None, negative_prompt_embeds=None, negative_pooled_prompt_embeds=None,
                  true_cfg_scale=1.0):
         """Samples packed latents (B, tokens, 64); arguments carry diffusers' FluxPipeline names.
@@ -344,7 +360,7 @@ class QwenImageGlancePipeline(GlancePipeline):
     def __call__(self, prompt_embeds=None, prompt_embeds_mask=None, negative_prompt_embeds=None,
                  negative_prompt_embeds_mask=None, true_cfg_scale=4.0, latents=None, height=1024, width=1024,
                  num_inference_steps=None, schedule=None, slow_lora=None, fast_lora=None, lora_scale=1.0,
-                 integration="consistent", seed=0, output_type="latent", lora_mode="merge", prompt=None,
+                 integration="consistent", seed=0, output_type="latent", lora_mode=None, prompt=None,
                  negative_prompt=None):
         """Samples packed latents (B, tokens, 64); arguments carry diffusers' QwenImagePipeline names.
 

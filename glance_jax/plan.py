@@ -78,6 +78,9 @@ def parser():
     p.add_argument("--task", default="train", choices=["train", "sample"])
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
     p.add_argument("--remat", default="none", help="remat policy of the blocks: none, full, dots, dots_saveable")
+    p.add_argument("--quantize", default="none", choices=["none", "fp8", "int8"],
+                   help="frozen base with 8-bit Dense kernels (glance_jax.quantize), as the official training runs")
+    p.add_argument("--state_dtype", default="fp32", choices=["fp32", "bf16"], help="Adam moments' dtype (train)")
     p.add_argument("--attention", default="auto", choices=["auto", "xla", "blocked", "splash", "cudnn"],
                    help="attention kernel (auto: splash on TPU targets, blocked on cpu)")
     p.add_argument("--peak_tflops", type=float, default=None,
@@ -182,7 +185,8 @@ def plan(args, model=None):
             optimal += max(0.0, flops / n - seen_flops) / (peak_tflops * 1e12)
     per_image = flops / batch * args.glance_steps if args.task == "sample" else None
     result = {"model": args.model, "task": args.task, "resolution": args.resolution, "mesh": sizes,
-              "devices": n, "dtype": args.dtype, "remat": args.remat,
+              "devices": n, "dtype": args.dtype, "remat": args.remat, "quantize": args.quantize,
+              "state_dtype": args.state_dtype,
               "backend": platform,
               "target": args.target, "attention": impl,
               "hbm_bytes_per_chip": hbm, "fits": None if hbm is None else bool(peak <= hbm),
@@ -208,7 +212,7 @@ def step_program(model, args, mesh):
     import jax
     import jax.numpy as jnp
 
-    from glance_jax import analysis, sharding
+    from glance_jax import analysis, quantize, sharding
     from glance_jax.lora import init_lora
     from glance_jax.recipes import official
     from glance_jax.train import make_train_step, optimizer
@@ -219,6 +223,8 @@ def step_program(model, args, mesh):
     sds = lambda tree, shardings: jax.tree_util.tree_map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
     params = jax.eval_shape(model.init_params, jax.random.PRNGKey(0))
+    if args.quantize != "none":
+        params = quantize.abstract(params, args.quantize)
     param_sh = sharding.tree_shardings(params, mesh)
     batch = max(1, sizes.get("data", 1)) if args.task == "sample" else 1
     bf = model.dtype
@@ -241,6 +247,7 @@ def step_program(model, args, mesh):
     program = {"batch": batch, "params_bytes": sharding.bytes_per_device(params, param_sh), "trainable": 0}
     if args.task == "train":
         config = official(family, "slow")
+        config.optim.state_dtype = args.state_dtype
         adapter = jax.eval_shape(lambda p: init_lora(jax.random.PRNGKey(0), p, family, config.lora.rank,
                                                      config.lora.alpha), params)
         opt = optimizer(config)
@@ -332,7 +339,7 @@ def compiled_cost(compiled):
 def table(r):
     gib = lambda b: f"{b / 2 ** 30:.2f} GiB"
     rows = [("model / task", f"{r['model']} / {r['task']} at {r['resolution']}x{r['resolution']}, {r['dtype']}, "
-                             f"remat {r['remat']}"),
+                             f"remat {r['remat']}, quantize {r['quantize']}"),
             ("target", f"{r['target']}: mesh {r['mesh']} ({r['devices']} devices, {r['backend']} compile), "
                        f"{r['attention']} attention"),
             ("parameters per device", gib(r["params_bytes_per_device"])),

@@ -24,6 +24,10 @@ def official(family, phase):
     c.model.vae_path = ""  # the VAE folder (e.g. FLUX.1-dev/vae): encodes the image; empty: latents precomputed
     c.model.text_encoder_path = ""  # the pipeline folder with text_encoder(s) and tokenizer(s); empty: precomputed
     c.model.dtype = "bf16"  # the frozen base; LoRA and optimizer state are always fp32
+    # "fp8" or "int8": 8-bit Dense kernels, one scale per output channel (glance_jax/quantize.py); "none": a base
+    # in model.dtype. The official code trains on an optimum-quanto qfloat8 (fp8) transformer, and so do the
+    # official configs in configs/ (flux_*.py, qwen_image_*.py); "none" here keeps small fp32 runs exact.
+    c.model.quantize = "none"
     c.model.remat_policy = "none"  # "none", "full", "dots", "dots_saveable"
     c.model.guidance = 1.0  # FLUX.1-dev's guidance input during training, as the official code passes it
 
@@ -46,6 +50,7 @@ def official(family, phase):
     c.optim.b1, c.optim.b2, c.optim.eps = 0.9, 0.999, 1e-8
     c.optim.weight_decay = 0.01
     c.optim.grad_clip = 1.0
+    c.optim.state_dtype = "fp32"  # Adam's moments; "bf16" halves them (the official Qwen-Image config: 8-bit Adam)
 
     c.schedule = ml_collections.ConfigDict()  # 1-based steps of the base_steps-step schedule at the sample's size
     c.schedule.slow_steps = OFFICIAL_SLOW_STEPS

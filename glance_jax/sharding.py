@@ -53,7 +53,7 @@ def logical_axes(keys, ndim):
         names = (None,) * (ndim - 2) + ("in", "rank")
     elif leaf == "B":
         names = (None,) * (ndim - 2) + ("rank", "out")
-    elif leaf == "bias":
+    elif leaf in ("bias", "kernel_scale"):  # kernel_scale: a quantized kernel's scale per output channel
         names = (None,) * (ndim - 1) + ("out",)
     else:
         names = (None,) * ndim

@@ -55,9 +55,27 @@ def optimizer(config):
     o = config.optim
     adamw = optax.chain(optax.clip_by_global_norm(o.grad_clip),
                         optax.adamw(learning_rate(config), b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay))
+    if o.get("state_dtype", "fp32") not in ("fp32", "float32"):
+        adamw = stored_in(adamw, checkpoints.parse_dtype(o.state_dtype))
     labels = lambda tree: jax.tree_util.tree_map_with_path(
         lambda path, _: "frozen" if path[-1].key == "alpha" else "trained", tree)
     return optax.multi_transform({"trained": adamw, "frozen": optax.set_to_zero()}, labels)
+
+
+def stored_in(transform, dtype):
+    """`transform` whose float state (Adam's moments) is kept in `dtype` between steps and updated in float32.
+
+    bf16 moments stand in for the official Qwen-Image recipe's 8-bit Adam: half the state memory.
+    """
+    def cast(tree, to):
+        return jax.tree_util.tree_map(
+            lambda x: x.astype(to) if jnp.issubdtype(x.dtype, jnp.floating) and x.ndim else x, tree)
+
+    def update(updates, state, params=None):
+        updates, state = transform.update(updates, cast(state, jnp.float32), params)
+        return updates, cast(state, dtype)
+
+    return optax.GradientTransformation(lambda params: cast(transform.init(params), dtype), update)
 
 
 # ---- the training batch ----
@@ -231,7 +249,8 @@ class Run:
         self.mesh = sharding.make_mesh(config.mesh) if config.mesh else None
         self.writer = jax.process_index() == 0  # only one process writes LoRA files and metrics
         self.model, self.params = checkpoints.load_model(os.path.expanduser(config.model.path), config.model.dtype,
-                                                         mesh=self.mesh, remat_policy=config.model.remat_policy)
+                                                         mesh=self.mesh, remat_policy=config.model.remat_policy,
+                                                         quantize=config.model.get("quantize"))
         if not isinstance(self.model, FAMILIES[config.family]):
             raise GlanceError(f"config.model.path holds a {type(self.model).__name__}, config.family is "
                               f"{config.family!r}")

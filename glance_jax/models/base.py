@@ -41,6 +41,9 @@ class PretrainedModel:
 
     @classmethod
     def from_pretrained(cls, path, dtype=jnp.float32, **overrides):
-        """`(model, params)` from a diffusers `transformer/` folder, a converted folder (or, for FLUX, a BFL file)."""
+        """`(model, params)` from a diffusers `transformer/` folder, a converted folder (or, for FLUX, a BFL file).
+
+        `quantize="fp8"` or `"int8"` loads an 8-bit frozen base (see glance_jax.quantize).
+        """
         from glance_jax import checkpoints
         return checkpoints.load_model(path, dtype=dtype, expected_class=cls, **overrides)

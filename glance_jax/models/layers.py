@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from glance_jax import quantize
 from glance_jax.models import attention as attention_kernels
 
 Dtype = Any
@@ -35,7 +36,9 @@ class Dense(nn.Module):
 
     The kernel is stored (in, out), the transpose of torch's Linear weight. The
     LoRA branch runs in the LoRA's own dtype (float32 when training) so that
-    small updates are not rounded away by a bfloat16 base.
+    small updates are not rounded away by a bfloat16 base. A quantized base
+    (glance_jax.quantize) stores an 8-bit kernel with a `kernel_scale` leaf
+    (one scale per output channel) beside it; the layer then computes `(x q) scale`.
     """
 
     features: int
@@ -47,7 +50,10 @@ class Dense(nn.Module):
     def __call__(self, x):
         kernel = self.param("kernel", nn.initializers.lecun_normal(), (x.shape[-1], self.features),
                             self.param_dtype)
-        y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
+        if self.has_variable("params", quantize.SCALE):
+            y = quantize.quantized_dot(x, kernel, self.get_variable("params", quantize.SCALE), self.dtype)
+        else:
+            y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
         if self.use_bias:
             y = y + self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype).astype(self.dtype)
         if self.has_variable("lora", "A"):
