@@ -120,25 +120,41 @@ def phase_steps(scheduler_config, image_seq_len, schedule=None, num_inference_st
 
 # ---- the compiled sampler ----
 
-def _velocity(model, static, variables, x, t, conds, cfg_scale):
-    """The model's velocity; with two conditionings (prompt, negative prompt), true CFG with norm rescale.
+def guided_velocity(cond, neg, cfg_scale, rescale):
+    """True classifier-free guidance `neg + s (cond - neg)` of two velocities (B, tokens, C).
 
-    Rescale as diffusers' QwenImagePipeline: `comb = neg + s (cond - neg)`,
-    then `comb * ||cond|| / ||comb||` per token (norms over channels).
+    With `rescale` (diffusers' QwenImagePipeline) the result is then scaled per token to the norm of
+    the conditional velocity: `comb * ||cond|| / ||comb||` (norms over channels). diffusers' FluxPipeline
+    (`true_cfg_scale`) does not rescale.
     """
+    comb = neg + cfg_scale * (cond - neg)
+    if not rescale:
+        return comb
+    return comb * (jnp.linalg.norm(cond, axis=-1, keepdims=True) / jnp.linalg.norm(comb, axis=-1, keepdims=True))
+
+
+def _velocity(model, static, variables, x, t, conds, cfg_scale, rescale):
+    """The model's velocity; with two conditionings (prompt, negative prompt), true CFG (two passes)."""
     outs = [model.apply(variables, hidden_states=x, timestep=t, **dict(static), **c).astype(jnp.float32)
             for c in conds]
     if len(outs) == 1:
         return outs[0]
-    cond, neg = outs
-    comb = neg + cfg_scale * (cond - neg)
-    return comb * (jnp.linalg.norm(cond, axis=-1, keepdims=True) / jnp.linalg.norm(comb, axis=-1, keepdims=True))
+    return guided_velocity(*outs, cfg_scale, rescale)
 
 
-def _sample(model, lora_mode, static, params, loras, phases, latents, conds, cfg_scale, lora_scale):
+def transformer_passes(schedule=None, num_inference_steps=None, guided=False):
+    """Transformer evaluations per image for a schedule (or a plain step count): a true-CFG step costs 2."""
+    steps = schedule.num_steps if schedule is not None else num_inference_steps
+    if not steps:
+        raise GlanceError("pass num_inference_steps or schedule=GlanceSchedule(...)")
+    return int(steps) * (2 if guided else 1)
+
+
+def _sample(model, lora_mode, static, cfg_rescale, params, loras, phases, latents, conds, cfg_scale, lora_scale):
     """Runs every phase; returns (latents, params with every LoRA taken out again).
 
-    `static` holds hashable model arguments that shape the program (Qwen-Image's img_shapes).
+    `static` holds hashable model arguments that shape the program (Qwen-Image's img_shapes);
+    `cfg_rescale` says whether true CFG rescales to the conditional norm (Qwen-Image) or not (FLUX).
     """
     batch = latents.shape[0]
     for lora, (timesteps, step_sizes) in zip(loras, phases):
@@ -152,7 +168,7 @@ def _sample(model, lora_mode, static, params, loras, phases, latents, conds, cfg
 
         def step(x, t_and_dt, variables=variables):
             t, dt = t_and_dt
-            v = _velocity(model, static, variables, x, jnp.full((batch,), t / 1000), conds, cfg_scale)
+            v = _velocity(model, static, variables, x, jnp.full((batch,), t / 1000), conds, cfg_scale, cfg_rescale)
             return (x.astype(jnp.float32) + dt * v).astype(x.dtype), None
 
         latents, _ = jax.lax.scan(step, latents, (timesteps, step_sizes))
@@ -161,8 +177,14 @@ def _sample(model, lora_mode, static, params, loras, phases, latents, conds, cfg
     return latents, params
 
 
-_sample_plain = jax.jit(_sample, static_argnums=(0, 1, 2))
-_sample_donating = jax.jit(_sample, static_argnums=(0, 1, 2), donate_argnums=3)
+_sample_plain = jax.jit(_sample, static_argnums=(0, 1, 2, 3))
+_sample_donating = jax.jit(_sample, static_argnums=(0, 1, 2, 3), donate_argnums=4)
+
+
+def compile_count():
+    """How many sampler programs have been compiled in this process (both variants); tests use it to
+    check that prompts, seeds, LoRA values and integration modes never recompile."""
+    return _sample_plain._cache_size() + _sample_donating._cache_size()
 
 
 def _check_lora(tree, name):
@@ -184,7 +206,13 @@ class GlancePipeline:
     a power of two). `lora_mode="unmerged"` applies the LoRAs beside the
     weights instead (about 1-2% more FLOPs at rank 16-32): the base is never
     modified and repeated calls agree bit for bit.
+
+    After each call `last_nfe` holds the transformer evaluations spent per image (steps x passes: a
+    true-CFG step is two passes), so that cost comparisons count what was actually run.
     """
+
+    cfg_rescale = False  # true CFG rescales to the conditional norm (Qwen-Image) or not (FLUX)
+    last_nfe = None
 
     def __init__(self, model, params, scheduler_config, latent_channels=16, vae_scale_factor=8, vae=None,
                  tiled_vae=False, mesh=None, prompt_encoder=None):
@@ -230,8 +258,9 @@ class GlancePipeline:
             phases = jax.tree_util.tree_map(lambda x: jax.device_put(x, sharding.replicated(self.mesh)), phases)
         in_place = lora_mode == "merge" and any(lora is not None for lora in loras)
         sample = _sample_donating if in_place else _sample_plain
-        latents, self.params = sample(self.model, lora_mode, static, self.params, loras, phases, latents, conds,
-                                      jnp.float32(cfg_scale), jnp.float32(lora_scale))
+        latents, self.params = sample(self.model, lora_mode, static, self.cfg_rescale, self.params, loras, phases,
+                                      latents, conds, jnp.float32(cfg_scale), jnp.float32(lora_scale))
+        self.last_nfe = sum(len(t) for t, _ in phases) * len(conds)
         if output_type == "latent":
             return latents
         unpacked = unpack_flux_latents(latents, height, width, self.vae_scale_factor)
@@ -271,7 +300,8 @@ class FluxGlancePipeline(GlancePipeline):
     def __call__(self, prompt_embeds=None, pooled_prompt_embeds=None, latents=None, height=1024, width=1024,
                  num_inference_steps=None, schedule=None, guidance_scale=3.5, slow_lora=None, fast_lora=None,
                  lora_scale=1.0, integration="consistent", seed=0, output_type="latent", lora_mode="merge",
-                 prompt=None):
+                 prompt=None, negative_prompt=None, negative_prompt_embeds=None, negative_pooled_prompt_embeds=None,
+                 true_cfg_scale=1.0):
         """Samples packed latents (B, tokens, 64); arguments carry diffusers' FluxPipeline names.
 
         `seed` is an int or one int per prompt; `latents` (packed) overrides
@@ -279,22 +309,37 @@ class FluxGlancePipeline(GlancePipeline):
         `fast_lora` adapt the two phases; with `num_inference_steps` alone the
         base samples on the plain schedule, as diffusers' FluxPipeline does.
         `guidance_scale` feeds FLUX.1-dev's guidance embedding (no second pass).
+        True CFG, as diffusers' FluxPipeline: with a negative prompt (strings, or
+        `negative_prompt_embeds` + `negative_pooled_prompt_embeds`) and
+        `true_cfg_scale > 1`, each step runs two passes and combines them as
+        `neg + true_cfg_scale * (cond - neg)`.
         """
         if prompt is not None:
             prompt_embeds, pooled_prompt_embeds, _ = self._encode(prompt)
         prompt_embeds = jnp.asarray(prompt_embeds, self.model.dtype)
-        batch, text_len = prompt_embeds.shape[:2]
+        batch = prompt_embeds.shape[0]
+        if negative_prompt is not None:
+            negative_prompt_embeds, negative_pooled_prompt_embeds, _ = self._encode(
+                [negative_prompt] * batch if isinstance(negative_prompt, str) else negative_prompt)
+        if (negative_prompt_embeds is None) != (negative_pooled_prompt_embeds is None):
+            raise GlanceError("pass both negative_prompt_embeds and negative_pooled_prompt_embeds, or neither")
         rows, cols = flux_latent_grid(height, width, self.vae_scale_factor)
-        cond = dict(encoder_hidden_states=prompt_embeds,
-                    pooled_projections=jnp.asarray(pooled_prompt_embeds, self.model.dtype),
-                    img_ids=jnp.asarray(flux_image_ids(rows, cols)), txt_ids=jnp.zeros((text_len, 3), jnp.float32),
-                    guidance=jnp.full((batch,), guidance_scale, jnp.float32) if self.model.guidance_embeds else None)
+        guidance = jnp.full((batch,), guidance_scale, jnp.float32) if self.model.guidance_embeds else None
+        cond = lambda embeds, pooled: dict(
+            encoder_hidden_states=jnp.asarray(embeds, self.model.dtype),
+            pooled_projections=jnp.asarray(pooled, self.model.dtype), img_ids=jnp.asarray(flux_image_ids(rows, cols)),
+            txt_ids=jnp.zeros((embeds.shape[1], 3), jnp.float32), guidance=guidance)
+        conds = [cond(prompt_embeds, pooled_prompt_embeds)]
+        if negative_prompt_embeds is not None and true_cfg_scale > 1:
+            conds.append(cond(negative_prompt_embeds, negative_pooled_prompt_embeds))
         return self._run(batch, latents, height, width, schedule, num_inference_steps, integration, slow_lora,
-                         fast_lora, lora_scale, lora_mode, seed, output_type, (), [cond])
+                         fast_lora, lora_scale, lora_mode, seed, output_type, (), conds, true_cfg_scale)
 
 
 class QwenImageGlancePipeline(GlancePipeline):
     """Slow-Fast sampling for Qwen-Image with true CFG, from the transformer `(model, params)` and a scheduler dict."""
+
+    cfg_rescale = True  # diffusers' QwenImagePipeline rescales the guided velocity to the conditional norm
 
     def __call__(self, prompt_embeds=None, prompt_embeds_mask=None, negative_prompt_embeds=None,
                  negative_prompt_embeds_mask=None, true_cfg_scale=4.0, latents=None, height=1024, width=1024,

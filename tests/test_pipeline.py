@@ -184,23 +184,54 @@ def test_same_seed_same_image_and_no_recompilation(setup, lora_mode):
     schedule = GlanceSchedule.official("flux", image_seq_len=(H // 16) * (W // 16))
     kw = dict(height=H, width=W, schedule=schedule, slow_lora=loras["slow"], fast_lora=loras["fast"],
               lora_mode=lora_mode)
-    sampler = pipelines._sample_donating if lora_mode == "merge" else pipelines._sample_plain
     if lora_mode == "merge":  # merging modifies the base, so compare two pipelines over identical weights
         fresh = lambda: FluxGlancePipeline(pipe.model, jax.tree_util.tree_map(jnp.copy, pipe.params), FLUX_SCHEDULER)
         first = np.asarray(fresh()(inputs["prompt_embeds"], inputs["pooled_prompt_embeds"], seed=[3, 4], **kw))
-        compiled = sampler._cache_size()
+        compiled = pipelines.compile_count()
         again = np.asarray(fresh()(inputs["prompt_embeds"], inputs["pooled_prompt_embeds"], seed=[3, 4], **kw))
     else:
         first = np.asarray(pipe(inputs["prompt_embeds"], inputs["pooled_prompt_embeds"], seed=[3, 4], **kw))
-        compiled = sampler._cache_size()
+        compiled = pipelines.compile_count()
         again = np.asarray(pipe(inputs["prompt_embeds"], inputs["pooled_prompt_embeds"], seed=[3, 4], **kw))
     np.testing.assert_array_equal(first, again)
     other_prompt = inputs["prompt_embeds"][::-1] * 0.5
     different = np.asarray(pipe(other_prompt, inputs["pooled_prompt_embeds"], seed=[5, 6], integration="official",
                                 lora_scale=0.7, **{**kw, "slow_lora": loras["fast"], "fast_lora": loras["slow"]}))
-    assert sampler._cache_size() == compiled  # new prompts, seeds, LoRA values, scale, integration: no compile
+    assert pipelines.compile_count() == compiled  # new prompts, seeds, LoRA values, scale, integration: no compile
     assert not np.allclose(different, first)
     assert not np.allclose(first[0], first[1])  # per-sample seeds
+
+
+def test_true_cfg_matches_diffusers_flux_pipeline(setup):
+    """FLUX true CFG (two passes a step, no rescale) against diffusers' FluxPipeline(true_cfg_scale=...)."""
+    torch_model, pipe, _, inputs = setup
+    torch_model.disable_adapters()
+    rng = np.random.default_rng(7)
+    negative = dict(negative_prompt_embeds=rng.standard_normal((B, 7, 24), dtype=np.float32),
+                    negative_pooled_prompt_embeds=rng.standard_normal((B, 20), dtype=np.float32))
+    reference = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler.from_config(FLUX_SCHEDULER), vae=None,
+                             text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
+                             transformer=torch_model)
+    reference.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        want = reference(**{k: torch.from_numpy(v) for k, v in {**inputs, **negative}.items()}, height=H, width=W,
+                         num_inference_steps=6, guidance_scale=3.5, true_cfg_scale=4.0,
+                         output_type="latent").images.numpy()
+    got = pipe(**inputs, **negative, height=H, width=W, num_inference_steps=6, guidance_scale=3.5,
+               true_cfg_scale=4.0)
+    err = relative_error(got, want)
+    print(f"FLUX true CFG 4, 6 steps vs diffusers FluxPipeline: {err:.2e}")
+    assert err <= TOLERANCE
+    assert pipe.last_nfe == 12 == pipelines.transformer_passes(num_inference_steps=6, guided=True)
+    plain = pipe(**inputs, **negative, height=H, width=W, num_inference_steps=6, true_cfg_scale=1.0)
+    assert pipe.last_nfe == 6  # scale 1: one pass a step, as diffusers (the negative prompt is unused)
+    assert relative_error(plain, want) > 10 * TOLERANCE
+    schedule = GlanceSchedule.official("flux", image_seq_len=(H // 16) * (W // 16))
+    pipe(**inputs, height=H, width=W, schedule=schedule)
+    assert pipe.last_nfe == 10 == pipelines.transformer_passes(schedule)
+    with pytest.raises(GlanceError, match="negative_prompt_embeds and negative_pooled_prompt_embeds"):
+        pipe(**inputs, negative_prompt_embeds=negative["negative_prompt_embeds"], height=H, width=W,
+             num_inference_steps=2, true_cfg_scale=4.0)
 
 
 def test_merge_and_unmerged_modes_agree(setup):
