@@ -47,7 +47,13 @@ def official(family, phase):
     c.optim.weight_decay = 0.01
     c.optim.grad_clip = 1.0
 
-    c.schedule = ml_collections.ConfigDict()  # 1-based steps of the base_steps-step schedule at the sample's size
+    c.schedule = ml_collections.ConfigDict()
+    # "steps": slow_steps / fast_steps, 1-based steps of the base_steps-step schedule at the sample's size (the
+    # paper); "uniform": the base's own (num_slow + num_fast)-step schedule, first num_slow steps slow;
+    # "fitted": num_slow + num_fast points of the teacher.substeps grid fitted to the teacher's trajectories
+    c.schedule.kind = "steps"
+    c.schedule.num_slow, c.schedule.num_fast = 5, 5  # for "uniform" and "fitted"
+    c.schedule.split = "half"  # "fitted": slow/fast boundary halfway, or an SNR threshold (a number as a string)
     c.schedule.slow_steps = OFFICIAL_SLOW_STEPS
     c.schedule.fast_steps = OFFICIAL_FAST_STEPS
     c.schedule.base_steps = 50
@@ -56,6 +62,9 @@ def official(family, phase):
     c.teacher = ml_collections.ConfigDict()  # only for target="teacher"
     c.teacher.trajectories = 4  # noise seeds whose teacher trajectories are integrated once, then reused
     c.teacher.substeps = 50  # the base integrates on this fine grid (plus the Glance points)
+    c.teacher.batch = 8  # noises integrated per compiled call
+    c.teacher.guidance_scale = 1.0  # > 1: guided trajectories (true CFG; FLUX.1-dev: its guidance input)
+    c.teacher.negative_prompt = " "  # CFG's negative: the sample's empty-prompt encoding
 
     c.mesh = ""  # device mesh, e.g. "data=2,fsdp=4" (axes data, fsdp, tensor); empty: one device
 
