@@ -73,5 +73,5 @@ def export_lora_main(argv):
     model = checkpoints.model_from_config(checkpoint.config, checkpoints.parse_dtype("fp32"))
     tree = lora.load_lora(args.src, checkpoints.abstract_params(model), strict=not args.non_strict)
     model_type = "flux" if type(model).__name__ == "FluxTransformer2DModel" else "qwen-image"
-    lora.save_lora(tree, args.dst, format=args.format, model_type=model_type)
+    lora.save_lora(tree, args.dst, format=args.format, model_type=model_type, schedule=lora.read_schedule(args.src))
     print(f"wrote {lora.describe(tree)} to {args.dst} ({args.format} layout)")

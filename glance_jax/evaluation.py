@@ -48,6 +48,39 @@ def frechet_distance(features_a, features_b):
     return float(np.sum((mu_a - mu_b) ** 2) + np.trace(s_a + s_b - 2 * np.real(root)))
 
 
+def equivalent_base_nfe(base_nfes, base_psnrs, psnr_value):
+    """The base's evaluations that reach `psnr_value`: (nfe, extrapolated).
+
+    Interpolates log(NFE) linearly in PSNR between the base rows (e.g. its uniform K-step runs against
+    the same reference) that bracket the value. Beyond the rows it extends the nearest segment and
+    says so (`extrapolated=True`): a value above every base row means "more than the largest base
+    run", and the figure is an estimate. Rows whose PSNR does not rise with NFE are dropped, so that
+    the curve is increasing.
+    """
+    order = np.argsort(np.asarray(base_nfes, np.float64))
+    nfes = np.asarray(base_nfes, np.float64)[order]
+    psnrs = np.asarray(base_psnrs, np.float64)[order]
+    keep = [0]
+    for i in range(1, len(nfes)):
+        if psnrs[i] > psnrs[keep[-1]]:
+            keep.append(i)
+    if len(keep) < 2:
+        raise ValueError("equivalent_base_nfe needs at least two base rows whose PSNR rises with NFE")
+    x, y = psnrs[keep], np.log(nfes[keep])
+    if x[0] <= psnr_value <= x[-1]:
+        return float(np.exp(np.interp(psnr_value, x, y))), False
+    i = 0 if psnr_value < x[0] else len(x) - 2
+    slope = (y[i + 1] - y[i]) / (x[i + 1] - x[i])
+    return float(np.exp(y[i] + slope * (psnr_value - x[i]))), True
+
+
+def speedup(base_nfes, base_psnrs, psnr_value, nfe):
+    """(equivalent base NFE, its ratio to `nfe`, extrapolated?): how many times fewer evaluations a
+    sampler needs than the base for the same agreement with the reference."""
+    equivalent, extrapolated = equivalent_base_nfe(base_nfes, base_psnrs, psnr_value)
+    return equivalent, equivalent / nfe, extrapolated
+
+
 def to_uint8(images):
     return np.clip((np.asarray(images) + 1) * 127.5 + 0.5, 0, 255).astype(np.uint8)
 

@@ -31,6 +31,7 @@ from glance_jax import safetensors_io
 from glance_jax.checkpoints import weight_table
 from glance_jax.errors import GlanceError
 from glance_jax.models import flux_bfl
+from glance_jax.schedules import GlanceSchedule
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,7 @@ PRESETS = {
                       r"(img|txt)_mlp\.net\.(0\.proj|2)|(img|txt)_mod\.1)",
 }
 METADATA_KEY = "lora_adapter_metadata"  # where diffusers keeps the LoraConfig of a saved LoRA
+SCHEDULE_KEY = "glance_schedule"  # the Glance timesteps a LoRA was trained for (JSON), so the pair never separates
 PREFIXES = ("transformer.", "base_model.model.", "model.diffusion_model.", "diffusion_model.")
 KOHYA_PREFIXES = ("lora_unet_", "lora_transformer_")
 SUFFIXES = {".lora_A.weight": "A", ".lora_B.weight": "B", ".lora_down.weight": "A", ".lora_up.weight": "B",
@@ -171,24 +173,39 @@ def unmerge_lora(params, tree, scale=1.0, donate=True):
 
 # ---- reading files ----
 
+def _lora_file(source):
+    """(the .safetensors file of a LoRA file or folder, the folder's PEFT adapter_config or None)."""
+    path = os.fspath(source)
+    if not os.path.isdir(path):
+        return path, None
+    for name in ("pytorch_lora_weights.safetensors", "adapter_model.safetensors"):
+        if os.path.isfile(os.path.join(path, name)):
+            adapter_config, config = os.path.join(path, "adapter_config.json"), None
+            if os.path.isfile(adapter_config):
+                with open(adapter_config) as f:
+                    config = json.load(f)
+            return os.path.join(path, name), config
+    raise GlanceError(f"{path}: no pytorch_lora_weights.safetensors or adapter_model.safetensors in it")
+
+
+def read_schedule(path):
+    """The GlanceSchedule a LoRA file was trained for (written by `save_lora(..., schedule=...)`), or None."""
+    f = safetensors_io.SafetensorsFile(_lora_file(path)[0])
+    if SCHEDULE_KEY not in f.metadata:
+        return None
+    try:
+        described = json.loads(f.metadata[SCHEDULE_KEY])
+    except ValueError:
+        raise GlanceError(f"{f.path}: its {SCHEDULE_KEY} metadata is not JSON") from None
+    return GlanceSchedule.from_dict(described)
+
+
 def _read_state_dict(source):
     """(tensors as numpy, LoRA config dict or None, where) from a path or an in-memory state dict."""
     if isinstance(source, dict):
         to_np = lambda v: v.detach().float().cpu().numpy() if hasattr(v, "detach") else np.asarray(v)
         return {k: to_np(v) for k, v in source.items()}, None, "state dict"
-    path = os.fspath(source)
-    config = None
-    if os.path.isdir(path):
-        for name in ("pytorch_lora_weights.safetensors", "adapter_model.safetensors"):
-            if os.path.isfile(os.path.join(path, name)):
-                adapter_config = os.path.join(path, "adapter_config.json")
-                if os.path.isfile(adapter_config):
-                    with open(adapter_config) as f:
-                        config = json.load(f)
-                path = os.path.join(path, name)
-                break
-        else:
-            raise GlanceError(f"{path}: no pytorch_lora_weights.safetensors or adapter_model.safetensors in it")
+    path, config = _lora_file(source)
     f = safetensors_io.SafetensorsFile(path)
     if config is None and METADATA_KEY in f.metadata:
         packed = json.loads(f.metadata[METADATA_KEY])
@@ -398,8 +415,11 @@ def _most_common(values):
     return collections.Counter(values).most_common(1)[0][0]
 
 
-def save_lora(tree, path, format="diffusers", model_type=None):
+def save_lora(tree, path, format="diffusers", model_type=None, schedule=None):
     """Writes a LoRA tree as .safetensors that diffusers, PEFT, ComfyUI and kohya-style tools load.
+
+    `schedule` (a GlanceSchedule) goes into the file's metadata under `glance_schedule`, where
+    `read_schedule` and the `sample` / `eval` commands find it; other tools ignore it.
 
     - "diffusers": `transformer.<module>.lora_A.weight` (r, in) and `lora_B.weight` (out, r), with the
       LoraConfig (r, lora_alpha, target_modules, rank/alpha patterns) in the `lora_adapter_metadata`
@@ -439,6 +459,8 @@ def save_lora(tree, path, format="diffusers", model_type=None):
         metadata = {"format": "pt"}
     else:
         raise GlanceError(f"unknown LoRA format {format!r}: use 'diffusers' or 'kohya'")
+    if schedule is not None:
+        metadata[SCHEDULE_KEY] = json.dumps(schedule.to_dict())
     safetensors_io.save_file(tensors, path, metadata)
 
 

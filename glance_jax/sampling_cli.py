@@ -22,8 +22,9 @@ from PIL import Image
 
 from glance_jax import checkpoints, evaluation, safetensors_io
 from glance_jax.errors import GlanceError
-from glance_jax.lora import load_lora
-from glance_jax.pipelines import FluxGlancePipeline, QwenImageGlancePipeline, decode_latents, unpack_flux_latents
+from glance_jax.lora import load_lora, read_schedule
+from glance_jax.pipelines import (FluxGlancePipeline, QwenImageGlancePipeline, decode_latents, transformer_passes,
+                                  unpack_flux_latents)
 from glance_jax.schedules import SCHEDULERS, GlanceSchedule
 
 EMBEDDINGS_HELP = "text embeddings file (.safetensors with prompt_embeds and a 'captions' list in its metadata)"
@@ -78,18 +79,49 @@ def _embeddings(path, captions, text_encoders=None, family="flux"):
     return {k: f.read(k)[rows] for k in f.keys()}
 
 
+def _parse_schedule(text, family, image_seq_len):
+    if text == "official":
+        return GlanceSchedule.official(family, image_seq_len)
+    try:
+        slow, fast = ([int(s) for s in part.split(",")] for part in text.split("|"))
+    except ValueError:
+        raise GlanceError(f"--schedule {text!r}: use 'official' or slow|fast step indices such as "
+                          "'1,5,9|16,31,46'") from None
+    return GlanceSchedule.from_steps(family, slow, fast, image_seq_len)
+
+
+def _same_timesteps(a, b):
+    return (len(a.slow), len(a.fast)) == (len(b.slow), len(b.fast)) and np.allclose(
+        a.slow + a.fast, b.slow + b.fast, rtol=0, atol=1e-3)
+
+
+def _describe(schedule):
+    return f"slow {', '.join(f'{t:g}' for t in schedule.slow)} | fast {', '.join(f'{t:g}' for t in schedule.fast)}"
+
+
+def _glance_schedule(args, family, image_seq_len):
+    """--schedule if given, else the schedule the LoRA files were trained for, else the official one.
+
+    The LoRA files carry their schedule (`glance_jax.lora.read_schedule`); a --schedule that differs
+    from it, or a slow and a fast LoRA trained for different schedules, are refused.
+    """
+    carried = [(flag, read_schedule(path).for_image_seq_len(image_seq_len))
+               for flag, path in (("--slow_lora", args.slow_lora), ("--fast_lora", args.fast_lora))
+               if path and read_schedule(path) is not None]
+    if len(carried) == 2 and not _same_timesteps(carried[0][1], carried[1][1]):
+        raise GlanceError(f"--slow_lora and --fast_lora were trained for different schedules "
+                          f"({_describe(carried[0][1])}; {_describe(carried[1][1])})")
+    if args.schedule is None:
+        return carried[0][1] if carried else GlanceSchedule.official(family, image_seq_len)
+    given = _parse_schedule(args.schedule, family, image_seq_len)
+    if carried and not _same_timesteps(given, carried[0][1]):
+        raise GlanceError(f"--schedule {args.schedule!r} is not the schedule {carried[0][0]} was trained for "
+                          f"({_describe(carried[0][1])}): leave --schedule out to use the LoRAs' own")
+    return given
+
+
 def _schedule_kwargs(args, family, image_seq_len):
-    kw = dict(integration=args.integration)
-    if args.schedule == "official":
-        kw["schedule"] = GlanceSchedule.official(family, image_seq_len)
-    else:
-        try:
-            slow, fast = ([int(s) for s in part.split(",")] for part in args.schedule.split("|"))
-        except ValueError:
-            raise GlanceError(f"--schedule {args.schedule!r}: use 'official' or slow|fast step indices such as "
-                              "'1,5,9|16,31,46'") from None
-        kw["schedule"] = GlanceSchedule.from_steps(family, slow, fast, image_seq_len)
-    return kw
+    return dict(integration=args.integration, schedule=_glance_schedule(args, family, image_seq_len))
 
 
 def _call(pipe, family, arrays, **kw):
@@ -120,7 +152,9 @@ def _common_flags(p):
                    help="pipeline folder with the text encoder(s) and tokenizer(s): any prompt, no embeddings file")
     p.add_argument("--slow_lora", default=None, help="Slow-LoRA file (any layout load_lora reads)")
     p.add_argument("--fast_lora", default=None, help="Fast-LoRA file")
-    p.add_argument("--schedule", default="official", help="'official' or slow|fast steps, e.g. '1,5,9|16,31,46'")
+    p.add_argument("--schedule", default=None,
+                   help="'official' or slow|fast steps, e.g. '1,5,9|16,31,46' (default: the schedule the LoRA files "
+                        "were trained for, else 'official')")
     p.add_argument("--integration", default="consistent", choices=["consistent", "official"])
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--width", type=int, default=None)
@@ -194,10 +228,15 @@ def eval_main(argv):
     glance = _schedule_kwargs(args, family, tokens)
     glance["slow_lora"] = load_lora(args.slow_lora, pipe.params) if args.slow_lora else None
     glance["fast_lora"] = load_lora(args.fast_lora, pipe.params) if args.fast_lora else None
-    runs = [(f"base-{args.base_steps}", args.base_steps, dict(num_inference_steps=args.base_steps)),
-            (f"glance-{glance['schedule'].num_steps}", glance["schedule"].num_steps, glance)]
+    glance_nfe = transformer_passes(glance["schedule"])
+    reference = f"base-{args.base_steps}"
+    # the reference, the Glance run, and the base at the Glance run's cost and twice it (same noise)
+    runs = [(reference, "base", dict(num_inference_steps=args.base_steps)),
+            (f"glance-{glance_nfe}", "glance", glance)]
+    runs += [(f"base-{n}", "base", dict(num_inference_steps=n))
+             for n in sorted({glance_nfe, 2 * glance_nfe}) if n < args.base_steps]
     rows, outputs = [], {}
-    for name, nfe, kw in runs:
+    for name, kind, kw in runs:
         run = lambda: _call(pipe, family, arrays, height=height, width=width, seed=batch_seeds,
                             **kw).block_until_ready()
         run()
@@ -209,20 +248,38 @@ def eval_main(argv):
         else:
             out = np.asarray(unpack_flux_latents(latents, height, width, pipe.vae_scale_factor))
         outputs[name] = np.clip(out, -1, 1) if pixels else out
-        ref = outputs[runs[0][0]]
-        rows.append({"name": name, "nfe": nfe, "sec_per_image": seconds / len(out),
+        ref = outputs[reference]
+        mse = evaluation.mse(outputs[name], ref)
+        rows.append({"name": name, "kind": kind, "nfe": pipe.last_nfe, "reference": reference,
+                     "sec_per_image": seconds / len(out),
                      "psnr_vs_base": evaluation.psnr(outputs[name], ref) if pixels else None,
                      "ssim_vs_base": evaluation.ssim(outputs[name], ref) if pixels else None,
-                     "mse_vs_base": evaluation.mse(outputs[name], ref)})
+                     "mse_vs_base": mse,
+                     # agreement on one scale for pixels and latents: PSNR, or -10 log10(MSE) for latents
+                     "agreement_db": evaluation.psnr(outputs[name], ref) if pixels else
+                     -10 * np.log10(max(mse, 1e-20))})
+    base_rows = [r for r in rows if r["kind"] == "base" and r["name"] != reference]
+    glance_row = rows[1]
+    if len(base_rows) >= 2:
+        try:
+            glance_row["equivalent_base_nfe"], glance_row["speedup"], glance_row["extrapolated"] = evaluation.speedup(
+                [r["nfe"] for r in base_rows], [r["agreement_db"] for r in base_rows], glance_row["agreement_db"],
+                glance_row["nfe"])
+        except ValueError:  # the base did not improve from N to 2N steps: no curve to read a cost from
+            pass
     os.makedirs(args.workdir, exist_ok=True)
     with open(os.path.join(args.workdir, "eval.json"), "w") as f:
-        json.dump({"runs": rows, "prompts": captions, "seeds": seeds,
+        json.dump({"runs": rows, "prompts": captions, "seeds": seeds, "schedule": glance["schedule"].to_dict(),
                    "space": "pixels" if pixels else "latents (pass --vae for pixels)"}, f, indent=2)
     print(f"{'run':<14}{'NFE':>5}{'s/img':>9}{'PSNR':>8}{'SSIM':>8}{'MSE':>10}")
     for r in rows:
         fmt = lambda v, spec: format(v, spec) if v is not None else "-"
         print(f"{r['name']:<14}{r['nfe']:>5}{r['sec_per_image']:>9.4f}{fmt(r['psnr_vs_base'], '>8.2f')}"
               f"{fmt(r['ssim_vs_base'], '>8.3f')}{r['mse_vs_base']:>10.5f}")
+    if "speedup" in glance_row:
+        print(f"{glance_row['name']}: the base needs {glance_row['equivalent_base_nfe']:.1f} evaluations for the same "
+              f"agreement with {reference} ({'extrapolated beyond ' if glance_row['extrapolated'] else ''}"
+              f"{', '.join(r['name'] for r in base_rows)}): {glance_row['speedup']:.2f}x fewer with Glance")
     if pixels:
         grid = evaluation.grid([list(outputs[r["name"]]) for r in rows], [r["name"] for r in rows],
                                [f"{i // len(seeds)}:{s}" for i, s in enumerate(batch_seeds)], scale=5)

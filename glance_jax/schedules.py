@@ -219,6 +219,23 @@ class GlanceSchedule:
             num_slow = min(max(slow, 1), k - 1)
         return cls.from_steps(scheduler, steps[:num_slow], steps[num_slow:], image_seq_len, base_steps)
 
+    def to_dict(self):
+        """A JSON-ready description that `from_dict` turns back into this schedule (LoRA files carry it)."""
+        return {f.name: (list(v) if isinstance(v, tuple) else v)
+                for f in dataclasses.fields(self) for v in [getattr(self, f.name)]}
+
+    @classmethod
+    def from_dict(cls, d):
+        """The schedule `to_dict` described; unknown keys (from newer versions) are ignored."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        try:
+            values = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in names}
+            schedule = cls(**values)
+            cls.from_timesteps(schedule.slow, schedule.fast)  # the same checks as any given schedule
+        except (TypeError, AttributeError):
+            raise GlanceError(f"not a Glance schedule description: {d!r}") from None
+        return schedule
+
     def for_image_seq_len(self, image_seq_len):
         """This schedule at another resolution: recomputed from its step indices, or itself if resolution-free."""
         if self.image_seq_len is None or self.image_seq_len == image_seq_len:

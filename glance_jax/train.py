@@ -372,8 +372,8 @@ class Run:
         """Trains the configured phase(s); returns {phase: path of its LoRA file}."""
         phases = PHASES if self.config.phase == "both" else (self.config.phase,)
         teacher = self.teacher_inputs()
-        with open(os.path.join(self.workdir, "schedule.json"), "w") as f:
-            json.dump({"slow": self.schedule.slow, "fast": self.schedule.fast}, f)
+        with open(os.path.join(self.workdir, "schedule.json"), "w") as f:  # also in the LoRA files' metadata
+            json.dump(self.schedule.to_dict(), f, indent=1)
         return {phase: self.train_phase(phase, teacher) for phase in phases}
 
     def train_phase(self, phase, teacher):
@@ -419,7 +419,7 @@ class Run:
             manager.wait_until_finished()
             host_lora = multihost_utils.process_allgather(adapter, tiled=True)  # every process joins; one writes
             if self.writer:
-                lora.save_lora(host_lora, lora_path)
+                lora.save_lora(host_lora, lora_path, schedule=self.schedule)
 
         bar = tqdm(range(start, config.steps), initial=start, total=config.steps, desc=f"{phase}-LoRA",
                    unit="step", dynamic_ncols=True, disable=not self.writer)
@@ -445,7 +445,7 @@ class Run:
         if start == config.steps and not os.path.exists(lora_path):
             host_lora = multihost_utils.process_allgather(adapter, tiled=True)
             if self.writer:
-                lora.save_lora(host_lora, lora_path)
+                lora.save_lora(host_lora, lora_path, schedule=self.schedule)
         manager.close()
         return lora_path
 

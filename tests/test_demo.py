@@ -70,7 +70,7 @@ def test_sample_and_eval_commands(quick_demo, tmp_path, capsys):
     assert main(["eval", "--prompts", str(prompts), "--seeds", "0,1", "--workdir", str(tmp_path / "eval"),
                  *lora_args]) == 0
     report = json.loads((tmp_path / "eval" / "eval.json").read_text())
-    assert [r["name"] for r in report["runs"]] == ["base-50", "glance-10"]
+    assert [r["name"] for r in report["runs"]] == ["base-50", "glance-10", "base-10", "base-20"]
     assert 10 < report["runs"][1]["psnr_vs_base"] < 100 and 0 < report["runs"][1]["ssim_vs_base"] <= 1
     assert (tmp_path / "eval" / "grid.png").exists()
     capsys.readouterr()

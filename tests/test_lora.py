@@ -14,7 +14,9 @@ from peft.utils import get_peft_model_state_dict
 
 from glance_jax import analysis, safetensors_io
 from glance_jax.errors import GlanceError
-from glance_jax.lora import PRESETS, describe, init_lora, load_lora, merge_lora, save_lora, unmerge_lora
+from glance_jax.lora import (PRESETS, describe, init_lora, load_lora, merge_lora, read_schedule, save_lora,
+                             unmerge_lora)
+from glance_jax.schedules import GlanceSchedule
 from glance_jax.models import FluxTransformer2DModel
 from torch_peers import flux_inputs, randomize_, relative_error, torch_forward
 
@@ -101,7 +103,8 @@ def test_lora_made_here_loads_into_diffusers(base, inputs, tmp_path):
     tree = init_lora(jax.random.PRNGKey(0), params, "flux", rank=RANK, alpha=ALPHA)
     tree = jax.tree_util.tree_map_with_path(  # B starts at zero: give it values so the check means something
         lambda p, x: jax.random.normal(jax.random.PRNGKey(1), x.shape) * 0.3 if p[-1].key == "B" else x, tree)
-    save_lora(tree, tmp_path / "lora.safetensors")
+    schedule = GlanceSchedule.from_steps("flux", (1, 3), (11, 31), image_seq_len=4096)
+    save_lora(tree, tmp_path / "lora.safetensors", schedule=schedule)  # diffusers ignores the schedule metadata
     reference = TorchFlux.from_pretrained(base[0]).eval()
     reference.load_lora_adapter(str(tmp_path), weight_name="lora.safetensors", prefix="transformer")
     config = reference.peft_config["default_0"]
@@ -297,3 +300,24 @@ def test_export_lora_command(base, inputs, peft_lora, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("glance-jax export-lora: error:") and "transformer.nope.lora_A.weight" in err[-1]
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_schedule_travels_with_the_lora(base, peft_lora, tmp_path):
+    """The Glance schedule written into a LoRA file comes back equal, through export-lora in both layouts."""
+    from glance_jax.cli import main
+    _, _, params = base
+    tree = init_lora(jax.random.PRNGKey(0), params, "flux", rank=RANK, alpha=ALPHA)
+    for schedule in (GlanceSchedule.official("flux", image_seq_len=1024),
+                     GlanceSchedule.from_timesteps((1000.0, 951.25), (700.5, 123.0))):
+        save_lora(tree, tmp_path / "slow.safetensors", schedule=schedule)
+        assert read_schedule(tmp_path / "slow.safetensors") == schedule
+        for layout in ("kohya", "diffusers"):
+            dst = tmp_path / f"{layout}.safetensors"
+            assert main(["export-lora", str(tmp_path / "slow.safetensors"), str(dst), "--model", str(base[0]),
+                         "--format", layout, "--overwrite"]) == 0
+            assert read_schedule(dst) == schedule
+    assert read_schedule(peft_lora[0]) is None  # a file from elsewhere carries none
+    assert GlanceSchedule.official("flux", image_seq_len=1024).for_image_seq_len(4096) == \
+        GlanceSchedule.from_dict(GlanceSchedule.official("flux", image_seq_len=1024).to_dict()).for_image_seq_len(4096)
+    with pytest.raises(GlanceError, match="decrease"):
+        GlanceSchedule.from_dict({"slow": [900.0, 950.0], "fast": [100.0]})

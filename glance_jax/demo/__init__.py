@@ -155,10 +155,8 @@ def add_speedups(results):
             continue
         base = sorted((b for b in results if b["kind"] == "base" and b["schedule"] == "uniform"
                        and b["reference"] == m["reference"] and b["name"] != m["reference"]), key=lambda b: b["nfe"])
-        m["equivalent_base_nfe"] = evaluation.equivalent_base_nfe([b["nfe"] for b in base],
-                                                                  [b["psnr_vs_teacher"] for b in base],
-                                                                  m["psnr_vs_teacher"])
-        m["speedup"] = m["equivalent_base_nfe"] / m["nfe"]
+        m["equivalent_base_nfe"], m["speedup"], m["extrapolated"] = evaluation.speedup(
+            [b["nfe"] for b in base], [b["psnr_vs_teacher"] for b in base], m["psnr_vs_teacher"], m["nfe"])
 
 
 def closing_line(results, regime, reference_row, prefix):
