@@ -186,15 +186,17 @@ def _integrate(model, static, rescale, params, noises, sigmas, cond, neg, scale)
 
 def teacher_trajectories(model, static, params, batch, sigmas, config, key):
     """States (trajectories, len(sigmas), tokens, C) of the frozen base from `teacher.trajectories` noises,
-    integrated `teacher.batch` noises per compiled call."""
+    integrated `teacher.batch` noises per compiled call. The grid is padded with zero-size steps to a multiple
+    of 16 points, so that grids of similar length share one compiled program."""
     cond, neg, rescale = teacher_conditionings(model, batch, config)
     noises = jax.random.normal(key, (config.teacher.trajectories, *batch["x0"].shape), jnp.float32)
     chunk = max(1, int(config.teacher.batch))
-    sigmas = jnp.asarray(sigmas, jnp.float32)
+    n = len(sigmas)
+    padded = jnp.asarray(np.pad(np.asarray(sigmas, np.float32), (0, -n % 16), mode="edge"))  # zero-size steps
     scale = jnp.float32(config.teacher.guidance_scale)
-    parts = [_integrate(model, tuple(static), rescale, params, noises[i:i + chunk], sigmas, cond, neg, scale)
+    parts = [_integrate(model, tuple(static), rescale, params, noises[i:i + chunk], padded, cond, neg, scale)
              for i in tqdm(range(0, len(noises), chunk), desc="teacher trajectories", unit="batch", leave=False)]
-    return jnp.concatenate(parts)
+    return jnp.concatenate(parts)[:, :n]
 
 
 # ---- the train step ----

@@ -55,6 +55,8 @@ def parser():
     p.add_argument("--seed", type=int, default=0, help="seed of the training noise and of the sampled images")
     p.add_argument("--steps", type=int, default=None, help="teacher-target LoRA steps a phase (default 600; "
                    "--quick 60)")
+    p.add_argument("--schedule", choices=("uniform", "fitted"), default=RECIPE["schedule"],
+                   help=f"the schedule of the glance-K rows (default {RECIPE['schedule']}, chosen on validation)")
     p.add_argument("--validation", action="store_true",
                    help="measure on the validation prompts and seeds (what the recipe was tuned on) instead")
     p.add_argument("--retrain-teacher", action="store_true",
@@ -143,8 +145,8 @@ def prompt_set(teacher, templates, seeds_per_prompt, first_seed, exclude):
     return captions, batch, labels, [first_seed + i for i in range(len(batch))]
 
 
-def method(name, kind, schedule, target, guidance, reference, nfe, **kwargs):
-    return dict(name=name, kind=kind, schedule=schedule, target=target, guidance=guidance, reference=reference,
+def method(name, kind, schedule_kind, target, guidance, reference, nfe, **kwargs):
+    return dict(name=name, kind=kind, schedule=schedule_kind, target=target, guidance=guidance, reference=reference,
                 nfe=nfe, kwargs=kwargs)
 
 
@@ -197,10 +199,10 @@ def main(argv):
     config = lambda k, target, schedule, guidance=1.0, n=steps: lora_config(
         model_dir, sample_dir, workdir, k, target, schedule, n, trajectories, guidance, args.seed)
 
-    pairs = [(f"glance-{k}", config(k, "teacher", RECIPE["schedule"])) for k in UNGUIDED_K]
+    pairs = [(f"glance-{k}", config(k, "teacher", args.schedule)) for k in UNGUIDED_K]
     pairs += [("glance-official-10", config(10, "teacher", "official")),
               ("glance-data-10", config(10, "data", "official", n=data_steps))]
-    pairs += [(f"glance-cfg-{k}", config(k, "teacher", RECIPE["schedule"], GUIDANCE)) for k in GUIDED_K]
+    pairs += [(f"glance-cfg-{k}", config(k, "teacher", args.schedule, GUIDANCE)) for k in GUIDED_K]
     trained = {}
     for name, c in pairs:
         print(f"distilling {name}: {c.target} target, {c.steps} steps a phase, from '{train_caption}'")
@@ -212,11 +214,10 @@ def main(argv):
                              (PROMPT_TEMPLATES, args.seed * 1000))
     captions, batch_captions, labels, seeds = prompt_set(teacher, templates, seeds_per_prompt, first_seed,
                                                          train_caption)
-    train_seeds = [first_seed + 500 + i for i in range(train_seeds)]
     embed = lambda cs: (jnp.asarray(np.stack([prompts[c][0] for c in cs])),
                         jnp.asarray(np.stack([prompts[c][1] for c in cs])))
-    negative = lambda n: dict(negative_prompt_embeds=jnp.asarray(np.stack([prompts[""][0]] * n)),
-                              negative_pooled_prompt_embeds=jnp.asarray(np.stack([prompts[""][1]] * n)),
+    negative = lambda count: dict(negative_prompt_embeds=jnp.asarray(np.stack([prompts[""][0]] * count)),
+                              negative_pooled_prompt_embeds=jnp.asarray(np.stack([prompts[""][1]] * count)),
                               true_cfg_scale=GUIDANCE)
     pipe = FluxGlancePipeline(model, params, teacher.SCHEDULER, latent_channels=1, vae_scale_factor=1)
 
@@ -231,7 +232,7 @@ def main(argv):
                 for k in sorted(UNGUIDED_K, reverse=True)]
     methods += [method(f"base-fitted-{k}", "base", "fitted", None, 1.0, "teacher-50", k, schedule=fitted[k])
                 for k in (6, 4)]
-    methods += [glance(f"glance-{k}", RECIPE["schedule"], "teacher", 1.0, "teacher-50")
+    methods += [glance(f"glance-{k}", args.schedule, "teacher", 1.0, "teacher-50")
                 for k in sorted(UNGUIDED_K, reverse=True)]
     methods += [glance("glance-official-10", "official", "teacher", 1.0, "teacher-50"),
                 glance("glance-data-10", "official", "data", 1.0, "teacher-50")]
@@ -239,31 +240,30 @@ def main(argv):
                        num_inference_steps=50, guided=True)]
     methods += [method(f"base-cfg-uniform-{k}", "base", "uniform", None, GUIDANCE, "teacher-50-cfg", 2 * k,
                        num_inference_steps=k, guided=True) for k in (10, 6, 4)]
-    methods += [glance(f"glance-cfg-{k}", RECIPE["schedule"], "teacher", GUIDANCE, "teacher-50-cfg")
+    methods += [glance(f"glance-cfg-{k}", args.schedule, "teacher", GUIDANCE, "teacher-50-cfg")
                 for k in sorted(GUIDED_K, reverse=True)]
 
     predict, features, real_features = digit_classifier(args.seed)
-    held_out, on_caption = embed(batch_captions), embed([train_caption] * len(train_seeds))
+    # one batch: the held-out images, then the training caption's (one compiled sampler per method)
+    all_seeds = seeds + [first_seed + 500 + i for i in range(train_seeds)]
+    embeds = embed(batch_captions + [train_caption] * train_seeds)
+    n = len(batch_captions)
     results, images, caption_images = [], {}, {}
     for m in methods:
         kwargs = dict(m.pop("kwargs"))
-        guided = kwargs.pop("guided", False)
-
-        def run(embeds, seed_list):
-            extra = negative(len(seed_list)) if guided else {}
-            return pipe(*embeds, height=SIZE, width=SIZE, seed=seed_list, **kwargs, **extra).block_until_ready()
-
-        run(held_out, seeds)  # compile
+        extra = negative(len(all_seeds)) if kwargs.pop("guided", False) else {}
+        run = lambda: pipe(*embeds, height=SIZE, width=SIZE, seed=all_seeds, **kwargs, **extra).block_until_ready()
+        run()  # compile
         start = time.perf_counter()
-        latents = run(held_out, seeds)
+        latents = run()
         seconds = time.perf_counter() - start
-        nfe = pipe.last_nfe
-        out = np.clip(np.asarray(unpack_flux_latents(latents, SIZE, SIZE, 1)), -1, 1)
-        own = np.clip(np.asarray(unpack_flux_latents(run(on_caption, train_seeds), SIZE, SIZE, 1)), -1, 1)
+        both = np.clip(np.asarray(unpack_flux_latents(latents, SIZE, SIZE, 1)), -1, 1)
+        out, own = both[:n], both[n:]
         images[m["name"]], caption_images[m["name"]] = out, own
         reference, caption_reference = images[m["reference"]], caption_images[m["reference"]]
-        assert nfe == m["nfe"], (m["name"], nfe)
-        results.append({**m, "steps": nfe // (2 if guided else 1), "sec_per_image": seconds / len(out),
+        if pipe.last_nfe != m["nfe"]:
+            raise AssertionError(f"{m['name']}: {pipe.last_nfe} passes counted, {m['nfe']} expected")
+        results.append({**m, "steps": m["nfe"] // (2 if extra else 1), "sec_per_image": seconds / len(both),
                         "psnr_vs_teacher": evaluation.psnr(out, reference),
                         "psnr_train_caption": evaluation.psnr(own, caption_reference),
                         "mse_vs_teacher": evaluation.mse(out, reference),
@@ -275,7 +275,7 @@ def main(argv):
 
     report = {"methods": results, "seed": args.seed, "validation": args.validation,
               "train_sample": {"caption": train_caption, "image": os.path.join(sample_dir, "seven.png")},
-              "images_per_method": len(batch_captions), "train_caption_images": len(train_seeds),
+              "images_per_method": len(batch_captions), "train_caption_images": train_seeds,
               "lora_steps": steps, "data_lora_steps": data_steps, "trajectories": trajectories,
               "recipe": RECIPE, "guidance": GUIDANCE, "quick": args.quick, "closing": closing}
     with open(os.path.join(workdir, "metrics.json"), "w") as f:
