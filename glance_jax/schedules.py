@@ -190,7 +190,7 @@ class GlanceSchedule:
         """The base's own (num_slow + num_fast)-step schedule at this resolution, first num_slow steps slow."""
         k = num_slow + num_fast
         if num_slow < 1 or num_fast < 1:
-            raise GlanceError(f"a Glance schedule needs at least one slow and one fast step, got {num_slow}, {num_fast}")
+            raise GlanceError(f"a Glance schedule needs a slow and a fast step at least, got {num_slow}, {num_fast}")
         return cls.from_steps(scheduler, range(1, num_slow + 1), range(num_slow + 1, k + 1), image_seq_len, k)
 
     @classmethod
@@ -210,7 +210,8 @@ class GlanceSchedule:
         _, sigmas = FlowMatchEulerScheduler.from_config(scheduler).set_timesteps(base_steps, image_seq_len)
         states = np.asarray(states)
         if states.shape[1] != base_steps + 1:
-            raise GlanceError(f"trajectories have {states.shape[1]} states, the {base_steps}-step grid {base_steps + 1}")
+            raise GlanceError(f"trajectories have {states.shape[1]} states, the {base_steps}-step grid "
+                              f"{base_steps + 1}")
         k = num_slow + num_fast
         chosen = best_jumps(jump_errors(states, sigmas), k)[:-1]  # grid indices of the K steps (0-based)
         steps = [int(i) + 1 for i in chosen]

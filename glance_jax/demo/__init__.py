@@ -263,6 +263,8 @@ def main(argv):
         reference, caption_reference = images[m["reference"]], caption_images[m["reference"]]
         if pipe.last_nfe != m["nfe"]:
             raise AssertionError(f"{m['name']}: {pipe.last_nfe} passes counted, {m['nfe']} expected")
+        if "schedule" in kwargs:
+            m["timesteps"] = list(kwargs["schedule"].slow + kwargs["schedule"].fast)
         results.append({**m, "steps": m["nfe"] // (2 if extra else 1), "sec_per_image": seconds / len(both),
                         "psnr_vs_teacher": evaluation.psnr(out, reference),
                         "psnr_train_caption": evaluation.psnr(own, caption_reference),
