@@ -4,7 +4,7 @@
         --config.model.path=/path/to/Qwen-Image/transformer --config.data.dir=/path/to/one_sample
 
 LoRA (rank 32, alpha 128) on every Dense layer of the blocks ("qwen-image-all"), AdamW lr 1e-4, 600
-steps a phase, on the base's own 10-step schedule split 5 + 5, trained towards the base's trajectories
+steps a phase, on 10 points of the 50-step grid fitted to the trajectories (5 slow + 5 fast), trained towards the base's trajectories
 drawn with true CFG 5 on the empty prompt and the norm rescale (as the official Glance-Qwen pipeline
 samples): the student then samples with ONE pass a step, at no guidance. The sample needs the empty
 prompt's encodings (`empty_prompt_embeds`, glance_jax/data.py). Cost of the trajectories: 64
