@@ -85,8 +85,9 @@ def teacher_recipe(family, phase):
 
     LoRA on every Dense layer of the blocks (the "<family>-all" preset), lr 1e-4, 600 steps a phase, 64
     cached teacher trajectories, 10 points of the 50-step grid fitted to them (5 slow + 5 fast), guided
-    trajectories (the student then needs one pass a step). Cost of the trajectories: 64 x 50 forward passes of the base (x2
-    for Qwen-Image's true CFG), once per sample and schedule grid; both phases and reruns reuse them.
+    trajectories (the student then needs one pass a step). Cost of the trajectories: 64 x 50 forward
+    passes of the base (x2 for Qwen-Image's true CFG), once per sample and grid; both phases and reruns
+    reuse them.
     """
     c = official(family, phase)
     c.target = "teacher"  # the base's own trajectory: the data target copies the one image (README)
