@@ -51,7 +51,7 @@ def test_quick_demo_writes_the_table_and_the_grid(quick_demo, capsys):
         assert m["guidance"] == (3.0 if guided else 1.0) and m["reference"] in by_name
         assert (m["kind"] == "glance") == m["name"].startswith("glance-")
         assert m["target"] == (None if m["kind"] == "base" else "data" if m["name"] == "glance-data-10" else "teacher")
-        k = int(m["name"].split("-")[-1])
+        k = int(m["name"].replace("-cfg", "").split("-")[-1])
         # honest pass counting: a guided base step is two passes, a Glance step one (guidance distilled)
         assert m["nfe"] == (2 * k if guided and m["kind"] == "base" else k)
     assert by_name["teacher-50"]["mse_vs_teacher"] == 0 == by_name["teacher-50-cfg"]["mse_vs_teacher"]
