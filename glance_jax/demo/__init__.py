@@ -300,11 +300,13 @@ def main(argv):
     for m in results:
         if m["name"] == "teacher-50-cfg":
             print("guided (CFG 3 on the empty prompt), against teacher-50-cfg:")
-        eq = f"{m['equivalent_base_nfe']:>9.1f}{m['speedup']:>9.2f}x" if m["kind"] == "glance" else ""
+        eq = (f"{m['equivalent_base_nfe']:>8.1f}{'*' if m['extrapolated'] else ' '}{m['speedup']:>9.2f}x"
+              if m["kind"] == "glance" else "")
         print(f"{m['name']:<22}{m['nfe']:>5}{1e3 * m['sec_per_image']:>8.2f}{m['psnr_vs_teacher']:>9.2f}"
               f"{m['psnr_train_caption']:>9.2f}{m['fidelity']:>10.2f}{m['fd']:>7.2f}{eq}")
     print("\n".join(closing))
     print(f"(PSNR against the row's reference from the same noise, on {which} prompts and on the training caption; "
           f"fidelity: accuracy of a digit classifier on the prompted digit; FD: Frechet distance of its features to "
-          f"real digits; eq. NFE: base-uniform evaluations giving the same PSNR, log-interpolated)\nwrote "
-          f"{workdir}/metrics.json and {workdir}/grid.png in {time.perf_counter() - started:.0f} s")
+          f"real digits; eq. NFE: base-uniform evaluations giving the same PSNR, log-interpolated; *: extrapolated "
+          f"beyond the base rows)\nwrote {workdir}/metrics.json and {workdir}/grid.png in "
+          f"{time.perf_counter() - started:.0f} s")
