@@ -205,7 +205,8 @@ def make_train_step(model, config, static=(), shardings=None):
     """The jit-compiled step `(adapter, opt_state, params, batch, teacher, points, key) -> (adapter, opt_state,
     metrics)`; the LoRA and optimizer state are donated. `points` is a mask over `teacher["sigmas"]` marking
     the phase's timesteps (drawn uniformly among them). Steps that would compile to the same program are
-    shared (both phases, several runs). With `shardings=(in_shardings, out_shardings)` the step is compiled for a device mesh.
+    shared (both phases, several runs). With `shardings=(in_shardings, out_shardings)` the step is compiled
+    for a device mesh.
     """
     settings = (tuple(sorted(config.optim.items())), config.target, float(config.data.caption_dropout))
     if shardings is None:
