@@ -36,11 +36,19 @@ from glance_jax.schedules import GlanceSchedule
 
 log = logging.getLogger(__name__)
 
-# diffusers module-name patterns of the official Glance recipes (PEFT matching: the name or a dotted suffix).
+# diffusers module-name patterns (PEFT matching: a tuple names modules or dotted suffixes; a string is a regular
+# expression the whole name must match). "flux" and "qwen-image": the official Glance recipes. "flux-all" and
+# "qwen-image-all": every Dense layer inside the blocks (not the embedders nor the output layer), what the teacher
+# target needs to follow the base's trajectory (README, the demo).
 PRESETS = {
     "flux": ("to_q", "to_k", "to_v", "to_out.0"),
     "qwen-image": ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj", "to_out.0", "to_add_out",
                    "img_mlp.net.2", "img_mod.1", "txt_mlp.net.2", "txt_mod.1"),
+    "flux-all": r"transformer_blocks\.\d+\.(attn\.(to_[qkv]|add_[qkv]_proj|to_out\.0|to_add_out)|"
+                r"(ff|ff_context)\.net\.(0\.proj|2)|norm1(_context)?\.linear)|"
+                r"single_transformer_blocks\.\d+\.(attn\.to_[qkv]|norm\.linear|proj_mlp|proj_out)",
+    "qwen-image-all": r"transformer_blocks\.\d+\.(attn\.(to_[qkv]|add_[qkv]_proj|to_out\.0|to_add_out)|"
+                      r"(img|txt)_mlp\.net\.(0\.proj|2)|(img|txt)_mod\.1)",
 }
 METADATA_KEY = "lora_adapter_metadata"  # where diffusers keeps the LoraConfig of a saved LoRA
 SCHEDULE_KEY = "glance_schedule"  # the Glance timesteps a LoRA was trained for (JSON), so the pair never separates
@@ -62,7 +70,10 @@ def dense_layers(params):
 
 
 def matches(name, patterns):
-    """PEFT's target_modules rule: the module name itself or a suffix after a dot."""
+    """PEFT's target_modules rule: a regular expression (str) matches the whole name; a list of names matches
+    the module name itself or a suffix after a dot."""
+    if isinstance(patterns, str):
+        return re.fullmatch(patterns, name) is not None
     return any(name == p or name.endswith("." + p) for p in patterns)
 
 
@@ -93,7 +104,7 @@ def init_lora(key, params, targets, rank, alpha, dtype=jnp.float32):
         if matches(name, patterns):
             chosen[path].add(index)
     if not chosen:
-        raise GlanceError(f"no Dense layer matches the LoRA targets {list(patterns)}")
+        raise GlanceError(f"no Dense layer matches the LoRA targets {targets!r}")
     flat = flatten_dict(params)
     tree = {}
     for k, path in zip(jax.random.split(key, len(chosen)), sorted(chosen)):

@@ -52,7 +52,13 @@ def official(family, phase):
     c.optim.grad_clip = 1.0
     c.optim.state_dtype = "fp32"  # Adam's moments; "bf16" halves them (the official Qwen-Image config: 8-bit Adam)
 
-    c.schedule = ml_collections.ConfigDict()  # 1-based steps of the base_steps-step schedule at the sample's size
+    c.schedule = ml_collections.ConfigDict()
+    # "steps": slow_steps / fast_steps, 1-based steps of the base_steps-step schedule at the sample's size (the
+    # paper); "uniform": the base's own (num_slow + num_fast)-step schedule, first num_slow steps slow;
+    # "fitted": num_slow + num_fast points of the teacher.substeps grid fitted to the teacher's trajectories
+    c.schedule.kind = "steps"
+    c.schedule.num_slow, c.schedule.num_fast = 5, 5  # for "uniform" and "fitted"
+    c.schedule.split = "half"  # "fitted": slow/fast boundary halfway, or an SNR threshold (a number as a string)
     c.schedule.slow_steps = OFFICIAL_SLOW_STEPS
     c.schedule.fast_steps = OFFICIAL_FAST_STEPS
     c.schedule.base_steps = 50
@@ -61,10 +67,44 @@ def official(family, phase):
     c.teacher = ml_collections.ConfigDict()  # only for target="teacher"
     c.teacher.trajectories = 4  # noise seeds whose teacher trajectories are integrated once, then reused
     c.teacher.substeps = 50  # the base integrates on this fine grid (plus the Glance points)
+    c.teacher.batch = 8  # noises integrated per compiled call
+    c.teacher.guidance_scale = 1.0  # > 1: guided trajectories (true CFG; FLUX.1-dev: its guidance input)
+    c.teacher.negative_prompt = " "  # CFG's negative: the sample's empty-prompt encoding
 
     c.mesh = ""  # device mesh, e.g. "data=2,fsdp=4" (axes data, fsdp, tensor); empty: one device
 
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every = 20
     c.checkpoint.keep = 3
+    return c
+
+
+# family -> (guidance the teacher's trajectories are drawn with, what it means): the two bases sample with it.
+TEACHER_GUIDANCE = {"flux": (3.5, "FLUX.1-dev's guidance input (its pipeline's default; one pass a step)"),
+                    "qwen-image": (5.0, "true CFG on the empty prompt with the norm rescale, as the official "
+                                        "Glance-Qwen pipeline samples (two passes a step)")}
+
+
+def teacher_recipe(family, phase):
+    """The teacher-target recipe: what the demo's controlled study found works (README, "The demo").
+
+    LoRA on every Dense layer of the blocks (the "<family>-all" preset), lr 1e-4, 600 steps a phase, 64
+    cached teacher trajectories, 10 points of the 50-step grid fitted to them (5 slow + 5 fast), guided
+    trajectories (the student then needs one pass a step). Cost of the trajectories: 64 x 50 forward
+    passes of the base (x2 for Qwen-Image's true CFG), once per sample and grid; both phases and reruns
+    reuse them.
+    """
+    c = official(family, phase)
+    c.target = "teacher"  # the base's own trajectory: the data target copies the one image (README)
+    c.lora.targets = f"{family}-all"  # every Dense layer inside the blocks; the four attention layers are too few
+    c.optim.lr = 1e-4  # higher rates are worse: each step is a one-sample estimate
+    c.steps = 600  # gains stop at about 1000 steps
+    c.schedule.kind = "fitted"  # fitted beat uniform, which beat the paper's split (half its steps near sigma 1)
+    c.schedule.num_slow, c.schedule.num_fast = 5, 5
+    c.teacher.trajectories = 64  # 8 -> 64 trajectories was the largest single gain
+    c.teacher.batch = 4  # noises per compiled call (activation memory at 1024 x 1024)
+    c.teacher.guidance_scale = TEACHER_GUIDANCE[family][0]
+    if family == "flux":
+        c.model.guidance = TEACHER_GUIDANCE[family][0]  # the student learns at the guidance it will sample with
+    c.data.caption_dropout = 0.0  # the student learns the guided trajectory of its caption only
     return c

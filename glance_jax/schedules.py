@@ -185,6 +185,41 @@ class GlanceSchedule:
         return cls.from_steps(scheduler, spread(1, boundary - 1, num_slow), spread(boundary, base_steps, num_fast),
                               image_seq_len, base_steps)
 
+    @classmethod
+    def uniform(cls, scheduler, num_slow, num_fast, image_seq_len):
+        """The base's own (num_slow + num_fast)-step schedule at this resolution, first num_slow steps slow."""
+        k = num_slow + num_fast
+        if num_slow < 1 or num_fast < 1:
+            raise GlanceError(f"a Glance schedule needs a slow and a fast step at least, got {num_slow}, {num_fast}")
+        return cls.from_steps(scheduler, range(1, num_slow + 1), range(num_slow + 1, k + 1), image_seq_len, k)
+
+    @classmethod
+    def fitted(cls, scheduler, states, num_slow, num_fast, image_seq_len, base_steps=50, split="half"):
+        """K = num_slow + num_fast timesteps of the base's `base_steps`-step grid fitted to its trajectories.
+
+        `states` (M, base_steps + 1, ...) are M teacher trajectories integrated
+        with Euler steps on that grid (the last state at sigma 0). Dynamic
+        programming picks the K jumps from sigma 1 to 0 whose summed one-step
+        Euler error (`jump_errors`) is smallest: the approach of Chen et al.
+        2024, "On the Trajectory Regularity of ODE-based Diffusion Sampling".
+        `split`: "half" (first num_slow of the K steps slow) or an SNR
+        threshold (float): steps with SNR below it are slow (at least one each).
+        """
+        if isinstance(scheduler, str):
+            scheduler = SCHEDULERS[scheduler]
+        _, sigmas = FlowMatchEulerScheduler.from_config(scheduler).set_timesteps(base_steps, image_seq_len)
+        states = np.asarray(states)
+        if states.shape[1] != base_steps + 1:
+            raise GlanceError(f"trajectories have {states.shape[1]} states, the {base_steps}-step grid "
+                              f"{base_steps + 1}")
+        k = num_slow + num_fast
+        chosen = best_jumps(jump_errors(states, sigmas), k)[:-1]  # grid indices of the K steps (0-based)
+        steps = [int(i) + 1 for i in chosen]
+        if split != "half":
+            slow = int(np.sum(snr(sigmas[chosen]) < float(split)))
+            num_slow = min(max(slow, 1), k - 1)
+        return cls.from_steps(scheduler, steps[:num_slow], steps[num_slow:], image_seq_len, base_steps)
+
     def to_dict(self):
         """A JSON-ready description that `from_dict` turns back into this schedule (LoRA files carry it)."""
         return {f.name: (list(v) if isinstance(v, tuple) else v)
@@ -208,3 +243,41 @@ class GlanceSchedule:
             return self
         return GlanceSchedule.from_steps(self.scheduler, self.slow_steps, self.fast_steps, image_seq_len,
                                          self.base_steps, self.round_bf16)
+
+
+def jump_errors(states, sigmas):
+    """errors[i, j] (i < j): the RMS error of one Euler step from grid point i straight to point j.
+
+    `states` (M, N + 1, ...) are trajectories integrated with Euler steps on
+    the grid `sigmas` (N + 1, ending at 0), so the velocity at point i is the
+    difference quotient of its neighbours. One step from i lands at
+    `x_i + (sigma_j - sigma_i) v_i`; the error is its distance to x_j,
+    root-mean-square over elements, averaged over trajectories.
+    """
+    x = np.asarray(states, np.float64).reshape(states.shape[0], states.shape[1], -1)
+    s = np.asarray(sigmas, np.float64)
+    n = len(s)
+    v = (x[:, 1:] - x[:, :-1]) / (s[1:] - s[:-1])[None, :, None]
+    errors = np.full((n, n), np.inf)
+    for i in range(n - 1):
+        jump = x[:, i:i + 1] + (s[i + 1:] - s[i])[None, :, None] * v[:, i:i + 1]
+        errors[i, i + 1:] = np.sqrt(np.mean(np.square(jump - x[:, i + 1:]), axis=-1)).mean(0)
+    return errors
+
+
+def best_jumps(errors, k):
+    """Grid indices 0 = p_0 < ... < p_k = N minimising sum errors[p_i, p_i+1] (dynamic programming, O(k N^2))."""
+    n = errors.shape[0]
+    if not 1 <= k <= n - 1:
+        raise GlanceError(f"cannot choose {k} steps on a grid of {n - 1}")
+    cost = np.full((k + 1, n), np.inf)  # cost[m, j]: the best m jumps from point 0 to point j
+    back = np.zeros((k + 1, n), int)
+    cost[0, 0] = 0.0
+    for m in range(1, k + 1):
+        total = cost[m - 1][:, None] + errors  # [i, j]: m - 1 jumps to i, then i -> j
+        back[m] = np.argmin(total, axis=0)
+        cost[m] = total[back[m], np.arange(n)]
+    path = [n - 1]
+    for m in range(k, 0, -1):
+        path.append(int(back[m, path[-1]]))
+    return path[::-1]

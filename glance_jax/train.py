@@ -5,7 +5,14 @@ timesteps drawn uniformly from the phase's list:
 `x_t = (1 - sigma) x0 + sigma noise`, loss `|v(x_t, t) - target|^2` with
 target `noise - x0` (config.target = "data", the paper) or the velocity that
 carries x_t to where the frozen base itself lands at the next Glance timestep
-(config.target = "teacher"; needs no image, only the caption and noise).
+(config.target = "teacher"; needs no image, only the caption and noise). For
+the teacher target, x_t is the base's own state at the Glance point: the base
+integrates `teacher.trajectories` noises on its `teacher.substeps`-step grid
+(with `teacher.guidance_scale`, guided), many noises per compiled call, and
+the trajectories are cached beside the encoded sample, so both phases and
+reruns reuse them. `config.schedule.kind` chooses the Glance points: by step
+index (the paper), the base's own K-step schedule ("uniform"), or K points
+fitted to those trajectories ("fitted", schedules.GlanceSchedule.fitted).
 
 A run writes into its workdir:
 - `slow_lora.safetensors` / `fast_lora.safetensors` (diffusers layout with alpha metadata) at
@@ -17,6 +24,7 @@ A run writes into its workdir:
 """
 
 import functools
+import hashlib
 import json
 import os
 import time
@@ -29,11 +37,11 @@ import optax
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from glance_jax import checkpoints, data, lora, sharding
+from glance_jax import checkpoints, data, lora, safetensors_io, sharding
 from glance_jax.errors import GlanceError
 from glance_jax.models import FluxTransformer2DModel, QwenImageTransformer2DModel
-from glance_jax.pipelines import flux_image_ids, pack_flux_latents
-from glance_jax.schedules import FlowMatchEulerScheduler, GlanceSchedule
+from glance_jax.pipelines import flux_image_ids, guided_velocity, pack_flux_latents
+from glance_jax.schedules import SCHEDULERS, FlowMatchEulerScheduler, GlanceSchedule
 
 PHASES = ("slow", "fast")
 FAMILIES = {"flux": FluxTransformer2DModel, "qwen-image": QwenImageTransformer2DModel}
@@ -135,45 +143,88 @@ def conditioning(batch, drop_caption):
 
 # ---- the teacher target ----
 
-def teacher_trajectories(model, static, params, batch, schedule, config, key):
-    """States of the frozen base at every Glance timestep (and at 0), for `teacher.trajectories` noises.
-
-    The base integrates with Euler steps on a fine grid: the union of its own
-    `teacher.substeps`-step schedule and the Glance points. Returns
-    (states (K, points + 1, tokens, C), sigmas (points + 1,)).
-    """
-    scheduler = FlowMatchEulerScheduler.from_config(schedule.scheduler)
-    _, grid = scheduler.set_timesteps(config.teacher.substeps, batch["x0"].shape[1])
-    points = np.float32(list(schedule.slow) + list(schedule.fast)) / np.float32(1000)
-    points = np.concatenate([points, [0.0]]).astype(np.float32)
+def teacher_grid(schedule, scheduler_config, substeps, image_seq_len):
+    """Sigmas (descending, ending at 0) the base integrates on: its own `substeps`-step schedule plus the
+    schedule's points (if any), from the first point down."""
+    _, grid = FlowMatchEulerScheduler.from_config(scheduler_config).set_timesteps(substeps, image_seq_len)
+    if schedule is None:
+        return grid
+    points = schedule_sigmas(schedule)
     fine = np.unique(np.concatenate([grid, points]))[::-1].astype(np.float32)
-    fine = fine[fine <= points[0]]
-    record = np.array([int(np.argmin(np.abs(fine - p))) for p in points])
-    cond = conditioning(batch, False)
+    return fine[fine <= points[0]]
 
-    @jax.jit
-    def integrate(noise):
+
+def schedule_sigmas(schedule):
+    """The Glance points as sigmas: every slow and fast timestep / 1000, then the terminal 0."""
+    return np.float32(list(schedule.slow) + list(schedule.fast) + [0.0]) / np.float32(1000)
+
+
+def teacher_conditionings(model, batch, config):
+    """(cond, negative or None, rescale) with which the frozen base draws its trajectories.
+
+    `teacher.guidance_scale` > 1 guides them: FLUX.1-dev (a guidance embedding) takes the scale as its
+    guidance input, one pass a step; other models run true CFG against the negative prompt, two passes a
+    step, with the norm rescale for Qwen-Image (as their diffusers pipelines do).
+    """
+    scale = float(config.teacher.guidance_scale)
+    cond = dict(batch["cond"])
+    if getattr(model, "guidance_embeds", False):
+        cond["guidance"] = jnp.full((1,), scale if scale > 1 else config.model.guidance, jnp.float32)
+        return cond, None, False
+    if scale <= 1:
+        return cond, None, False
+    if config.teacher.negative_prompt.strip():
+        raise GlanceError(f"config.teacher.negative_prompt {config.teacher.negative_prompt!r}: only the empty "
+                          "prompt is supported (the sample's empty_prompt_embeds)")
+    if "empty_cond" not in batch:
+        raise GlanceError("config.teacher.guidance_scale > 1 needs empty_prompt_embeds in the encoded sample "
+                          "(the negative prompt)")
+    return cond, conditioning(batch, True), isinstance(model, QwenImageTransformer2DModel)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _integrate(model, static, rescale, params, noises, sigmas, cond, neg, scale):
+    """Euler steps of the (guided) base along `sigmas` for a batch of noises (M, 1, tokens, C) at once;
+    returns the states at every grid point, (M, len(sigmas), tokens, C)."""
+    def velocity(x, sigma):
+        apply = lambda c: model.apply({"params": params}, hidden_states=x.astype(model.dtype),
+                                      timestep=jnp.full((1,), sigma), **c, **dict(static)).astype(jnp.float32)
+        return apply(cond) if neg is None else guided_velocity(apply(cond), apply(neg), scale, rescale)
+
+    def one(noise):
         def step(x, sigmas):
             sigma, sigma_next = sigmas
-            v = model.apply({"params": params}, hidden_states=x.astype(model.dtype),
-                            timestep=jnp.full((1,), sigma), **cond, **dict(static))
-            x = x + (sigma_next - sigma) * v.astype(jnp.float32)
+            x = x + (sigma_next - sigma) * velocity(x, sigma)
             return x, x
-        _, xs = jax.lax.scan(step, noise, (jnp.asarray(fine[:-1]), jnp.asarray(fine[1:])))
-        return jnp.concatenate([noise[None], xs])[jnp.asarray(record)]
+        _, xs = jax.lax.scan(step, noise, (sigmas[:-1], sigmas[1:]))
+        return jnp.concatenate([noise[None], xs])[:, 0]
 
+    return jax.vmap(one)(noises)
+
+
+def teacher_trajectories(model, static, params, batch, sigmas, config, key):
+    """States (trajectories, len(sigmas), tokens, C) of the frozen base from `teacher.trajectories` noises,
+    integrated `teacher.batch` noises per compiled call. The grid is padded with zero-size steps to a multiple
+    of 16 points, so that grids of similar length share one compiled program."""
+    cond, neg, rescale = teacher_conditionings(model, batch, config)
     noises = jax.random.normal(key, (config.teacher.trajectories, *batch["x0"].shape), jnp.float32)
-    states = jnp.stack([integrate(n)[:, 0] for n in noises])
-    return states, jnp.asarray(points)
+    chunk = max(1, int(config.teacher.batch))
+    n = len(sigmas)
+    padded = jnp.asarray(np.pad(np.asarray(sigmas, np.float32), (0, -n % 16), mode="edge"))  # zero-size steps
+    scale = jnp.float32(config.teacher.guidance_scale)
+    parts = [_integrate(model, tuple(static), rescale, params, noises[i:i + chunk], padded, cond, neg, scale)
+             for i in tqdm(range(0, len(noises), chunk), desc="teacher trajectories", unit="batch", leave=False)]
+    return jnp.concatenate(parts)[:, :n]
 
 
 # ---- the train step ----
 
 def make_train_step(model, config, static=(), shardings=None):
     """The jit-compiled step `(adapter, opt_state, params, batch, teacher, points, key) -> (adapter, opt_state,
-    metrics)`; the LoRA and optimizer state are donated. `points` are the indices (into the Glance schedule) of
-    the phase's timesteps. Steps that would compile to the same program are shared (both phases, several runs).
-    With `shardings=(in_shardings, out_shardings)` the step is compiled for a device mesh.
+    metrics)`; the LoRA and optimizer state are donated. `points` is a mask over `teacher["sigmas"]` marking
+    the phase's timesteps (drawn uniformly among them). Steps that would compile to the same program are
+    shared (both phases, several runs). With `shardings=(in_shardings, out_shardings)` the step is compiled
+    for a device mesh.
     """
     settings = (tuple(sorted(config.optim.items())), config.target, float(config.data.caption_dropout))
     if shardings is None:
@@ -193,13 +244,12 @@ def _train_step(model, settings, static):
 
     def loss_fn(adapter, params, batch, teacher, points, key):
         k_t, k_noise, k_drop, k_traj = jax.random.split(key, 4)
-        index = points[jax.random.randint(k_t, (), 0, points.shape[0])]
+        index = jax.random.choice(k_t, points.shape[0], p=points / jnp.sum(points))
         sigma = teacher["sigmas"][index]
-        if target_kind == "teacher":
+        if target_kind == "teacher":  # the velocity that carries the base's state at this point to the next one
             k = jax.random.randint(k_traj, (), 0, teacher["states"].shape[0])
             x_t = teacher["states"][k, index][None]
-            sigma_next = teacher["sigmas"][index + 1]
-            target = (teacher["states"][k, index + 1][None] - x_t) / (sigma_next - sigma)
+            target = (teacher["states"][k, index + 1][None] - x_t) / (teacher["sigmas"][index + 1] - sigma)
         else:
             x0 = batch["x0"]
             noise = jax.random.normal(k_noise, x0.shape, jnp.float32)
@@ -273,12 +323,47 @@ class Run:
         self.batch, self.static = training_batch(self.model, arrays, config.model.guidance)
         if self.mesh is not None:
             self.batch = sharding.place(self.batch, self.batch_shardings())
-        image_seq_len = self.batch["x0"].shape[1]
-        self.schedule = GlanceSchedule.from_steps(config.family, config.schedule.slow_steps,
-                                                  config.schedule.fast_steps,
-                                                  image_seq_len, config.schedule.base_steps,
-                                                  config.schedule.round_bf16)
+        self.model_path = os.path.expanduser(config.model.path)
+        self.cache = cache
+        self.schedule = self.choose_schedule()
         os.makedirs(self.workdir, exist_ok=True)
+
+    def choose_schedule(self):
+        """The Glance schedule by `config.schedule.kind`: "steps" (indices of the base_steps grid, the paper),
+        "uniform" (the base's own K-step schedule split in two) or "fitted" (K points of the teacher.substeps
+        grid fitted to the teacher's trajectories; integrates them first, or reads them from the cache)."""
+        c, image_seq_len = self.config.schedule, self.batch["x0"].shape[1]
+        kind = c.get("kind", "steps")
+        if kind == "steps":
+            return GlanceSchedule.from_steps(self.config.family, c.slow_steps, c.fast_steps, image_seq_len,
+                                             c.base_steps, c.round_bf16)
+        if kind == "uniform":
+            return GlanceSchedule.uniform(self.config.family, c.num_slow, c.num_fast, image_seq_len)
+        if kind == "fitted":
+            substeps = self.config.teacher.substeps
+            states = self.trajectories(teacher_grid(None, SCHEDULERS[self.config.family], substeps, image_seq_len))
+            return GlanceSchedule.fitted(self.config.family, np.asarray(states), c.num_slow, c.num_fast,
+                                         image_seq_len, substeps, c.split)
+        raise GlanceError(f"config.schedule.kind {kind!r}: use 'steps', 'uniform' or 'fitted'")
+
+    def trajectories(self, sigmas):
+        """The base's trajectories on the grid `sigmas`, from the cache when an identical set was integrated
+        before (the key covers the model files, the encoded sample, the grid, guidance, count and seed)."""
+        t = self.config.teacher
+        digest = hashlib.sha256(json.dumps([_files_identity(self.model_path), self.config.model.dtype,
+                                            int(t.trajectories), float(t.guidance_scale), t.negative_prompt,
+                                            self.config.model.guidance, int(self.config.seed)]).encode())
+        for leaf in [np.asarray(sigmas, np.float32)] + jax.tree_util.tree_leaves(self.batch):
+            digest.update(np.asarray(leaf).tobytes())
+        path = os.path.join(self.cache, "teacher-" + digest.hexdigest()[:32] + ".safetensors")
+        if os.path.isfile(path):
+            return jnp.asarray(safetensors_io.SafetensorsFile(path).read("states"))
+        key = jax.random.fold_in(jax.random.PRNGKey(self.config.seed), 10 ** 6)
+        states = teacher_trajectories(self.model, self.static, self.params, self.batch, sigmas, self.config, key)
+        if self.writer:
+            os.makedirs(self.cache, exist_ok=True)
+            safetensors_io.save_file({"states": np.asarray(states), "sigmas": np.asarray(sigmas, np.float32)}, path)
+        return states
 
     def batch_shardings(self):
         return jax.tree_util.tree_map(lambda x: sharding.batch_sharding(self.mesh, x.shape), self.batch)
@@ -293,18 +378,24 @@ class Run:
                 (lora_sh, opt_sh, {"loss": rep, "timestep": rep, "grad_norm": rep}))
 
     def teacher_inputs(self):
-        sigmas = np.float32(list(self.schedule.slow) + list(self.schedule.fast) + [0.0]) / np.float32(1000)
+        """"sigmas": the Glance points (then 0) and, for the teacher target, "states": the base's states there
+        (trajectories, points, tokens, C), both padded to a multiple of 16 points, so that schedules of up to
+        15 steps share one compiled train step."""
+        sigmas = schedule_sigmas(self.schedule)
         if self.config.target != "teacher":
-            return {"sigmas": jnp.asarray(sigmas), "states": jnp.zeros((1, 1, 1, 1))}
-        key = jax.random.fold_in(jax.random.PRNGKey(self.config.seed), 10 ** 6)
-        states, sigmas = teacher_trajectories(self.model, self.static, self.params, self.batch, self.schedule,
-                                              self.config, key)
-        return {"sigmas": sigmas, "states": states}
+            return {"sigmas": jnp.asarray(_pad_points(sigmas)), "states": jnp.zeros((1, 1, 1, 1))}
+        grid = teacher_grid(self.schedule, SCHEDULERS[self.config.family], self.config.teacher.substeps,
+                            self.batch["x0"].shape[1])
+        at = jnp.asarray([int(np.argmin(np.abs(grid - s))) for s in sigmas])
+        states = self.trajectories(grid)[:, at]
+        return {"sigmas": jnp.asarray(_pad_points(sigmas)), "states": _pad_points(states, axis=1)}
 
     def train(self):
         """Trains the configured phase(s); returns {phase: path of its LoRA file}."""
         phases = PHASES if self.config.phase == "both" else (self.config.phase,)
         teacher = self.teacher_inputs()
+        with open(os.path.join(self.workdir, "schedule.json"), "w") as f:  # also in the LoRA files' metadata
+            json.dump(self.schedule.to_dict(), f, indent=1)
         return {phase: self.train_phase(phase, teacher) for phase in phases}
 
     def train_phase(self, phase, teacher):
@@ -312,7 +403,8 @@ class Run:
 
         config = self.config
         n_slow = len(self.schedule.slow)
-        points = list(range(n_slow)) if phase == "slow" else list(range(n_slow, self.schedule.num_steps))
+        chosen = range(n_slow) if phase == "slow" else range(n_slow, self.schedule.num_steps)
+        points = np.isin(np.arange(teacher["sigmas"].shape[0]), list(chosen))  # a mask: fixed shape
         opt = optimizer(config)
         key = jax.random.fold_in(jax.random.PRNGKey(config.seed), PHASES.index(phase))
         targets = config.lora.targets
@@ -339,7 +431,7 @@ class Run:
         if self.writer:
             _truncate_metrics(metrics_path, phase, start)
         step_fn = make_train_step(self.model, config, self.static, step_shardings)
-        points = jnp.asarray(points)
+        points = jnp.asarray(points, jnp.float32)
         lr = learning_rate(config)
         lora_path = os.path.join(self.workdir, f"{phase}_lora.safetensors")
 
@@ -349,7 +441,7 @@ class Run:
             manager.wait_until_finished()
             host_lora = multihost_utils.process_allgather(adapter, tiled=True)  # every process joins; one writes
             if self.writer:
-                lora.save_lora(host_lora, lora_path)
+                lora.save_lora(host_lora, lora_path, schedule=self.schedule)
 
         bar = tqdm(range(start, config.steps), initial=start, total=config.steps, desc=f"{phase}-LoRA",
                    unit="step", dynamic_ncols=True, disable=not self.writer)
@@ -375,9 +467,24 @@ class Run:
         if start == config.steps and not os.path.exists(lora_path):
             host_lora = multihost_utils.process_allgather(adapter, tiled=True)
             if self.writer:
-                lora.save_lora(host_lora, lora_path)
+                lora.save_lora(host_lora, lora_path, schedule=self.schedule)
         manager.close()
         return lora_path
+
+
+def _pad_points(x, axis=0, multiple=16):
+    """`x` with zeros appended along `axis` up to a multiple of 16 points (never indexed: padding only)."""
+    pad = -x.shape[axis] % multiple
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, pad)
+    return (jnp.pad if isinstance(x, jax.Array) else np.pad)(x, widths)
+
+
+def _files_identity(path):
+    """(name, size, mtime) of a model file or of every file in a model folder: changes when the model does."""
+    files = [path] if os.path.isfile(path) else sorted(
+        os.path.join(root, name) for root, _, names in os.walk(path) for name in names)
+    return [(os.path.relpath(f, path), os.path.getsize(f), os.stat(f).st_mtime_ns) for f in files]
 
 
 def _truncate_metrics(path, phase, step):

@@ -8,13 +8,16 @@ import pytest
 from diffusers import FluxTransformer2DModel as TorchFlux
 from PIL import Image
 
+from glance_jax import evaluation, lora
 from glance_jax.cli import main
 from glance_jax.demo import teacher
 from glance_jax.models import FluxTransformer2DModel
 from torch_peers import flux_inputs, relative_error, torch_forward
 
-METHODS = ["teacher-50", "base-uniform-10", "base-glance-schedule-10", "glance-data-10", "glance-teacher-10",
-           "base-uniform-6", "base-glance-schedule-6", "glance-data-6", "glance-teacher-6"]
+METHODS = ["teacher-50", "base-uniform-10", "base-uniform-6", "base-uniform-4", "base-uniform-3", "base-fitted-6",
+           "base-fitted-4", "glance-10", "glance-6", "glance-4", "glance-3", "glance-official-10", "glance-data-10",
+           "teacher-50-cfg", "base-cfg-uniform-10", "base-cfg-uniform-6", "base-cfg-uniform-4", "glance-cfg-6",
+           "glance-cfg-4"]
 
 
 def test_committed_teacher_is_a_diffusers_model():
@@ -39,27 +42,52 @@ def quick_demo(tmp_path_factory):
 def test_quick_demo_writes_the_table_and_the_grid(quick_demo, capsys):
     report = json.loads((quick_demo / "metrics.json").read_text())
     assert [m["name"] for m in report["methods"]] == METHODS
-    for m in report["methods"]:
-        assert set(m) >= {"name", "steps", "nfe", "sec_per_image", "psnr_vs_teacher", "mse_vs_teacher", "fidelity",
-                          "fd"}
-        assert all(np.isfinite(v) for k, v in m.items() if k != "name")
     by_name = {m["name"]: m for m in report["methods"]}
-    assert by_name["teacher-50"]["mse_vs_teacher"] == 0 and by_name["base-uniform-6"]["nfe"] == 6
+    for m in report["methods"]:
+        assert set(m) >= {"name", "steps", "nfe", "sec_per_image", "psnr_vs_teacher", "psnr_train_caption",
+                          "mse_vs_teacher", "fidelity", "fd", "kind", "schedule", "target", "guidance", "reference"}
+        assert all(np.isfinite(m[k]) for k in ("nfe", "psnr_vs_teacher", "psnr_train_caption", "fidelity", "fd"))
+        guided = m["reference"] == "teacher-50-cfg"
+        assert m["guidance"] == (3.0 if guided else 1.0) and m["reference"] in by_name
+        assert (m["kind"] == "glance") == m["name"].startswith("glance-")
+        assert m["target"] == (None if m["kind"] == "base" else "data" if m["name"] == "glance-data-10" else "teacher")
+        k = int(m["name"].replace("-cfg", "").split("-")[-1])
+        # honest pass counting: a guided base step is two passes, a Glance step one (guidance distilled)
+        assert m["nfe"] == (2 * k if guided and m["kind"] == "base" else k)
+    assert by_name["teacher-50"]["mse_vs_teacher"] == 0 == by_name["teacher-50-cfg"]["mse_vs_teacher"]
+    assert by_name["glance-official-10"]["schedule"] == "official" and by_name["base-fitted-4"]["schedule"] == "fitted"
+    for m in report["methods"]:  # the speed-ups come from the base-uniform rows of the same reference
+        if m["kind"] != "glance":
+            assert "speedup" not in m
+            continue
+        base = [b for b in report["methods"] if b["kind"] == "base" and b["schedule"] == "uniform"
+                and b["reference"] == m["reference"] and b["name"] != m["reference"]]
+        assert len(base) == (4 if m["reference"] == "teacher-50" else 3)
+        expected = evaluation.speedup([b["nfe"] for b in base], [b["psnr_vs_teacher"] for b in base],
+                                      m["psnr_vs_teacher"], m["nfe"])
+        assert (m["equivalent_base_nfe"], m["speedup"]) == pytest.approx(expected[:2])
     assert report["train_sample"]["caption"] == "a handwritten seven"
+    assert [line.split(":")[0] for line in report["closing"]] == ["unguided", "guided"]
+    assert "base-uniform-10" in report["closing"][0] and "base-cfg-uniform-10" in report["closing"][1]
     grid = Image.open(quick_demo / "grid.png")
     assert grid.size[0] > 10 * 40 and grid.size[1] > len(METHODS) * 40
+    schedule = lora.read_schedule(quick_demo / "loras" / "glance-6" / "slow_lora.safetensors")
+    assert schedule.num_steps == 6 and schedule.slow == tuple(by_name["glance-6"]["timesteps"][:3])
 
 
-def test_demo_loras_load_into_diffusers(quick_demo):
+@pytest.mark.parametrize("pair,rank,alpha", [("glance-data-10", 4, 16.0), ("glance-10", 16, 64.0)])
+def test_demo_loras_load_into_diffusers(quick_demo, pair, rank, alpha):
     reference = TorchFlux.from_pretrained(teacher.TEACHER_DIR)
-    folder = quick_demo / "loras" / "data-10"
-    reference.load_lora_adapter(str(folder), weight_name="slow_lora.safetensors", prefix="transformer")
+    reference.load_lora_adapter(str(quick_demo / "loras" / pair), weight_name="slow_lora.safetensors",
+                                prefix="transformer")
     config = reference.peft_config["default_0"]
-    assert (config.r, config.lora_alpha) == (4, 16.0)
+    assert (config.r, config.lora_alpha) == (rank, alpha)
+    adapted = [n for n, _ in reference.named_parameters() if n.endswith(".lora_A.default_0.weight")]
+    assert len(adapted) == (52 if pair == "glance-10" else 20)  # flux-all: every Dense layer of the 6 blocks
 
 
 def test_sample_and_eval_commands(quick_demo, tmp_path, capsys):
-    loras = quick_demo / "loras" / "teacher-10"
+    loras = quick_demo / "loras" / "glance-10"
     lora_args = ["--slow_lora", str(loras / "slow_lora.safetensors"),
                  "--fast_lora", str(loras / "fast_lora.safetensors")]
     out = tmp_path / "three.png"

@@ -1,0 +1,119 @@
+"""The teacher target's parts: all-Dense LoRA presets, uniform and fitted schedules, batched (guided) trajectories."""
+
+import itertools
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from glance_jax import lora
+from glance_jax.demo import lora_config, teacher, write_sample
+from glance_jax.models import FluxTransformer2DModel, QwenImageTransformer2DModel
+from glance_jax.pipelines import FluxGlancePipeline
+from glance_jax.schedules import SCHEDULERS, FlowMatchEulerScheduler, GlanceSchedule, best_jumps, jump_errors
+from glance_jax.train import Run, teacher_grid
+
+
+# ---- presets ----
+
+def test_all_dense_presets_cover_every_block_layer_and_nothing_outside():
+    _, params = FluxTransformer2DModel.from_pretrained(teacher.TEACHER_DIR)
+    names = set(lora.dense_layers(params))
+    chosen = {n for n in names if lora.matches(n, lora.PRESETS["flux-all"])}
+    assert chosen == {n for n in names if n.startswith(("transformer_blocks.", "single_transformer_blocks."))}
+    assert "single_transformer_blocks.3.proj_out" in chosen and "proj_out" not in chosen
+    assert {n for n in names if lora.matches(n, lora.PRESETS["flux"])} < chosen  # the official four are inside
+    tree = lora.init_lora(jax.random.PRNGKey(0), params, "flux-all", 4, 16.0)
+    assert lora.describe(tree).startswith(f"{len(chosen)} layers")
+
+    qwen = QwenImageTransformer2DModel(patch_size=2, in_channels=64, out_channels=16, num_layers=2,
+                                       attention_head_dim=16, num_attention_heads=2, joint_attention_dim=24,
+                                       axes_dims_rope=(4, 6, 6))
+    names = set(lora.dense_layers(jax.eval_shape(qwen.init_params, jax.random.PRNGKey(0))))
+    chosen = {n for n in names if lora.matches(n, lora.PRESETS["qwen-image-all"])}
+    assert chosen == {n for n in names if n.startswith("transformer_blocks.")}
+    assert len(chosen) == 2 * 14  # q, k, v, out, add q/k/v, add out, two MLPs of two layers, two modulations
+
+
+# ---- schedules ----
+
+def test_uniform_schedule_is_the_bases_own_k_step_schedule():
+    timesteps, _ = FlowMatchEulerScheduler.from_config(SCHEDULERS["flux"]).set_timesteps(6, 16)
+    s = GlanceSchedule.uniform("flux", 3, 3, 16)
+    np.testing.assert_array_equal(np.float32(s.slow + s.fast), timesteps)
+    assert len(s.slow) == 3 and s.for_image_seq_len(4096).num_steps == 6
+
+
+def test_best_jumps_is_the_brute_force_optimum():
+    rng = np.random.default_rng(0)
+    n = 8
+    errors = np.triu(rng.uniform(0.1, 1.0, (n, n)), 1)
+    errors[np.tril_indices(n)] = np.inf
+    for k in (1, 2, 3, 5, 7):
+        cost = lambda path: sum(errors[a, b] for a, b in zip(path, path[1:]))
+        best = min(([0, *middle, n - 1] for middle in itertools.combinations(range(1, n - 1), k - 1)), key=cost)
+        got = best_jumps(errors, k)
+        assert len(got) == k + 1 and got[0] == 0 and got[-1] == n - 1
+        assert cost(got) == pytest.approx(cost(best))
+
+
+def test_jump_errors_measure_one_euler_step():
+    sigmas = np.array([1.0, 0.5, 0.0])
+    v = np.array([[2.0], [4.0]])  # the velocities of one 1-element trajectory, and its Euler states
+    x0 = np.array([1.0])
+    x1 = x0 + (sigmas[1] - sigmas[0]) * v[0]
+    x2 = x1 + (sigmas[2] - sigmas[1]) * v[1]
+    errors = jump_errors(np.stack([x0, x1, x2])[None], sigmas)
+    assert errors[0, 1] == errors[1, 2] == 0  # single fine steps are exact
+    assert errors[0, 2] == pytest.approx(abs(x0 + (0 - 1) * v[0] - x2)[0])  # one jump with v at sigma 1
+    states = np.random.default_rng(1).standard_normal((2, 11, 3))
+    fitted = GlanceSchedule.fitted("flux", states, 5, 5, 16, base_steps=10)  # K = the grid: every step
+    assert fitted.slow_steps == (1, 2, 3, 4, 5) and fitted.fast_steps == (6, 7, 8, 9, 10)
+
+
+# ---- trajectories ----
+
+def demo_run(tmp_path, guidance):
+    sample = tmp_path / "sample"
+    write_sample(str(sample), teacher.load_prompts())
+    c = lora_config(teacher.TEACHER_DIR, str(sample), str(tmp_path), 4, "teacher", "uniform", 2, 3, guidance, 0)
+    c.teacher.substeps, c.teacher.batch = 4, 2  # the uniform 4-step schedule is the whole grid; two calls
+    return Run(c, tmp_path / "run")
+
+
+@pytest.mark.parametrize("guidance", [1.0, 3.0])
+def test_trajectories_are_what_the_sampler_computes(tmp_path, guidance):
+    """The trainer's batched (guided) trajectories end where the pipeline's own 4-step sampler ends from the
+    same noise (true CFG on the empty prompt for guidance 3), and are read back from the cache."""
+    run = demo_run(tmp_path, guidance)
+    grid = teacher_grid(run.schedule, SCHEDULERS["flux"], 4, 16)
+    np.testing.assert_array_equal(grid, FlowMatchEulerScheduler.from_config(SCHEDULERS["flux"]).set_timesteps(
+        4, 16)[1])
+    states = np.asarray(run.trajectories(grid))
+    noises = jax.random.normal(jax.random.fold_in(jax.random.PRNGKey(0), 10 ** 6), (3, 1, 16, 4))
+    assert states.shape == (3, 5, 16, 4)
+    np.testing.assert_array_equal(states[:, 0], np.asarray(noises[:, 0]))
+    pipe = FluxGlancePipeline(run.model, run.params, teacher.SCHEDULER, latent_channels=1, vae_scale_factor=1)
+    prompts = teacher.load_prompts()
+    repeat = lambda caption, i: np.stack([prompts[caption][i]] * 3)
+    negative = dict(negative_prompt_embeds=repeat("", 0), negative_pooled_prompt_embeds=repeat("", 1),
+                    true_cfg_scale=guidance) if guidance > 1 else {}
+    final = pipe(repeat("a handwritten seven", 0), repeat("a handwritten seven", 1), latents=noises[:, 0],
+                 height=8, width=8, num_inference_steps=4, **negative)
+    assert pipe.last_nfe == (8 if guidance > 1 else 4)
+    np.testing.assert_allclose(states[:, -1], np.asarray(final), rtol=1e-4, atol=1e-5)
+    cached = [f for f in os.listdir(tmp_path / "cache") if f.startswith("teacher-")]
+    assert len(cached) == 1
+    np.testing.assert_array_equal(np.asarray(run.trajectories(grid)), states)  # read back, not recomputed
+
+
+def test_fitted_schedule_is_chosen_on_the_cached_trajectories(tmp_path):
+    run = demo_run(tmp_path, 1.0)
+    run.config.schedule.kind, run.config.teacher.substeps = "fitted", 12
+    schedule = run.choose_schedule()
+    grid = teacher_grid(None, SCHEDULERS["flux"], 12, 16)
+    states = np.asarray(run.trajectories(grid))
+    path = best_jumps(jump_errors(states, grid), 4)
+    assert schedule.slow_steps + schedule.fast_steps == tuple(i + 1 for i in path[:-1])
+    assert schedule.base_steps == 12 and len(schedule.slow) == 2
