@@ -30,13 +30,40 @@ def parser():
     return p
 
 
+def _interrupt_on_sigterm():
+    """SIGTERM ends a conversion like Ctrl-C does, so that its scratch folder is removed right away."""
+    import signal
+    import threading
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, handler)
+
+
 def main(argv):
+    import signal
+
+    from glance_jax import validation
+    from glance_jax.errors import GlanceError
+
     args = parser().parse_args(argv)
-    axes = tuple(int(a) for a in args.axes_dims_rope.split(",")) if args.axes_dims_rope else None
+    validation.new_folder(args.dst, args.overwrite, "DST")
+    try:
+        axes = tuple(int(a) for a in args.axes_dims_rope.split(",")) if args.axes_dims_rope else None
+    except ValueError:
+        raise GlanceError(f"--axes_dims_rope {args.axes_dims_rope!r}: use comma-separated integers such as "
+                          "16,56,56") from None
     start = time.perf_counter()
     bar = lambda names: tqdm(names, desc="converting", unit="tensor", leave=False)
-    model = checkpoints.convert_checkpoint(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite,
-                                           axes_dims_rope=axes, progress=bar)
+    previous = _interrupt_on_sigterm()
+    try:
+        model = checkpoints.convert_checkpoint(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite,
+                                               axes_dims_rope=axes, progress=bar)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     print(f"wrote {type(model).__name__} ({args.dtype}) to {args.dst} in {time.perf_counter() - start:.1f} s")
 
 
@@ -66,9 +93,14 @@ def export_lora_main(argv):
     from glance_jax import lora
     from glance_jax.errors import GlanceError
 
+    from glance_jax import validation
+
     args = export_lora_parser().parse_args(argv)
-    if os.path.exists(args.dst) and not args.overwrite:
-        raise GlanceError(f"{args.dst} already exists (pass --overwrite to replace it)")
+    validation.output_file(args.dst, args.overwrite, "DST")
+    if not args.dst.endswith(".safetensors"):
+        raise GlanceError(f"DST {args.dst}: LoRA files are written as .safetensors; name it *.safetensors")
+    if not os.path.exists(args.src):
+        raise GlanceError(f"{args.src}: no such file or folder")
     checkpoint = checkpoints.open_checkpoint(args.model)
     model = checkpoints.model_from_config(checkpoint.config, checkpoints.parse_dtype("fp32"))
     tree = lora.load_lora(args.src, checkpoints.abstract_params(model), strict=not args.non_strict)

