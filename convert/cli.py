@@ -7,11 +7,12 @@ once everything is written.
 """
 
 import argparse
+import os
 import time
 
 from tqdm import tqdm
 
-from glance_jax import checkpoints
+from glance_jax import checkpoints, validation
 
 EXAMPLE = """example:
   glance-jax convert ~/FLUX.1-dev/transformer ~/flux-dev-bf16 --dtype bf16
@@ -19,7 +20,7 @@ EXAMPLE = """example:
 
 
 def parser():
-    p = argparse.ArgumentParser(prog="glance-jax convert", description=__doc__, epilog=EXAMPLE,
+    p = validation.ArgumentParser(prog="glance-jax convert", description=__doc__, epilog=EXAMPLE,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("src", help="diffusers folder or BFL .safetensors file")
     p.add_argument("dst", help="output folder (must not exist unless --overwrite)")
@@ -45,11 +46,12 @@ def _interrupt_on_sigterm():
 def main(argv):
     import signal
 
-    from glance_jax import validation
     from glance_jax.errors import GlanceError
 
     args = parser().parse_args(argv)
     validation.new_folder(args.dst, args.overwrite, "DST")
+    if not os.path.exists(args.src):
+        raise GlanceError(f"{args.src}: no such file or folder")
     try:
         axes = tuple(int(a) for a in args.axes_dims_rope.split(",")) if args.axes_dims_rope else None
     except ValueError:
@@ -73,7 +75,7 @@ EXPORT_EXAMPLE = """example:
 
 
 def export_lora_parser():
-    p = argparse.ArgumentParser(
+    p = validation.ArgumentParser(
         prog="glance-jax export-lora", epilog=EXPORT_EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Rewrites a LoRA (diffusers/PEFT, kohya or ComfyUI layout) in the layout other tools want. "
                     "Every key is matched against the model's layers; nothing is skipped silently.")
@@ -88,12 +90,8 @@ def export_lora_parser():
 
 
 def export_lora_main(argv):
-    import os
-
     from glance_jax import lora
     from glance_jax.errors import GlanceError
-
-    from glance_jax import validation
 
     args = export_lora_parser().parse_args(argv)
     validation.output_file(args.dst, args.overwrite, "DST")

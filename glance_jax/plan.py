@@ -21,12 +21,14 @@ import subprocess
 import sys
 import time
 
+from glance_jax import validation
+
 MODELS = {"flux-dev": ("flux", 512), "flux-schnell": ("flux", 512), "qwen-image": ("qwen-image", 128)}
 CPU_FLAGS = "--xla_disable_hlo_passes=while-loop-invariant-code-motion"
 
 
 def parser():
-    p = argparse.ArgumentParser(prog="glance-jax plan", description=__doc__,
+    p = validation.ArgumentParser(prog="glance-jax plan", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, choices=sorted(MODELS))
     p.add_argument("--resolution", type=int, default=1024, help="square image side in pixels")
@@ -168,9 +170,8 @@ def table(r):
 
 def check_args(args):
     """The planner's arguments, checked before anything is compiled (one GlanceError line each)."""
-    from glance_jax import validation
     validation.multiple_of("--resolution", args.resolution, 16)  # VAE factor 8 x 2 x 2 token patches
-    validation.one_of("--remat", args.remat, validation.REMAT_POLICIES)
+    validation.one_of("--remat", args.remat, validation.remat_policies())
     validation.positive_number("--peak_tflops", args.peak_tflops)
     validation.positive_int("--glance_steps", args.glance_steps)
     if args.target_seconds is not None:

@@ -170,7 +170,7 @@ def _common_flags(p):
 
 
 def sample_main(argv):
-    p = argparse.ArgumentParser(prog="glance-jax sample", description=__doc__,
+    p = validation.ArgumentParser(prog="glance-jax sample", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog="""example:
   glance-jax sample --prompt "the numeral three, written by hand" --out three.png
   glance-jax sample --model ~/flux-dev-bf16 --embeddings prompts.safetensors --prompt "a red fox" \\
@@ -215,7 +215,7 @@ def sample_main(argv):
 
 
 def eval_main(argv):
-    p = argparse.ArgumentParser(prog="glance-jax eval", description=__doc__,
+    p = validation.ArgumentParser(prog="glance-jax eval", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog="""example:
   glance-jax eval --prompts prompts.txt --seeds 0,1,2 --workdir eval_out
   glance-jax eval --model ~/flux-dev-bf16 --embeddings embeds.safetensors --prompts prompts.txt \\

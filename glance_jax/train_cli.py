@@ -48,7 +48,7 @@ def main(argv):
     flags.DEFINE_integer("process_id", None, "this process's index in a multi-host run", flag_values=fv)
     try:
         rest = fv(args)
-    except (flags.Error, FileNotFoundError, AttributeError, KeyError, ValueError, TypeError) as e:
+    except (flags.Error, OSError, AttributeError, KeyError, ValueError, TypeError) as e:
         raise GlanceError(str(e).strip().splitlines()[-1]) from None
     if len(rest) > 1:
         raise GlanceError(f"unexpected arguments: {' '.join(rest[1:])}")

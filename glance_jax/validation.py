@@ -5,15 +5,26 @@ accepted, so the command line ends in a single line. They only look at
 numbers, names and the file system (a probe file at most): milliseconds.
 """
 
+import argparse
 import math
 import os
 import tempfile
 
-from glance_jax.errors import GlanceError
+from glance_jax.errors import GlanceError, UsageError
 
-REMAT_POLICIES = ("none", "full", "dots", "dots_saveable")  # glance_jax.models.layers.REMAT_POLICIES
-IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
-DTYPES = ("fp32", "float32", "bf16", "bfloat16", "fp16", "float16")  # glance_jax.checkpoints.DTYPES
+IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}  # extension -> PIL format
+
+
+def remat_policies():
+    from glance_jax.models.layers import REMAT_POLICIES
+    return tuple(REMAT_POLICIES)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose refusals (unknown flag, bad choice, missing argument) are one line, not usage + error."""
+
+    def error(self, message):
+        raise UsageError(f"{message} (see {self.prog} --help)")
 
 
 # ---- numbers and names ----
@@ -157,8 +168,9 @@ def train_config(config):
         raise GlanceError("config.model.path is not set (pass --config.model.path=...)")
     if not config.data.dir:
         raise GlanceError("config.data.dir is not set (pass --config.data.dir=...)")
-    one_of("config.model.dtype", config.model.dtype, DTYPES)
-    one_of("config.model.remat_policy", config.model.remat_policy, REMAT_POLICIES)
+    from glance_jax.checkpoints import DTYPES
+    one_of("config.model.dtype", config.model.dtype, tuple(DTYPES))
+    one_of("config.model.remat_policy", config.model.remat_policy, remat_policies())
     if config.model.guidance is not None:
         finite_number("config.model.guidance", config.model.guidance)
     positive_int("config.data.vae_scale_factor", config.data.vae_scale_factor)

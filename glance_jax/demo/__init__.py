@@ -40,7 +40,7 @@ SIZE = 8  # pixels; the images are their own latents (no VAE)
 
 
 def parser():
-    p = argparse.ArgumentParser(prog="glance-jax demo", description=__doc__,
+    p = validation.ArgumentParser(prog="glance-jax demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="example:\n  glance-jax demo --workdir glance_demo\n  glance-jax demo --quick")
     p.add_argument("--workdir", default="glance_demo", help="output folder (default ./glance_demo)")
