@@ -279,3 +279,70 @@ def test_bad_input_is_one_line_before_any_work(world, done_folder, no_heavy_work
     assert message.format(w=world) in err[0], err
     assert "Traceback" not in err[0]
     assert _snapshot(dest) == before, f"{dest} changed"
+
+
+# ---- the Python API ----
+
+@pytest.fixture(scope="module")
+def tiny_model(world):
+    return checkpoints.load_model(world / "pipe" / "transformer")
+
+
+@pytest.mark.parametrize("rank,alpha,message", [(0, 16.0, "rank 0"), (-2, 16.0, "rank -2"), (2.5, 16.0, "rank 2.5"),
+                                                (4, 0.0, "alpha 0.0"), (4, float("nan"), "alpha nan"),
+                                                (4, float("inf"), "alpha inf")])
+def test_init_lora_refuses_bad_rank_and_alpha(tiny_model, rank, alpha, message):
+    with pytest.raises(GlanceError, match=message):
+        lora.init_lora(jax.random.PRNGKey(0), tiny_model[1], "flux", rank, alpha)
+
+
+def test_merge_lora_names_the_layer_and_both_shapes(tiny_model):
+    _, params = tiny_model
+    tree = lora.init_lora(jax.random.PRNGKey(0), params, "flux", 4, 16.0)
+    tree["transformer_blocks"]["attn"]["to_q"]["A"] = np.zeros((1, 40, 4), np.float32)
+    message = (r"LoRA layer transformer_blocks\.attn\.to_q: A \(1, 40, 4\) and B \(1, 4, 32\) \(alpha \(1,\)\) do "
+               r"not fit the model's kernel \(1, 32, 32\)")
+    with pytest.raises(GlanceError, match=message):
+        lora.merge_lora(params, tree, donate=False)
+    with pytest.raises(GlanceError, match=message):  # donating: refused before the buffers are given away
+        lora.merge_lora(params, tree)
+    jax.tree_util.tree_map(np.asarray, params)  # still usable
+
+
+def test_merge_lora_refuses_a_non_finite_scale(tiny_model):
+    _, params = tiny_model
+    tree = lora.init_lora(jax.random.PRNGKey(0), params, "flux", 4, 16.0)
+    for scale in (float("nan"), float("inf")):
+        with pytest.raises(GlanceError, match=f"LoRA scale {scale}"):
+            lora.merge_lora(params, tree, scale=scale)
+    jax.tree_util.tree_map(np.asarray, params)
+
+
+@pytest.mark.parametrize("lora_mode", ["merge", "unmerged"])
+def test_pipeline_names_a_misfit_lora_in_both_modes(world, lora_mode):
+    from glance_jax.pipelines import FluxGlancePipeline
+    from glance_jax.schedules import FLUX_SCHEDULER, GlanceSchedule
+    model, params = checkpoints.load_model(world / "pipe" / "transformer")
+    tree = lora.init_lora(jax.random.PRNGKey(0), params, "flux", 4, 16.0)
+    tree["single_transformer_blocks"]["attn"]["to_k"]["B"] = np.zeros((1, 4, 48), np.float32)
+    pipe = FluxGlancePipeline(model, params, FLUX_SCHEDULER)
+    with pytest.raises(GlanceError, match=r"LoRA layer single_transformer_blocks\.attn\.to_k: A \(1, 32, 4\) and "
+                                          r"B \(1, 4, 48\)"):
+        pipe(np.zeros((1, 16, 32), np.float32), np.zeros((1, 32), np.float32), height=64, width=64,
+             schedule=GlanceSchedule.official("flux", 16), slow_lora=tree, lora_mode=lora_mode)
+
+
+# ---- the user's path: a pipeline folder alone ----
+
+def test_a_pipeline_folder_alone_trains_and_samples(world, capsys):
+    """`--config.model.path=PIPELINE` finds the VAE and text encoders beside the transformer; `sample --model
+    PIPELINE` its scheduler, VAE and text encoders, and writes a real JPEG."""
+    out = world / "out" / "alone"
+    code = main(argv(world, "train", {"--workdir": out / "run", "--config.data.cache_dir": out / "cache"}))
+    assert code == 0, capsys.readouterr().err
+    written = out / "run" / "slow_lora.safetensors"
+    assert any(k.endswith("lora_B.weight") for k in safetensors_io.SafetensorsFile(written).keys())
+    code = main(argv(world, "sample", {"--out": out / "fox.jpg", "--slow_lora": written, "--fast_lora": written}))
+    assert code == 0, capsys.readouterr().err
+    with Image.open(out / "fox.jpg") as image:
+        assert image.format == "JPEG" and image.size == (64, 64)
