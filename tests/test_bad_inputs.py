@@ -346,3 +346,166 @@ def test_a_pipeline_folder_alone_trains_and_samples(world, capsys):
     assert code == 0, capsys.readouterr().err
     with Image.open(out / "fox.jpg") as image:
         assert image.format == "JPEG" and image.size == (64, 64)
+
+
+# ---- a resume that cannot lie ----
+
+@pytest.fixture(scope="module")
+def resume(world):
+    """A sample with precomputed encodings (no encoders to compile) and an uninterrupted reference run."""
+    folder = world / "resume_sample"
+    shutil.copytree(world / "sample", folder)
+    s = data.find_samples(folder, 64)[0]
+    rng = np.random.default_rng(0)
+    safetensors_io.save_file({"latents": rng.standard_normal((s.height // 8, s.width // 8, 16), dtype=np.float32),
+                              "prompt_embeds": rng.standard_normal((5, 32), dtype=np.float32),
+                              "pooled_prompt_embeds": rng.standard_normal((32,), dtype=np.float32)},
+                             folder / "china.safetensors")
+    assert main(resume_argv(world, world / "resume" / "whole")) == 0
+    return world / "resume" / "whole"
+
+
+def resume_argv(w, workdir, *extra):
+    return argv(w, "train", {"--workdir": workdir, "--config.model.path": w / "pipe" / "transformer",
+                             "--config.data.dir": w / "resume_sample", "--config.data.cache_dir": w / "resume_cache",
+                             "--config.checkpoint.every": "2"}) + list(extra)
+
+
+def lora_tensors(workdir):
+    f = safetensors_io.SafetensorsFile(os.path.join(workdir, "slow_lora.safetensors"))
+    return {k: f.read(k) for k in f.keys()}
+
+
+def assert_same_lora(a, b):
+    a, b = lora_tensors(a), lora_tensors(b)
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k])
+
+
+def test_a_crash_between_the_last_checkpoint_and_the_lora_write(world, resume, monkeypatch, capsys):
+    workdir = world / "resume" / "crash"
+    real = lora.save_lora
+
+    def killed_before_the_final_write(tree, path, *args, **kwargs):
+        if os.path.basename(path) == "slow_lora.safetensors":
+            raise KeyboardInterrupt  # stands in for a kill right after the last checkpoint committed
+        return real(tree, path, *args, **kwargs)
+    monkeypatch.setattr(lora, "save_lora", killed_before_the_final_write)
+    assert main(resume_argv(world, workdir)) == 130
+    assert (workdir / "checkpoints" / "slow" / "4").is_dir()  # the last checkpoint is committed ...
+    assert not (workdir / "slow_lora.safetensors").exists()  # ... and no unfinished LoRA sits at the final path
+    assert (workdir / "checkpoints" / "slow_lora_step2.safetensors").exists()  # the step-2 LoRA, named so
+    monkeypatch.undo()
+    assert main(resume_argv(world, workdir)) == 0
+    assert_same_lora(workdir, resume)
+
+
+@pytest.mark.parametrize("change,named", [
+    ("--config.optim.lr=1e-4", "config.optim.lr 0.0005 -> 0.0001"),
+    ("--config.lora.rank=8", "config.lora.rank 4 -> 8"),
+    ("--config.data.resolution=96", "config.data.resolution 64 -> 96"),
+    ("--config.seed=1", "config.seed 0 -> 1"),
+])
+def test_a_restart_with_other_settings_is_refused(world, resume, no_heavy_work, capsys, change, named):
+    before = _snapshot(resume)
+    assert main(resume_argv(world, resume, change)) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and named in err[0] and "pass --fresh to start anew there, or use another --workdir" in err[0]
+    assert _snapshot(resume) == before
+
+
+def test_a_restart_with_another_sample_or_base_is_refused(world, resume, no_heavy_work, capsys, tmp_path):
+    sample = tmp_path / "sample"
+    shutil.copytree(world / "resume_sample", sample)
+    (sample / "china.txt").write_text("a photo of the red cat")
+    base = tmp_path / "base"
+    shutil.copytree(world / "pipe" / "transformer", base)
+    config = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps(config, indent=1))  # the same model, written otherwise
+    for change, named in ((f"--config.data.dir={sample}", "the sample (image, caption or encodings) changed"),
+                          (f"--config.model.path={base}", "the base model changed")):
+        assert main(resume_argv(world, resume, change)) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and named in err[0], err
+
+
+def test_fresh_starts_anew(world, resume, capsys):
+    workdir = world / "resume" / "fresh"
+    shutil.copytree(resume, workdir)
+    assert main(resume_argv(world, workdir, "--config.optim.lr=1e-4", "--fresh")) == 0
+    lrs = [json.loads(line)["lr"] for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert len(lrs) == 4 and lrs[-1] == pytest.approx(1e-4)
+    assert main(resume_argv(world, workdir, "--config.optim.lr=1e-4")) == 0  # and resumes that run from then on
+
+
+def test_a_corrupt_latest_checkpoint_falls_back_to_the_one_before(world, resume, capsys):
+    workdir = world / "resume" / "corrupt"
+    shutil.copytree(resume, workdir)
+    damaged = 0
+    for root, _, names in os.walk(workdir / "checkpoints" / "slow" / "4"):
+        for name in names:
+            if os.sep + "d" in root:  # the data files of the arrays
+                path = os.path.join(root, name)
+                size = os.path.getsize(path)
+                with open(path, "r+b") as f:
+                    f.truncate(size // 2)
+                damaged += 1
+    assert damaged
+    (workdir / "slow_lora.safetensors").unlink()
+    assert main(resume_argv(world, workdir)) == 0
+    err = capsys.readouterr().err
+    assert "checkpoint step 4" in err and "falling back to the one before" in err
+    assert (workdir / "checkpoints" / "slow.corrupt-step4").is_dir()
+    assert_same_lora(workdir, resume)  # resumed from step 2: the same LoRA as the uninterrupted run
+
+
+def test_a_corrupt_cache_entry_is_recomputed(world, resume):
+    cache = world / "resume_cache"
+    entries = [p for p in os.listdir(cache) if p.endswith(".safetensors")]
+    assert len(entries) == 1
+    path = cache / entries[0]
+    f = safetensors_io.SafetensorsFile(path)
+    good_arrays = {k: f.read(k) for k in f.keys()}
+    blob = bytearray(path.read_bytes())
+    blob[-4:] = b"\xff\xff\xff\x7f"  # a NaN in the last array: the header still reads, the checksum does not
+    path.write_bytes(bytes(blob))
+    config = official("flux", "slow")
+    config.model.path, config.model.dtype = str(world / "pipe" / "transformer"), "fp32"
+    config.data.dir, config.data.resolution, config.data.cache_dir = str(world / "resume_sample"), 64, str(cache)
+    config.lora.rank, config.lora.alpha = 4, 16.0
+    run = Run(config, world / "resume" / "cache_run")
+    assert not run.cache_hit
+    f = safetensors_io.SafetensorsFile(path)
+    for k in good_arrays:
+        np.testing.assert_array_equal(f.read(k), good_arrays[k])
+    assert Run(config, world / "resume" / "cache_run").cache_hit
+
+
+# ---- the converter's leftovers ----
+
+def test_convert_removes_leftovers_of_killed_conversions(world, capsys):
+    import subprocess
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    dst = world / "out" / "converted_again"
+    stale = world / "out" / f"converted_again.partial-{gone.pid}"
+    (stale / "params").mkdir(parents=True)
+    live = world / "out" / f"converted_again.partial-{os.getppid()}"  # a conversion still running: left alone
+    live.mkdir()
+    assert main(["convert", str(world / "pipe"), str(dst), "--dtype", "fp32"]) == 0
+    assert dst.is_dir() and not stale.exists() and live.exists()
+    shutil.rmtree(live)
+
+
+def test_sigterm_removes_the_scratch_folder_at_once(world, monkeypatch, capsys):
+    dst = world / "out" / "terminated"
+
+    def terminated(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise AssertionError("SIGTERM did not stop the conversion")
+    monkeypatch.setattr(checkpoints, "read_params", terminated)
+    previous = signal.getsignal(signal.SIGTERM)
+    assert main(["convert", str(world / "pipe"), str(dst), "--dtype", "fp32"]) == 130
+    assert signal.getsignal(signal.SIGTERM) == previous
+    assert not dst.exists() and not list((world / "out").glob("terminated.partial-*"))
