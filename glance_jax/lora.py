@@ -498,6 +498,9 @@ def _kohya_tensors(tree, entries):
     left = sorted(set(by_name) - used)
     if left:
         raise GlanceError(f"no kohya (BFL) name for LoRA modules: {', '.join(left[:6])}; use format='diffusers'")
+    if any(key.startswith("lora_unet_final_layer") for key in tensors):
+        log.warning("the kohya file has final_layer LoRAs, which diffusers' kohya reader (0.42) does not apply as "
+                    "written (unprefixed keys, alpha ignored); use format='diffusers' for diffusers")
     return tensors
 
 
