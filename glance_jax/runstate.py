@@ -23,9 +23,11 @@ log = logging.getLogger(__name__)
 FINGERPRINT_FILE = "run.json"
 # Fields that do not change what a run computes: where things are written, how often checkpoints are
 # kept, how the work is spread over devices, which phase this invocation trains (each phase has its own
-# checkpoints), and the paths whose contents the fingerprint records by identity instead.
-COSMETIC = ("phase", "mesh", "checkpoint.every", "checkpoint.keep", "data.cache_dir", "data.dir", "model.path",
-            "model.vae_path", "model.text_encoder_path")
+# checkpoints), the paths whose contents the fingerprint records by identity instead, and the number of
+# steps (the learning rate does not depend on it, so a longer run extends a shorter one step for step;
+# a checkpoint beyond config.steps is refused by `check_resume_step`).
+COSMETIC = ("phase", "mesh", "steps", "checkpoint.every", "checkpoint.keep", "data.cache_dir", "data.dir",
+            "model.path", "model.vae_path", "model.text_encoder_path")
 _SAMPLED_BYTES = 1 << 16
 
 
@@ -135,6 +137,20 @@ def clear_run(workdir):
     shutil.rmtree(os.path.join(workdir, "checkpoints"), ignore_errors=True)
     for name in glob.glob(os.path.join(workdir, "*_lora.safetensors")):
         os.remove(name)
+
+
+def latest_step_on_disk(workdir, phase):
+    """The newest checkpoint step of a phase by its folder name (0 if none): a look before anything loads."""
+    directory = os.path.join(workdir, "checkpoints", phase)
+    steps = [int(n) for n in os.listdir(directory) if n.isdigit()] if os.path.isdir(directory) else []
+    return max(steps, default=0)
+
+
+def check_resume_step(start, steps, directory):
+    """A run resumed from step `start` must not have gone past `steps`: its LoRA would not be that run's."""
+    if start > steps:
+        raise GlanceError(f"{directory} has a checkpoint at step {start}, beyond config.steps={steps}: pass --fresh "
+                          "to start anew there, or use another --workdir")
 
 
 # ---- LoRA files ----

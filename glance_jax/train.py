@@ -225,6 +225,9 @@ class Run:
             runstate.clear_run(self.workdir)
         self.fingerprint = runstate.fingerprint(config, self.sample, transformer, vae, text_encoders)
         runstate.check_fingerprint(self.workdir, self.fingerprint)
+        for phase in PHASES if config.phase == "both" else (config.phase,):
+            runstate.check_resume_step(runstate.latest_step_on_disk(self.workdir, phase), config.steps,
+                                       os.path.join(self.workdir, "checkpoints", phase))
         if jax.process_count() > 1 and not config.mesh:
             raise GlanceError(f"{jax.process_count()} processes: set config.mesh to spread the run over their devices")
         self.mesh = sharding.make_mesh(config.mesh) if config.mesh else None
@@ -314,6 +317,7 @@ class Run:
             adapter, opt_state = state["lora"], state["opt_state"]
             if not np.array_equal(np.asarray(state["key"]), np.asarray(key)):
                 raise GlanceError(f"{manager.directory}: checkpoints come from a run with another seed")
+        runstate.check_resume_step(start, config.steps, manager.directory)
         metrics_path = os.path.join(self.workdir, "metrics.jsonl")
         if self.writer:
             _truncate_metrics(metrics_path, phase, start)
@@ -321,6 +325,8 @@ class Run:
         points = jnp.asarray(points)
         lr = learning_rate(config)
         lora_path = runstate.final_lora_path(self.workdir, phase)
+        if start < config.steps and self.writer and os.path.exists(lora_path):
+            os.remove(lora_path)  # a shorter run's LoRA: while this one goes on, the final path holds none
 
         def save(step):
             manager.save(step, args=ocp.args.StandardSave(

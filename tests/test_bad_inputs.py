@@ -430,6 +430,23 @@ def test_a_restart_with_another_sample_or_base_is_refused(world, resume, no_heav
         assert len(err) == 1 and named in err[0], err
 
 
+def test_a_longer_run_extends_a_shorter_one_and_a_shorter_is_refused(world, resume, no_heavy_work, monkeypatch,
+                                                                      capsys):
+    workdir = world / "resume" / "longer"
+    shutil.copytree(resume, workdir)
+    before = _snapshot(workdir)
+    assert main(resume_argv(world, workdir, "--config.steps=2")) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "has a checkpoint at step 4, beyond config.steps=2: pass --fresh" in err[0], err
+    assert _snapshot(workdir) == before
+    monkeypatch.undo()
+    shutil.rmtree(workdir)
+    assert main(resume_argv(world, workdir, "--config.steps=2")) == 0
+    assert main(resume_argv(world, workdir)) == 0  # 2 more steps: the same LoRA as 4 steps at once
+    assert_same_lora(workdir, resume)
+    assert [json.loads(line)["step"] for line in (workdir / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+
+
 def test_fresh_starts_anew(world, resume, capsys):
     workdir = world / "resume" / "fresh"
     shutil.copytree(resume, workdir)
