@@ -334,6 +334,18 @@ def model_paths(path, family=None, vae=None, text_encoders=None, what="the model
     return transformer, vae or None, text_encoders or None
 
 
+def component_of_class(path, cls):
+    """The part of a pipeline folder that holds a `cls` model (by its config.json); other paths unchanged."""
+    parts = pipeline_parts(path) if cls is not None else None
+    if not parts:
+        return path
+    names = {cls.__name__, getattr(cls, "architecture", None)}
+    for folder in parts.values():
+        if os.path.isfile(os.path.join(folder, "config.json")) and peek_class(folder) in names:
+            return folder
+    raise GlanceError(f"{path}: no part of this pipeline folder holds a {cls.__name__}")
+
+
 def model_from_config(config, dtype, expected_class=None, **overrides):
     classes = model_classes()
     name = class_name(config)
@@ -467,9 +479,11 @@ def load_model(path, dtype=jnp.float32, expected_class=None, axes_dims_rope=None
 
     Without `mesh` the parameters go to the default device. With a `jax.sharding.Mesh` each one is
     sharded by `glance_jax.sharding` (with `rules`, default its DEFAULT_RULES) and every device's block
-    is read from disk on its own: no full copy on any device or host.
+    is read from disk on its own: no full copy on any device or host. A pipeline folder gives its
+    transformer, or with `expected_class` the part that holds that class (its VAE, a text encoder).
     """
     dtype = parse_dtype(dtype)
+    path = component_of_class(path, expected_class)
     checkpoint = open_checkpoint(path, axes_dims_rope)
     model = model_from_config(checkpoint.config, dtype, expected_class, **overrides)
     adapt_names(model, checkpoint)

@@ -259,6 +259,28 @@ def test_the_working_commands_pass_every_check(world, no_heavy_work, command):
         main(argv(world, command, {}))
 
 
+@pytest.mark.parametrize("command,changes", [
+    ("train", {"--config.model.path": "{w}/pipe/transformer", "--config.model.vae_path": "{w}/pipe",
+               "--config.model.text_encoder_path": "{w}/pipe"}),
+    ("train", {"--config.model.vae_path": "{w}/pipe/vae"}),
+    ("sample", {"--model": "{w}/pipe/transformer", "--vae": "{w}/pipe", "--text_encoders": "{w}/pipe"}),
+])
+def test_a_pipeline_folder_stands_for_its_parts(world, no_heavy_work, command, changes):
+    """A pipeline folder given where a VAE is wanted means its vae/ (it used to load the transformer as a VAE)."""
+    with pytest.raises(HeavyWork):
+        main(argv(world, command, _fill(world, changes)))
+
+
+def test_python_loaders_take_a_pipeline_folder(world):
+    from glance_jax.models import AutoencoderKL, FluxTransformer2DModel
+    from glance_jax.text import T5EncoderModel
+    for cls, part in ((FluxTransformer2DModel, "transformer"), (AutoencoderKL, "vae"),
+                      (T5EncoderModel, "text_encoder_2")):
+        _, params = cls.from_pretrained(world / "pipe")
+        _, want = cls.from_pretrained(world / "pipe" / part)
+        jax.tree_util.tree_map(np.testing.assert_array_equal, params, want)
+
+
 @pytest.mark.parametrize("command,changes,message,destination", CASES,
                          ids=[f"{c}-{'-'.join(f'{k}={v}' for k, v in ch.items())}" for c, ch, _, _ in CASES])
 def test_bad_input_is_one_line_before_any_work(world, done_folder, no_heavy_work, capsys, command, changes,
