@@ -7,11 +7,12 @@ once everything is written.
 """
 
 import argparse
+import os
 import time
 
 from tqdm import tqdm
 
-from glance_jax import checkpoints
+from glance_jax import checkpoints, validation
 
 EXAMPLE = """example:
   glance-jax convert ~/FLUX.1-dev/transformer ~/flux-dev-bf16 --dtype bf16
@@ -20,7 +21,7 @@ EXAMPLE = """example:
 
 
 def parser():
-    p = argparse.ArgumentParser(prog="glance-jax convert", description=__doc__, epilog=EXAMPLE,
+    p = validation.ArgumentParser(prog="glance-jax convert", description=__doc__, epilog=EXAMPLE,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("src", help="diffusers folder or BFL .safetensors file")
     p.add_argument("dst", help="output folder (must not exist unless --overwrite)")
@@ -34,13 +35,41 @@ def parser():
     return p
 
 
+def _interrupt_on_sigterm():
+    """SIGTERM ends a conversion like Ctrl-C does, so that its scratch folder is removed right away."""
+    import signal
+    import threading
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, handler)
+
+
 def main(argv):
+    import signal
+
+    from glance_jax.errors import GlanceError
+
     args = parser().parse_args(argv)
-    axes = tuple(int(a) for a in args.axes_dims_rope.split(",")) if args.axes_dims_rope else None
+    validation.new_folder(args.dst, args.overwrite, "DST")
+    if not os.path.exists(args.src):
+        raise GlanceError(f"{args.src}: no such file or folder")
+    try:
+        axes = tuple(int(a) for a in args.axes_dims_rope.split(",")) if args.axes_dims_rope else None
+    except ValueError:
+        raise GlanceError(f"--axes_dims_rope {args.axes_dims_rope!r}: use comma-separated integers such as "
+                          "16,56,56") from None
     start = time.perf_counter()
     bar = lambda names: tqdm(names, desc="converting", unit="tensor", leave=False)
-    model = checkpoints.convert_checkpoint(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite,
-                                           axes_dims_rope=axes, progress=bar, quantize=args.quantize)
+    previous = _interrupt_on_sigterm()
+    try:
+        model = checkpoints.convert_checkpoint(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite,
+                                               axes_dims_rope=axes, progress=bar, quantize=args.quantize)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     stored = args.dtype if args.quantize == "none" else f"{args.quantize} kernels, {args.dtype} otherwise"
     print(f"wrote {type(model).__name__} ({stored}) to {args.dst} in {time.perf_counter() - start:.1f} s")
 
@@ -51,7 +80,7 @@ EXPORT_EXAMPLE = """example:
 
 
 def export_lora_parser():
-    p = argparse.ArgumentParser(
+    p = validation.ArgumentParser(
         prog="glance-jax export-lora", epilog=EXPORT_EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Rewrites a LoRA (diffusers/PEFT, kohya or ComfyUI layout) in the layout other tools want. "
                     "Every key is matched against the model's layers; nothing is skipped silently.")
@@ -66,14 +95,15 @@ def export_lora_parser():
 
 
 def export_lora_main(argv):
-    import os
-
     from glance_jax import lora
     from glance_jax.errors import GlanceError
 
     args = export_lora_parser().parse_args(argv)
-    if os.path.exists(args.dst) and not args.overwrite:
-        raise GlanceError(f"{args.dst} already exists (pass --overwrite to replace it)")
+    validation.output_file(args.dst, args.overwrite, "DST")
+    if not args.dst.endswith(".safetensors"):
+        raise GlanceError(f"DST {args.dst}: LoRA files are written as .safetensors; name it *.safetensors")
+    if not os.path.exists(args.src):
+        raise GlanceError(f"{args.src}: no such file or folder")
     checkpoint = checkpoints.open_checkpoint(args.model)
     model = checkpoints.model_from_config(checkpoint.config, checkpoints.parse_dtype("fp32"))
     tree = lora.load_lora(args.src, checkpoints.abstract_params(model), strict=not args.non_strict)

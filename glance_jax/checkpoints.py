@@ -242,6 +242,113 @@ def open_checkpoint(path, axes_dims_rope=None):
                       "a converted glance_jax folder, nor a .safetensors file")
 
 
+# ---- pipeline folders and what a path holds, read before anything heavy ----
+
+PIPELINE_FILE = "model_index.json"  # marks a diffusers pipeline folder
+TRANSFORMER_CLASSES = {"flux": "FluxTransformer2DModel", "qwen-image": "QwenImageTransformer2DModel"}
+VAE_CLASSES = ("AutoencoderKL", "AutoencoderKLQwenImage")
+# the text encoders (config.json class) each family's prompt encoding takes from a pipeline folder
+TEXT_ENCODERS = {"flux": {"text_encoder": ("CLIPTextModel",), "text_encoder_2": ("T5EncoderModel",)},
+                 "qwen-image": {"text_encoder": ("Qwen2_5_VLForConditionalGeneration", "Qwen25VLTextModel")}}
+
+
+def pipeline_parts(path):
+    """{component: folder} of a diffusers pipeline folder (model_index.json), or None if `path` is not one."""
+    path = os.path.expanduser(os.fspath(path))
+    index = os.path.join(path, PIPELINE_FILE)
+    if not os.path.isfile(index):
+        return None
+    spec = _read_json(index)
+    return {name: os.path.join(path, name) for name, value in spec.items()
+            if not name.startswith("_") and os.path.isdir(os.path.join(path, name))}
+
+
+def peek_class(path):
+    """The class name a checkpoint at `path` holds, from its config.json (BFL files: their key names) alone."""
+    path = os.path.expanduser(os.fspath(path))
+    if not os.path.exists(path):
+        raise GlanceError(f"{path}: no such file or folder")
+    if os.path.isfile(path):
+        return class_name(_open_bfl_file(path).config) if path.endswith(".safetensors") else "not a checkpoint"
+    if os.path.isfile(os.path.join(path, PIPELINE_FILE)):
+        return _read_json(os.path.join(path, PIPELINE_FILE)).get("_class_name", "a pipeline")
+    if os.path.isfile(os.path.join(path, "config.json")):
+        return class_name(_read_json(os.path.join(path, "config.json"))) or "unknown"
+    return "not a checkpoint"
+
+
+def _component(path, component, wanted, what):
+    """`path`, or its `component` folder if it is a pipeline folder, after checking it holds one of `wanted`."""
+    parts = pipeline_parts(path)
+    if parts is not None:
+        if component not in parts:
+            raise GlanceError(f"{what} {path}: a pipeline folder without {component}/")
+        path = parts[component]
+    else:
+        path = os.path.expanduser(os.fspath(path))
+    held = peek_class(path)
+    if held not in wanted:
+        raise GlanceError(f"{what} {path} holds {held}, not {' or '.join(wanted)}")
+    return path
+
+
+def transformer_path(path, family=None, what="the model path"):
+    """The transformer checkpoint a user's path stands for (a pipeline folder gives its transformer/),
+    refused in one line if it holds another kind of model (or another family than `family`)."""
+    wanted = (TRANSFORMER_CLASSES[family],) if family else tuple(TRANSFORMER_CLASSES.values())
+    return _component(path, "transformer", wanted, what)
+
+
+def vae_path(path, what="the VAE path"):
+    """The VAE folder a user's path stands for (a pipeline folder gives its vae/), checked by its config."""
+    return _component(path, "vae", VAE_CLASSES, what)
+
+
+def text_encoders_path(path, family, what="the text encoder path"):
+    """The pipeline folder holding `family`'s text encoder(s) and tokenizer(s), checked by their configs."""
+    path = os.path.expanduser(os.fspath(path))
+    for folder, wanted in TEXT_ENCODERS[family].items():
+        sub = os.path.join(path, folder)
+        if not os.path.isdir(sub):
+            raise GlanceError(f"{what} {path}: no {folder}/ in it (give the pipeline folder that holds "
+                              f"{', '.join(TEXT_ENCODERS[family])} and their tokenizers)")
+        held = peek_class(sub)
+        if held not in wanted:
+            raise GlanceError(f"{what} {sub} holds {held}, not {wanted[0]}")
+    return path
+
+
+def model_paths(path, family=None, vae=None, text_encoders=None, what="the model path"):
+    """(transformer, vae or None, text encoders or None) for a user's model path: a pipeline folder supplies
+    all three; explicitly given `vae` / `text_encoders` paths override its parts. Every path is checked
+    for the kind of model it holds before anything is loaded."""
+    parts = pipeline_parts(path) or {}
+    transformer = transformer_path(path, family, what)
+    if family is None:
+        family = "flux" if peek_class(transformer) == TRANSFORMER_CLASSES["flux"] else "qwen-image"
+    if vae:
+        vae = vae_path(vae)
+    elif "vae" in parts:
+        vae = vae_path(parts["vae"])
+    if text_encoders:
+        text_encoders = text_encoders_path(text_encoders, family)
+    elif "text_encoder" in parts:
+        text_encoders = text_encoders_path(os.path.dirname(parts["text_encoder"]), family)
+    return transformer, vae or None, text_encoders or None
+
+
+def component_of_class(path, cls):
+    """The part of a pipeline folder that holds a `cls` model (by its config.json); other paths unchanged."""
+    parts = pipeline_parts(path) if cls is not None else None
+    if not parts:
+        return path
+    names = {cls.__name__, getattr(cls, "architecture", None)}
+    for folder in parts.values():
+        if os.path.isfile(os.path.join(folder, "config.json")) and peek_class(folder) in names:
+            return folder
+    raise GlanceError(f"{path}: no part of this pipeline folder holds a {cls.__name__}")
+
+
 def model_from_config(config, dtype, expected_class=None, **overrides):
     classes = model_classes()
     name = class_name(config)
@@ -439,13 +546,15 @@ def load_model(path, dtype=jnp.float32, expected_class=None, axes_dims_rope=None
 
     Without `mesh` the parameters go to the default device. With a `jax.sharding.Mesh` each one is
     sharded by `glance_jax.sharding` (with `rules`, default its DEFAULT_RULES) and every device's block
-    is read from disk on its own: no full copy on any device or host.
+    is read from disk on its own: no full copy on any device or host. A pipeline folder gives its
+    transformer, or with `expected_class` the part that holds that class (its VAE, a text encoder).
 
     `quantize="fp8"` or `"int8"` stores every Dense kernel of a transformer as 8-bit values with one
     scale per output channel (glance_jax.quantize), quantized while reading; `dtype` is then the compute
     dtype and that of the other leaves. A folder written by `convert --quantize` loads as it is stored.
     """
     dtype = parse_dtype(dtype)
+    path = component_of_class(path, expected_class)
     checkpoint = open_checkpoint(path, axes_dims_rope)
     model = model_from_config(checkpoint.config, dtype, expected_class, **overrides)
     adapt_names(model, checkpoint)
@@ -475,6 +584,27 @@ def load_model(path, dtype=jnp.float32, expected_class=None, axes_dims_rope=None
 
 # ---- conversion ----
 
+def _process_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_partials(dst):
+    """Removes `dst.partial-PID` / `dst.old-PID` folders left by killed conversions (whose PID is gone)."""
+    import glob
+    import logging
+    for leftover in glob.glob(glob.escape(dst) + ".partial-*") + glob.glob(glob.escape(dst) + ".old-*"):
+        pid = leftover.rsplit("-", 1)[-1]
+        if pid.isdigit() and int(pid) != os.getpid() and not _process_alive(int(pid)):
+            logging.getLogger(__name__).warning("removing %s, left by a conversion that was killed", leftover)
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def atomic_directory(dst, overwrite=False):
     """Yields a scratch folder that becomes `dst` only if the block succeeds; nothing is left behind otherwise."""
@@ -484,9 +614,13 @@ def atomic_directory(dst, overwrite=False):
     parent = os.path.dirname(dst)
     if not os.path.isdir(parent):
         raise GlanceError(f"{parent}: no such folder")
+    remove_stale_partials(dst)
     tmp = f"{dst}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
+    try:
+        os.makedirs(tmp)
+    except OSError as e:
+        raise GlanceError(f"cannot write in {parent} ({e.strerror})") from None
     try:
         yield tmp
         if os.path.exists(dst):

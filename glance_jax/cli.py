@@ -3,7 +3,7 @@
 import logging
 import sys
 
-from glance_jax.errors import GlanceError
+from glance_jax.errors import GlanceError, UsageError
 
 USAGE = """usage: glance-jax SUBCOMMAND [ARGS]
 
@@ -45,7 +45,7 @@ def main(argv=None):
         commands[argv[0]](argv[1:])
     except GlanceError as e:
         print(f"glance-jax {argv[0]}: error: {e}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(e, UsageError) else 1
     except KeyboardInterrupt:
         print(f"glance-jax {argv[0]}: interrupted", file=sys.stderr)
         return 130

@@ -28,6 +28,7 @@ For Qwen-Image: `latents` (H/8, W/8, 16) normalised as its pipeline does,
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 
 import jax
@@ -37,6 +38,7 @@ from PIL import Image, UnidentifiedImageError
 from glance_jax import safetensors_io
 from glance_jax.errors import GlanceError
 
+log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 
 
@@ -233,9 +235,34 @@ def encoded_sample(sample, encoder, cache_dir, resolution):
         digest.update(b"\0" + part.encode())
     path = os.path.join(cache_dir, digest.hexdigest() + ".safetensors")
     if os.path.isfile(path):
-        f = safetensors_io.SafetensorsFile(path)
-        return {k: f.read(k) for k in f.keys()}, True
+        arrays = _read_cache_entry(path)
+        if arrays is not None:
+            return arrays, True
     arrays = encoder.encode(sample)
     os.makedirs(cache_dir, exist_ok=True)
-    safetensors_io.save_file(arrays, path, {"image": sample.image_path, "caption": sample.caption})
+    safetensors_io.save_file(arrays, path, {"image": sample.image_path, "caption": sample.caption,
+                                            "content_sha256": _arrays_digest(arrays)})
     return arrays, False
+
+
+def _arrays_digest(arrays):
+    digest = hashlib.sha256()
+    for key in sorted(arrays):
+        value = np.ascontiguousarray(arrays[key])
+        digest.update(f"{key}\0{value.dtype.str}\0{value.shape}\0".encode())
+        digest.update(value.tobytes())
+    return digest.hexdigest()
+
+
+def _read_cache_entry(path):
+    """The arrays of a cache entry, or None (with a warning) if it is damaged and must be recomputed."""
+    try:
+        f = safetensors_io.SafetensorsFile(path)
+        arrays = {k: f.read(k) for k in f.keys()}
+        stored = f.metadata.get("content_sha256")
+        if stored is not None and stored != _arrays_digest(arrays):
+            raise GlanceError("its content does not match its checksum")
+        return arrays
+    except (GlanceError, OSError, ValueError) as e:
+        log.warning("cache entry %s is damaged (%s); encoding the sample again", path, e)
+        return None

@@ -7,3 +7,7 @@ messages must name the problem (the file, the key, both shapes) by themselves.
 
 class GlanceError(Exception):
     """Bad input from a user: a path, a file, a key, a shape, a flag."""
+
+
+class UsageError(GlanceError):
+    """A command-line argument argparse itself refuses (unknown flag, bad choice): exit status 2."""

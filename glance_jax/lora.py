@@ -98,6 +98,11 @@ def init_lora(key, params, targets, rank, alpha, dtype=jnp.float32):
     Initialised as PEFT's `init_lora_weights="gaussian"`: A ~ N(0, (1/r)^2), B = 0, so the adapted model
     starts equal to the base.
     """
+    if isinstance(rank, bool) or not float(rank).is_integer() or rank < 1:
+        raise GlanceError(f"LoRA rank {rank!r}: must be a positive integer")
+    rank = int(rank)
+    if not np.isfinite(alpha) or alpha <= 0:
+        raise GlanceError(f"LoRA alpha {alpha!r}: must be a finite number > 0 (the scale is alpha / rank)")
     patterns = _patterns(targets)
     chosen = collections.defaultdict(set)
     for name, (path, index, _) in dense_layers(params).items():
@@ -132,10 +137,11 @@ def _modules(tree):
 
 # ---- merging ----
 
-def merged_params(params, tree, scale=1.0):
-    """params with `W + scale (alpha / r) A B` in each adapted kernel (fp32 math, W's dtype). Traceable.
+def check_shapes(params, tree):
+    """Raises one GlanceError naming the first layer whose LoRA does not fit the model, with both shapes.
 
-    Only the adapted kernels are new arrays; every other leaf is `params`' own.
+    Works on arrays and on abstract shapes (also inside a trace), so the merged and the unmerged paths
+    both check before any compute.
     """
     refuse_merge(params)
     flat = flatten_dict(params)
@@ -143,6 +149,31 @@ def merged_params(params, tree, scale=1.0):
     missing = [".".join(p) for p in modules if p + ("kernel",) not in flat]
     if missing:
         raise GlanceError(f"LoRA modules not in the model: {', '.join(missing[:6])}")
+    for path, m in modules.items():
+        if not {"A", "B", "alpha"} <= set(m):
+            raise GlanceError(f"LoRA layer {'.'.join(path)}: needs A, B and alpha, has {', '.join(sorted(m))}")
+        kernel, a, b, alpha = flat[path + ("kernel",)].shape, m["A"].shape, m["B"].shape, m["alpha"].shape
+        fits = (len(a) == len(kernel) and len(b) == len(kernel) and a[:-2] == kernel[:-2] == b[:-2]
+                and a[-2] == kernel[-2] and b[-1] == kernel[-1] and a[-1] == b[-2] and tuple(alpha) == kernel[:-2])
+        if not fits:
+            raise GlanceError(f"LoRA layer {'.'.join(path)}: A {tuple(a)} and B {tuple(b)} (alpha {tuple(alpha)}) "
+                              f"do not fit the model's kernel {tuple(kernel)}")
+
+
+def _check_scale(scale):
+    if isinstance(scale, (int, float, np.number)) and not np.isfinite(scale):
+        raise GlanceError(f"LoRA scale {scale!r}: must be a finite number")
+
+
+def merged_params(params, tree, scale=1.0):
+    """params with `W + scale (alpha / r) A B` in each adapted kernel (fp32 math, W's dtype). Traceable.
+
+    Only the adapted kernels are new arrays; every other leaf is `params`' own.
+    """
+    check_shapes(params, tree)
+    _check_scale(scale)
+    flat = flatten_dict(params)
+    modules = _modules(tree)
     for path, m in modules.items():
         kernel = flat[path + ("kernel",)]
         a, b = m["A"].astype(jnp.float32), m["B"].astype(jnp.float32)
@@ -165,6 +196,8 @@ def merge_lora(params, tree, scale=1.0, donate=True):
     once for each; `merge_lora(params, tree, scale=-1.0)` (or `unmerge_lora`)
     takes one out again, to rounding.
     """
+    check_shapes(params, tree)  # before the buffers are donated: a bad LoRA leaves `params` intact
+    _check_scale(scale)
     return (_merge_in_place if donate else _merge)(params, tree, jnp.float32(scale))
 
 
@@ -500,6 +533,9 @@ def _kohya_tensors(tree, entries):
     left = sorted(set(by_name) - used)
     if left:
         raise GlanceError(f"no kohya (BFL) name for LoRA modules: {', '.join(left[:6])}; use format='diffusers'")
+    if any(key.startswith("lora_unet_final_layer") for key in tensors):
+        log.warning("the kohya file has final_layer LoRAs, which diffusers' kohya reader (0.42) does not apply as "
+                    "written (unprefixed keys, alpha ignored); use format='diffusers' for diffusers")
     return tensors
 
 

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from glance_jax.errors import GlanceError
-from glance_jax.lora import merged_params
+from glance_jax.lora import check_shapes, merged_params
 from glance_jax.quantize import is_quantized, kind_of, quantize_params
 from glance_jax.schedules import FlowMatchEulerScheduler, GlanceSchedule
 
@@ -243,6 +243,11 @@ class GlancePipeline:
         lora_mode = self._lora_mode(lora_mode)
         _check_lora(slow_lora, "slow_lora")
         _check_lora(fast_lora, "fast_lora")
+        for tree in (slow_lora, fast_lora):  # both LoRA modes: a misfit names its layer before any compute
+            if tree is not None:
+                check_shapes(self.params, tree)
+        if not np.isfinite(lora_scale):
+            raise GlanceError(f"lora_scale {lora_scale!r}: must be a finite number")
         rows, cols = flux_latent_grid(height, width, self.vae_scale_factor)
         if latents is None:
             latents = self.noise(seed, batch, height, width)

@@ -37,6 +37,8 @@ import subprocess
 import sys
 import time
 
+from glance_jax import validation
+
 MODELS = {"flux-dev": ("flux", 512), "flux-schnell": ("flux", 512), "qwen-image": ("qwen-image", 128)}
 CPU_FLAGS = "--xla_disable_hlo_passes=while-loop-invariant-code-motion"
 # TPU slices: (topology name, chips per host, HBM per chip that XLA's TPU compiler allows (GiB, from its
@@ -67,7 +69,7 @@ OOM = re.compile(r"required for [^(]*\(([\d.]+)G\) exceeds available HBM \(([\d.
 
 
 def parser():
-    p = argparse.ArgumentParser(prog="glance-jax plan", description=__doc__,
+    p = validation.ArgumentParser(prog="glance-jax plan", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, choices=sorted(MODELS))
     p.add_argument("--resolution", type=int, default=1024, help="square image side in pixels")
@@ -369,8 +371,20 @@ def fit_line(r):
     return f"fits ({need:.2f} of {have:.2f} GiB)" if r["fits"] else f"does not fit: needs {need:.2f} of {have:.2f} GiB"
 
 
+def check_args(args):
+    """The planner's arguments, checked before anything is compiled (one GlanceError line each)."""
+    validation.multiple_of("--resolution", args.resolution, 16)  # VAE factor 8 x 2 x 2 token patches
+    validation.one_of("--remat", args.remat, validation.remat_policies())
+    if args.peak_tflops is not None:  # default: the target's own
+        validation.positive_number("--peak_tflops", args.peak_tflops)
+    validation.positive_int("--glance_steps", args.glance_steps)
+    if args.target_seconds is not None:
+        validation.positive_number("--target_seconds", args.target_seconds)
+
+
 def main(argv):
     args = parser().parse_args(argv)
+    check_args(args)
     from glance_jax import sharding
     n = math.prod(sharding.parse_mesh(args.mesh or "fsdp=1").values())
     if args.target == "cpu" and os.environ.get("GLANCE_PLAN_CHILD") != "1":

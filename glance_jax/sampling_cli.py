@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from glance_jax import checkpoints, evaluation, safetensors_io
+from glance_jax import checkpoints, evaluation, safetensors_io, validation
 from glance_jax.errors import GlanceError
 from glance_jax.lora import load_lora, read_schedule
 from glance_jax.pipelines import (FluxGlancePipeline, QwenImageGlancePipeline, decode_latents, transformer_passes,
@@ -82,11 +82,7 @@ def _embeddings(path, captions, text_encoders=None, family="flux"):
 def _parse_schedule(text, family, image_seq_len):
     if text == "official":
         return GlanceSchedule.official(family, image_seq_len)
-    try:
-        slow, fast = ([int(s) for s in part.split(",")] for part in text.split("|"))
-    except ValueError:
-        raise GlanceError(f"--schedule {text!r}: use 'official' or slow|fast step indices such as "
-                          "'1,5,9|16,31,46'") from None
+    slow, fast = _schedule_steps(text)
     return GlanceSchedule.from_steps(family, slow, fast, image_seq_len)
 
 
@@ -140,11 +136,62 @@ def _sizes(args, pipe, pixels):
 
 def _save_images(images, path):
     pixels = evaluation.to_uint8(images)
-    Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels).save(path)
+    Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels).save(
+        path, format=validation.IMAGE_FORMATS[os.path.splitext(path)[1].lower()])
+
+
+def _check_common(args):
+    """The checks sample and eval share, run before anything is loaded; fills in a pipeline folder's parts.
+
+    `--model` may be a diffusers pipeline folder (model_index.json): its transformer, its vae (unless
+    --vae), its text encoders (unless --text_encoders or --embeddings) and its scheduler config (unless
+    --scheduler) are used. Returns whether the model's latents are pixels.
+    """
+    from glance_jax.demo import teacher
+    if args.model:
+        parts = checkpoints.pipeline_parts(args.model) or {}
+        text_encoders = args.text_encoders or (None if args.embeddings else args.model if parts else None)
+        args.model, args.vae, args.text_encoders = checkpoints.model_paths(args.model, None, args.vae, text_encoders,
+                                                                           what="--model")
+        scheduler = os.path.join(parts.get("scheduler", ""), "scheduler_config.json")
+        if not args.scheduler and parts.get("scheduler") and os.path.isfile(scheduler):
+            args.scheduler = scheduler
+    elif args.vae:
+        args.vae = checkpoints.vae_path(args.vae, what="--vae")
+    config = checkpoints.open_checkpoint(args.model or teacher.TEACHER_DIR).config  # headers only
+    pixels = config.get("in_channels", 64) // 4 in (1, 3)
+    for flag in ("scheduler", "embeddings", "slow_lora", "fast_lora"):
+        path = getattr(args, flag)
+        if path and not os.path.exists(os.path.expanduser(path)):
+            raise GlanceError(f"--{flag} {path}: no such file or folder")
+    factor = 2 * (1 if pixels else 8)  # latents are packed 2 x 2 into tokens; a VAE has 8 pixels a latent
+    for flag in ("height", "width"):
+        if getattr(args, flag) is not None:
+            validation.multiple_of(f"--{flag}", getattr(args, flag), factor)
+    if args.schedule not in (None, "official"):
+        _schedule_steps(args.schedule)
+    if not getattr(args, "steps", None):  # the LoRAs' schedules agree with each other and with --schedule
+        family = "qwen-image" if config.get("_class_name", "").startswith("QwenImage") else "flux"
+        size = lambda flag: getattr(args, flag) or (8 if pixels else 1024)
+        _glance_schedule(args, family, (size("height") // factor) * (size("width") // factor))
+    return pixels
+
+
+def _schedule_steps(text):
+    """(slow, fast) 1-based step indices from --schedule 'slow|fast', e.g. '1,5,9|16,31,46'."""
+    try:
+        slow, fast = ([int(s) for s in part.split(",")] for part in text.split("|"))
+    except ValueError:
+        raise GlanceError(f"--schedule {text!r}: use 'official' or slow|fast step indices such as "
+                          "'1,5,9|16,31,46'") from None
+    if not slow or not fast or min(slow + fast) < 1:
+        raise GlanceError(f"--schedule {text!r}: steps are 1-based indices of the 50-step schedule")
+    return slow, fast
 
 
 def _common_flags(p):
-    p.add_argument("--model", default=None, help="model folder or file (default: the demo's teacher)")
+    p.add_argument("--model", default=None, help="pipeline folder (model_index.json), model folder or file "
+                   "(default: the demo's teacher)")
     p.add_argument("--scheduler", default=None, help="diffusers scheduler_config.json (default: the model's)")
     p.add_argument("--embeddings", default=None, help=EMBEDDINGS_HELP + " (default: the demo's)")
     p.add_argument("--vae", default=None, help="VAE folder of a latent model: PNG output and pixel metrics")
@@ -158,37 +205,48 @@ def _common_flags(p):
     p.add_argument("--integration", default="consistent", choices=["consistent", "official"])
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--width", type=int, default=None)
+    p.add_argument("--overwrite", action="store_true", help="replace outputs that exist")
 
 
 def sample_main(argv):
-    p = argparse.ArgumentParser(prog="glance-jax sample", description=__doc__,
+    p = validation.ArgumentParser(prog="glance-jax sample", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog="""example:
   glance-jax sample --prompt "the numeral three, written by hand" --out three.png
   glance-jax sample --model ~/flux-dev-bf16 --embeddings prompts.safetensors --prompt "a red fox" \\
       --slow_lora runs/flux/slow_lora.safetensors --fast_lora runs/flux/fast_lora.safetensors --out fox.safetensors""")
     p.add_argument("--prompt", required=True, help="a caption of the embeddings file")
-    p.add_argument("--out", required=True, help="output .png (pixel models) or .safetensors (latents)")
+    p.add_argument("--out", required=True, help="output image (.png, .jpg, .webp; latent models need a VAE) or "
+                   ".safetensors (the latents)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=None, help="plain sampling with this many steps instead of Glance")
     _common_flags(p)
     args = p.parse_args(argv)
+    image_out = validation.out_extension(args.out, [*validation.IMAGE_FORMATS, ".safetensors"]) != ".safetensors"
+    validation.output_file(args.out, args.overwrite, "--out")
+    if args.steps is not None:
+        validation.positive_int("--steps", args.steps)
+        if args.slow_lora or args.fast_lora:
+            raise GlanceError("--steps samples the plain base, without LoRAs; Glance LoRAs need the Glance schedule: "
+                              "leave out --steps, or the LoRA files")
+    pixels = _check_common(args)
+    if image_out and not pixels and not args.vae:
+        raise GlanceError("image output of a latent model needs its VAE: pass --vae (or a pipeline folder as "
+                          "--model), or use --out x.safetensors")
     pipe, family, pixels = _pipeline(args.model, args.scheduler, args.vae)
-    if args.out.endswith(".png") and not pixels and pipe.vae is None:
-        raise GlanceError("PNG output of a latent model needs its VAE: pass --vae, or use --out x.safetensors")
     height, width, tokens = _sizes(args, pipe, pixels)
     arrays = _embeddings(args.embeddings, [args.prompt], args.text_encoders, family)
     kw = dict(num_inference_steps=args.steps) if args.steps else _schedule_kwargs(args, family, tokens)
     if not args.steps:
         kw["slow_lora"] = load_lora(args.slow_lora, pipe.params) if args.slow_lora else None
         kw["fast_lora"] = load_lora(args.fast_lora, pipe.params) if args.fast_lora else None
-    if args.out.endswith(".png") and not pixels:
+    if image_out and not pixels:
         _call(pipe, family, arrays, height=height, width=width, seed=args.seed, output_type="pil", **kw)[0].save(
-            args.out)
+            args.out, format=validation.IMAGE_FORMATS[os.path.splitext(args.out)[1].lower()])
         print(f"wrote {args.out}")
         return
     latents = _call(pipe, family, arrays, height=height, width=width, seed=args.seed, **kw)
     images = np.asarray(unpack_flux_latents(latents, height, width, pipe.vae_scale_factor))
-    if args.out.endswith(".png"):
+    if image_out:
         _save_images(np.clip(images[0], -1, 1), args.out)
     else:
         safetensors_io.save_file({"latents": images[0]}, args.out, {"prompt": args.prompt, "seed": args.seed})
@@ -196,7 +254,7 @@ def sample_main(argv):
 
 
 def eval_main(argv):
-    p = argparse.ArgumentParser(prog="glance-jax eval", description=__doc__,
+    p = validation.ArgumentParser(prog="glance-jax eval", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog="""example:
   glance-jax eval --prompts prompts.txt --seeds 0,1,2 --workdir eval_out
   glance-jax eval --model ~/flux-dev-bf16 --embeddings embeds.safetensors --prompts prompts.txt \\
@@ -207,6 +265,9 @@ def eval_main(argv):
     p.add_argument("--workdir", default="glance_eval", help="where eval.json and grid.png go")
     _common_flags(p)
     args = p.parse_args(argv)
+    validation.positive_int("--base_steps", args.base_steps)
+    args.workdir = validation.output_folder(args.workdir)
+    validation.fresh_outputs(args.workdir, ("eval.json", "grid.png"), args.overwrite)
     if not os.path.isfile(args.prompts):
         raise GlanceError(f"{args.prompts}: no such prompt file")
     with open(args.prompts) as f:
@@ -217,6 +278,7 @@ def eval_main(argv):
         seeds = [int(s) for s in args.seeds.split(",")]
     except ValueError:
         raise GlanceError(f"--seeds {args.seeds!r}: use comma-separated integers") from None
+    _check_common(args)
     pipe, family, pixels = _pipeline(args.model, args.scheduler, args.vae)
     height, width, tokens = _sizes(args, pipe, pixels)
     decode = not pixels and pipe.vae is not None

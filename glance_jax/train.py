@@ -15,12 +15,15 @@ index (the paper), the base's own K-step schedule ("uniform"), or K points
 fitted to those trajectories ("fitted", schedules.GlanceSchedule.fitted).
 
 A run writes into its workdir:
-- `slow_lora.safetensors` / `fast_lora.safetensors` (diffusers layout with alpha metadata) at
-  every checkpoint and at the end;
+- `slow_lora.safetensors` / `fast_lora.safetensors` (diffusers layout with alpha metadata), written
+  once, atomically, from the final state;
 - `metrics.jsonl`, one JSON object a step;
+- `run.json`: the run's fingerprint (see `glance_jax.runstate`);
 - `checkpoints/<phase>/`: orbax checkpoints of the LoRA, the optimizer state, the step and the
-  RNG key, the last `checkpoint.keep` kept. Restarting the same command resumes from the last
-  one and ends with the same LoRA, bit for bit on CPU, as an uninterrupted run.
+  RNG key, the last `checkpoint.keep` kept, with each one's LoRA beside them
+  (`checkpoints/<phase>_lora_step<N>.safetensors`). Restarting the same command resumes from the
+  last one that restores and ends with the same LoRA, bit for bit on CPU, as an uninterrupted run;
+  a restart with another fingerprint is refused.
 """
 
 import functools
@@ -37,7 +40,7 @@ import optax
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from glance_jax import checkpoints, data, lora, safetensors_io, sharding
+from glance_jax import checkpoints, data, lora, runstate, safetensors_io, sharding, validation
 from glance_jax.errors import GlanceError
 from glance_jax.models import FluxTransformer2DModel, QwenImageTransformer2DModel
 from glance_jax.pipelines import flux_image_ids, guided_velocity, pack_flux_latents
@@ -275,30 +278,29 @@ def _train_step(model, settings, static):
 class Run:
     """One training run in `workdir`: loads the base and the sample once, then trains the phases."""
 
-    def __init__(self, config, workdir):
-        self.config, self.workdir = config, os.path.abspath(workdir)
-        if config.family not in FAMILIES:
-            raise GlanceError(f"config.family {config.family!r}: use one of {', '.join(FAMILIES)}")
-        if config.phase not in (*PHASES, "both"):
-            raise GlanceError(f"config.phase {config.phase!r}: use 'slow', 'fast' or 'both'")
-        if config.target not in ("data", "teacher"):
-            raise GlanceError(f"config.target {config.target!r}: use 'data' or 'teacher'")
-        if config.batch_size != 1:
-            raise GlanceError("config.batch_size: Glance trains on one sample; only 1 is supported")
-        if not config.model.path:
-            raise GlanceError("config.model.path is not set (pass --config.model.path=...)")
-        if not config.data.dir:
-            raise GlanceError("config.data.dir is not set (pass --config.data.dir=...)")
+    def __init__(self, config, workdir, fresh=False):
+        self.config, self.workdir = config, validation.output_folder(workdir)
+        validation.train_config(config)  # every value, before anything is loaded
+        transformer, vae, text_encoders = checkpoints.model_paths(
+            config.model.path, config.family, config.model.vae_path, config.model.text_encoder_path,
+            what="config.model.path")
         samples = data.find_samples(os.path.expanduser(config.data.dir), config.data.resolution,
                                     config.data.multiple)
         if len(samples) != 1:
             raise GlanceError(f"{config.data.dir}: {len(samples)} image/caption pairs; Glance trains on exactly one")
         self.sample = samples[0]
+        if fresh and jax.process_index() == 0:
+            runstate.clear_run(self.workdir)
+        self.fingerprint = runstate.fingerprint(config, self.sample, transformer, vae, text_encoders)
+        runstate.check_fingerprint(self.workdir, self.fingerprint)
+        for phase in PHASES if config.phase == "both" else (config.phase,):
+            runstate.check_resume_step(runstate.latest_step_on_disk(self.workdir, phase), config.steps,
+                                       os.path.join(self.workdir, "checkpoints", phase))
         if jax.process_count() > 1 and not config.mesh:
             raise GlanceError(f"{jax.process_count()} processes: set config.mesh to spread the run over their devices")
         self.mesh = sharding.make_mesh(config.mesh) if config.mesh else None
         self.writer = jax.process_index() == 0  # only one process writes LoRA files and metrics
-        self.model, self.params = checkpoints.load_model(os.path.expanduser(config.model.path), config.model.dtype,
+        self.model, self.params = checkpoints.load_model(transformer, config.model.dtype,
                                                          mesh=self.mesh, remat_policy=config.model.remat_policy,
                                                          quantize=config.model.get("quantize"))
         if not isinstance(self.model, FAMILIES[config.family]):
@@ -308,13 +310,11 @@ class Run:
             raise GlanceError("config.model.guidance: this model has no guidance embedding")
         pooled = getattr(self.model, "pooled_projection_dim", None)  # FLUX's CLIP vector; Qwen-Image has none
         precomputed = data.PrecomputedEncoder(self.model.in_channels // 4, self.model.joint_attention_dim, pooled,
-                                              config.data.vae_scale_factor, with_latents=not config.model.vae_path,
-                                              with_text=not config.model.text_encoder_path)
-        encoder = data.SampleEncoder(
-            data.VAEEncoder(os.path.expanduser(config.model.vae_path)) if config.model.vae_path else None,
-            data.FlaxTextEncoder(config.family, os.path.expanduser(config.model.text_encoder_path))
-            if config.model.text_encoder_path else None)
-        if not (config.model.vae_path and config.model.text_encoder_path):
+                                              config.data.vae_scale_factor, with_latents=not vae,
+                                              with_text=not text_encoders)
+        encoder = data.SampleEncoder(data.VAEEncoder(vae) if vae else None,
+                                     data.FlaxTextEncoder(config.family, text_encoders) if text_encoders else None)
+        if not (vae and text_encoders):
             encoder.parts.append(precomputed)
         cache = os.path.expanduser(config.data.cache_dir or os.path.join("~", ".cache", "glance_jax"))
         arrays, self.cache_hit = data.encoded_sample(self.sample, encoder, cache, config.data.resolution)
@@ -323,10 +323,12 @@ class Run:
         self.batch, self.static = training_batch(self.model, arrays, config.model.guidance)
         if self.mesh is not None:
             self.batch = sharding.place(self.batch, self.batch_shardings())
-        self.model_path = os.path.expanduser(config.model.path)
+        self.model_path = transformer  # the resolved transformer folder or file
         self.cache = cache
         self.schedule = self.choose_schedule()
         os.makedirs(self.workdir, exist_ok=True)
+        if self.writer:
+            runstate.write_fingerprint(self.workdir, self.fingerprint)
 
     def choose_schedule(self):
         """The Glance schedule by `config.schedule.kind`: "steps" (indices of the base_steps grid, the paper),
@@ -416,32 +418,38 @@ class Run:
         if self.mesh is not None:
             step_shardings = self.step_shardings(adapter, opt_state, teacher)
             adapter, opt_state = sharding.place((adapter, opt_state), step_shardings[0][:2])
-        manager = ocp.CheckpointManager(
+        open_manager = lambda: ocp.CheckpointManager(
             os.path.join(self.workdir, "checkpoints", phase),
             options=ocp.CheckpointManagerOptions(max_to_keep=config.checkpoint.keep, create=True))
-        start = 0
-        if manager.latest_step() is not None:
-            start = manager.latest_step()
-            state = manager.restore(start, args=ocp.args.StandardRestore(
-                {"lora": adapter, "opt_state": opt_state, "step": 0, "key": np.asarray(key)}))
+        template = {"lora": adapter, "opt_state": opt_state, "step": 0, "key": np.asarray(key)}
+        manager, start, state = runstate.restore_latest(
+            open_manager, lambda m, step: m.restore(step, args=ocp.args.StandardRestore(template)), self.writer)
+        if state is not None:
             adapter, opt_state = state["lora"], state["opt_state"]
             if not np.array_equal(np.asarray(state["key"]), np.asarray(key)):
                 raise GlanceError(f"{manager.directory}: checkpoints come from a run with another seed")
+        runstate.check_resume_step(start, config.steps, manager.directory)
         metrics_path = os.path.join(self.workdir, "metrics.jsonl")
         if self.writer:
             _truncate_metrics(metrics_path, phase, start)
         step_fn = make_train_step(self.model, config, self.static, step_shardings)
         points = jnp.asarray(points, jnp.float32)
         lr = learning_rate(config)
-        lora_path = os.path.join(self.workdir, f"{phase}_lora.safetensors")
+        lora_path = runstate.final_lora_path(self.workdir, phase)
+        if start < config.steps and self.writer and os.path.exists(lora_path):
+            os.remove(lora_path)  # a shorter run's LoRA: while this one goes on, the final path holds none
 
         def save(step):
             manager.save(step, args=ocp.args.StandardSave(
                 {"lora": adapter, "opt_state": opt_state, "step": step, "key": np.asarray(key)}))
             manager.wait_until_finished()
+            if step == config.steps:
+                return  # the final LoRA is written below, from the final state
             host_lora = multihost_utils.process_allgather(adapter, tiled=True)  # every process joins; one writes
-            if self.writer:
-                lora.save_lora(host_lora, lora_path, schedule=self.schedule)
+            if self.writer:  # a checkpoint's LoRA carries its step; the final path only ever holds a finished one
+                lora.save_lora(host_lora, runstate.intermediate_lora_path(self.workdir, phase, step),
+                               schedule=self.schedule)
+                runstate.prune_intermediate(self.workdir, phase, config.checkpoint.keep)
 
         bar = tqdm(range(start, config.steps), initial=start, total=config.steps, desc=f"{phase}-LoRA",
                    unit="step", dynamic_ncols=True, disable=not self.writer)
@@ -464,10 +472,11 @@ class Run:
                 bar.set_postfix(loss=f"{loss:.4f}", t=f"{record['timestep']:.0f}")
                 if (step + 1) % config.checkpoint.every == 0 or step + 1 == config.steps:
                     save(step + 1)
-        if start == config.steps and not os.path.exists(lora_path):
-            host_lora = multihost_utils.process_allgather(adapter, tiled=True)
-            if self.writer:
-                lora.save_lora(host_lora, lora_path, schedule=self.schedule)
+        # Always from the final state (also when a restart finds the last checkpoint already written):
+        # save_lora writes a temporary file and renames it, so the path holds a whole, finished LoRA or none.
+        host_lora = multihost_utils.process_allgather(adapter, tiled=True)
+        if self.writer:
+            lora.save_lora(host_lora, lora_path, schedule=self.schedule)
         manager.close()
         return lora_path
 
@@ -499,7 +508,7 @@ def _truncate_metrics(path, phase, step):
             f.writelines(keep)
 
 
-def train(config, workdir):
-    """Runs the trainer; returns {phase: LoRA file}."""
-    return Run(config, workdir).train()
+def train(config, workdir, fresh=False):
+    """Runs the trainer; returns {phase: LoRA file}. `fresh`: clear a previous run's files in `workdir` first."""
+    return Run(config, workdir, fresh).train()
 

@@ -12,11 +12,15 @@ HELP = """usage: glance-jax train --config CONFIG.py --workdir DIR [--config.FIE
 Trains the Slow-LoRA and/or Fast-LoRA of Glance on the one image + caption in
 config.data.dir, on the frozen base in config.model.path. Every config field
 can be overridden on the command line. Restarting the same command resumes
-from the last checkpoint in DIR.
+from the last checkpoint in DIR; a restart with other settings, another sample
+or another base is refused (pass --fresh to start anew in DIR).
 
 example:
   glance-jax train --config configs/flux_slow.py --workdir runs/flux \\
-      --config.model.path=~/flux-dev-bf16 --config.data.dir=~/one_sample --config.optim.lr=1e-4
+      --config.model.path=~/FLUX.1-dev --config.data.dir=~/one_sample --config.optim.lr=1e-4
+
+config.model.path may be a diffusers pipeline folder (model_index.json): its transformer, vae and
+text encoders are used; config.model.vae_path / text_encoder_path override its parts.
 
 writes DIR/slow_lora.safetensors and/or DIR/fast_lora.safetensors, DIR/metrics.jsonl, DIR/checkpoints/
 
@@ -34,6 +38,8 @@ def main(argv):
     config_flags.DEFINE_config_file("config", None, "experiment config file", flag_values=fv, lock_config=True,
                                     sys_argv=args)  # overrides are read from these args, not from sys.argv
     flags.DEFINE_string("workdir", None, "output folder", flag_values=fv)
+    flags.DEFINE_bool("fresh", False, "start anew: remove the fingerprint, checkpoints, metrics and LoRA files of a "
+                      "previous run in the workdir first", flag_values=fv)
     flags.DEFINE_bool("distributed", False, "join a multi-host run (jax.distributed.initialize; on TPU pods and "
                       "SLURM the addresses are found automatically)", flag_values=fv)
     flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for multi-host runs elsewhere",
@@ -42,7 +48,7 @@ def main(argv):
     flags.DEFINE_integer("process_id", None, "this process's index in a multi-host run", flag_values=fv)
     try:
         rest = fv(args)
-    except (flags.Error, FileNotFoundError, AttributeError, KeyError, ValueError, TypeError) as e:
+    except (flags.Error, OSError, AttributeError, KeyError, ValueError, TypeError) as e:
         raise GlanceError(str(e).strip().splitlines()[-1]) from None
     if len(rest) > 1:
         raise GlanceError(f"unexpected arguments: {' '.join(rest[1:])}")
@@ -58,6 +64,6 @@ def main(argv):
         jax.distributed.initialize(**kwargs)
     from glance_jax.train import train
 
-    written = train(fv.config, fv.workdir)
+    written = train(fv.config, fv.workdir, fresh=fv.fresh)
     for phase, path in written.items():
         print(f"{phase}-LoRA: {path}", file=sys.stdout)

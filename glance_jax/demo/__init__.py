@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from glance_jax import checkpoints, evaluation, safetensors_io
+from glance_jax import checkpoints, evaluation, safetensors_io, validation
 from glance_jax.lora import load_lora
 from glance_jax.pipelines import FluxGlancePipeline, unpack_flux_latents
 from glance_jax.recipes import official
@@ -52,11 +52,12 @@ RECIPE = dict(targets="flux-all", rank=16, alpha=64.0, lr=1e-4, trajectories=64,
 
 
 def parser():
-    p = argparse.ArgumentParser(prog="glance-jax demo", description=__doc__,
+    p = validation.ArgumentParser(prog="glance-jax demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="example:\n  glance-jax demo --workdir glance_demo\n  glance-jax demo --quick")
     p.add_argument("--workdir", default="glance_demo", help="output folder (default ./glance_demo)")
     p.add_argument("--quick", action="store_true", help="fewer steps and images: under a minute, for tests")
+    p.add_argument("--overwrite", action="store_true", help="replace the results of an earlier demo in --workdir")
     p.add_argument("--seed", type=int, default=0, help="seed of the training noise and of the sampled images")
     p.add_argument("--steps", type=int, default=None, help="teacher-target LoRA steps a phase (default 600; "
                    "--quick 60)")
@@ -183,10 +184,11 @@ def closing_line(results, regime, reference_row, prefix):
 
 def main(argv):
     args = parser().parse_args(argv)
+    workdir = validation.output_folder(args.workdir)
+    validation.fresh_outputs(workdir, ("metrics.json", "grid.png"), args.overwrite)
     from glance_jax.demo import teacher
     if args.retrain_teacher:
         teacher.train_teacher(seed=args.seed)
-    workdir = os.path.abspath(args.workdir)
     os.makedirs(workdir, exist_ok=True)
     started = time.perf_counter()
     steps = args.steps or (60 if args.quick else 600)

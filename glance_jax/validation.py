@@ -1,0 +1,214 @@
+"""Checks that every command runs on its arguments before any expensive work (model load, compile).
+
+Each check raises one `GlanceError` naming the bad value and what would be
+accepted, so the command line ends in a single line. They only look at
+numbers, names and the file system (a probe file at most): milliseconds.
+"""
+
+import argparse
+import math
+import os
+import tempfile
+
+from glance_jax.errors import GlanceError, UsageError
+
+IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}  # extension -> PIL format
+
+
+def remat_policies():
+    from glance_jax.models.layers import REMAT_POLICIES
+    return tuple(REMAT_POLICIES)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose refusals (unknown flag, bad choice, missing argument) are one line, not usage + error."""
+
+    def error(self, message):
+        raise UsageError(f"{message} (see {self.prog} --help)")
+
+
+# ---- numbers and names ----
+
+def _is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def positive_int(name, value):
+    """An integer > 0 (steps, rank, batch sizes)."""
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise GlanceError(f"{name} {value!r}: must be a positive integer")
+    return value
+
+
+def non_negative_int(name, value):
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise GlanceError(f"{name} {value!r}: must be an integer >= 0")
+    return value
+
+
+def positive_number(name, value):
+    """A finite number > 0 (learning rates, alpha, clipping, scales of time)."""
+    if not _is_number(value) or not math.isfinite(value) or value <= 0:
+        raise GlanceError(f"{name} {value!r}: must be a finite number > 0")
+    return value
+
+
+def finite_number(name, value):
+    if not _is_number(value) or not math.isfinite(value):
+        raise GlanceError(f"{name} {value!r}: must be a finite number")
+    return value
+
+
+def fraction(name, value, closed_top=False):
+    """A number in [0, 1) (or [0, 1] with `closed_top`): probabilities, Adam's betas."""
+    top_ok = closed_top and value == 1
+    if not _is_number(value) or not math.isfinite(value) or value < 0 or (value >= 1 and not top_ok):
+        raise GlanceError(f"{name} {value!r}: must be in [0, 1{']' if closed_top else ')'}")
+    return value
+
+
+def one_of(name, value, choices):
+    if value not in choices:
+        raise GlanceError(f"{name} {value!r}: use one of {', '.join(map(str, choices))}")
+    return value
+
+
+def multiple_of(name, value, multiple, unit="pixels"):
+    """A positive size that is a multiple of `multiple` (the model's patch and VAE factors)."""
+    positive_int(name, value)
+    if value % multiple:
+        down, up = value - value % multiple, value - value % multiple + multiple
+        raise GlanceError(f"{name} {value}: must be a multiple of {multiple} {unit} (e.g. "
+                          f"{down if down else up} or {up})")
+    return value
+
+
+# ---- where output goes ----
+
+def _writable_folder(folder, what):
+    """Raises unless `folder` is an existing folder in which a file can be created (tried with a probe)."""
+    if not os.path.exists(folder):
+        raise GlanceError(f"{what}: the folder {folder} does not exist")
+    if not os.path.isdir(folder):
+        raise GlanceError(f"{what}: {folder} is a file, not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".glance_probe-")
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        raise GlanceError(f"{what}: cannot write in {folder} ({e.strerror})") from None
+
+
+def output_file(path, overwrite=False, what="output"):
+    """A file about to be written: its folder exists and is writable; it is no folder; an existing file
+    is replaced only with `overwrite` (the same rule in every command)."""
+    path = os.path.abspath(os.path.expanduser(os.fspath(path)))
+    if os.path.isdir(path):
+        raise GlanceError(f"{what} {path} is a folder; give a file name")
+    if os.path.exists(path) and not overwrite:
+        raise GlanceError(f"{what} {path} already exists (pass --overwrite to replace it)")
+    _writable_folder(os.path.dirname(path), what)
+    return path
+
+
+def new_folder(path, overwrite=False, what="output"):
+    """A folder a command creates whole (convert's DST): refused if it exists, unless `overwrite`; its
+    parent must be a writable folder."""
+    path = os.path.abspath(os.path.expanduser(os.fspath(path)))
+    if os.path.exists(path) and not overwrite:
+        raise GlanceError(f"{what} {path} already exists (pass --overwrite to replace it)")
+    if os.path.isfile(path):
+        raise GlanceError(f"{what} {path} is a file; the output is a folder")
+    _writable_folder(os.path.dirname(path), what)
+    return path
+
+
+def output_folder(path, what="--workdir"):
+    """A folder that will be created if missing (with its parents): it must not be a file, and the
+    nearest existing folder on its path must be writable."""
+    path = os.path.abspath(os.path.expanduser(os.fspath(path)))
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise GlanceError(f"{what} {path} is a file, not a folder")
+    existing = path
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    _writable_folder(existing, what)
+    return path
+
+
+def fresh_outputs(folder, names, overwrite, what="--workdir"):
+    """Refuses to replace the files `names` of `folder` that exist, unless `overwrite`."""
+    present = [n for n in names if os.path.exists(os.path.join(folder, n))]
+    if present and not overwrite:
+        raise GlanceError(f"{what} {folder} already holds {', '.join(present)} (pass --overwrite to replace "
+                          "them, or choose another folder)")
+
+
+def out_extension(path, allowed):
+    """The lower-case extension of `path`, refused unless it is one of `allowed` (what is really written)."""
+    ext = os.path.splitext(os.fspath(path))[1].lower()
+    if ext not in allowed:
+        raise GlanceError(f"--out {path}: the extension {ext or '(none)'!r} does not match anything written here; "
+                          f"use {', '.join(allowed)}")
+    return ext
+
+
+# ---- the training config ----
+
+def train_config(config):
+    """Every value of a training config that can be checked without loading anything."""
+    one_of("config.family", config.family, ("flux", "qwen-image"))
+    one_of("config.phase", config.phase, ("slow", "fast", "both"))
+    one_of("config.target", config.target, ("data", "teacher"))
+    positive_int("config.steps", config.steps)
+    if config.batch_size != 1:
+        raise GlanceError(f"config.batch_size {config.batch_size!r}: Glance trains on one sample; only 1 is "
+                          "supported")
+    if not config.model.path:
+        raise GlanceError("config.model.path is not set (pass --config.model.path=...)")
+    if not config.data.dir:
+        raise GlanceError("config.data.dir is not set (pass --config.data.dir=...)")
+    from glance_jax.checkpoints import DTYPES
+    one_of("config.model.dtype", config.model.dtype, tuple(DTYPES))
+    one_of("config.model.remat_policy", config.model.remat_policy, remat_policies())
+    if config.model.guidance is not None:
+        finite_number("config.model.guidance", config.model.guidance)
+    positive_int("config.data.vae_scale_factor", config.data.vae_scale_factor)
+    patch = 2 * config.data.vae_scale_factor  # latents are packed 2 x 2 into tokens
+    multiple_of("config.data.multiple", config.data.multiple, patch)
+    multiple_of("config.data.resolution", config.data.resolution, config.data.multiple)
+    fraction("config.data.caption_dropout", config.data.caption_dropout)
+    positive_int("config.lora.rank", config.lora.rank)
+    positive_number("config.lora.alpha", config.lora.alpha)
+    positive_number("config.optim.lr", config.optim.lr)
+    non_negative_int("config.optim.warmup_steps", config.optim.warmup_steps)
+    fraction("config.optim.b1", config.optim.b1)
+    fraction("config.optim.b2", config.optim.b2)
+    positive_number("config.optim.eps", config.optim.eps)
+    finite_number("config.optim.weight_decay", config.optim.weight_decay)
+    if config.optim.weight_decay < 0:
+        raise GlanceError(f"config.optim.weight_decay {config.optim.weight_decay!r}: must be >= 0")
+    positive_number("config.optim.grad_clip", config.optim.grad_clip)
+    positive_int("config.schedule.base_steps", config.schedule.base_steps)
+    for name in ("slow_steps", "fast_steps"):
+        steps = tuple(config.schedule[name])
+        if not steps or any(not isinstance(s, int) or not 1 <= s <= config.schedule.base_steps for s in steps):
+            raise GlanceError(f"config.schedule.{name} {steps!r}: 1-based steps of the "
+                              f"{config.schedule.base_steps}-step schedule")
+    one_of("config.model.quantize", config.model.get("quantize", "none"), ("none", "fp8", "int8"))
+    one_of("config.optim.state_dtype", config.optim.get("state_dtype", "fp32"), ("fp32", "bf16"))
+    kind = config.schedule.get("kind", "steps")
+    one_of("config.schedule.kind", kind, ("steps", "uniform", "fitted"))
+    if kind != "steps":
+        positive_int("config.schedule.num_slow", config.schedule.num_slow)
+        positive_int("config.schedule.num_fast", config.schedule.num_fast)
+    if config.target == "teacher" or kind == "fitted":  # both integrate the base's trajectories
+        positive_int("config.teacher.trajectories", config.teacher.trajectories)
+        positive_int("config.teacher.substeps", config.teacher.substeps)
+        positive_int("config.teacher.batch", config.teacher.get("batch", 1))
+        positive_number("config.teacher.guidance_scale", config.teacher.get("guidance_scale", 1.0))
+    positive_int("config.checkpoint.every", config.checkpoint.every)
+    positive_int("config.checkpoint.keep", config.checkpoint.keep)
+    if config.mesh:
+        from glance_jax import sharding
+        sharding.parse_mesh(config.mesh)
