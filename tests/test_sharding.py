@@ -88,7 +88,8 @@ def test_mesh_specs_and_errors():
 
 
 def test_planner_runs_for_the_full_size_models():
-    """Compiles the real steps of FLUX.1-dev, FLUX.1-schnell and Qwen-Image from abstract shapes (< 2 min each)."""
+    """Compiles the real steps of FLUX.1-dev, FLUX.1-schnell and Qwen-Image from abstract shapes (the time is
+    printed, not asserted: tests check correctness, benchmarks time)."""
     import time
     for model, task, mesh in (("flux-dev", "train", "fsdp=4"), ("flux-schnell", "sample", "fsdp=2"),
                               ("qwen-image", "sample", "data=2,fsdp=2")):
@@ -102,7 +103,6 @@ def test_planner_runs_for_the_full_size_models():
         r = last_json(out.stdout)
         print(model, task, mesh, f"{seconds:.0f} s", {k: r[k] for k in ("params_bytes_per_device",
                                                                       "peak_bytes_per_device", "flops_per_step")})
-        assert seconds < 120
         assert r["peak_bytes_per_device"] > r["params_bytes_per_device"] > 0 and r["flops_per_step"] > 1e13
         assert 0 < r["mfu_needed"] < 1
         if model == "flux-dev":  # 11.9 B bf16 parameters split four ways
