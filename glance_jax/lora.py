@@ -143,7 +143,6 @@ def check_shapes(params, tree):
     Works on arrays and on abstract shapes (also inside a trace), so the merged and the unmerged paths
     both check before any compute.
     """
-    refuse_merge(params)
     flat = flatten_dict(params)
     modules = _modules(tree)
     missing = [".".join(p) for p in modules if p + ("kernel",) not in flat]
@@ -170,6 +169,7 @@ def merged_params(params, tree, scale=1.0):
 
     Only the adapted kernels are new arrays; every other leaf is `params`' own.
     """
+    refuse_merge(params)
     check_shapes(params, tree)
     _check_scale(scale)
     flat = flatten_dict(params)
@@ -196,6 +196,7 @@ def merge_lora(params, tree, scale=1.0, donate=True):
     once for each; `merge_lora(params, tree, scale=-1.0)` (or `unmerge_lora`)
     takes one out again, to rounding.
     """
+    refuse_merge(params)
     check_shapes(params, tree)  # before the buffers are donated: a bad LoRA leaves `params` intact
     _check_scale(scale)
     return (_merge_in_place if donate else _merge)(params, tree, jnp.float32(scale))
