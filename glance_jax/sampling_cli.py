@@ -101,9 +101,9 @@ def _glance_schedule(args, family, image_seq_len):
     The LoRA files carry their schedule (`glance_jax.lora.read_schedule`); a --schedule that differs
     from it, or a slow and a fast LoRA trained for different schedules, are refused.
     """
-    carried = [(flag, read_schedule(path).for_image_seq_len(image_seq_len))
-               for flag, path in (("--slow_lora", args.slow_lora), ("--fast_lora", args.fast_lora))
-               if path and read_schedule(path) is not None]
+    read = [(flag, read_schedule(path)) for flag, path in (("--slow_lora", args.slow_lora),
+                                                           ("--fast_lora", args.fast_lora)) if path]
+    carried = [(flag, schedule.for_image_seq_len(image_seq_len)) for flag, schedule in read if schedule is not None]
     if len(carried) == 2 and not _same_timesteps(carried[0][1], carried[1][1]):
         raise GlanceError(f"--slow_lora and --fast_lora were trained for different schedules "
                           f"({_describe(carried[0][1])}; {_describe(carried[1][1])})")
@@ -116,22 +116,20 @@ def _glance_schedule(args, family, image_seq_len):
     return given
 
 
-def _schedule_kwargs(args, family, image_seq_len):
-    return dict(integration=args.integration, schedule=_glance_schedule(args, family, image_seq_len))
-
-
 def _call(pipe, family, arrays, **kw):
     if family == "flux":
         return pipe(arrays["prompt_embeds"], arrays["pooled_prompt_embeds"], **kw)
     return pipe(arrays["prompt_embeds"], arrays.get("prompt_embeds_mask"), **kw)
 
 
-def _sizes(args, pipe, pixels):
-    """(height, width, packed tokens); pixel models default to 8 x 8 (the demo teacher), others to 1024."""
-    default = 8 if pixels else 1024
+def _sizes(args, pixels):
+    """(height, width, packed tokens); pixel models default to 8 x 8 (the demo teacher), others to 1024.
+
+    Latents are packed 2 x 2 into tokens; a VAE has 8 pixels a latent, a pixel model 1.
+    """
+    default, factor = (8, 2) if pixels else (1024, 16)
     height, width = args.height or default, args.width or default
-    rows, cols = height // (2 * pipe.vae_scale_factor), width // (2 * pipe.vae_scale_factor)
-    return height, width, rows * cols
+    return height, width, (height // factor) * (width // factor)
 
 
 def _save_images(images, path):
@@ -145,7 +143,8 @@ def _check_common(args):
 
     `--model` may be a diffusers pipeline folder (model_index.json): its transformer, its vae (unless
     --vae), its text encoders (unless --text_encoders or --embeddings) and its scheduler config (unless
-    --scheduler) are used. Returns whether the model's latents are pixels.
+    --scheduler) are used. Returns (whether the model's latents are pixels, the Glance schedule: from
+    --schedule or the LoRA files, checked against each other; None with --steps).
     """
     from glance_jax.demo import teacher
     if args.model:
@@ -164,17 +163,15 @@ def _check_common(args):
         path = getattr(args, flag)
         if path and not os.path.exists(os.path.expanduser(path)):
             raise GlanceError(f"--{flag} {path}: no such file or folder")
-    factor = 2 * (1 if pixels else 8)  # latents are packed 2 x 2 into tokens; a VAE has 8 pixels a latent
     for flag in ("height", "width"):
         if getattr(args, flag) is not None:
-            validation.multiple_of(f"--{flag}", getattr(args, flag), factor)
+            validation.multiple_of(f"--{flag}", getattr(args, flag), 2 if pixels else 16)
     if args.schedule not in (None, "official"):
         _schedule_steps(args.schedule)
-    if not getattr(args, "steps", None):  # the LoRAs' schedules agree with each other and with --schedule
-        family = "qwen-image" if config.get("_class_name", "").startswith("QwenImage") else "flux"
-        size = lambda flag: getattr(args, flag) or (8 if pixels else 1024)
-        _glance_schedule(args, family, (size("height") // factor) * (size("width") // factor))
-    return pixels
+    if getattr(args, "steps", None):
+        return pixels, None
+    family = "qwen-image" if config.get("_class_name", "").startswith("QwenImage") else "flux"
+    return pixels, _glance_schedule(args, family, _sizes(args, pixels)[2])
 
 
 def _schedule_steps(text):
@@ -228,14 +225,15 @@ def sample_main(argv):
         if args.slow_lora or args.fast_lora:
             raise GlanceError("--steps samples the plain base, without LoRAs; Glance LoRAs need the Glance schedule: "
                               "leave out --steps, or the LoRA files")
-    pixels = _check_common(args)
+    pixels, schedule = _check_common(args)
     if image_out and not pixels and not args.vae:
         raise GlanceError("image output of a latent model needs its VAE: pass --vae (or a pipeline folder as "
                           "--model), or use --out x.safetensors")
     pipe, family, pixels = _pipeline(args.model, args.scheduler, args.vae)
-    height, width, tokens = _sizes(args, pipe, pixels)
+    height, width, _ = _sizes(args, pixels)
     arrays = _embeddings(args.embeddings, [args.prompt], args.text_encoders, family)
-    kw = dict(num_inference_steps=args.steps) if args.steps else _schedule_kwargs(args, family, tokens)
+    kw = dict(num_inference_steps=args.steps) if args.steps else dict(integration=args.integration,
+                                                                       schedule=schedule)
     if not args.steps:
         kw["slow_lora"] = load_lora(args.slow_lora, pipe.params) if args.slow_lora else None
         kw["fast_lora"] = load_lora(args.fast_lora, pipe.params) if args.fast_lora else None
@@ -278,16 +276,16 @@ def eval_main(argv):
         seeds = [int(s) for s in args.seeds.split(",")]
     except ValueError:
         raise GlanceError(f"--seeds {args.seeds!r}: use comma-separated integers") from None
-    _check_common(args)
+    _, schedule = _check_common(args)
     pipe, family, pixels = _pipeline(args.model, args.scheduler, args.vae)
-    height, width, tokens = _sizes(args, pipe, pixels)
+    height, width, _ = _sizes(args, pixels)
     decode = not pixels and pipe.vae is not None
     pixels = pixels or decode
     batch_captions = [c for c in captions for _ in seeds]
     arrays = {k: jnp.asarray(v) for k, v in _embeddings(args.embeddings, batch_captions, args.text_encoders,
                                                          family).items()}
     batch_seeds = [s for _ in captions for s in seeds]
-    glance = _schedule_kwargs(args, family, tokens)
+    glance = dict(integration=args.integration, schedule=schedule)
     glance["slow_lora"] = load_lora(args.slow_lora, pipe.params) if args.slow_lora else None
     glance["fast_lora"] = load_lora(args.fast_lora, pipe.params) if args.fast_lora else None
     glance_nfe = transformer_passes(glance["schedule"])
