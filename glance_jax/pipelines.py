@@ -111,8 +111,7 @@ def phase_steps(scheduler_config, image_seq_len, schedule=None, num_inference_st
     schedule = schedule.for_image_seq_len(image_seq_len)
     slow, fast = np.float32(schedule.slow), np.float32(schedule.fast)
     if integration == "consistent":
-        sigmas = np.concatenate([slow, fast, [0.0]]).astype(np.float32) / np.float32(1000)
-        steps = np.diff(sigmas)
+        steps = np.diff(schedule.sigmas())
         return [(slow, steps[:len(slow)]), (fast, steps[len(slow):])]
     _, base_sigmas = scheduler.set_timesteps(schedule.base_steps, image_seq_len)
     _, fast_sigmas = scheduler.set_timesteps(len(fast), image_seq_len)

@@ -130,6 +130,11 @@ class GlanceSchedule:
     def num_steps(self):
         return len(self.slow) + len(self.fast)
 
+    def sigmas(self):
+        """The points the consistent sampler steps through and the trainer trains at: every slow and fast
+        timestep / 1000, then the terminal 0 (float32, as the sampler's arrays)."""
+        return np.float32(list(self.slow) + list(self.fast) + [0.0]) / np.float32(1000)
+
     @classmethod
     def from_steps(cls, scheduler, slow_steps, fast_steps, image_seq_len, base_steps=50, round_bf16=False):
         """Slow and fast steps picked by 1-based index on the `base_steps`-step schedule at this resolution."""

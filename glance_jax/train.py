@@ -152,14 +152,9 @@ def teacher_grid(schedule, scheduler_config, substeps, image_seq_len):
     _, grid = FlowMatchEulerScheduler.from_config(scheduler_config).set_timesteps(substeps, image_seq_len)
     if schedule is None:
         return grid
-    points = schedule_sigmas(schedule)
+    points = schedule.sigmas()
     fine = np.unique(np.concatenate([grid, points]))[::-1].astype(np.float32)
     return fine[fine <= points[0]]
-
-
-def schedule_sigmas(schedule):
-    """The Glance points as sigmas: every slow and fast timestep / 1000, then the terminal 0."""
-    return np.float32(list(schedule.slow) + list(schedule.fast) + [0.0]) / np.float32(1000)
 
 
 def teacher_conditionings(model, batch, config):
@@ -383,7 +378,7 @@ class Run:
         """"sigmas": the Glance points (then 0) and, for the teacher target, "states": the base's states there
         (trajectories, points, tokens, C), both padded to a multiple of 16 points, so that schedules of up to
         15 steps share one compiled train step."""
-        sigmas = schedule_sigmas(self.schedule)
+        sigmas = self.schedule.sigmas()
         if self.config.target != "teacher":
             return {"sigmas": jnp.asarray(_pad_points(sigmas)), "states": jnp.zeros((1, 1, 1, 1))}
         grid = teacher_grid(self.schedule, SCHEDULERS[self.config.family], self.config.teacher.substeps,
