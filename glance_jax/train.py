@@ -318,7 +318,6 @@ class Run:
         self.batch, self.static = training_batch(self.model, arrays, config.model.guidance)
         if self.mesh is not None:
             self.batch = sharding.place(self.batch, self.batch_shardings())
-        self.model_path = transformer  # the resolved transformer folder or file
         self.cache = cache
         self.schedule = self.choose_schedule()
         os.makedirs(self.workdir, exist_ok=True)
@@ -345,9 +344,10 @@ class Run:
 
     def trajectories(self, sigmas):
         """The base's trajectories on the grid `sigmas`, from the cache when an identical set was integrated
-        before (the key covers the model files, the encoded sample, the grid, guidance, count and seed)."""
+        before (the key covers the base's identity as the run's fingerprint has it, the encoded sample, the grid,
+        guidance, count and seed)."""
         t = self.config.teacher
-        digest = hashlib.sha256(json.dumps([_files_identity(self.model_path), self.config.model.dtype,
+        digest = hashlib.sha256(json.dumps([self.fingerprint["base"], self.config.model.dtype,
                                             int(t.trajectories), float(t.guidance_scale), t.negative_prompt,
                                             self.config.model.guidance, int(self.config.seed)]).encode())
         for leaf in [np.asarray(sigmas, np.float32)] + jax.tree_util.tree_leaves(self.batch):
@@ -482,13 +482,6 @@ def _pad_points(x, axis=0, multiple=16):
     widths = [(0, 0)] * x.ndim
     widths[axis] = (0, pad)
     return (jnp.pad if isinstance(x, jax.Array) else np.pad)(x, widths)
-
-
-def _files_identity(path):
-    """(name, size, mtime) of a model file or of every file in a model folder: changes when the model does."""
-    files = [path] if os.path.isfile(path) else sorted(
-        os.path.join(root, name) for root, _, names in os.walk(path) for name in names)
-    return [(os.path.relpath(f, path), os.path.getsize(f), os.stat(f).st_mtime_ns) for f in files]
 
 
 def _truncate_metrics(path, phase, step):
