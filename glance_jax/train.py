@@ -344,10 +344,10 @@ class Run:
 
     def trajectories(self, sigmas):
         """The base's trajectories on the grid `sigmas`, from the cache when an identical set was integrated
-        before (the key covers the base's identity as the run's fingerprint has it, the encoded sample, the grid,
-        guidance, count and seed)."""
+        before (the key covers the base's identity as the run's fingerprint has it, its dtype and quantization,
+        the encoded sample, the grid, guidance, count and seed)."""
         t = self.config.teacher
-        digest = hashlib.sha256(json.dumps([self.fingerprint["base"], self.config.model.dtype,
+        digest = hashlib.sha256(json.dumps([self.fingerprint["base"], self.config.model.dtype, self.config.model.get("quantize"),
                                             int(t.trajectories), float(t.guidance_scale), t.negative_prompt,
                                             self.config.model.guidance, int(self.config.seed)]).encode())
         for leaf in [np.asarray(sigmas, np.float32)] + jax.tree_util.tree_leaves(self.batch):

@@ -117,3 +117,15 @@ def test_fitted_schedule_is_chosen_on_the_cached_trajectories(tmp_path):
     path = best_jumps(jump_errors(states, grid), 4)
     assert schedule.slow_steps + schedule.fast_steps == tuple(i + 1 for i in path[:-1])
     assert schedule.base_steps == 12 and len(schedule.slow) == 2
+
+
+def test_a_quantized_base_gets_its_own_cached_trajectories(tmp_path):
+    """The cache key covers the base's quantization: an int8 run beside an fp32 one integrates anew."""
+    run = demo_run(tmp_path, 1.0)
+    grid = teacher_grid(run.schedule, SCHEDULERS["flux"], 4, 16)
+    plain = np.asarray(run.trajectories(grid))
+    config = run.config.copy_and_resolve_references()
+    config.model.quantize = "int8"
+    quantized = np.asarray(Run(config, tmp_path / "run_int8").trajectories(grid))
+    assert len([f for f in os.listdir(tmp_path / "cache") if f.startswith("teacher-")]) == 2
+    assert not np.array_equal(quantized, plain)
