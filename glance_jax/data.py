@@ -185,9 +185,11 @@ class VAEEncoder:
 
 
 class FlaxTextEncoder:
-    """The caption's (and the empty prompt's) text encodings from the Flax text encoders of a pipeline folder."""
+    """The caption's (and the empty prompt's) text encodings from the Flax text encoders of a pipeline folder,
+    and those of `prompts` (`config.teacher.prompts`) as `teacher_prompt_embeds` (N, T, D)."""
 
-    def __init__(self, family, path):
+    def __init__(self, family, path, prompts=()):
+        self.prompts = tuple(prompts)
         from glance_jax import prompts
         cls = prompts.FluxPromptEncoder if family == "flux" else prompts.QwenImagePromptEncoder
         self.family, self.encoder = family, cls.from_pretrained(path)
@@ -195,23 +197,41 @@ class FlaxTextEncoder:
         tokenizers = [self.encoder.clip_tokenizer, self.encoder.t5_tokenizer] if family == "flux" else [
             self.encoder.tokenizer]
         vocab = json.dumps([sorted(t.get_vocab().items()) for t in tokenizers]).encode()
-        self._identity = _params_digest("text", [m.to_config() for m, _ in models], [p for _, p in models], vocab)
+        prompts = json.dumps(self.prompts).encode()
+        self._identity = _params_digest("text", [m.to_config() for m, _ in models], [p for _, p in models],
+                                        vocab + prompts)
 
     def identity(self, sample):
         return self._identity
 
     def encode(self, sample):
         out = {}
-        for prefix, text in (("", sample.caption), ("empty_", " ")):  # " ": the official empty prompt
+        for prefix, texts in (("", [sample.caption]), ("empty_", [" "]), ("teacher_", list(self.prompts))):
+            if not texts:  # " ": the official empty prompt
+                continue
             if self.family == "flux":
-                embeds, pooled, _ = self.encoder([text])
-                out[f"{prefix}pooled_prompt_embeds"] = np.asarray(pooled[0], np.float32)
+                embeds, pooled, _ = self.encoder(texts)
+                out[f"{prefix}pooled_prompt_embeds"] = np.asarray(pooled, np.float32)
             else:
-                embeds, mask = self.encoder([text])
+                embeds, mask = self.encoder(texts)
                 if mask is not None:
-                    out[f"{prefix}prompt_embeds_mask"] = np.asarray(mask[0], np.int32)
-            out[f"{prefix}prompt_embeds"] = np.asarray(embeds[0], np.float32)
-        return out
+                    out[f"{prefix}prompt_embeds_mask"] = np.asarray(mask, np.int32)
+            out[f"{prefix}prompt_embeds"] = np.asarray(embeds, np.float32)
+        # one caption each for the sample and the empty prompt: drop their batch axis
+        return {k: v if k.startswith("teacher_") else v[0] for k, v in out.items()}
+
+
+def with_teacher_prompts(arrays, prompts, image_path):
+    """`arrays` with the extra captions' encodings (`teacher_prompt_embeds` ...) kept only when
+    `config.teacher.prompts` names them, and then checked to be one per prompt."""
+    extra = {k: v for k, v in arrays.items() if k.startswith("teacher_")}
+    if not prompts:
+        return {k: v for k, v in arrays.items() if k not in extra}
+    count = len(extra["teacher_prompt_embeds"]) if "teacher_prompt_embeds" in extra else 0
+    if count != len(prompts):
+        raise GlanceError(f"{image_path}: config.teacher.prompts names {len(prompts)} prompts, the encoded sample "
+                          f"has {count} teacher_prompt_embeds")
+    return arrays
 
 
 class SampleEncoder:

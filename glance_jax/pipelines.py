@@ -3,11 +3,13 @@
 A trajectory is a list of phases; each phase is a LoRA (or none) and a run of
 Euler steps `x <- x + (sigma_next - sigma) v(x, t)`, given as two arrays
 (the model's timestep t and the step size). Inside one jit-compiled function
-each phase merges its LoRA into the (donated) base weights, scans over its
+each phase merges its LoRA into the (donated) base weights, loops over its
 steps, and takes the LoRA out again, so sampling costs what the base costs and
 no second copy of the base exists. The arrays come from the schedule on the
-host: changing prompts, seeds, LoRA values or the integration mode never
-recompiles; changing the resolution or a phase's step count does, once.
+host, padded to a multiple of 16 steps, and each phase loops over its own
+count: changing prompts, seeds, LoRA values, the integration mode or the
+step counts (within a multiple of 16) never recompiles; changing the
+resolution, the LoRAs' layers or guidance on/off does, once.
 
 Integration modes (see GLANCE_REFERENCE.md):
 - "consistent" (default): one schedule, the slow then the fast timesteps;
@@ -157,7 +159,7 @@ def _sample(model, lora_mode, static, cfg_rescale, params, loras, phases, latent
     `cfg_rescale` says whether true CFG rescales to the conditional norm (Qwen-Image) or not (FLUX).
     """
     batch = latents.shape[0]
-    for lora, (timesteps, step_sizes) in zip(loras, phases):
+    for lora, (timesteps, step_sizes, count) in zip(loras, phases):
         merge = lora is not None and lora_mode == "merge"
         if merge:
             params = merged_params(params, lora, lora_scale)
@@ -166,15 +168,22 @@ def _sample(model, lora_mode, static, cfg_rescale, params, loras, phases, latent
             variables["lora"] = jax.tree_util.tree_map_with_path(
                 lambda path, x: x * lora_scale if path[-1].key == "alpha" else x, lora)
 
-        def step(x, t_and_dt, variables=variables):
-            t, dt = t_and_dt
-            v = _velocity(model, static, variables, x, jnp.full((batch,), t / 1000), conds, cfg_scale, cfg_rescale)
-            return (x.astype(jnp.float32) + dt * v).astype(x.dtype), None
+        def step(i, x, variables=variables, timesteps=timesteps, step_sizes=step_sizes):
+            t = jnp.full((batch,), timesteps[i] / 1000)
+            v = _velocity(model, static, variables, x, t, conds, cfg_scale, cfg_rescale)
+            return (x.astype(jnp.float32) + step_sizes[i] * v).astype(x.dtype)
 
-        latents, _ = jax.lax.scan(step, latents, (timesteps, step_sizes))
+        latents = jax.lax.fori_loop(0, count, step, latents)  # `count` is traced: a while loop
         if merge:
             params = merged_params(params, lora, -lora_scale)
     return latents, params
+
+
+def _padded(steps, multiple=16):
+    """A phase's step array padded with zeros to a multiple of 16 entries: the sampler loops over the first
+    len(steps) only, so every phase of up to 16 steps (and every plain schedule of 17-32 steps, ...) shares one
+    compiled program."""
+    return np.pad(np.asarray(steps, np.float32), (0, -len(steps) % multiple))
 
 
 _sample_plain = jax.jit(_sample, static_argnums=(0, 1, 2, 3))
@@ -257,7 +266,8 @@ class GlancePipeline:
         if len(phases) == 1 and (slow_lora is not None or fast_lora is not None):
             raise GlanceError("slow_lora and fast_lora need schedule=GlanceSchedule(...)")
         loras = [None] if len(phases) == 1 else [slow_lora, fast_lora]
-        phases = [(jnp.asarray(t), jnp.asarray(dt)) for t, dt in phases]
+        self.last_nfe = sum(len(t) for t, _ in phases) * len(conds)
+        phases = [(jnp.asarray(_padded(t)), jnp.asarray(_padded(dt)), jnp.int32(len(t))) for t, dt in phases]
         if self.mesh is not None:  # prompts over `data`; everything without a batch axis replicated
             from glance_jax import sharding
             put = lambda x: jax.device_put(x, sharding.batch_sharding(self.mesh, x.shape) if x.ndim and
@@ -268,7 +278,6 @@ class GlancePipeline:
         sample = _sample_donating if in_place else _sample_plain
         latents, self.params = sample(self.model, lora_mode, static, self.cfg_rescale, self.params, loras, phases,
                                       latents, conds, jnp.float32(cfg_scale), jnp.float32(lora_scale))
-        self.last_nfe = sum(len(t) for t, _ in phases) * len(conds)
         if output_type == "latent":
             return latents
         unpacked = unpack_flux_latents(latents, height, width, self.vae_scale_factor)

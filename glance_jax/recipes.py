@@ -70,6 +70,9 @@ def official(family, phase):
     c.teacher.batch = 8  # noises integrated per compiled call
     c.teacher.guidance_scale = 1.0  # > 1: guided trajectories (true CFG; FLUX.1-dev: its guidance input)
     c.teacher.negative_prompt = " "  # CFG's negative: the sample's empty-prompt encoding
+    # more captions (no images) whose trajectories join the caption's: a guided student then learns guidance for
+    # more than one prompt; trajectory k is drawn with caption k mod (1 + len(prompts))
+    c.teacher.prompts = ()
 
     c.mesh = ""  # device mesh, e.g. "data=2,fsdp=4" (axes data, fsdp, tensor); empty: one device
 

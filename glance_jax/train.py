@@ -47,6 +47,7 @@ from glance_jax.pipelines import flux_image_ids, guided_velocity, pack_flux_late
 from glance_jax.schedules import SCHEDULERS, FlowMatchEulerScheduler, GlanceSchedule
 
 PHASES = ("slow", "fast")
+TEXT_INPUTS = ("encoder_hidden_states", "pooled_projections", "encoder_hidden_states_mask")  # per caption
 FAMILIES = {"flux": FluxTransformer2DModel, "qwen-image": QwenImageTransformer2DModel}
 
 
@@ -103,7 +104,9 @@ def training_batch(model, arrays, guidance):
 
     batch["x0"] holds the packed latents, batch["cond"] the model's keyword
     inputs, batch["empty_cond"] (if the sample has empty-prompt encodings) the
-    replacements used when the caption is dropped.
+    replacements used when the caption is dropped, batch["teacher_texts"] (if
+    the sample has `teacher_prompt_embeds`) the text inputs of the caption and
+    the extra captions stacked, (N, 1, ...), for the teacher's trajectories.
     """
     latents = jnp.asarray(arrays["latents"])[None]
     rows, cols = latents.shape[1] // 2, latents.shape[2] // 2
@@ -116,6 +119,13 @@ def training_batch(model, arrays, guidance):
                              img_ids=jnp.asarray(flux_image_ids(rows, cols)),
                              txt_ids=jnp.zeros((embeds.shape[0], 3), jnp.float32),
                              guidance=jnp.full((1,), guidance, jnp.float32) if model.guidance_embeds else None)
+        if "teacher_prompt_embeds" in arrays:  # more captions for the teacher's trajectories
+            batch["teacher_texts"] = dict(
+                encoder_hidden_states=jnp.asarray(np.concatenate([embeds[None], arrays["teacher_prompt_embeds"]]),
+                                                  model.dtype)[:, None],
+                pooled_projections=jnp.asarray(np.concatenate([arrays["pooled_prompt_embeds"][None],
+                                                               arrays["teacher_pooled_prompt_embeds"]]),
+                                               model.dtype)[:, None])
         if "empty_prompt_embeds" in arrays:
             if arrays["empty_prompt_embeds"].shape != embeds.shape:
                 raise GlanceError("empty_prompt_embeds must have the shape of prompt_embeds (FLUX pads to a fixed "
@@ -125,10 +135,18 @@ def training_batch(model, arrays, guidance):
         return batch, ()
     # Qwen-Image: text of any length with a mask; the empty prompt is padded to a common length.
     mask = arrays.get("prompt_embeds_mask", np.ones(embeds.shape[0], np.int32)).astype(np.int32)
-    length = max(embeds.shape[0], arrays["empty_prompt_embeds"].shape[0] if "empty_prompt_embeds" in arrays else 0)
+    extra = arrays.get("teacher_prompt_embeds")
+    length = max(embeds.shape[0], arrays["empty_prompt_embeds"].shape[0] if "empty_prompt_embeds" in arrays else 0,
+                 extra.shape[1] if extra is not None else 0)
     embeds, mask = _pad_text(embeds, mask, length)
     batch["cond"] = dict(encoder_hidden_states=jnp.asarray(embeds, model.dtype)[None],
                          encoder_hidden_states_mask=jnp.asarray(mask)[None])
+    if extra is not None:  # more captions for the teacher's trajectories
+        masks = arrays.get("teacher_prompt_embeds_mask", np.ones(extra.shape[:2], np.int32)).astype(np.int32)
+        padded = [_pad_text(e, m, length) for e, m in zip(extra, masks)]
+        batch["teacher_texts"] = dict(
+            encoder_hidden_states=jnp.asarray(np.stack([embeds] + [e for e, _ in padded]), model.dtype)[:, None],
+            encoder_hidden_states_mask=jnp.asarray(np.stack([mask] + [m for _, m in padded]))[:, None])
     if "empty_prompt_embeds" in arrays:
         empty = arrays["empty_prompt_embeds"]
         empty_mask = arrays.get("empty_prompt_embeds_mask", np.ones(empty.shape[0], np.int32)).astype(np.int32)
@@ -138,10 +156,20 @@ def training_batch(model, arrays, guidance):
     return batch, (("img_shapes", ((1, rows, cols),)),)
 
 
-def conditioning(batch, drop_caption):
-    """The model's keyword inputs besides hidden_states and timestep; the empty prompt's if `drop_caption`."""
+def conditioning(batch, drop_caption, texts=None):
+    """The model's keyword inputs besides hidden_states and timestep, with the text inputs `texts` instead of
+    the caption's if given; the empty prompt's if `drop_caption`."""
     empty = batch.get("empty_cond", {})
-    return {k: jnp.where(drop_caption, empty[k], v) if k in empty else v for k, v in batch["cond"].items()}
+    cond = {**batch["cond"], **(texts or {})}
+    return {k: jnp.where(drop_caption, empty[k], v) if k in empty else v for k, v in cond.items()}
+
+
+def teacher_texts(batch):
+    """The text inputs the teacher's trajectories are drawn with, stacked (N, 1, ...): the caption, then the
+    extra captions (`config.teacher.prompts`); trajectory k uses caption k mod N."""
+    if "teacher_texts" in batch:
+        return batch["teacher_texts"]
+    return {k: batch["cond"][k][None] for k in TEXT_INPUTS if batch["cond"].get(k) is not None}
 
 
 # ---- the teacher target ----
@@ -181,15 +209,18 @@ def teacher_conditionings(model, batch, config):
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def _integrate(model, static, rescale, params, noises, sigmas, cond, neg, scale):
-    """Euler steps of the (guided) base along `sigmas` for a batch of noises (M, 1, tokens, C) at once;
-    returns the states at every grid point, (M, len(sigmas), tokens, C)."""
-    def velocity(x, sigma):
-        apply = lambda c: model.apply({"params": params}, hidden_states=x.astype(model.dtype),
-                                      timestep=jnp.full((1,), sigma), **c, **dict(static)).astype(jnp.float32)
-        return apply(cond) if neg is None else guided_velocity(apply(cond), apply(neg), scale, rescale)
+def _integrate(model, static, rescale, params, noises, texts, sigmas, cond, neg, scale):
+    """Euler steps of the (guided) base along `sigmas` for a batch of noises (M, 1, tokens, C) at once, noise m
+    conditioned on the text inputs `texts[...][m]`; returns the states at every grid point, (M, len(sigmas),
+    tokens, C)."""
+    def one(noise, text):
+        c = {**cond, **text}
 
-    def one(noise):
+        def velocity(x, sigma):
+            apply = lambda c: model.apply({"params": params}, hidden_states=x.astype(model.dtype),
+                                          timestep=jnp.full((1,), sigma), **c, **dict(static)).astype(jnp.float32)
+            return apply(c) if neg is None else guided_velocity(apply(c), apply(neg), scale, rescale)
+
         def step(x, sigmas):
             sigma, sigma_next = sigmas
             x = x + (sigma_next - sigma) * velocity(x, sigma)
@@ -197,7 +228,7 @@ def _integrate(model, static, rescale, params, noises, sigmas, cond, neg, scale)
         _, xs = jax.lax.scan(step, noise, (sigmas[:-1], sigmas[1:]))
         return jnp.concatenate([noise[None], xs])[:, 0]
 
-    return jax.vmap(one)(noises)
+    return jax.vmap(one)(noises, texts)
 
 
 def teacher_trajectories(model, static, params, batch, sigmas, config, key):
@@ -206,11 +237,14 @@ def teacher_trajectories(model, static, params, batch, sigmas, config, key):
     of 16 points, so that grids of similar length share one compiled program."""
     cond, neg, rescale = teacher_conditionings(model, batch, config)
     noises = jax.random.normal(key, (config.teacher.trajectories, *batch["x0"].shape), jnp.float32)
+    texts = teacher_texts(batch)
+    captions = np.arange(len(noises)) % len(jax.tree_util.tree_leaves(texts)[0])  # trajectory k: caption k mod N
     chunk = max(1, int(config.teacher.batch))
     n = len(sigmas)
     padded = jnp.asarray(np.pad(np.asarray(sigmas, np.float32), (0, -n % 16), mode="edge"))  # zero-size steps
     scale = jnp.float32(config.teacher.guidance_scale)
-    parts = [_integrate(model, tuple(static), rescale, params, noises[i:i + chunk], padded, cond, neg, scale)
+    parts = [_integrate(model, tuple(static), rescale, params, noises[i:i + chunk],
+                        jax.tree_util.tree_map(lambda t: t[captions[i:i + chunk]], texts), padded, cond, neg, scale)
              for i in tqdm(range(0, len(noises), chunk), desc="teacher trajectories", unit="batch", leave=False)]
     return jnp.concatenate(parts)[:, :n]
 
@@ -244,18 +278,21 @@ def _train_step(model, settings, static):
         k_t, k_noise, k_drop, k_traj = jax.random.split(key, 4)
         index = jax.random.choice(k_t, points.shape[0], p=points / jnp.sum(points))
         sigma = teacher["sigmas"][index]
+        texts = None
         if target_kind == "teacher":  # the velocity that carries the base's state at this point to the next one
             k = jax.random.randint(k_traj, (), 0, teacher["states"].shape[0])
             x_t = teacher["states"][k, index][None]
             target = (teacher["states"][k, index + 1][None] - x_t) / (teacher["sigmas"][index + 1] - sigma)
+            captions = jax.tree_util.tree_leaves(teacher["texts"])[0].shape[0]
+            texts = jax.tree_util.tree_map(lambda t: t[k % captions], teacher["texts"])  # trajectory k's caption
         else:
             x0 = batch["x0"]
             noise = jax.random.normal(k_noise, x0.shape, jnp.float32)
             x_t = (1 - sigma) * x0 + sigma * noise
             target = noise - x0
-        drop = jax.random.uniform(k_drop) < dropout
+        cond = conditioning(batch, jax.random.uniform(k_drop) < dropout, texts)
         v = model.apply({"params": params, "lora": adapter}, hidden_states=x_t.astype(model.dtype),
-                        timestep=jnp.full((1,), sigma), **conditioning(batch, drop), **dict(static))
+                        timestep=jnp.full((1,), sigma), **cond, **dict(static))
         return jnp.mean(jnp.square(v.astype(jnp.float32) - target)), sigma * 1000
 
     def step(adapter, opt_state, params, batch, teacher, points, key):
@@ -307,12 +344,15 @@ class Run:
         precomputed = data.PrecomputedEncoder(self.model.in_channels // 4, self.model.joint_attention_dim, pooled,
                                               config.data.vae_scale_factor, with_latents=not vae,
                                               with_text=not text_encoders)
-        encoder = data.SampleEncoder(data.VAEEncoder(vae) if vae else None,
-                                     data.FlaxTextEncoder(config.family, text_encoders) if text_encoders else None)
+        prompts = tuple(config.teacher.get("prompts", ()))
+        encoder = data.SampleEncoder(
+            data.VAEEncoder(vae) if vae else None,
+            data.FlaxTextEncoder(config.family, text_encoders, prompts) if text_encoders else None)
         if not (vae and text_encoders):
             encoder.parts.append(precomputed)
         cache = os.path.expanduser(config.data.cache_dir or os.path.join("~", ".cache", "glance_jax"))
         arrays, self.cache_hit = data.encoded_sample(self.sample, encoder, cache, config.data.resolution)
+        arrays = data.with_teacher_prompts(arrays, prompts, self.sample.image_path)
         if config.data.caption_dropout > 0 and "empty_prompt_embeds" not in arrays:
             raise GlanceError("config.data.caption_dropout > 0 needs empty_prompt_embeds in the encoded sample")
         self.batch, self.static = training_batch(self.model, arrays, config.model.guidance)
@@ -377,7 +417,7 @@ class Run:
     def teacher_inputs(self):
         """"sigmas": the Glance points (then 0) and, for the teacher target, "states": the base's states there
         (trajectories, points, tokens, C), both padded to a multiple of 16 points, so that schedules of up to
-        15 steps share one compiled train step."""
+        15 steps share one compiled train step, and "texts": the captions they were drawn with (N, 1, ...)."""
         sigmas = self.schedule.sigmas()
         if self.config.target != "teacher":
             return {"sigmas": jnp.asarray(_pad_points(sigmas)), "states": jnp.zeros((1, 1, 1, 1))}
@@ -385,7 +425,8 @@ class Run:
                             self.batch["x0"].shape[1])
         at = jnp.asarray([int(np.argmin(np.abs(grid - s))) for s in sigmas])
         states = self.trajectories(grid)[:, at]
-        return {"sigmas": jnp.asarray(_pad_points(sigmas)), "states": _pad_points(states, axis=1)}
+        return {"sigmas": jnp.asarray(_pad_points(sigmas)), "states": _pad_points(states, axis=1),
+                "texts": teacher_texts(self.batch)}
 
     def train(self):
         """Trains the configured phase(s); returns {phase: path of its LoRA file}."""

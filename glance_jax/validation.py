@@ -207,6 +207,9 @@ def train_config(config):
         positive_int("config.teacher.substeps", config.teacher.substeps)
         positive_int("config.teacher.batch", config.teacher.get("batch", 1))
         positive_number("config.teacher.guidance_scale", config.teacher.get("guidance_scale", 1.0))
+        prompts = config.teacher.get("prompts", ())
+        if isinstance(prompts, str) or any(not isinstance(p, str) or not p.strip() for p in prompts):
+            raise GlanceError(f"config.teacher.prompts {prompts!r}: a list of non-empty captions")
     positive_int("config.checkpoint.every", config.checkpoint.every)
     positive_int("config.checkpoint.keep", config.checkpoint.keep)
     if config.mesh:

@@ -197,7 +197,11 @@ def test_same_seed_same_image_and_no_recompilation(setup, lora_mode):
     other_prompt = inputs["prompt_embeds"][::-1] * 0.5
     different = np.asarray(pipe(other_prompt, inputs["pooled_prompt_embeds"], seed=[5, 6], integration="official",
                                 lora_scale=0.7, **{**kw, "slow_lora": loras["fast"], "fast_lora": loras["slow"]}))
-    assert pipelines.compile_count() == compiled  # new prompts, seeds, LoRA values, scale, integration: no compile
+    fewer = GlanceSchedule.uniform("flux", 2, 3, image_seq_len=(H // 16) * (W // 16))
+    pipe(other_prompt, inputs["pooled_prompt_embeds"], seed=[5, 6], **{**kw, "schedule": fewer})
+    assert pipe.last_nfe == 5
+    # new prompts, seeds, LoRA values, scale, integration, step counts (up to 16 a phase): no compile
+    assert pipelines.compile_count() == compiled
     assert not np.allclose(different, first)
     assert not np.allclose(first[0], first[1])  # per-sample seeds
 
