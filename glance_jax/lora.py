@@ -17,6 +17,7 @@ the same table that loads checkpoints, so import and export are lookups.
 """
 
 import collections
+import functools
 import json
 import logging
 import os
@@ -92,6 +93,12 @@ def _stack_size(params, path):
 
 # ---- building trees ----
 
+@functools.partial(jax.jit, static_argnums=1)
+def _gaussians(key, shapes):
+    """Standard normal arrays of `shapes`, one key each: one compiled program per LoRA layout, not one per shape."""
+    return [jax.random.normal(k, shape, jnp.float32) for k, shape in zip(jax.random.split(key, len(shapes)), shapes)]
+
+
 def init_lora(key, params, targets, rank, alpha, dtype=jnp.float32):
     """A new LoRA on every Dense layer whose diffusers name matches `targets` (a preset name or patterns).
 
@@ -111,17 +118,18 @@ def init_lora(key, params, targets, rank, alpha, dtype=jnp.float32):
     if not chosen:
         raise GlanceError(f"no Dense layer matches the LoRA targets {targets!r}")
     flat = flatten_dict(params)
+    paths = sorted(chosen)
+    shapes = tuple(flat[path + ("kernel",)].shape[:-1] + (rank,) for path in paths)
     tree = {}
-    for k, path in zip(jax.random.split(key, len(chosen)), sorted(chosen)):
+    for path, a in zip(paths, _gaussians(key, shapes)):
         shape = flat[path + ("kernel",)].shape
-        stack, (fan_in, fan_out) = shape[:-2], shape[-2:]
+        stack, fan_out = shape[:-2], shape[-1]
         mask = np.ones(stack, np.float32)
         if stack:
             mask[:] = 0
             mask[sorted(chosen[path])] = 1
         mask = jnp.asarray(mask)
-        a = jax.random.normal(k, (*stack, fan_in, rank), jnp.float32) / rank
-        tree[path + ("A",)] = (a * mask[..., None, None]).astype(dtype)
+        tree[path + ("A",)] = (a / rank * mask[..., None, None]).astype(dtype)
         tree[path + ("B",)] = jnp.zeros((*stack, rank, fan_out), dtype)
         tree[path + ("alpha",)] = (alpha * mask).astype(jnp.float32)
     return unflatten_dict(tree)

@@ -6,10 +6,10 @@ Euler steps `x <- x + (sigma_next - sigma) v(x, t)`, given as two arrays
 each phase merges its LoRA into the (donated) base weights, loops over its
 steps, and takes the LoRA out again, so sampling costs what the base costs and
 no second copy of the base exists. The arrays come from the schedule on the
-host, padded to a multiple of 16 steps, and each phase loops over its own
+host, padded to a multiple of 64 steps, and each phase loops over its own
 count: changing prompts, seeds, LoRA values, the integration mode or the
-step counts (within a multiple of 16) never recompiles; changing the
-resolution, the LoRAs' layers or guidance on/off does, once.
+step counts (up to 64 a phase) never recompiles; changing the resolution,
+the LoRAs' layers or guidance on/off does, once.
 
 Integration modes (see GLANCE_REFERENCE.md):
 - "consistent" (default): one schedule, the slow then the fast timesteps;
@@ -179,10 +179,9 @@ def _sample(model, lora_mode, static, cfg_rescale, params, loras, phases, latent
     return latents, params
 
 
-def _padded(steps, multiple=16):
-    """A phase's step array padded with zeros to a multiple of 16 entries: the sampler loops over the first
-    len(steps) only, so every phase of up to 16 steps (and every plain schedule of 17-32 steps, ...) shares one
-    compiled program."""
+def _padded(steps, multiple=64):
+    """A phase's step array padded with zeros to a multiple of 64 entries: the sampler loops over the first
+    len(steps) only, so every schedule of up to 64 steps a phase shares one compiled program."""
     return np.pad(np.asarray(steps, np.float32), (0, -len(steps) % multiple))
 
 

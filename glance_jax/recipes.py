@@ -73,6 +73,8 @@ def official(family, phase):
     # more captions (no images) whose trajectories join the caption's: a guided student then learns guidance for
     # more than one prompt; trajectory k is drawn with caption k mod (1 + len(prompts))
     c.teacher.prompts = ()
+    c.teacher.minibatch = 1  # (trajectory, point) draws averaged in one step; > 1 for guided trajectories
+    c.teacher.rollout = False  # True: train at the states the LoRA itself reaches from the phase's first point
 
     c.mesh = ""  # device mesh, e.g. "data=2,fsdp=4" (axes data, fsdp, tensor); empty: one device
 

@@ -258,7 +258,8 @@ def make_train_step(model, config, static=(), shardings=None):
     shared (both phases, several runs). With `shardings=(in_shardings, out_shardings)` the step is compiled
     for a device mesh.
     """
-    settings = (tuple(sorted(config.optim.items())), config.target, float(config.data.caption_dropout))
+    settings = (tuple(sorted(config.optim.items())), config.target, float(config.data.caption_dropout),
+                bool(config.teacher.get("rollout", False)), int(config.teacher.get("minibatch", 1)))
     if shardings is None:
         return _compiled_train_step(model, settings, tuple(static))
     return jax.jit(_train_step(model, settings, tuple(static)), in_shardings=shardings[0],
@@ -271,33 +272,49 @@ def _compiled_train_step(model, settings, static):
 
 
 def _train_step(model, settings, static):
-    optim, target_kind, dropout = settings
+    optim, target_kind, dropout, rollout, minibatch = settings
     opt = optimizer(ml_collections.ConfigDict({"optim": dict(optim)}))
+
+    def velocity(adapter, params, x, sigma, cond):
+        return model.apply({"params": params, "lora": adapter}, hidden_states=x.astype(model.dtype),
+                           timestep=jnp.full((1,), sigma), **cond, **dict(static)).astype(jnp.float32)
 
     def loss_fn(adapter, params, batch, teacher, points, key):
         k_t, k_noise, k_drop, k_traj = jax.random.split(key, 4)
         index = jax.random.choice(k_t, points.shape[0], p=points / jnp.sum(points))
-        sigma = teacher["sigmas"][index]
-        texts = None
-        if target_kind == "teacher":  # the velocity that carries the base's state at this point to the next one
+        sigma, sigmas = teacher["sigmas"][index], teacher["sigmas"]
+        drop = jax.random.uniform(k_drop) < dropout
+        if target_kind == "teacher":  # the velocity that carries x_t to the base's state at the next point
             k = jax.random.randint(k_traj, (), 0, teacher["states"].shape[0])
-            x_t = teacher["states"][k, index][None]
-            target = (teacher["states"][k, index + 1][None] - x_t) / (teacher["sigmas"][index + 1] - sigma)
             captions = jax.tree_util.tree_leaves(teacher["texts"])[0].shape[0]
-            texts = jax.tree_util.tree_map(lambda t: t[k % captions], teacher["texts"])  # trajectory k's caption
+            cond = conditioning(batch, drop, jax.tree_util.tree_map(lambda t: t[k % captions], teacher["texts"]))
+            x_t = teacher["states"][k, index][None]
+            if rollout:  # x_t where the LoRA itself lands from the base's state at the phase's first point
+                first, frozen = jnp.argmax(points > 0), jax.lax.stop_gradient(adapter)
+                jump = lambda j, x: x + (sigmas[j + 1] - sigmas[j]) * velocity(frozen, params, x, sigmas[j], cond)
+                x_t = jax.lax.fori_loop(first, index, jump, teacher["states"][k, first][None])
+            target = (teacher["states"][k, index + 1][None] - x_t) / (sigmas[index + 1] - sigma)
         else:
             x0 = batch["x0"]
             noise = jax.random.normal(k_noise, x0.shape, jnp.float32)
             x_t = (1 - sigma) * x0 + sigma * noise
             target = noise - x0
-        cond = conditioning(batch, jax.random.uniform(k_drop) < dropout, texts)
-        v = model.apply({"params": params, "lora": adapter}, hidden_states=x_t.astype(model.dtype),
-                        timestep=jnp.full((1,), sigma), **cond, **dict(static))
-        return jnp.mean(jnp.square(v.astype(jnp.float32) - target)), sigma * 1000
+            cond = conditioning(batch, drop)
+        v = velocity(adapter, params, x_t, sigma, cond)
+        return jnp.mean(jnp.square(v - target)), sigma * 1000
+
+    def mean_loss(adapter, params, batch, teacher, points, key):
+        """The loss averaged over `teacher.minibatch` draws (the teacher target: trajectories and points)."""
+        if minibatch == 1:
+            return loss_fn(adapter, params, batch, teacher, points, key)
+        keys = jax.random.split(key, minibatch)
+        losses, timesteps = jax.vmap(loss_fn, in_axes=(None, None, None, None, None, 0))(
+            adapter, params, batch, teacher, points, keys)
+        return jnp.mean(losses), jnp.mean(timesteps)
 
     def step(adapter, opt_state, params, batch, teacher, points, key):
-        (loss, timestep), grads = jax.value_and_grad(loss_fn, has_aux=True)(adapter, params, batch, teacher,
-                                                                            points, key)
+        (loss, timestep), grads = jax.value_and_grad(mean_loss, has_aux=True)(adapter, params, batch, teacher,
+                                                                              points, key)
         updates, opt_state = opt.update(grads, opt_state, adapter)
         adapter = optax.apply_updates(adapter, updates)
         return adapter, opt_state, {"loss": loss, "timestep": timestep, "grad_norm": optax.global_norm(grads)}

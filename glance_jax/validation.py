@@ -207,6 +207,7 @@ def train_config(config):
         positive_int("config.teacher.substeps", config.teacher.substeps)
         positive_int("config.teacher.batch", config.teacher.get("batch", 1))
         positive_number("config.teacher.guidance_scale", config.teacher.get("guidance_scale", 1.0))
+        positive_int("config.teacher.minibatch", config.teacher.get("minibatch", 1))
         prompts = config.teacher.get("prompts", ())
         if isinstance(prompts, str) or any(not isinstance(p, str) or not p.strip() for p in prompts):
             raise GlanceError(f"config.teacher.prompts {prompts!r}: a list of non-empty captions")

@@ -2,13 +2,15 @@
 
 import itertools
 import os
+import re
 
 import jax
 import numpy as np
 import pytest
 
-from glance_jax import lora
+from glance_jax import lora, validation
 from glance_jax.demo import lora_config, teacher, write_sample
+from glance_jax.errors import GlanceError
 from glance_jax.models import FluxTransformer2DModel, QwenImageTransformer2DModel
 from glance_jax.pipelines import FluxGlancePipeline
 from glance_jax.schedules import SCHEDULERS, FlowMatchEulerScheduler, GlanceSchedule, best_jumps, jump_errors
@@ -85,7 +87,8 @@ def demo_run(tmp_path, guidance):
 @pytest.mark.parametrize("guidance", [1.0, 3.0])
 def test_trajectories_are_what_the_sampler_computes(tmp_path, guidance):
     """The trainer's batched (guided) trajectories end where the pipeline's own 4-step sampler ends from the
-    same noise (true CFG on the empty prompt for guidance 3), and are read back from the cache."""
+    same noise (true CFG on the empty prompt for guidance 3, with the demo's extra captions: trajectory k on
+    caption k mod 10), and are read back from the cache."""
     run = demo_run(tmp_path, guidance)
     grid = teacher_grid(run.schedule, SCHEDULERS["flux"], 4, 16)
     np.testing.assert_array_equal(grid, FlowMatchEulerScheduler.from_config(SCHEDULERS["flux"]).set_timesteps(
@@ -96,10 +99,13 @@ def test_trajectories_are_what_the_sampler_computes(tmp_path, guidance):
     np.testing.assert_array_equal(states[:, 0], np.asarray(noises[:, 0]))
     pipe = FluxGlancePipeline(run.model, run.params, teacher.SCHEDULER, latent_channels=1, vae_scale_factor=1)
     prompts = teacher.load_prompts()
-    repeat = lambda caption, i: np.stack([prompts[caption][i]] * 3)
-    negative = dict(negative_prompt_embeds=repeat("", 0), negative_pooled_prompt_embeds=repeat("", 1),
+    captions = ["a handwritten seven"] + (["a handwritten zero", "a handwritten one"] if guidance > 1 else
+                                          ["a handwritten seven"] * 2)
+    assert tuple(run.config.teacher.prompts[:2]) == (tuple(captions[1:]) if guidance > 1 else ())
+    embed = lambda cs, i: np.stack([prompts[c][i] for c in cs])
+    negative = dict(negative_prompt_embeds=embed([""] * 3, 0), negative_pooled_prompt_embeds=embed([""] * 3, 1),
                     true_cfg_scale=guidance) if guidance > 1 else {}
-    final = pipe(repeat("a handwritten seven", 0), repeat("a handwritten seven", 1), latents=noises[:, 0],
+    final = pipe(embed(captions, 0), embed(captions, 1), latents=noises[:, 0],
                  height=8, width=8, num_inference_steps=4, **negative)
     assert pipe.last_nfe == (8 if guidance > 1 else 4)
     np.testing.assert_allclose(states[:, -1], np.asarray(final), rtol=1e-4, atol=1e-5)
@@ -129,3 +135,27 @@ def test_a_quantized_base_gets_its_own_cached_trajectories(tmp_path):
     quantized = np.asarray(Run(config, tmp_path / "run_int8").trajectories(grid))
     assert len([f for f in os.listdir(tmp_path / "cache") if f.startswith("teacher-")]) == 2
     assert not np.array_equal(quantized, plain)
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("prompts", ("a handwritten one", " "), "config.teacher.prompts ('a handwritten one', ' '): a list of non-empty"),
+    ("minibatch", 0, "config.teacher.minibatch 0"),
+])
+def test_teacher_settings_are_checked_before_loading(tmp_path, key, value, message):
+    config = lora_config(teacher.TEACHER_DIR, str(tmp_path / "sample"), str(tmp_path), 4, "teacher", "uniform", 2, 3,
+                         3.0, 0)
+    validation.train_config(config)  # the working config passes
+    config.teacher[key] = value
+    with pytest.raises(GlanceError, match=re.escape(message)):
+        validation.train_config(config)
+
+
+def test_extra_captions_must_match_the_encoded_sample(tmp_path):
+    """config.teacher.prompts names the captions the encoded sample's teacher_prompt_embeds hold, one each."""
+    sample = tmp_path / "sample"
+    write_sample(str(sample), teacher.load_prompts())
+    config = lora_config(teacher.TEACHER_DIR, str(sample), str(tmp_path), 4, "teacher", "uniform", 2, 3, 3.0, 0)
+    config.teacher.prompts = config.teacher.prompts[:3]
+    with pytest.raises(GlanceError, match="names 3 prompts, the encoded sample has 9 teacher_prompt_embeds"):
+        Run(config, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
