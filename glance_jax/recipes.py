@@ -74,7 +74,6 @@ def official(family, phase):
     # more than one prompt; trajectory k is drawn with caption k mod (1 + len(prompts))
     c.teacher.prompts = ()
     c.teacher.minibatch = 1  # (trajectory, point) draws averaged in one step; > 1 for guided trajectories
-    c.teacher.rollout = False  # True: train at the states the LoRA itself reaches from the phase's first point
 
     c.mesh = ""  # device mesh, e.g. "data=2,fsdp=4" (axes data, fsdp, tensor); empty: one device
 

@@ -259,7 +259,7 @@ def make_train_step(model, config, static=(), shardings=None):
     for a device mesh.
     """
     settings = (tuple(sorted(config.optim.items())), config.target, float(config.data.caption_dropout),
-                bool(config.teacher.get("rollout", False)), int(config.teacher.get("minibatch", 1)))
+                int(config.teacher.get("minibatch", 1)))
     if shardings is None:
         return _compiled_train_step(model, settings, tuple(static))
     return jax.jit(_train_step(model, settings, tuple(static)), in_shardings=shardings[0],
@@ -272,36 +272,29 @@ def _compiled_train_step(model, settings, static):
 
 
 def _train_step(model, settings, static):
-    optim, target_kind, dropout, rollout, minibatch = settings
+    optim, target_kind, dropout, minibatch = settings
     opt = optimizer(ml_collections.ConfigDict({"optim": dict(optim)}))
-
-    def velocity(adapter, params, x, sigma, cond):
-        return model.apply({"params": params, "lora": adapter}, hidden_states=x.astype(model.dtype),
-                           timestep=jnp.full((1,), sigma), **cond, **dict(static)).astype(jnp.float32)
 
     def loss_fn(adapter, params, batch, teacher, points, key):
         k_t, k_noise, k_drop, k_traj = jax.random.split(key, 4)
         index = jax.random.choice(k_t, points.shape[0], p=points / jnp.sum(points))
-        sigma, sigmas = teacher["sigmas"][index], teacher["sigmas"]
+        sigma = teacher["sigmas"][index]
         drop = jax.random.uniform(k_drop) < dropout
-        if target_kind == "teacher":  # the velocity that carries x_t to the base's state at the next point
+        if target_kind == "teacher":  # the velocity that carries the base's state here to its next point
             k = jax.random.randint(k_traj, (), 0, teacher["states"].shape[0])
             captions = jax.tree_util.tree_leaves(teacher["texts"])[0].shape[0]
             cond = conditioning(batch, drop, jax.tree_util.tree_map(lambda t: t[k % captions], teacher["texts"]))
             x_t = teacher["states"][k, index][None]
-            if rollout:  # x_t where the LoRA itself lands from the base's state at the phase's first point
-                first, frozen = jnp.argmax(points > 0), jax.lax.stop_gradient(adapter)
-                jump = lambda j, x: x + (sigmas[j + 1] - sigmas[j]) * velocity(frozen, params, x, sigmas[j], cond)
-                x_t = jax.lax.fori_loop(first, index, jump, teacher["states"][k, first][None])
-            target = (teacher["states"][k, index + 1][None] - x_t) / (sigmas[index + 1] - sigma)
+            target = (teacher["states"][k, index + 1][None] - x_t) / (teacher["sigmas"][index + 1] - sigma)
         else:
             x0 = batch["x0"]
             noise = jax.random.normal(k_noise, x0.shape, jnp.float32)
             x_t = (1 - sigma) * x0 + sigma * noise
             target = noise - x0
             cond = conditioning(batch, drop)
-        v = velocity(adapter, params, x_t, sigma, cond)
-        return jnp.mean(jnp.square(v - target)), sigma * 1000
+        v = model.apply({"params": params, "lora": adapter}, hidden_states=x_t.astype(model.dtype),
+                        timestep=jnp.full((1,), sigma), **cond, **dict(static))
+        return jnp.mean(jnp.square(v.astype(jnp.float32) - target)), sigma * 1000
 
     def mean_loss(adapter, params, batch, teacher, points, key):
         """The loss averaged over `teacher.minibatch` draws (the teacher target: trajectories and points)."""
