@@ -26,7 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from glance_jax import checkpoints, evaluation, safetensors_io
+from glance_jax import checkpoints, evaluation
+from glance_jax.checkpoints import safetensors_io
 from glance_jax.demo import teacher
 from glance_jax.lora import load_lora
 from glance_jax.pipelines import FluxGlancePipeline, unpack_flux_latents

@@ -29,12 +29,13 @@ from common import SMALL_FLUX, SMALL_SIZE, SMALL_TEXT, interleaved_medians, repo
 from torch_peers import randomize_  # noqa: E402
 
 from glance_jax import analysis  # noqa: E402
-from glance_jax.lora import PRESETS, init_lora  # noqa: E402
+from glance_jax.families import FLUX  # noqa: E402
+from glance_jax.lora import init_lora  # noqa: E402
 from glance_jax.models import FluxTransformer2DModel  # noqa: E402
-from glance_jax.pipelines import flux_image_ids  # noqa: E402
+from glance_jax.models.flux import image_ids as flux_image_ids  # noqa: E402
 from glance_jax.recipes import official  # noqa: E402
 from glance_jax.schedules import GlanceSchedule  # noqa: E402
-from glance_jax.train import make_train_step, optimizer  # noqa: E402
+from glance_jax.train import Optim, make_train_step, optimizer  # noqa: E402
 
 CONFIG, SIZE, TEXT = SMALL_FLUX, SMALL_SIZE, SMALL_TEXT
 
@@ -53,7 +54,7 @@ def cpu_speed():
     sigmas = np.float32(list(schedule.slow) + list(schedule.fast) + [0]) / 1000
 
     config = official("flux", "slow")
-    opt = optimizer(config)
+    opt = optimizer(Optim.of(config))
     adapter = init_lora(jax.random.PRNGKey(0), params, "flux", 16, 64.0)
     state = {"adapter": adapter, "opt": opt.init(adapter)}
     batch = dict(x0=jnp.asarray(x0), cond=dict(
@@ -74,7 +75,7 @@ def cpu_speed():
     jax_step_remat = jax_step_with(make_train_step(model.clone(remat_policy="dots_saveable"), config))
 
     torch_model.requires_grad_(False)
-    torch_model.add_adapter(LoraConfig(r=16, lora_alpha=64, target_modules=list(PRESETS["flux"]),
+    torch_model.add_adapter(LoraConfig(r=16, lora_alpha=64, target_modules=list(FLUX.lora_targets),
                                        init_lora_weights="gaussian"))
     trainable = [p for p in torch_model.parameters() if p.requires_grad]
     torch_opt = torch.optim.AdamW(trainable, lr=5e-4, betas=(0.9, 0.999), weight_decay=0.01, eps=1e-8)
@@ -108,7 +109,7 @@ def full_size():
     model = FluxTransformer2DModel(guidance_embeds=True, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
     params = jax.eval_shape(model.init_params, jax.random.PRNGKey(0))
     adapter = jax.eval_shape(lambda p: init_lora(jax.random.PRNGKey(0), p, "flux", 16, 64.0), params)
-    opt = optimizer(config)
+    opt = optimizer(Optim.of(config))
     opt_state = jax.eval_shape(opt.init, adapter)
     tokens, text = 4096, 512
     f32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)

@@ -12,7 +12,7 @@ import time
 
 from tqdm import tqdm
 
-from glance_jax import checkpoints, validation
+from glance_jax import checkpoints, families, validation
 
 EXAMPLE = """example:
   glance-jax convert ~/FLUX.1-dev/transformer ~/flux-dev-bf16 --dtype bf16
@@ -107,6 +107,6 @@ def export_lora_main(argv):
     checkpoint = checkpoints.open_checkpoint(args.model)
     model = checkpoints.model_from_config(checkpoint.config, checkpoints.parse_dtype("fp32"))
     tree = lora.load_lora(args.src, checkpoints.abstract_params(model), strict=not args.non_strict)
-    model_type = "flux" if type(model).__name__ == "FluxTransformer2DModel" else "qwen-image"
-    lora.save_lora(tree, args.dst, format=args.format, model_type=model_type, schedule=lora.read_schedule(args.src))
+    lora.save_lora(tree, args.dst, format=args.format, model_type=families.of(model).name,
+                   schedule=lora.read_schedule(args.src))
     print(f"wrote {lora.describe(tree)} to {args.dst} ({args.format} layout)")

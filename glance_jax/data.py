@@ -27,7 +27,6 @@ For Qwen-Image: `latents` (H/8, W/8, 16) normalised as its pipeline does,
 
 import dataclasses
 import hashlib
-import json
 import logging
 import os
 
@@ -35,8 +34,11 @@ import jax
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from glance_jax import safetensors_io
+from glance_jax import checkpoints
+from glance_jax.checkpoints import safetensors_io
 from glance_jax.errors import GlanceError
+from glance_jax.models import AutoencoderKL
+from glance_jax.pipelines import normalize_latents
 
 log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
@@ -105,10 +107,24 @@ def load_image(sample):
     return np.asarray(image, np.float32) / 127.5 - 1.0
 
 
-def _params_digest(kind, config, params, extra=b""):
-    digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode() + extra)
-    for leaf in jax.tree_util.tree_leaves(params):
-        digest.update(np.asarray(leaf).tobytes())
+def files_digest(kind, folders):
+    """A cache identity for the checkpoints in `folders`, read from their files, never from their weights: every
+    file's name and size, a .safetensors file's header (tensor names, dtypes, shapes, offsets) and the bytes of
+    the other files up to 64 MiB (configs, tokenizers)."""
+    digest = hashlib.sha256(kind.encode())
+    for folder in folders:
+        for root, dirs, names in sorted(os.walk(folder)):
+            dirs.sort()
+            for name in sorted(names):
+                path = os.path.join(root, name)
+                size = os.path.getsize(path)
+                digest.update(f"\0{os.path.relpath(path, folder)}\0{size}\0".encode())
+                with open(path, "rb") as f:
+                    if name.endswith(".safetensors"):
+                        head = f.read(8)
+                        digest.update(head + f.read(int.from_bytes(head, "little")) if len(head) == 8 else head)
+                    elif size <= 64 * 2 ** 20:
+                        digest.update(f.read())
     return f"{kind}:{digest.hexdigest()}"
 
 
@@ -164,61 +180,52 @@ class PrecomputedEncoder:
 
 
 class VAEEncoder:
-    """The latents of the resized, cropped image from a Flax VAE (FLUX.1's or Qwen-Image's)."""
+    """The latents of the resized, cropped image from a Flax VAE (FLUX.1's or Qwen-Image's), loaded when needed."""
 
     def __init__(self, vae_path):
-        from glance_jax.checkpoints import load_model
-        self.vae, self.params = load_model(vae_path)
-        self._identity = _params_digest("vae", self.vae.to_config(), self.params)
-        self._encode = jax.jit(lambda p, x: self.vae.apply({"params": p}, x, method="encode")[0])
+        self.path = vae_path
+        self._identity = files_digest("vae", [vae_path])
 
     def identity(self, sample):
         return self._identity
 
     def encode(self, sample):
-        from glance_jax.models import AutoencoderKL
-        from glance_jax.pipelines import normalize_latents
+        vae, params = checkpoints.load_model(self.path)
         image = load_image(sample)[None]
-        video = not isinstance(self.vae, AutoencoderKL)
-        mean = self._encode(self.params, image[:, None] if video else image)
-        return {"latents": np.asarray(normalize_latents(self.vae, mean[:, 0] if video else mean)[0], np.float32)}
+        video = not isinstance(vae, AutoencoderKL)
+        mean = jax.jit(lambda p, x: vae.apply({"params": p}, x, method="encode")[0])(
+            params, image[:, None] if video else image)
+        return {"latents": np.asarray(normalize_latents(vae, mean[:, 0] if video else mean)[0], np.float32)}
 
 
 class FlaxTextEncoder:
     """The caption's (and the empty prompt's) text encodings from the Flax text encoders of a pipeline folder,
-    and those of `prompts` (`config.teacher.prompts`) as `teacher_prompt_embeds` (N, T, D)."""
+    and those of `prompts` (`config.teacher.prompts`) stacked as `teacher_prompt_embeds` (N, T, D) ...
 
-    def __init__(self, family, path, prompts=()):
-        self.prompts = tuple(prompts)
-        from glance_jax import prompts
-        cls = prompts.FluxPromptEncoder if family == "flux" else prompts.QwenImagePromptEncoder
-        self.family, self.encoder = family, cls.from_pretrained(path)
-        models = [self.encoder.clip, self.encoder.t5] if family == "flux" else [self.encoder.encoder]
-        tokenizers = [self.encoder.clip_tokenizer, self.encoder.t5_tokenizer] if family == "flux" else [
-            self.encoder.tokenizer]
-        vocab = json.dumps([sorted(t.get_vocab().items()) for t in tokenizers]).encode()
-        prompts = json.dumps(self.prompts).encode()
-        self._identity = _params_digest("text", [m.to_config() for m, _ in models], [p for _, p in models],
-                                        vocab + prompts)
+    The encoders load in `dtype` (the base's, by default: T5-XXL in fp32 would be 19 GB beside the base) only
+    when a sample is encoded, and are released right after; the cache identity comes from their files.
+    """
+
+    def __init__(self, family, path, dtype="fp32", prompts=()):
+        self.family, self.path, self.dtype, self.prompts = family, path, dtype, tuple(prompts)
+        folders = [os.path.join(path, sub) for sub in sorted(os.listdir(path))
+                   if sub in family.text_encoders or sub.startswith("tokenizer")]
+        self._identity = files_digest(f"text:{dtype}:{json.dumps(self.prompts)}", folders)
 
     def identity(self, sample):
         return self._identity
 
     def encode(self, sample):
+        encoder = self.family.prompt_encoder.from_pretrained(self.path, dtype=checkpoints.parse_dtype(self.dtype))
         out = {}
-        for prefix, texts in (("", [sample.caption]), ("empty_", [" "]), ("teacher_", list(self.prompts))):
-            if not texts:  # " ": the official empty prompt
-                continue
-            if self.family == "flux":
-                embeds, pooled, _ = self.encoder(texts)
-                out[f"{prefix}pooled_prompt_embeds"] = np.asarray(pooled, np.float32)
-            else:
-                embeds, mask = self.encoder(texts)
-                if mask is not None:
-                    out[f"{prefix}prompt_embeds_mask"] = np.asarray(mask, np.int32)
-            out[f"{prefix}prompt_embeds"] = np.asarray(embeds, np.float32)
-        # one caption each for the sample and the empty prompt: drop their batch axis
-        return {k: v if k.startswith("teacher_") else v[0] for k, v in out.items()}
+        for prefix, text in (("", sample.caption), ("empty_", " ")):  # " ": the official empty prompt
+            for key, value in encoder([text]).items():
+                out[prefix + key] = np.asarray(value[0], np.int32 if key.endswith("_mask") else np.float32)
+        if self.prompts:  # one row per extra caption
+            for key, value in encoder(list(self.prompts)).items():
+                out["teacher_" + key] = np.asarray(value, np.int32 if key.endswith("_mask") else np.float32)
+        del encoder  # the text encoders' memory goes back before the base trains
+        return out
 
 
 def with_teacher_prompts(arrays, prompts, image_path):

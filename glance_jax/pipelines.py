@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from glance_jax import families
 from glance_jax.errors import GlanceError
 from glance_jax.lora import check_shapes, merged_params
 from glance_jax.quantize import is_quantized, kind_of, quantize_params
@@ -57,14 +58,6 @@ def unpack_flux_latents(tokens, height, width, vae_scale_factor=8):
     b, _, d = tokens.shape
     x = tokens.reshape(b, rows, cols, d // 4, 2, 2).transpose(0, 1, 4, 2, 5, 3)
     return x.reshape(b, rows * 2, cols * 2, d // 4)
-
-
-def flux_image_ids(rows, cols):
-    """FLUX position ids of the packed tokens: (0, row, column)."""
-    ids = np.zeros((rows, cols, 3), np.float32)
-    ids[..., 1] = np.arange(rows)[:, None]
-    ids[..., 2] = np.arange(cols)[None, :]
-    return ids.reshape(-1, 3)
 
 
 # ---- VAE latents: one normalisation per model, shared by the sampler and the trainer ----
@@ -144,6 +137,14 @@ def _velocity(model, static, variables, x, t, conds, cfg_scale, rescale):
     return guided_velocity(*outs, cfg_scale, rescale)
 
 
+def euler_step(model, static, variables, x, sigma, dt, conds, cfg_scale=1.0, cfg_rescale=False):
+    """One Euler step `x + dt v(x, sigma)` (in float32, returned in x's dtype): the sampler's step, and the one
+    the trainer integrates its teacher trajectories with. Two conditionings: true CFG (two passes)."""
+    v = _velocity(model, static, variables, x.astype(model.dtype), jnp.full((x.shape[0],), sigma), conds, cfg_scale,
+                  cfg_rescale)
+    return (x.astype(jnp.float32) + dt * v).astype(x.dtype)
+
+
 def transformer_passes(schedule=None, num_inference_steps=None, guided=False):
     """Transformer evaluations per image for a schedule (or a plain step count): a true-CFG step costs 2."""
     steps = schedule.num_steps if schedule is not None else num_inference_steps
@@ -158,7 +159,6 @@ def _sample(model, lora_mode, static, cfg_rescale, params, loras, phases, latent
     `static` holds hashable model arguments that shape the program (Qwen-Image's img_shapes);
     `cfg_rescale` says whether true CFG rescales to the conditional norm (Qwen-Image) or not (FLUX).
     """
-    batch = latents.shape[0]
     for lora, (timesteps, step_sizes, count) in zip(loras, phases):
         merge = lora is not None and lora_mode == "merge"
         if merge:
@@ -169,9 +169,8 @@ def _sample(model, lora_mode, static, cfg_rescale, params, loras, phases, latent
                 lambda path, x: x * lora_scale if path[-1].key == "alpha" else x, lora)
 
         def step(i, x, variables=variables, timesteps=timesteps, step_sizes=step_sizes):
-            t = jnp.full((batch,), timesteps[i] / 1000)
-            v = _velocity(model, static, variables, x, t, conds, cfg_scale, cfg_rescale)
-            return (x.astype(jnp.float32) + step_sizes[i] * v).astype(x.dtype)
+            return euler_step(model, static, variables, x, timesteps[i] / 1000, step_sizes[i], conds, cfg_scale,
+                              cfg_rescale)
 
         latents = jax.lax.fori_loop(0, count, step, latents)  # `count` is traced: a while loop
         if merge:
@@ -220,7 +219,7 @@ class GlancePipeline:
     true-CFG step is two passes), so that cost comparisons count what was actually run.
     """
 
-    cfg_rescale = False  # true CFG rescales to the conditional norm (Qwen-Image) or not (FLUX)
+    family = None  # the model family (glance_jax.families) the subclass samples
     last_nfe = None
 
     def __init__(self, model, params, scheduler_config, latent_channels=16, vae_scale_factor=8, vae=None,
@@ -275,8 +274,8 @@ class GlancePipeline:
             phases = jax.tree_util.tree_map(lambda x: jax.device_put(x, sharding.replicated(self.mesh)), phases)
         in_place = lora_mode == "merge" and any(lora is not None for lora in loras)
         sample = _sample_donating if in_place else _sample_plain
-        latents, self.params = sample(self.model, lora_mode, static, self.cfg_rescale, self.params, loras, phases,
-                                      latents, conds, jnp.float32(cfg_scale), jnp.float32(lora_scale))
+        latents, self.params = sample(self.model, lora_mode, static, self.family.cfg_rescale, self.params, loras,
+                                      phases, latents, conds, jnp.float32(cfg_scale), jnp.float32(lora_scale))
         if output_type == "latent":
             return latents
         unpacked = unpack_flux_latents(latents, height, width, self.vae_scale_factor)
@@ -325,6 +324,8 @@ def _packed_noise(seeds, h, w, channels):
 class FluxGlancePipeline(GlancePipeline):
     """Slow-Fast sampling for FLUX.1 with the transformer `(model, params)` and a scheduler config dict."""
 
+    family = families.FLUX
+
     def __call__(self, prompt_embeds=None, pooled_prompt_embeds=None, latents=None, height=1024, width=1024,
                  num_inference_steps=None, schedule=None, guidance_scale=3.5, slow_lora=None, fast_lora=None,
                  lora_scale=1.0, integration="consistent", seed=0, output_type="latent", lora_mode=None,
@@ -343,20 +344,18 @@ class FluxGlancePipeline(GlancePipeline):
         `neg + true_cfg_scale * (cond - neg)`.
         """
         if prompt is not None:
-            prompt_embeds, pooled_prompt_embeds, _ = self._encode(prompt)
-        prompt_embeds = jnp.asarray(prompt_embeds, self.model.dtype)
+            encoded = self._encode(prompt)
+            prompt_embeds, pooled_prompt_embeds = encoded["prompt_embeds"], encoded["pooled_prompt_embeds"]
         batch = prompt_embeds.shape[0]
         if negative_prompt is not None:
-            negative_prompt_embeds, negative_pooled_prompt_embeds, _ = self._encode(
-                [negative_prompt] * batch if isinstance(negative_prompt, str) else negative_prompt)
+            encoded = self._encode([negative_prompt] * batch if isinstance(negative_prompt, str) else negative_prompt)
+            negative_prompt_embeds = encoded["prompt_embeds"]
+            negative_pooled_prompt_embeds = encoded["pooled_prompt_embeds"]
         if (negative_prompt_embeds is None) != (negative_pooled_prompt_embeds is None):
             raise GlanceError("pass both negative_prompt_embeds and negative_pooled_prompt_embeds, or neither")
         rows, cols = flux_latent_grid(height, width, self.vae_scale_factor)
-        guidance = jnp.full((batch,), guidance_scale, jnp.float32) if self.model.guidance_embeds else None
-        cond = lambda embeds, pooled: dict(
-            encoder_hidden_states=jnp.asarray(embeds, self.model.dtype),
-            pooled_projections=jnp.asarray(pooled, self.model.dtype), img_ids=jnp.asarray(flux_image_ids(rows, cols)),
-            txt_ids=jnp.zeros((embeds.shape[1], 3), jnp.float32), guidance=guidance)
+        cond = lambda embeds, pooled: self.model.conditioning(
+            {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}, rows, cols, guidance_scale)[0]
         conds = [cond(prompt_embeds, pooled_prompt_embeds)]
         if negative_prompt_embeds is not None and true_cfg_scale > 1:
             conds.append(cond(negative_prompt_embeds, negative_pooled_prompt_embeds))
@@ -367,7 +366,7 @@ class FluxGlancePipeline(GlancePipeline):
 class QwenImageGlancePipeline(GlancePipeline):
     """Slow-Fast sampling for Qwen-Image with true CFG, from the transformer `(model, params)` and a scheduler dict."""
 
-    cfg_rescale = True  # diffusers' QwenImagePipeline rescales the guided velocity to the conditional norm
+    family = families.QWEN_IMAGE  # true CFG rescales to the conditional norm, as diffusers' QwenImagePipeline
 
     def __call__(self, prompt_embeds=None, prompt_embeds_mask=None, negative_prompt_embeds=None,
                  negative_prompt_embeds_mask=None, true_cfg_scale=4.0, latents=None, height=1024, width=1024,
@@ -384,18 +383,24 @@ class QwenImageGlancePipeline(GlancePipeline):
         the pipeline's prompt encoder (the official Glance pipeline uses `negative_prompt=" "`).
         """
         if prompt is not None:
-            prompt_embeds, prompt_embeds_mask = self._encode(prompt)
-        if negative_prompt is not None:
-            negative_prompt_embeds, negative_prompt_embeds_mask = self._encode(
-                [negative_prompt] * prompt_embeds.shape[0] if isinstance(negative_prompt, str) else negative_prompt)
-        prompt_embeds = jnp.asarray(prompt_embeds, self.model.dtype)
+            encoded = self._encode(prompt)
+            prompt_embeds, prompt_embeds_mask = encoded["prompt_embeds"], encoded.get("prompt_embeds_mask")
         batch = prompt_embeds.shape[0]
+        if negative_prompt is not None:
+            encoded = self._encode([negative_prompt] * batch if isinstance(negative_prompt, str) else negative_prompt)
+            negative_prompt_embeds, negative_prompt_embeds_mask = (encoded["prompt_embeds"],
+                                                                   encoded.get("prompt_embeds_mask"))
         rows, cols = flux_latent_grid(height, width, self.vae_scale_factor)
-        mask = lambda m: None if m is None else jnp.asarray(m).astype(jnp.int32)
-        conds = [dict(encoder_hidden_states=prompt_embeds, encoder_hidden_states_mask=mask(prompt_embeds_mask))]
+        cond = lambda embeds, mask: self.model.conditioning(
+            {"prompt_embeds": embeds, "prompt_embeds_mask": mask}, rows, cols)
+        first, static = cond(prompt_embeds, prompt_embeds_mask)
+        conds = [first]
         if negative_prompt_embeds is not None and true_cfg_scale > 1:
-            conds.append(dict(encoder_hidden_states=jnp.asarray(negative_prompt_embeds, self.model.dtype),
-                              encoder_hidden_states_mask=mask(negative_prompt_embeds_mask)))
-        static = (("img_shapes", ((1, rows, cols),) * batch),)
+            conds.append(cond(negative_prompt_embeds, negative_prompt_embeds_mask)[0])
         return self._run(batch, latents, height, width, schedule, num_inference_steps, integration, slow_lora,
                          fast_lora, lora_scale, lora_mode, seed, output_type, static, conds, true_cfg_scale)
+
+
+def pipeline_class(family):
+    """The pipeline class that samples `family` (a glance_jax.families record)."""
+    return next(cls for cls in (FluxGlancePipeline, QwenImageGlancePipeline) if cls.family is family)

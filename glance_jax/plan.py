@@ -37,9 +37,8 @@ import subprocess
 import sys
 import time
 
-from glance_jax import validation
+from glance_jax import families, validation
 
-MODELS = {"flux-dev": ("flux", 512), "flux-schnell": ("flux", 512), "qwen-image": ("qwen-image", 128)}
 CPU_FLAGS = "--xla_disable_hlo_passes=while-loop-invariant-code-motion"
 # TPU slices: (topology name, chips per host, HBM per chip that XLA's TPU compiler allows (GiB, from its
 # out-of-memory message), dense bf16 TFLOP/s per chip). v5p-8 counts TensorCores: 4 chips of 2 cores each.
@@ -71,7 +70,7 @@ OOM = re.compile(r"required for [^(]*\(([\d.]+)G\) exceeds available HBM \(([\d.
 def parser():
     p = validation.ArgumentParser(prog="glance-jax plan", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, choices=sorted(MODELS))
+    p.add_argument("--model", required=True, choices=sorted(families.VARIANTS))
     p.add_argument("--resolution", type=int, default=1024, help="square image side in pixels")
     p.add_argument("--target", default="cpu", choices=["cpu", *TARGETS, *GPU_TARGETS],
                    help="cpu (this machine's compiler), a TPU slice (through libtpu) or h100 (CUDA plugin)")
@@ -97,12 +96,9 @@ def parser():
 def build(name, dtype, remat, attention="auto"):
     import jax.numpy as jnp
 
-    from glance_jax.models import FluxTransformer2DModel, QwenImageTransformer2DModel
+    family, overrides = families.of_variant(name)
     dt = {"bf16": jnp.bfloat16, "fp32": jnp.float32}[dtype]
-    if name == "qwen-image":
-        return QwenImageTransformer2DModel(dtype=dt, param_dtype=dt, remat_policy=remat, attention_impl=attention)
-    return FluxTransformer2DModel(guidance_embeds=name == "flux-dev", dtype=dt, param_dtype=dt, remat_policy=remat,
-                                  attention_impl=attention)
+    return family.transformer(**overrides, dtype=dt, param_dtype=dt, remat_policy=remat, attention_impl=attention)
 
 
 def tpu_devices(target):
@@ -217,11 +213,13 @@ def step_program(model, args, mesh):
     from glance_jax import analysis, quantize, sharding
     from glance_jax.lora import init_lora
     from glance_jax.recipes import official
-    from glance_jax.train import make_train_step, optimizer
+    from glance_jax.train import Optim, make_train_step, optimizer
 
-    family, text = MODELS[args.model]
+    family = families.of(model)
+    text = family.plan_text_tokens
     sizes = dict(mesh.shape)
-    tokens = (args.resolution // 16) ** 2
+    side = args.resolution // 16
+    tokens = side * side
     sds = lambda tree, shardings: jax.tree_util.tree_map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
     params = jax.eval_shape(model.init_params, jax.random.PRNGKey(0))
@@ -229,30 +227,22 @@ def step_program(model, args, mesh):
         params = quantize.abstract(params, args.quantize)
     param_sh = sharding.tree_shardings(params, mesh)
     batch = max(1, sizes.get("data", 1)) if args.task == "sample" else 1
-    bf = model.dtype
-    if family == "flux":
-        cond = dict(encoder_hidden_states=jax.ShapeDtypeStruct((batch, text, model.joint_attention_dim), bf),
-                    pooled_projections=jax.ShapeDtypeStruct((batch, model.pooled_projection_dim), bf),
-                    img_ids=jax.ShapeDtypeStruct((tokens, 3), jnp.float32),
-                    txt_ids=jax.ShapeDtypeStruct((text, 3), jnp.float32),
-                    guidance=jax.ShapeDtypeStruct((batch,), jnp.float32) if model.guidance_embeds else None)
-        static = ()
-    else:
-        side = args.resolution // 16
-        cond = dict(encoder_hidden_states=jax.ShapeDtypeStruct((batch, text, model.joint_attention_dim), bf),
-                    encoder_hidden_states_mask=jax.ShapeDtypeStruct((batch, text), jnp.int32))
-        static = (("img_shapes", ((1, side, side),) * batch),)
+    encodings = {"prompt_embeds": jnp.zeros((batch, text, model.joint_attention_dim), model.dtype),
+                 "pooled_prompt_embeds": jnp.zeros((batch, getattr(model, "pooled_projection_dim", 1)), model.dtype),
+                 "prompt_embeds_mask": jnp.ones((batch, text), jnp.int32)}
+    _, static = model.conditioning(encodings, side, side)
+    cond = jax.eval_shape(lambda e: model.conditioning(e, side, side)[0], encodings)
     cond_sh = jax.tree_util.tree_map(lambda x: sharding.batch_sharding(mesh, x.shape) if x.shape[0] == batch else
                                      sharding.replicated(mesh), cond)
     x_sds = jax.ShapeDtypeStruct((batch, tokens, 64), jnp.float32)
     rep = sharding.replicated(mesh)
     program = {"batch": batch, "params_bytes": sharding.bytes_per_device(params, param_sh), "trainable": 0}
     if args.task == "train":
-        config = official(family, "slow")
+        config = official(family.name, "slow")
         config.optim.state_dtype = args.state_dtype
-        adapter = jax.eval_shape(lambda p: init_lora(jax.random.PRNGKey(0), p, family, config.lora.rank,
+        adapter = jax.eval_shape(lambda p: init_lora(jax.random.PRNGKey(0), p, family.name, config.lora.rank,
                                                      config.lora.alpha), params)
-        opt = optimizer(config)
+        opt = optimizer(Optim.of(config))
         opt_state = jax.eval_shape(opt.init, adapter)
         lora_sh, opt_sh = sharding.tree_shardings(adapter, mesh), sharding.tree_shardings(opt_state, mesh)
         batch_tree = {"x0": x_sds, "cond": cond}
@@ -272,7 +262,7 @@ def step_program(model, args, mesh):
         program["trainable"] = (sharding.bytes_per_device(adapter, lora_sh)
                                 + sharding.bytes_per_device(opt_state, opt_sh))
     else:
-        passes = 2 if family == "qwen-image" else 1  # Qwen-Image samples with true CFG: two passes a step
+        passes = 1 if family.guidance_input else 2  # true CFG (Qwen-Image): two passes a step
 
         def step(p, x, conds):
             v = sum(model.apply({"params": p}, hidden_states=x, timestep=jnp.ones((batch,)), **dict(static), **c)

@@ -9,7 +9,9 @@ Qwen2.5-VL's final hidden states of the real tokens with the first 34
 the mask of real tokens, as QwenImagePipeline.encode_prompt. Tokenizers come
 from the model folder through transformers. A batch of prompts is encoded in
 one jit call; prompts that do not fit are cut with a warning that says how
-many tokens were cut.
+many tokens were cut. Both encoders return the same structure: a dict of
+arrays under the names diffusers' pipelines give them (and the encodings files
+of `glance-jax sample` and the trainer use).
 """
 
 import logging
@@ -53,7 +55,7 @@ def _folder(root, sub):
 
 
 class FluxPromptEncoder:
-    """(prompt_embeds (B, T, 4096), pooled_prompt_embeds (B, 768), text_ids (T, 3)) for FLUX.1 prompts."""
+    """{"prompt_embeds": (B, T, 4096), "pooled_prompt_embeds": (B, 768)} for FLUX.1 prompts."""
 
     def __init__(self, clip, t5, clip_tokenizer, t5_tokenizer, max_sequence_length=512):
         self.clip, self.t5 = clip, t5  # (model, params) each
@@ -76,11 +78,11 @@ class FluxPromptEncoder:
                                 "CLIP")
         t5_ids, _ = _tokenize(self.t5_tokenizer, prompts, self.max_sequence_length, "max_length", "T5")
         embeds, pooled = self._encode(self.clip[1], self.t5[1], clip_ids, t5_ids)
-        return embeds, pooled, jnp.zeros((embeds.shape[1], 3), jnp.float32)
+        return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
 
 
 class QwenImagePromptEncoder:
-    """(prompt_embeds (B, T, 3584), prompt_embeds_mask (B, T) or None) for Qwen-Image prompts."""
+    """{"prompt_embeds": (B, T, 3584), "prompt_embeds_mask": (B, T), only if some prompt is padded} for Qwen-Image."""
 
     def __init__(self, encoder, tokenizer, max_sequence_length=QWEN_MAX_TOKENS):
         self.encoder, self.tokenizer, self.max_sequence_length = encoder, tokenizer, max_sequence_length
@@ -103,4 +105,7 @@ class QwenImagePromptEncoder:
         embeds = np.stack([np.concatenate([k, np.zeros((length - len(k), k.shape[1]), k.dtype)]) for k in kept])
         out_mask = np.stack([np.arange(length) < len(k) for k in kept]).astype(np.int32)
         embeds, out_mask = embeds[:, :self.max_sequence_length], out_mask[:, :self.max_sequence_length]
-        return jnp.asarray(embeds), (None if out_mask.all() else jnp.asarray(out_mask))
+        encodings = {"prompt_embeds": jnp.asarray(embeds)}
+        if not out_mask.all():
+            encodings["prompt_embeds_mask"] = jnp.asarray(out_mask)
+        return encodings

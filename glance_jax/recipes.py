@@ -2,15 +2,14 @@
 
 import ml_collections
 
+from glance_jax import families
 from glance_jax.schedules import OFFICIAL_FAST_STEPS, OFFICIAL_SLOW_STEPS
-
-# family -> (rank, learning rate, caption dropout), from the official configs.
-OFFICIAL = {"flux": (16, 5e-4, 0.0), "qwen-image": (32, 3e-4, 0.1)}
 
 
 def official(family, phase):
     """The official recipe for `family` ("flux" or "qwen-image") and `phase` ("slow", "fast" or "both")."""
-    rank, lr, caption_dropout = OFFICIAL[family]
+    recipe = families.get(family).recipe
+    rank, lr, caption_dropout = recipe.rank, recipe.lr, recipe.caption_dropout
     c = ml_collections.ConfigDict()
     c.family = family
     c.phase = phase
@@ -40,7 +39,7 @@ def official(family, phase):
     c.data.cache_dir = ""  # encoded latents/embeddings; default ~/.cache/glance_jax
 
     c.lora = ml_collections.ConfigDict()
-    c.lora.targets = family  # a preset of glance_jax.lora.PRESETS, or a comma-separated list of module names
+    c.lora.targets = family  # a preset (glance_jax.families.lora_preset), or a comma-separated list of module names
     c.lora.rank = rank
     c.lora.alpha = 4.0 * rank
 
@@ -83,12 +82,6 @@ def official(family, phase):
     return c
 
 
-# family -> (guidance the teacher's trajectories are drawn with, what it means): the two bases sample with it.
-TEACHER_GUIDANCE = {"flux": (3.5, "FLUX.1-dev's guidance input (its pipeline's default; one pass a step)"),
-                    "qwen-image": (5.0, "true CFG on the empty prompt with the norm rescale, as the official "
-                                        "Glance-Qwen pipeline samples (two passes a step)")}
-
-
 def teacher_recipe(family, phase):
     """The teacher-target recipe: what the demo's controlled study found works (README, "The demo").
 
@@ -107,8 +100,8 @@ def teacher_recipe(family, phase):
     c.schedule.num_slow, c.schedule.num_fast = 5, 5
     c.teacher.trajectories = 64  # 8 -> 64 trajectories was the largest single gain
     c.teacher.batch = 4  # noises per compiled call (activation memory at 1024 x 1024)
-    c.teacher.guidance_scale = TEACHER_GUIDANCE[family][0]
-    if family == "flux":
-        c.model.guidance = TEACHER_GUIDANCE[family][0]  # the student learns at the guidance it will sample with
+    c.teacher.guidance_scale = families.get(family).teacher_guidance  # as the base samples (families.py)
+    if families.get(family).guidance_input:  # FLUX.1-dev: a guidance input, one pass a step
+        c.model.guidance = c.teacher.guidance_scale  # the student learns at the guidance it will sample with
     c.data.caption_dropout = 0.0  # the student learns the guided trajectory of its caption only
     return c

@@ -20,51 +20,40 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from glance_jax import checkpoints, evaluation, safetensors_io, validation
+from glance_jax import checkpoints, evaluation, families, validation
+from glance_jax.checkpoints import safetensors_io
 from glance_jax.errors import GlanceError
 from glance_jax.lora import load_lora, read_schedule
-from glance_jax.pipelines import (FluxGlancePipeline, QwenImageGlancePipeline, decode_latents, transformer_passes,
-                                  unpack_flux_latents)
-from glance_jax.schedules import SCHEDULERS, GlanceSchedule
+from glance_jax.pipelines import decode_latents, pipeline_class, transformer_passes, unpack_flux_latents
+from glance_jax.schedules import GlanceSchedule
 
 EMBEDDINGS_HELP = "text embeddings file (.safetensors with prompt_embeds and a 'captions' list in its metadata)"
-
-
-def _family(model):
-    return "flux" if type(model).__name__ == "FluxTransformer2DModel" else "qwen-image"
 
 
 def _pipeline(model_path, scheduler_path=None, vae_path=None):
     """(pipeline, family, pixel space?) for any model folder glance-jax loads; the demo teacher by default."""
     from glance_jax.demo import teacher
     model, params = checkpoints.load_model(model_path or teacher.TEACHER_DIR)
-    family = _family(model)
+    family = families.of(model)
     if scheduler_path:
         with open(scheduler_path) as f:
             scheduler = json.load(f)
     else:
-        scheduler = teacher.SCHEDULER if not model_path else SCHEDULERS[family]
+        scheduler = teacher.SCHEDULER if not model_path else family.scheduler
     channels = model.in_channels // 4
     pixels = channels in (1, 3)
-    cls = FluxGlancePipeline if family == "flux" else QwenImageGlancePipeline
+    cls = pipeline_class(family)
     vae = checkpoints.load_model(vae_path) if vae_path else None
-    pipe = cls(model, params, scheduler, latent_channels=channels, vae_scale_factor=1 if pixels else 8, vae=vae,
+    pipe = cls(model, params, scheduler, latent_channels=channels, vae_scale_factor=1 if pixels else family.vae_scale_factor, vae=vae,
                tiled_vae=vae is not None)
     return pipe, family, pixels
 
 
-def _embeddings(path, captions, text_encoders=None, family="flux"):
+def _embeddings(path, captions, text_encoders=None, family=families.FLUX):
     """Arrays for `captions` (in order): encoded by the Flax text encoders, or read from an embeddings file."""
     if text_encoders:
-        from glance_jax import prompts
-        if family == "flux":
-            embeds, pooled, _ = prompts.FluxPromptEncoder.from_pretrained(text_encoders)(captions)
-            return {"prompt_embeds": np.asarray(embeds), "pooled_prompt_embeds": np.asarray(pooled)}
-        embeds, mask = prompts.QwenImagePromptEncoder.from_pretrained(text_encoders)(captions)
-        arrays = {"prompt_embeds": np.asarray(embeds)}
-        if mask is not None:
-            arrays["prompt_embeds_mask"] = np.asarray(mask)
-        return arrays
+        encoded = family.prompt_encoder.from_pretrained(text_encoders)(captions)
+        return {k: np.asarray(v) for k, v in encoded.items()}
     from glance_jax.demo import teacher
     f = safetensors_io.SafetensorsFile(path or teacher.PROMPTS_FILE)
     try:
@@ -81,9 +70,9 @@ def _embeddings(path, captions, text_encoders=None, family="flux"):
 
 def _parse_schedule(text, family, image_seq_len):
     if text == "official":
-        return GlanceSchedule.official(family, image_seq_len)
+        return GlanceSchedule.official(family.name, image_seq_len)
     slow, fast = _schedule_steps(text)
-    return GlanceSchedule.from_steps(family, slow, fast, image_seq_len)
+    return GlanceSchedule.from_steps(family.name, slow, fast, image_seq_len)
 
 
 def _same_timesteps(a, b):
@@ -108,7 +97,7 @@ def _glance_schedule(args, family, image_seq_len):
         raise GlanceError(f"--slow_lora and --fast_lora were trained for different schedules "
                           f"({_describe(carried[0][1])}; {_describe(carried[1][1])})")
     if args.schedule is None:
-        return carried[0][1] if carried else GlanceSchedule.official(family, image_seq_len)
+        return carried[0][1] if carried else GlanceSchedule.official(family.name, image_seq_len)
     given = _parse_schedule(args.schedule, family, image_seq_len)
     if carried and not _same_timesteps(given, carried[0][1]):
         raise GlanceError(f"--schedule {args.schedule!r} is not the schedule {carried[0][0]} was trained for "
@@ -116,10 +105,9 @@ def _glance_schedule(args, family, image_seq_len):
     return given
 
 
-def _call(pipe, family, arrays, **kw):
-    if family == "flux":
-        return pipe(arrays["prompt_embeds"], arrays["pooled_prompt_embeds"], **kw)
-    return pipe(arrays["prompt_embeds"], arrays.get("prompt_embeds_mask"), **kw)
+def _call(pipe, arrays, **kw):
+    """The pipeline on prompt encodings: arrays under diffusers' names, as both families' encoders return them."""
+    return pipe(**arrays, **kw)
 
 
 def _sizes(args, pixels):
@@ -150,13 +138,13 @@ def _check_common(args):
     if args.model:
         parts = checkpoints.pipeline_parts(args.model) or {}
         text_encoders = args.text_encoders or (None if args.embeddings else args.model if parts else None)
-        args.model, args.vae, args.text_encoders = checkpoints.model_paths(args.model, None, args.vae, text_encoders,
-                                                                           what="--model")
+        args.model, args.vae, args.text_encoders = families.model_paths(args.model, None, args.vae, text_encoders,
+                                                                        what="--model")
         scheduler = os.path.join(parts.get("scheduler", ""), "scheduler_config.json")
         if not args.scheduler and parts.get("scheduler") and os.path.isfile(scheduler):
             args.scheduler = scheduler
     elif args.vae:
-        args.vae = checkpoints.vae_path(args.vae, what="--vae")
+        args.vae = families.vae_path(args.vae, what="--vae")
     config = checkpoints.open_checkpoint(args.model or teacher.TEACHER_DIR).config  # headers only
     pixels = config.get("in_channels", 64) // 4 in (1, 3)
     for flag in ("scheduler", "embeddings", "slow_lora", "fast_lora"):
@@ -170,7 +158,7 @@ def _check_common(args):
         _schedule_steps(args.schedule)
     if getattr(args, "steps", None):
         return pixels, None
-    family = "qwen-image" if config.get("_class_name", "").startswith("QwenImage") else "flux"
+    family = families.of_class_name(checkpoints.class_name(config))
     return pixels, _glance_schedule(args, family, _sizes(args, pixels)[2])
 
 
@@ -238,11 +226,11 @@ def sample_main(argv):
         kw["slow_lora"] = load_lora(args.slow_lora, pipe.params) if args.slow_lora else None
         kw["fast_lora"] = load_lora(args.fast_lora, pipe.params) if args.fast_lora else None
     if image_out and not pixels:
-        _call(pipe, family, arrays, height=height, width=width, seed=args.seed, output_type="pil", **kw)[0].save(
+        _call(pipe, arrays, height=height, width=width, seed=args.seed, output_type="pil", **kw)[0].save(
             args.out, format=validation.IMAGE_FORMATS[os.path.splitext(args.out)[1].lower()])
         print(f"wrote {args.out}")
         return
-    latents = _call(pipe, family, arrays, height=height, width=width, seed=args.seed, **kw)
+    latents = _call(pipe, arrays, height=height, width=width, seed=args.seed, **kw)
     images = np.asarray(unpack_flux_latents(latents, height, width, pipe.vae_scale_factor))
     if image_out:
         _save_images(np.clip(images[0], -1, 1), args.out)
@@ -297,7 +285,7 @@ def eval_main(argv):
              for n in sorted({glance_nfe, 2 * glance_nfe}) if n < args.base_steps]
     rows, outputs = [], {}
     for name, kind, kw in runs:
-        run = lambda: _call(pipe, family, arrays, height=height, width=width, seed=batch_seeds,
+        run = lambda: _call(pipe, arrays, height=height, width=width, seed=batch_seeds,
                             **kw).block_until_ready()
         run()
         start = time.perf_counter()

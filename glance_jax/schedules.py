@@ -13,17 +13,9 @@ import math
 import ml_dtypes
 import numpy as np
 
+from glance_jax import families
 from glance_jax.errors import GlanceError
-
-# diffusers' scheduler_config.json of the two models Glance targets.
-FLUX_SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0,
-                  "use_dynamic_shifting": True, "base_image_seq_len": 256, "max_image_seq_len": 4096,
-                  "base_shift": 0.5, "max_shift": 1.15}
-QWEN_IMAGE_SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 1.0,
-                        "use_dynamic_shifting": True, "base_image_seq_len": 256, "max_image_seq_len": 8192,
-                        "base_shift": 0.5, "max_shift": 0.9, "shift_terminal": 0.02,
-                        "time_shift_type": "exponential"}
-SCHEDULERS = {"flux": FLUX_SCHEDULER, "qwen-image": QWEN_IMAGE_SCHEDULER}
+from glance_jax.families import FLUX_SCHEDULER, QWEN_IMAGE_SCHEDULER  # noqa: F401 (documented here)
 
 # The official Glance phases: 1-based step indices of each model's 50-step schedule.
 OFFICIAL_SLOW_STEPS = (1, 3, 5, 7, 9)
@@ -139,7 +131,7 @@ class GlanceSchedule:
     def from_steps(cls, scheduler, slow_steps, fast_steps, image_seq_len, base_steps=50, round_bf16=False):
         """Slow and fast steps picked by 1-based index on the `base_steps`-step schedule at this resolution."""
         if isinstance(scheduler, str):
-            scheduler = SCHEDULERS[scheduler]
+            scheduler = families.get(scheduler).scheduler
         steps = list(slow_steps) + list(fast_steps)
         if not steps or min(steps) < 1 or max(steps) > base_steps or steps != sorted(set(steps)):
             raise GlanceError(f"Glance steps must be increasing indices in 1..{base_steps}, got {steps}")
@@ -158,8 +150,7 @@ class GlanceSchedule:
         `round_bf16=True` rounds the timesteps to bfloat16 as the official code
         stores them (Qwen-Image: 1000, 980, 956, 936, 912 | 888, 744, 564, 320, 20).
         """
-        if model not in SCHEDULERS:
-            raise GlanceError(f"unknown model {model!r}: use one of {', '.join(SCHEDULERS)}")
+        families.get(model)  # an unknown name is refused here
         return cls.from_steps(model, OFFICIAL_SLOW_STEPS, OFFICIAL_FAST_STEPS, image_seq_len, round_bf16=round_bf16)
 
     @classmethod
@@ -179,7 +170,7 @@ class GlanceSchedule:
         `num_fast` evenly spaced in b..base_steps (rounded half up).
         """
         if isinstance(scheduler, str):
-            scheduler = SCHEDULERS[scheduler]
+            scheduler = families.get(scheduler).scheduler
         _, sigmas = FlowMatchEulerScheduler.from_config(scheduler).set_timesteps(base_steps, image_seq_len)
         above = np.nonzero(snr(sigmas[:base_steps]) >= snr_threshold)[0]
         if len(above) == 0 or above[0] < num_slow or base_steps - above[0] < num_fast:
@@ -211,7 +202,7 @@ class GlanceSchedule:
         threshold (float): steps with SNR below it are slow (at least one each).
         """
         if isinstance(scheduler, str):
-            scheduler = SCHEDULERS[scheduler]
+            scheduler = families.get(scheduler).scheduler
         _, sigmas = FlowMatchEulerScheduler.from_config(scheduler).set_timesteps(base_steps, image_seq_len)
         states = np.asarray(states)
         if states.shape[1] != base_steps + 1:

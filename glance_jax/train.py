@@ -26,6 +26,7 @@ A run writes into its workdir:
   a restart with another fingerprint is refused.
 """
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -34,40 +35,55 @@ import time
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from glance_jax import checkpoints, data, lora, runstate, safetensors_io, sharding, validation
+from glance_jax import checkpoints, data, families, lora, runstate, sharding, validation
+from glance_jax.checkpoints import safetensors_io
 from glance_jax.errors import GlanceError
-from glance_jax.models import FluxTransformer2DModel, QwenImageTransformer2DModel
-from glance_jax.pipelines import flux_image_ids, guided_velocity, pack_flux_latents
-from glance_jax.schedules import SCHEDULERS, FlowMatchEulerScheduler, GlanceSchedule
+from glance_jax.pipelines import euler_step, pack_flux_latents
+from glance_jax.schedules import FlowMatchEulerScheduler, GlanceSchedule
 
 PHASES = ("slow", "fast")
 TEXT_INPUTS = ("encoder_hidden_states", "pooled_projections", "encoder_hidden_states_mask")  # per caption
-FAMILIES = {"flux": FluxTransformer2DModel, "qwen-image": QwenImageTransformer2DModel}
 
 
 # ---- optimizer ----
 
-def learning_rate(config):
+@dataclasses.dataclass(frozen=True)
+class Optim:
+    """`config.optim` as a frozen (hashable) value: the train step is compiled once per distinct optimizer."""
+
+    lr: float
+    warmup_steps: int = 0
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    state_dtype: str = "fp32"
+
+    @classmethod
+    def of(cls, config):
+        """From a run config (its `optim` section)."""
+        return cls(**{f.name: config.optim[f.name] for f in dataclasses.fields(cls) if f.name in config.optim})
+
+
+def learning_rate(o):
     """Linear warm-up from 0 over `warmup_steps`, then constant (diffusers' constant_with_warmup)."""
-    o = config.optim
     if o.warmup_steps <= 0:
         return optax.constant_schedule(o.lr)
     return optax.join_schedules([optax.linear_schedule(0.0, o.lr, o.warmup_steps), optax.constant_schedule(o.lr)],
                                 [o.warmup_steps])
 
 
-def optimizer(config):
-    """AdamW with global-norm clipping on the LoRA's A and B; alpha is not trained."""
-    o = config.optim
+def optimizer(o):
+    """AdamW (an `Optim`) with global-norm clipping on the LoRA's A and B; alpha is not trained."""
     adamw = optax.chain(optax.clip_by_global_norm(o.grad_clip),
-                        optax.adamw(learning_rate(config), b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay))
-    if o.get("state_dtype", "fp32") not in ("fp32", "float32"):
+                        optax.adamw(learning_rate(o), b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay))
+    if o.state_dtype not in ("fp32", "float32"):
         adamw = stored_in(adamw, checkpoints.parse_dtype(o.state_dtype))
     labels = lambda tree: jax.tree_util.tree_map_with_path(
         lambda path, _: "frozen" if path[-1].key == "alpha" else "trained", tree)
@@ -103,57 +119,38 @@ def training_batch(model, arrays, guidance):
     """(batch, static): the encoded sample as model inputs, and the hashable arguments that shape the program.
 
     batch["x0"] holds the packed latents, batch["cond"] the model's keyword
-    inputs, batch["empty_cond"] (if the sample has empty-prompt encodings) the
-    replacements used when the caption is dropped, batch["teacher_texts"] (if
-    the sample has `teacher_prompt_embeds`) the text inputs of the caption and
-    the extra captions stacked, (N, 1, ...), for the teacher's trajectories.
+    inputs (from the model's `conditioning`), batch["empty_cond"] (if the sample
+    has empty-prompt encodings) the inputs used when the caption is dropped,
+    batch["teacher_texts"] (if it has `teacher_prompt_embeds`) the text inputs
+    of the caption and the extra captions stacked, (N, 1, ...), for the
+    teacher's trajectories. Text of any length with a mask (Qwen-Image) is
+    padded to a common length; fixed-length text (FLUX) must already have one.
     """
     latents = jnp.asarray(arrays["latents"])[None]
     rows, cols = latents.shape[1] // 2, latents.shape[2] // 2
     batch = {"x0": pack_flux_latents(latents)}
-    embeds = arrays["prompt_embeds"]
-    if isinstance(model, FluxTransformer2DModel):
-        text = lambda e: jnp.asarray(e, model.dtype)[None]
-        batch["cond"] = dict(encoder_hidden_states=text(embeds),
-                             pooled_projections=text(arrays["pooled_prompt_embeds"]),
-                             img_ids=jnp.asarray(flux_image_ids(rows, cols)),
-                             txt_ids=jnp.zeros((embeds.shape[0], 3), jnp.float32),
-                             guidance=jnp.full((1,), guidance, jnp.float32) if model.guidance_embeds else None)
-        if "teacher_prompt_embeds" in arrays:  # more captions for the teacher's trajectories
-            batch["teacher_texts"] = dict(
-                encoder_hidden_states=jnp.asarray(np.concatenate([embeds[None], arrays["teacher_prompt_embeds"]]),
-                                                  model.dtype)[:, None],
-                pooled_projections=jnp.asarray(np.concatenate([arrays["pooled_prompt_embeds"][None],
-                                                               arrays["teacher_pooled_prompt_embeds"]]),
-                                               model.dtype)[:, None])
-        if "empty_prompt_embeds" in arrays:
-            if arrays["empty_prompt_embeds"].shape != embeds.shape:
-                raise GlanceError("empty_prompt_embeds must have the shape of prompt_embeds (FLUX pads to a fixed "
-                                  f"length): {arrays['empty_prompt_embeds'].shape} vs {embeds.shape}")
-            batch["empty_cond"] = dict(encoder_hidden_states=text(arrays["empty_prompt_embeds"]),
-                                       pooled_projections=text(arrays["empty_pooled_prompt_embeds"]))
-        return batch, ()
-    # Qwen-Image: text of any length with a mask; the empty prompt is padded to a common length.
-    mask = arrays.get("prompt_embeds_mask", np.ones(embeds.shape[0], np.int32)).astype(np.int32)
-    extra = arrays.get("teacher_prompt_embeds")
-    length = max(embeds.shape[0], arrays["empty_prompt_embeds"].shape[0] if "empty_prompt_embeds" in arrays else 0,
-                 extra.shape[1] if extra is not None else 0)
-    embeds, mask = _pad_text(embeds, mask, length)
-    batch["cond"] = dict(encoder_hidden_states=jnp.asarray(embeds, model.dtype)[None],
-                         encoder_hidden_states_mask=jnp.asarray(mask)[None])
-    if extra is not None:  # more captions for the teacher's trajectories
-        masks = arrays.get("teacher_prompt_embeds_mask", np.ones(extra.shape[:2], np.int32)).astype(np.int32)
-        padded = [_pad_text(e, m, length) for e, m in zip(extra, masks)]
-        batch["teacher_texts"] = dict(
-            encoder_hidden_states=jnp.asarray(np.stack([embeds] + [e for e, _ in padded]), model.dtype)[:, None],
-            encoder_hidden_states_mask=jnp.asarray(np.stack([mask] + [m for _, m in padded]))[:, None])
-    if "empty_prompt_embeds" in arrays:
-        empty = arrays["empty_prompt_embeds"]
-        empty_mask = arrays.get("empty_prompt_embeds_mask", np.ones(empty.shape[0], np.int32)).astype(np.int32)
-        empty, empty_mask = _pad_text(empty, empty_mask, length)
-        batch["empty_cond"] = dict(encoder_hidden_states=jnp.asarray(empty, model.dtype)[None],
-                                   encoder_hidden_states_mask=jnp.asarray(empty_mask)[None])
-    return batch, (("img_shapes", ((1, rows, cols),)),)
+    prompts = [p for p in ("", "empty_", "teacher_") if p + "prompt_embeds" in arrays]
+    # every group of encodings with a leading axis of captions: one for the caption and the empty prompt
+    encodings = {p: {k[len(p):]: np.asarray(v) if p == "teacher_" else np.asarray(v)[None]
+                     for k, v in arrays.items() if k.startswith(p + "p")} for p in prompts}
+    if families.of(model).masked_text:
+        length = max(e["prompt_embeds"].shape[1] for e in encodings.values())
+        for e in encodings.values():
+            masks = e.get("prompt_embeds_mask", np.ones(e["prompt_embeds"].shape[:2], np.int32)).astype(np.int32)
+            padded = [_pad_text(t, m, length) for t, m in zip(e["prompt_embeds"], masks)]
+            e["prompt_embeds"], e["prompt_embeds_mask"] = (np.stack(x) for x in zip(*padded))
+    elif any(e["prompt_embeds"].shape[1:] != arrays["prompt_embeds"].shape for e in encodings.values()):
+        raise GlanceError("empty_prompt_embeds and teacher_prompt_embeds must have the shape of prompt_embeds (FLUX "
+                          f"pads to a fixed length): {arrays['prompt_embeds'].shape} for the caption")
+    batch["cond"], static = model.conditioning(encodings[""], rows, cols, guidance)
+    if "empty_" in encodings:
+        empty, _ = model.conditioning(encodings["empty_"], rows, cols, guidance)
+        batch["empty_cond"] = {k: v for k, v in empty.items() if v is not None}
+    if "teacher_" in encodings:  # the caption, then the extra ones
+        both = {k: np.concatenate([v, encodings["teacher_"][k]]) for k, v in encodings[""].items()}
+        texts, _ = model.conditioning(both, rows, cols, guidance)
+        batch["teacher_texts"] = {k: texts[k][:, None] for k in TEXT_INPUTS if texts.get(k) is not None}
+    return batch, static
 
 
 def conditioning(batch, drop_caption, texts=None):
@@ -205,25 +202,20 @@ def teacher_conditionings(model, batch, config):
     if "empty_cond" not in batch:
         raise GlanceError("config.teacher.guidance_scale > 1 needs empty_prompt_embeds in the encoded sample "
                           "(the negative prompt)")
-    return cond, conditioning(batch, True), isinstance(model, QwenImageTransformer2DModel)
+    return cond, conditioning(batch, True), families.of(model).cfg_rescale
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
 def _integrate(model, static, rescale, params, noises, texts, sigmas, cond, neg, scale):
-    """Euler steps of the (guided) base along `sigmas` for a batch of noises (M, 1, tokens, C) at once, noise m
-    conditioned on the text inputs `texts[...][m]`; returns the states at every grid point, (M, len(sigmas),
-    tokens, C)."""
+    """The sampler's Euler steps (pipelines.euler_step) of the (guided) base along `sigmas` for a batch of noises
+    (M, 1, tokens, C) at once, noise m conditioned on the text inputs `texts[...][m]`, in float32; returns the
+    states at every grid point, (M, len(sigmas), tokens, C)."""
     def one(noise, text):
-        c = {**cond, **text}
-
-        def velocity(x, sigma):
-            apply = lambda c: model.apply({"params": params}, hidden_states=x.astype(model.dtype),
-                                          timestep=jnp.full((1,), sigma), **c, **dict(static)).astype(jnp.float32)
-            return apply(c) if neg is None else guided_velocity(apply(c), apply(neg), scale, rescale)
+        conds = [{**cond, **text}] + ([] if neg is None else [neg])
 
         def step(x, sigmas):
             sigma, sigma_next = sigmas
-            x = x + (sigma_next - sigma) * velocity(x, sigma)
+            x = euler_step(model, static, {"params": params}, x, sigma, sigma_next - sigma, conds, scale, rescale)
             return x, x
         _, xs = jax.lax.scan(step, noise, (sigmas[:-1], sigmas[1:]))
         return jnp.concatenate([noise[None], xs])[:, 0]
@@ -258,7 +250,7 @@ def make_train_step(model, config, static=(), shardings=None):
     shared (both phases, several runs). With `shardings=(in_shardings, out_shardings)` the step is compiled
     for a device mesh.
     """
-    settings = (tuple(sorted(config.optim.items())), config.target, float(config.data.caption_dropout),
+    settings = (Optim.of(config), config.target, float(config.data.caption_dropout),
                 int(config.teacher.get("minibatch", 1)))
     if shardings is None:
         return _compiled_train_step(model, settings, tuple(static))
@@ -273,7 +265,7 @@ def _compiled_train_step(model, settings, static):
 
 def _train_step(model, settings, static):
     optim, target_kind, dropout, minibatch = settings
-    opt = optimizer(ml_collections.ConfigDict({"optim": dict(optim)}))
+    opt = optimizer(optim)
 
     def loss_fn(adapter, params, batch, teacher, points, key):
         k_t, k_noise, k_drop, k_traj = jax.random.split(key, 4)
@@ -323,7 +315,7 @@ class Run:
     def __init__(self, config, workdir, fresh=False):
         self.config, self.workdir = config, validation.output_folder(workdir)
         validation.train_config(config)  # every value, before anything is loaded
-        transformer, vae, text_encoders = checkpoints.model_paths(
+        transformer, vae, text_encoders = families.model_paths(
             config.model.path, config.family, config.model.vae_path, config.model.text_encoder_path,
             what="config.model.path")
         samples = data.find_samples(os.path.expanduser(config.data.dir), config.data.resolution,
@@ -345,7 +337,7 @@ class Run:
         self.model, self.params = checkpoints.load_model(transformer, config.model.dtype,
                                                          mesh=self.mesh, remat_policy=config.model.remat_policy,
                                                          quantize=config.model.get("quantize"))
-        if not isinstance(self.model, FAMILIES[config.family]):
+        if families.of(self.model) is not families.get(config.family):
             raise GlanceError(f"config.model.path holds a {type(self.model).__name__}, config.family is "
                               f"{config.family!r}")
         if not self.model.guidance_embeds and config.model.guidance not in (None, 1.0):
@@ -355,9 +347,9 @@ class Run:
                                               config.data.vae_scale_factor, with_latents=not vae,
                                               with_text=not text_encoders)
         prompts = tuple(config.teacher.get("prompts", ()))
-        encoder = data.SampleEncoder(
-            data.VAEEncoder(vae) if vae else None,
-            data.FlaxTextEncoder(config.family, text_encoders, prompts) if text_encoders else None)
+        encoder = data.SampleEncoder(data.VAEEncoder(vae) if vae else None,
+                                     data.FlaxTextEncoder(families.get(config.family), text_encoders,
+                                                          config.model.dtype, prompts) if text_encoders else None)
         if not (vae and text_encoders):
             encoder.parts.append(precomputed)
         cache = os.path.expanduser(config.data.cache_dir or os.path.join("~", ".cache", "glance_jax"))
@@ -387,7 +379,7 @@ class Run:
             return GlanceSchedule.uniform(self.config.family, c.num_slow, c.num_fast, image_seq_len)
         if kind == "fitted":
             substeps = self.config.teacher.substeps
-            states = self.trajectories(teacher_grid(None, SCHEDULERS[self.config.family], substeps, image_seq_len))
+            states = self.trajectories(teacher_grid(None, families.get(self.config.family).scheduler, substeps, image_seq_len))
             return GlanceSchedule.fitted(self.config.family, np.asarray(states), c.num_slow, c.num_fast,
                                          image_seq_len, substeps, c.split)
         raise GlanceError(f"config.schedule.kind {kind!r}: use 'steps', 'uniform' or 'fitted'")
@@ -431,7 +423,7 @@ class Run:
         sigmas = self.schedule.sigmas()
         if self.config.target != "teacher":
             return {"sigmas": jnp.asarray(_pad_points(sigmas)), "states": jnp.zeros((1, 1, 1, 1))}
-        grid = teacher_grid(self.schedule, SCHEDULERS[self.config.family], self.config.teacher.substeps,
+        grid = teacher_grid(self.schedule, families.get(self.config.family).scheduler, self.config.teacher.substeps,
                             self.batch["x0"].shape[1])
         at = jnp.asarray([int(np.argmin(np.abs(grid - s))) for s in sigmas])
         states = self.trajectories(grid)[:, at]
@@ -453,10 +445,10 @@ class Run:
         n_slow = len(self.schedule.slow)
         chosen = range(n_slow) if phase == "slow" else range(n_slow, self.schedule.num_steps)
         points = np.isin(np.arange(teacher["sigmas"].shape[0]), list(chosen))  # a mask: fixed shape
-        opt = optimizer(config)
+        opt = optimizer(Optim.of(config))
         key = jax.random.fold_in(jax.random.PRNGKey(config.seed), PHASES.index(phase))
         targets = config.lora.targets
-        targets = targets if targets in lora.PRESETS else [t.strip() for t in targets.split(",")]
+        targets = targets if families.is_preset(targets) else [t.strip() for t in targets.split(",")]
         adapter = lora.init_lora(jax.random.fold_in(key, 1), self.params, targets, config.lora.rank,
                                  float(config.lora.alpha))
         opt_state = opt.init(adapter)
@@ -480,7 +472,7 @@ class Run:
             _truncate_metrics(metrics_path, phase, start)
         step_fn = make_train_step(self.model, config, self.static, step_shardings)
         points = jnp.asarray(points, jnp.float32)
-        lr = learning_rate(config)
+        lr = learning_rate(Optim.of(config))
         lora_path = runstate.final_lora_path(self.workdir, phase)
         if start < config.steps and self.writer and os.path.exists(lora_path):
             os.remove(lora_path)  # a shorter run's LoRA: while this one goes on, the final path holds none

@@ -10,6 +10,7 @@ import math
 import os
 import tempfile
 
+from glance_jax import families
 from glance_jax.errors import GlanceError, UsageError
 
 IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}  # extension -> PIL format
@@ -157,7 +158,7 @@ def out_extension(path, allowed):
 
 def train_config(config):
     """Every value of a training config that can be checked without loading anything."""
-    one_of("config.family", config.family, ("flux", "qwen-image"))
+    one_of("config.family", config.family, families.NAMES)
     one_of("config.phase", config.phase, ("slow", "fast", "both"))
     one_of("config.target", config.target, ("data", "teacher"))
     positive_int("config.steps", config.steps)

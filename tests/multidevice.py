@@ -20,7 +20,8 @@ if sys.argv[1] == "process":
 
 import numpy as np  # noqa: E402
 
-from glance_jax import safetensors_io, sharding  # noqa: E402
+from glance_jax import sharding  # noqa: E402
+from glance_jax.checkpoints import safetensors_io  # noqa: E402
 from glance_jax.models import FluxTransformer2DModel  # noqa: E402
 from glance_jax.pipelines import FluxGlancePipeline  # noqa: E402
 from glance_jax.recipes import official  # noqa: E402

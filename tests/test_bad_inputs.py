@@ -26,7 +26,8 @@ from transformers import T5EncoderModel as TorchT5
 
 import glance_jax.plan
 import glance_jax.sampling_cli
-from glance_jax import checkpoints, data, lora, safetensors_io
+from glance_jax import checkpoints, data, lora
+from glance_jax.checkpoints import safetensors_io
 from glance_jax.cli import main
 from glance_jax.demo import teacher
 from glance_jax.errors import GlanceError
@@ -273,7 +274,7 @@ def test_a_pipeline_folder_stands_for_its_parts(world, no_heavy_work, command, c
 
 def test_python_loaders_take_a_pipeline_folder(world):
     from glance_jax.models import AutoencoderKL, FluxTransformer2DModel
-    from glance_jax.text import T5EncoderModel
+    from glance_jax.models import T5EncoderModel
     for cls, part in ((FluxTransformer2DModel, "transformer"), (AutoencoderKL, "vae"),
                       (T5EncoderModel, "text_encoder_2")):
         _, params = cls.from_pretrained(world / "pipe")

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from diffusers import FluxTransformer2DModel as TorchFlux
 
-from glance_jax import safetensors_io
+from glance_jax.checkpoints import safetensors_io
 from glance_jax.cli import main
 from glance_jax.errors import GlanceError
 from glance_jax.models import FluxTransformer2DModel

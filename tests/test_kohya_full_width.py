@@ -16,7 +16,8 @@ import torch
 from diffusers import FluxPipeline
 from diffusers import FluxTransformer2DModel as TorchFlux
 
-from glance_jax import checkpoints, lora, safetensors_io
+from glance_jax import checkpoints, lora
+from glance_jax.checkpoints import safetensors_io
 from torch_peers import flux_inputs, randomize_, relative_error, torch_forward
 
 pytestmark = pytest.mark.slow

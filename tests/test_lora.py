@@ -12,9 +12,11 @@ from diffusers import FluxTransformer2DModel as TorchFlux
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 
-from glance_jax import analysis, safetensors_io
+from glance_jax import analysis
+from glance_jax.checkpoints import safetensors_io
 from glance_jax.errors import GlanceError
-from glance_jax.lora import (PRESETS, describe, init_lora, load_lora, merge_lora, read_schedule, save_lora,
+from glance_jax.families import FLUX
+from glance_jax.lora import (describe, init_lora, load_lora, merge_lora, read_schedule, save_lora,
                              unmerge_lora)
 from glance_jax.schedules import GlanceSchedule
 from glance_jax.models import FluxTransformer2DModel
@@ -39,7 +41,7 @@ def inputs():
     return flux_inputs(CONFIG, batch=2, grid=(3, 4), text_len=5, seed=7)
 
 
-def torch_model_with_peft_lora(base_path, targets=PRESETS["flux"], rank=RANK, alpha=ALPHA, seed=1):
+def torch_model_with_peft_lora(base_path, targets=FLUX.lora_targets, rank=RANK, alpha=ALPHA, seed=1):
     """A diffusers model with a peft LoRA whose A and B are random and non-zero."""
     model = TorchFlux.from_pretrained(base_path).eval()
     model.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets),

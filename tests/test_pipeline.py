@@ -11,12 +11,13 @@ from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 
-from glance_jax import pipelines
+from glance_jax import families, pipelines
 from glance_jax.errors import GlanceError
 from glance_jax.lora import load_lora
 from glance_jax.models import FluxTransformer2DModel
+from glance_jax.models.flux import image_ids
 from glance_jax.pipelines import FluxGlancePipeline, pack_flux_latents, unpack_flux_latents
-from glance_jax.schedules import (FLUX_SCHEDULER, SCHEDULERS, FlowMatchEulerScheduler,
+from glance_jax.schedules import (FLUX_SCHEDULER, FlowMatchEulerScheduler,
                                   GlanceSchedule, snr)
 from torch_peers import randomize_, relative_error
 
@@ -35,7 +36,7 @@ def diffusers_mu(config, image_seq_len):
 @pytest.mark.parametrize("model", ["flux", "qwen-image"])
 @pytest.mark.parametrize("height,width", [(256, 256), (512, 512), (1024, 1024), (1328, 1328), (768, 1344)])
 def test_scheduler_matches_diffusers(model, height, width):
-    config = SCHEDULERS[model]
+    config = families.get(model).scheduler
     image_seq_len = (height // 16) * (width // 16)
     ours = FlowMatchEulerScheduler.from_config(config)
     theirs = FlowMatchEulerDiscreteScheduler.from_config(config)
@@ -117,7 +118,7 @@ def torch_velocity(torch_model, x, t, inputs):
                            guidance=torch.full((B,), 3.5),
                            encoder_hidden_states=torch.from_numpy(inputs["prompt_embeds"]),
                            pooled_projections=torch.from_numpy(inputs["pooled_prompt_embeds"]),
-                           img_ids=torch.from_numpy(pipelines.flux_image_ids(rows, cols)),
+                           img_ids=torch.from_numpy(image_ids(rows, cols)),
                            txt_ids=torch.zeros(7, 3), return_dict=False)[0]
 
 

@@ -23,7 +23,8 @@ from optimum.quanto import freeze, qfloat8, qint8, quantize
 from peft import LoraConfig
 from PIL import Image
 
-from glance_jax import checkpoints, evaluation, safetensors_io, sharding
+from glance_jax import checkpoints, evaluation, sharding
+from glance_jax.checkpoints import safetensors_io
 from glance_jax import quantize as quant
 from glance_jax.errors import GlanceError
 from glance_jax.lora import init_lora, load_lora, merge_lora
@@ -262,7 +263,7 @@ def test_training_on_a_quantized_base_with_bf16_adam_moments(tmp_path):
     """config.model.quantize and config.optim.state_dtype through the trainer, on the demo's teacher."""
     from glance_jax.demo import teacher
     from glance_jax.recipes import official
-    from glance_jax.train import Run, optimizer
+    from glance_jax.train import Optim, Run, optimizer
     sample = tmp_path / "sample"
     sample.mkdir()
     images, labels = teacher.digits()
@@ -283,5 +284,5 @@ def test_training_on_a_quantized_base_with_bf16_adam_moments(tmp_path):
     assert quant.kind_of(run.params) == "fp8"
     tree = load_lora(run.train()["slow"], run.params)
     assert float(jnp.abs(tree["transformer_blocks"]["attn"]["to_q"]["B"]).max()) > 0  # the LoRA learned
-    moments = [x for x in jax.tree_util.tree_leaves(optimizer(c).init(tree)) if x.ndim]
+    moments = [x for x in jax.tree_util.tree_leaves(optimizer(Optim.of(c)).init(tree)) if x.ndim]
     assert moments and all(x.dtype == jnp.bfloat16 for x in moments)

@@ -12,9 +12,11 @@ from diffusers import QwenImageTransformer2DModel as TorchQwen
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 
-from glance_jax import checkpoints, safetensors_io
+from glance_jax import checkpoints
+from glance_jax.checkpoints import safetensors_io
 from glance_jax.errors import GlanceError
-from glance_jax.lora import PRESETS, load_lora, merge_lora, save_lora
+from glance_jax.families import QWEN_IMAGE
+from glance_jax.lora import load_lora, merge_lora, save_lora
 from glance_jax.models import QwenImageTransformer2DModel
 from glance_jax.pipelines import QwenImageGlancePipeline
 from glance_jax.schedules import QWEN_IMAGE_SCHEDULER, GlanceSchedule
@@ -118,7 +120,7 @@ def official_style_lora(tiny, tmp_path_factory):
     torch_model, base_path, _, _ = tiny
     path = tmp_path_factory.mktemp("qwen_lora")
     peft_model = TorchQwen.from_pretrained(base_path).eval()
-    peft_model.add_adapter(LoraConfig(r=4, lora_alpha=16, target_modules=list(PRESETS["qwen-image"])))
+    peft_model.add_adapter(LoraConfig(r=4, lora_alpha=16, target_modules=list(QWEN_IMAGE.lora_targets)))
     g = torch.Generator().manual_seed(9)
     with torch.no_grad():
         for name, p in peft_model.named_parameters():

@@ -9,7 +9,8 @@ import jax
 import numpy as np
 import pytest
 
-from glance_jax import checkpoints, evaluation, safetensors_io
+from glance_jax import checkpoints, evaluation
+from glance_jax.checkpoints import safetensors_io
 from glance_jax.cli import main
 from glance_jax.demo import teacher
 from glance_jax.lora import init_lora, load_lora, save_lora

@@ -13,7 +13,8 @@ import pytest
 from diffusers import FluxTransformer2DModel as TorchFlux
 from sklearn.datasets import load_sample_images
 
-from glance_jax import safetensors_io, sharding
+from glance_jax import sharding
+from glance_jax.checkpoints import safetensors_io
 from glance_jax.errors import GlanceError
 from torch_peers import randomize_
 

@@ -8,12 +8,13 @@ import jax
 import numpy as np
 import pytest
 
-from glance_jax import lora, validation
+from glance_jax import families, lora, validation
 from glance_jax.demo import lora_config, teacher, write_sample
 from glance_jax.errors import GlanceError
 from glance_jax.models import FluxTransformer2DModel, QwenImageTransformer2DModel
 from glance_jax.pipelines import FluxGlancePipeline
-from glance_jax.schedules import SCHEDULERS, FlowMatchEulerScheduler, GlanceSchedule, best_jumps, jump_errors
+from glance_jax.families import FLUX_SCHEDULER
+from glance_jax.schedules import FlowMatchEulerScheduler, GlanceSchedule, best_jumps, jump_errors
 from glance_jax.train import Run, teacher_grid
 
 
@@ -22,10 +23,10 @@ from glance_jax.train import Run, teacher_grid
 def test_all_dense_presets_cover_every_block_layer_and_nothing_outside():
     _, params = FluxTransformer2DModel.from_pretrained(teacher.TEACHER_DIR)
     names = set(lora.dense_layers(params))
-    chosen = {n for n in names if lora.matches(n, lora.PRESETS["flux-all"])}
+    chosen = {n for n in names if lora.matches(n, families.lora_preset("flux-all"))}
     assert chosen == {n for n in names if n.startswith(("transformer_blocks.", "single_transformer_blocks."))}
     assert "single_transformer_blocks.3.proj_out" in chosen and "proj_out" not in chosen
-    assert {n for n in names if lora.matches(n, lora.PRESETS["flux"])} < chosen  # the official four are inside
+    assert {n for n in names if lora.matches(n, families.lora_preset("flux"))} < chosen  # the official four are inside
     tree = lora.init_lora(jax.random.PRNGKey(0), params, "flux-all", 4, 16.0)
     assert lora.describe(tree).startswith(f"{len(chosen)} layers")
 
@@ -33,7 +34,7 @@ def test_all_dense_presets_cover_every_block_layer_and_nothing_outside():
                                        attention_head_dim=16, num_attention_heads=2, joint_attention_dim=24,
                                        axes_dims_rope=(4, 6, 6))
     names = set(lora.dense_layers(jax.eval_shape(qwen.init_params, jax.random.PRNGKey(0))))
-    chosen = {n for n in names if lora.matches(n, lora.PRESETS["qwen-image-all"])}
+    chosen = {n for n in names if lora.matches(n, families.lora_preset("qwen-image-all"))}
     assert chosen == {n for n in names if n.startswith("transformer_blocks.")}
     assert len(chosen) == 2 * 14  # q, k, v, out, add q/k/v, add out, two MLPs of two layers, two modulations
 
@@ -41,7 +42,7 @@ def test_all_dense_presets_cover_every_block_layer_and_nothing_outside():
 # ---- schedules ----
 
 def test_uniform_schedule_is_the_bases_own_k_step_schedule():
-    timesteps, _ = FlowMatchEulerScheduler.from_config(SCHEDULERS["flux"]).set_timesteps(6, 16)
+    timesteps, _ = FlowMatchEulerScheduler.from_config(FLUX_SCHEDULER).set_timesteps(6, 16)
     s = GlanceSchedule.uniform("flux", 3, 3, 16)
     np.testing.assert_array_equal(np.float32(s.slow + s.fast), timesteps)
     assert len(s.slow) == 3 and s.for_image_seq_len(4096).num_steps == 6
@@ -90,8 +91,8 @@ def test_trajectories_are_what_the_sampler_computes(tmp_path, guidance):
     same noise (true CFG on the empty prompt for guidance 3, with the demo's extra captions: trajectory k on
     caption k mod 10), and are read back from the cache."""
     run = demo_run(tmp_path, guidance)
-    grid = teacher_grid(run.schedule, SCHEDULERS["flux"], 4, 16)
-    np.testing.assert_array_equal(grid, FlowMatchEulerScheduler.from_config(SCHEDULERS["flux"]).set_timesteps(
+    grid = teacher_grid(run.schedule, FLUX_SCHEDULER, 4, 16)
+    np.testing.assert_array_equal(grid, FlowMatchEulerScheduler.from_config(FLUX_SCHEDULER).set_timesteps(
         4, 16)[1])
     states = np.asarray(run.trajectories(grid))
     noises = jax.random.normal(jax.random.fold_in(jax.random.PRNGKey(0), 10 ** 6), (3, 1, 16, 4))
@@ -118,7 +119,7 @@ def test_fitted_schedule_is_chosen_on_the_cached_trajectories(tmp_path):
     run = demo_run(tmp_path, 1.0)
     run.config.schedule.kind, run.config.teacher.substeps = "fitted", 12
     schedule = run.choose_schedule()
-    grid = teacher_grid(None, SCHEDULERS["flux"], 12, 16)
+    grid = teacher_grid(None, FLUX_SCHEDULER, 12, 16)
     states = np.asarray(run.trajectories(grid))
     path = best_jumps(jump_errors(states, grid), 4)
     assert schedule.slow_steps + schedule.fast_steps == tuple(i + 1 for i in path[:-1])
@@ -128,7 +129,7 @@ def test_fitted_schedule_is_chosen_on_the_cached_trajectories(tmp_path):
 def test_a_quantized_base_gets_its_own_cached_trajectories(tmp_path):
     """The cache key covers the base's quantization: an int8 run beside an fp32 one integrates anew."""
     run = demo_run(tmp_path, 1.0)
-    grid = teacher_grid(run.schedule, SCHEDULERS["flux"], 4, 16)
+    grid = teacher_grid(run.schedule, FLUX_SCHEDULER, 4, 16)
     plain = np.asarray(run.trajectories(grid))
     config = run.config.copy_and_resolve_references()
     config.model.quantize = "int8"

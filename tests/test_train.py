@@ -16,7 +16,8 @@ from diffusers import AutoencoderKL
 from diffusers import FluxTransformer2DModel as TorchFlux
 from sklearn.datasets import load_sample_images
 
-from glance_jax import data, safetensors_io
+from glance_jax import data
+from glance_jax.checkpoints import safetensors_io
 from glance_jax.cli import main
 from glance_jax.models import FluxTransformer2DModel
 from glance_jax.recipes import official

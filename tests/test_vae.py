@@ -158,7 +158,7 @@ def test_pipeline_returns_pil_and_np_images(flux_vae, tmp_path):
 def test_trainer_encodes_the_photo_with_the_flax_vae_and_caches_it(flux_vae, tmp_path):
     import shutil
 
-    from glance_jax import safetensors_io
+    from glance_jax.checkpoints import safetensors_io
     from glance_jax.recipes import official
     from glance_jax.train import Run
     torch_vae, vae_path, vae, vae_params = flux_vae
@@ -196,7 +196,7 @@ def test_sample_command_writes_png_through_the_vae(flux_vae, tmp_path):
 
     from PIL import Image
 
-    from glance_jax import safetensors_io
+    from glance_jax.checkpoints import safetensors_io
     from glance_jax.cli import main
     _, vae_path, _, _ = flux_vae
     config = dict(in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,

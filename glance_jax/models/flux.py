@@ -1,9 +1,10 @@
 """FLUX.1 transformer (diffusers' `FluxTransformer2DModel`) in Flax.
 
-Read top to bottom: the rotary embedding, the conditioning embedding, the
-double-stream block (separate image and text weights, joint attention), the
-single-stream block (one weight set over the concatenated sequence), then the
-model that scans over each stack of blocks.
+Read top to bottom: the conditioning embedding, the double-stream block
+(separate image and text weights, joint attention), the single-stream block
+(one weight set over the concatenated sequence), then the model that scans
+over each stack of blocks. The pieces Qwen-Image shares (rotary embedding,
+attention, feed-forward, output layer, block stack) are in `layers.py`.
 
 Module and parameter names are diffusers' module names (`to_q`, `add_q_proj`,
 `to_out.0`, `ff.net.0.proj`, `norm1.linear`, ...), so a parameter path joined
@@ -18,34 +19,26 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from glance_jax.models.base import PretrainedModel
 from glance_jax.models.layers import (
-    REMAT_POLICIES,
     Dense,
+    DoubleStreamAttention,
+    EmbedND,
+    FeedForward,
     MLPEmbedder,
-    RMSNorm,
-    apply_rope,
-    attention,
+    block_stack,
     gelu_tanh,
+    joint_attention,
     layer_norm,
     modulate,
-    rope_angles,
+    output_layer,
+    project_qkv,
     timestep_sinusoid,
 )
 
 Dtype = Any
-
-
-class EmbedND(nn.Module):
-    """3-axis RoPE: angles from (S, 3) position ids, returned as cos and sin of shape (S, head_dim / 2)."""
-
-    axes_dim: Sequence[int]
-    theta: float = 10000.0
-
-    def __call__(self, ids):
-        angles = rope_angles(ids, self.axes_dim, self.theta)
-        return jnp.cos(angles), jnp.sin(angles)
 
 
 class TimeTextEmbedding(nn.Module):
@@ -83,62 +76,6 @@ class AdaLayerNormZero(nn.Module):
                     name="linear")(jax.nn.silu(temb))
         shift, scale, *rest = jnp.split(emb, self.chunks, axis=-1)
         return modulate(layer_norm(x), shift, scale), rest
-
-
-class FeedForward(nn.Module):
-    """diffusers' FeedForward(activation_fn="gelu-approximate"): `net.2(gelu(net.0.proj(x)))`."""
-
-    dim: int
-    dtype: Dtype
-    param_dtype: Dtype
-
-    @nn.compact
-    def __call__(self, x):
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        return Dense(self.dim, **kw, name="net.2")(gelu_tanh(Dense(4 * self.dim, **kw, name="net.0.proj")(x)))
-
-
-def project_qkv(x, heads, head_dim, names, kw):
-    """q, k, v projections and per-head RMSNorm of q and k: (B, S, D) -> three (B, S, heads, head_dim).
-
-    Called inside a module's compact `__call__`, so the layers (named `names`:
-    q, k, v projections, then q and k norms) become children of that module.
-    """
-    to_q, to_k, to_v, norm_q, norm_k = names
-    split = lambda y: y.reshape(*y.shape[:-1], heads, head_dim)
-    q, k, v = (split(Dense(heads * head_dim, **kw, name=n)(x)) for n in (to_q, to_k, to_v))
-    return RMSNorm(1e-6, **kw, name=norm_q)(q), RMSNorm(1e-6, **kw, name=norm_k)(k), v
-
-
-def joint_attention(q, k, v, cos, sin, implementation, mask=None):
-    """RoPE on q and k, attention over the whole (text + image) sequence, heads merged back."""
-    out = attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, mask, implementation)
-    return out.reshape(*out.shape[:2], -1)
-
-
-class DoubleStreamAttention(nn.Module):
-    """`attn` of a double block: separate q/k/v for image and text, one attention over both."""
-
-    heads: int
-    head_dim: int
-    attention_impl: str
-    dtype: Dtype
-    param_dtype: Dtype
-
-    @nn.compact
-    def __call__(self, img, txt, cos, sin, mask=None):
-        """`mask` (B, text + image tokens), True = attend; None attends to everything (FLUX)."""
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        img_names = ("to_q", "to_k", "to_v", "norm_q", "norm_k")
-        txt_names = ("add_q_proj", "add_k_proj", "add_v_proj", "norm_added_q", "norm_added_k")
-        img_q, img_k, img_v = project_qkv(img, self.heads, self.head_dim, img_names, kw)
-        txt_q, txt_k, txt_v = project_qkv(txt, self.heads, self.head_dim, txt_names, kw)
-        cat = lambda a, b: jnp.concatenate([a, b], axis=1)
-        out = joint_attention(cat(txt_q, img_q), cat(txt_k, img_k), cat(txt_v, img_v), cos, sin,
-                              self.attention_impl, mask)
-        txt_out, img_out = out[:, :txt.shape[1]], out[:, txt.shape[1]:]
-        dim = img.shape[-1]
-        return Dense(dim, **kw, name="to_out.0")(img_out), Dense(dim, **kw, name="to_add_out")(txt_out)
 
 
 class DoubleStreamBlock(nn.Module):
@@ -213,26 +150,6 @@ class SingleStreamBlock(nn.Module):
         return (x[:, txt.shape[1]:], x[:, :txt.shape[1]]), None
 
 
-def output_layer(img, temb, features, kw):
-    """`norm_out` (diffusers' AdaLayerNormContinuous: scale, then shift) and `proj_out`; FLUX and Qwen-Image alike.
-
-    Called inside a model's compact `__call__`, so both layers become its children.
-    """
-    scale, shift = jnp.split(Dense(2 * img.shape[-1], **kw, name="norm_out.linear")(jax.nn.silu(temb)), 2, axis=-1)
-    return Dense(features, **kw, name="proj_out")(modulate(layer_norm(img), shift, scale))
-
-
-def block_stack(block_cls, length, remat_policy, unroll, broadcast_args=3):
-    """`length` copies of `block_cls` with parameters (and LoRAs) stacked on axis 0, run by `nn.scan`.
-
-    Blocks take (carry, *broadcast_args): the same conditioning for every block.
-    """
-    if remat_policy != "none":
-        block_cls = nn.remat(block_cls, policy=REMAT_POLICIES[remat_policy], prevent_cse=False)
-    return nn.scan(block_cls, variable_axes={"params": 0, "lora": 0}, split_rngs={"params": True},
-                   in_axes=(nn.broadcast,) * broadcast_args, length=length, unroll=unroll)
-
-
 class FluxTransformer2DModel(PretrainedModel, nn.Module):
     """The FLUX.1 MMDiT. Fields are diffusers' config keys, plus the compute dtype and the remat policy.
 
@@ -258,6 +175,7 @@ class FluxTransformer2DModel(PretrainedModel, nn.Module):
     attention_impl: str = "auto"  # "auto", "xla", "blocked", "splash" or "cudnn" (see models.attention)
     scan_unroll: bool = False  # unrolled blocks: slower to compile, but XLA's cost analysis counts every block
 
+    quantizable = True  # a frozen base whose Dense kernels glance_jax.quantize may store in 8 bits
     config_keys = ("patch_size", "in_channels", "out_channels", "num_layers", "num_single_layers",
                    "attention_head_dim", "num_attention_heads", "joint_attention_dim", "pooled_projection_dim",
                    "guidance_embeds", "axes_dims_rope")
@@ -290,11 +208,32 @@ class FluxTransformer2DModel(PretrainedModel, nn.Module):
         out_channels = self.out_channels or self.in_channels
         return output_layer(img, temb, self.patch_size ** 2 * out_channels, kw)
 
+    def conditioning(self, encodings, rows, cols, guidance=1.0):
+        """(keyword inputs, static inputs) besides hidden_states and timestep, for a batch of prompt encodings
+        (`prompt_embeds` (B, T, D), `pooled_prompt_embeds` (B, P)) and a rows x cols grid of packed latents.
+
+        The one place FLUX's inputs are assembled (sampler, trainer, planner): position ids (0, row,
+        column) for the image and zeros for the text, and the guidance input if the model has one."""
+        embeds = encodings["prompt_embeds"]
+        batch, text_tokens = embeds.shape[:2]
+        cond = dict(encoder_hidden_states=jnp.asarray(embeds, self.dtype),
+                    pooled_projections=jnp.asarray(encodings["pooled_prompt_embeds"], self.dtype),
+                    img_ids=jnp.asarray(image_ids(rows, cols)), txt_ids=jnp.zeros((text_tokens, 3), jnp.float32),
+                    guidance=jnp.full((batch,), guidance, jnp.float32) if self.guidance_embeds else None)
+        return cond, ()
+
     def example_inputs(self, batch=1, image_tokens=1, text_tokens=1):
         """Zero inputs of the right shapes: enough to initialise or trace the model."""
         zeros = lambda *s: jnp.zeros(s, jnp.float32)
-        return dict(hidden_states=zeros(batch, image_tokens, self.in_channels),
-                    encoder_hidden_states=zeros(batch, text_tokens, self.joint_attention_dim),
-                    pooled_projections=zeros(batch, self.pooled_projection_dim), timestep=zeros(batch),
-                    img_ids=zeros(image_tokens, 3), txt_ids=zeros(text_tokens, 3),
-                    guidance=zeros(batch) if self.guidance_embeds else None)
+        cond, _ = self.conditioning({"prompt_embeds": zeros(batch, text_tokens, self.joint_attention_dim),
+                                     "pooled_prompt_embeds": zeros(batch, self.pooled_projection_dim)},
+                                    image_tokens, 1, guidance=0.0)
+        return dict(hidden_states=zeros(batch, image_tokens, self.in_channels), timestep=zeros(batch), **cond)
+
+
+def image_ids(rows, cols):
+    """FLUX position ids of a rows x cols grid of packed tokens: (0, row, column)."""
+    ids = np.zeros((rows, cols, 3), np.float32)
+    ids[..., 1] = np.arange(rows)[:, None]
+    ids[..., 2] = np.arange(cols)[None, :]
+    return ids.reshape(-1, 3)

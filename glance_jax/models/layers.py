@@ -1,4 +1,5 @@
-"""Building blocks shared by the MMDiT ports: LoRA-aware Dense, norms, RoPE, attention.
+"""Building blocks shared by the models: LoRA-aware Dense, norms, RoPE, attention, and the MMDiT pieces that
+FLUX.1 and Qwen-Image share (rotary embedding, joint attention, feed-forward, output layer, block stack).
 
 Numerics follow diffusers where it matters for parity: norms and the rotary
 embedding are computed in float32 and cast back, attention softmax runs in
@@ -7,7 +8,7 @@ float32, and the timestep embedding is the sinusoidal one of diffusers'
 """
 
 import math
-from typing import Any
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
@@ -146,3 +147,100 @@ def attention(q, k, v, mask=None, implementation="auto"):
     "auto" (by platform); the kernels are in `glance_jax.models.attention`.
     """
     return attention_kernels.attention(q, k, v, mask, implementation)
+
+
+
+def biased_attention(q, k, v, bias, scale):
+    """Attention on (B, T, heads, d) with an additive (B or 1, heads or 1, T, S) bias, softmax in float32: the text
+    encoders' (padding, causal and T5's relative-position biases), exact at their short lengths."""
+    logits = jnp.einsum("bthd,bshd->bhts", q, k, preferred_element_type=jnp.float32) * scale + bias
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    return jnp.einsum("bhts,bshd->bthd", probs, v)
+
+# ---- the MMDiT pieces FLUX.1 and Qwen-Image share ----
+
+class EmbedND(nn.Module):
+    """3-axis RoPE: angles from (S, 3) position ids, returned as cos and sin of shape (S, head_dim / 2)."""
+
+    axes_dim: Sequence[int]
+    theta: float = 10000.0
+
+    def __call__(self, ids):
+        angles = rope_angles(ids, self.axes_dim, self.theta)
+        return jnp.cos(angles), jnp.sin(angles)
+
+
+class FeedForward(nn.Module):
+    """diffusers' FeedForward(activation_fn="gelu-approximate"): `net.2(gelu(net.0.proj(x)))`."""
+
+    dim: int
+    dtype: Dtype
+    param_dtype: Dtype
+
+    @nn.compact
+    def __call__(self, x):
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        return Dense(self.dim, **kw, name="net.2")(gelu_tanh(Dense(4 * self.dim, **kw, name="net.0.proj")(x)))
+
+
+def project_qkv(x, heads, head_dim, names, kw):
+    """q, k, v projections and per-head RMSNorm of q and k: (B, S, D) -> three (B, S, heads, head_dim).
+
+    Called inside a module's compact `__call__`, so the layers (named `names`:
+    q, k, v projections, then q and k norms) become children of that module.
+    """
+    to_q, to_k, to_v, norm_q, norm_k = names
+    split = lambda y: y.reshape(*y.shape[:-1], heads, head_dim)
+    q, k, v = (split(Dense(heads * head_dim, **kw, name=n)(x)) for n in (to_q, to_k, to_v))
+    return RMSNorm(1e-6, **kw, name=norm_q)(q), RMSNorm(1e-6, **kw, name=norm_k)(k), v
+
+
+def joint_attention(q, k, v, cos, sin, implementation, mask=None):
+    """RoPE on q and k, attention over the whole (text + image) sequence, heads merged back."""
+    out = attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, mask, implementation)
+    return out.reshape(*out.shape[:2], -1)
+
+
+class DoubleStreamAttention(nn.Module):
+    """`attn` of a double block: separate q/k/v for image and text, one attention over both."""
+
+    heads: int
+    head_dim: int
+    attention_impl: str
+    dtype: Dtype
+    param_dtype: Dtype
+
+    @nn.compact
+    def __call__(self, img, txt, cos, sin, mask=None):
+        """`mask` (B, text + image tokens), True = attend; None attends to everything (FLUX)."""
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        img_names = ("to_q", "to_k", "to_v", "norm_q", "norm_k")
+        txt_names = ("add_q_proj", "add_k_proj", "add_v_proj", "norm_added_q", "norm_added_k")
+        img_q, img_k, img_v = project_qkv(img, self.heads, self.head_dim, img_names, kw)
+        txt_q, txt_k, txt_v = project_qkv(txt, self.heads, self.head_dim, txt_names, kw)
+        cat = lambda a, b: jnp.concatenate([a, b], axis=1)
+        out = joint_attention(cat(txt_q, img_q), cat(txt_k, img_k), cat(txt_v, img_v), cos, sin,
+                              self.attention_impl, mask)
+        txt_out, img_out = out[:, :txt.shape[1]], out[:, txt.shape[1]:]
+        dim = img.shape[-1]
+        return Dense(dim, **kw, name="to_out.0")(img_out), Dense(dim, **kw, name="to_add_out")(txt_out)
+
+
+def output_layer(img, temb, features, kw):
+    """`norm_out` (diffusers' AdaLayerNormContinuous: scale, then shift) and `proj_out`; FLUX and Qwen-Image alike.
+
+    Called inside a model's compact `__call__`, so both layers become its children.
+    """
+    scale, shift = jnp.split(Dense(2 * img.shape[-1], **kw, name="norm_out.linear")(jax.nn.silu(temb)), 2, axis=-1)
+    return Dense(features, **kw, name="proj_out")(modulate(layer_norm(img), shift, scale))
+
+
+def block_stack(block_cls, length, remat_policy, unroll, broadcast_args=3):
+    """`length` copies of `block_cls` with parameters (and LoRAs) stacked on axis 0, run by `nn.scan`.
+
+    Blocks take (carry, *broadcast_args): the same conditioning for every block.
+    """
+    if remat_policy != "none":
+        block_cls = nn.remat(block_cls, policy=REMAT_POLICIES[remat_policy], prevent_cse=False)
+    return nn.scan(block_cls, variable_axes={"params": 0, "lora": 0}, split_rngs={"params": True},
+                   in_axes=(nn.broadcast,) * broadcast_args, length=length, unroll=unroll)

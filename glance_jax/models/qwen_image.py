@@ -20,8 +20,19 @@ import numpy as np
 
 from glance_jax.errors import GlanceError
 from glance_jax.models.base import PretrainedModel
-from glance_jax.models.flux import DoubleStreamAttention, EmbedND, FeedForward, block_stack, output_layer
-from glance_jax.models.layers import Dense, MLPEmbedder, RMSNorm, layer_norm, modulate, timestep_sinusoid
+from glance_jax.models.layers import (
+    Dense,
+    DoubleStreamAttention,
+    EmbedND,
+    FeedForward,
+    MLPEmbedder,
+    RMSNorm,
+    block_stack,
+    layer_norm,
+    modulate,
+    output_layer,
+    timestep_sinusoid,
+)
 
 Dtype = Any
 
@@ -100,6 +111,7 @@ class QwenImageTransformer2DModel(PretrainedModel, nn.Module):
     attention_impl: str = "auto"
     scan_unroll: bool = False
 
+    quantizable = True  # a frozen base whose Dense kernels glance_jax.quantize may store in 8 bits
     config_keys = ("patch_size", "in_channels", "out_channels", "num_layers", "attention_head_dim",
                    "num_attention_heads", "joint_attention_dim", "guidance_embeds", "axes_dims_rope")
     unsupported = {"zero_cond_t": False, "use_additional_t_cond": False, "use_layer3d_rope": False,
@@ -131,10 +143,22 @@ class QwenImageTransformer2DModel(PretrainedModel, nn.Module):
 
         return output_layer(img, temb, self.patch_size ** 2 * self.out_channels, kw)
 
+    def conditioning(self, encodings, rows, cols, guidance=None):
+        """(keyword inputs, static inputs) besides hidden_states and timestep, for a batch of prompt encodings
+        (`prompt_embeds` (B, T, D), optionally `prompt_embeds_mask` (B, T)) and a rows x cols grid of packed
+        latents. The one place Qwen-Image's inputs are assembled; `img_shapes` (Python ints) shape the
+        program. Qwen-Image has no guidance input: `guidance` is ignored."""
+        embeds = encodings["prompt_embeds"]
+        mask = encodings.get("prompt_embeds_mask")
+        cond = dict(encoder_hidden_states=jnp.asarray(embeds, self.dtype),
+                    encoder_hidden_states_mask=None if mask is None else jnp.asarray(mask).astype(jnp.int32))
+        return cond, (("img_shapes", ((1, rows, cols),) * embeds.shape[0]),)
+
     def example_inputs(self, batch=1, height=1, width=1, text_tokens=1):
         """Zero inputs for a (height, width) grid of packed tokens: enough to initialise or trace the model."""
         zeros = lambda *s: jnp.zeros(s, jnp.float32)
-        return dict(hidden_states=zeros(batch, height * width, self.in_channels),
-                    encoder_hidden_states=zeros(batch, text_tokens, self.joint_attention_dim),
-                    encoder_hidden_states_mask=jnp.ones((batch, text_tokens), jnp.int32),
-                    timestep=zeros(batch), img_shapes=[(1, height, width)] * batch)
+        cond, static = self.conditioning({"prompt_embeds": zeros(batch, text_tokens, self.joint_attention_dim),
+                                          "prompt_embeds_mask": jnp.ones((batch, text_tokens), jnp.int32)},
+                                         height, width)
+        return dict(hidden_states=zeros(batch, height * width, self.in_channels), timestep=zeros(batch), **cond,
+                    **dict(static))

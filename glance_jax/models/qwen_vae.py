@@ -48,8 +48,9 @@ class CausalConv3d(nn.Module):
         return y + bias.astype(y.dtype)
 
 
-class RMSNorm(nn.Module):
-    """diffusers' QwenImageRMS_norm: x / ||x|| over channels, times sqrt(C) and `gamma`."""
+class ChannelNorm(nn.Module):
+    """diffusers' QwenImageRMS_norm: x / ||x|| over channels, times sqrt(C) and `gamma` (an RMS norm without eps,
+    its `gamma` shaped (C, 1, ...) as torch keeps it; the transformers' RMSNorm is `layers.RMSNorm`)."""
 
     broadcast_dims: int  # 3 for 5-D activations, 2 for the attention's 4-D ones (torch keeps gamma as (C, 1, ...))
 
@@ -71,9 +72,9 @@ class ResidualBlock(nn.Module):
         shortcut = x
         if x.shape[-1] != self.out_dim:
             shortcut = CausalConv3d(self.out_dim, (1, 1, 1), dtype=self.dtype, name="conv_shortcut")(x)
-        h = nn.silu(RMSNorm(3, name="norm1")(x))
+        h = nn.silu(ChannelNorm(3, name="norm1")(x))
         h = CausalConv3d(self.out_dim, (3, 3, 3), (1, 1, 1), self.dtype, name="conv1")(h)
-        h = nn.silu(RMSNorm(3, name="norm2")(h))
+        h = nn.silu(ChannelNorm(3, name="norm2")(h))
         h = CausalConv3d(self.out_dim, (3, 3, 3), (1, 1, 1), self.dtype, name="conv2")(h)
         return h + shortcut
 
@@ -97,7 +98,7 @@ class AttentionBlock(nn.Module):
         def attend(img):
             n, h, w, _ = img.shape
             qkv = nn.Conv(3 * c, (1, 1), dtype=self.dtype, param_dtype=self.dtype, name="to_qkv")(
-                RMSNorm(2, name="norm")(img))
+                ChannelNorm(2, name="norm")(img))
             q, k, v = jnp.split(qkv.reshape(n, h * w, 1, 3 * c), 3, axis=-1)
             out = jax.nn.dot_product_attention(q, k, v).reshape(n, h, w, c)
             return nn.Conv(c, (1, 1), dtype=self.dtype, param_dtype=self.dtype, name="proj")(out)
@@ -162,7 +163,7 @@ class Encoder3d(nn.Module):
                 x = Resample(mode, self.dtype, name=f"down_blocks.{index}")(x)
                 index += 1
         x = MidBlock(self.dtype, name="mid_block")(x)
-        x = nn.silu(RMSNorm(3, name="norm_out")(x))
+        x = nn.silu(ChannelNorm(3, name="norm_out")(x))
         return CausalConv3d(self.z_dim, (3, 3, 3), (1, 1, 1), self.dtype, name="conv_out")(x)
 
 
@@ -185,7 +186,7 @@ class Decoder3d(nn.Module):
             if i != len(self.dim_mult) - 1:
                 mode = "upsample3d" if self.temperal_upsample[i] else "upsample2d"
                 x = Resample(mode, self.dtype, name=f"up_blocks.{i}.upsamplers.0")(x)
-        x = nn.silu(RMSNorm(3, name="norm_out")(x))
+        x = nn.silu(ChannelNorm(3, name="norm_out")(x))
         return CausalConv3d(self.out_channels, (3, 3, 3), (1, 1, 1), self.dtype, name="conv_out")(x)
 
 

@@ -22,32 +22,16 @@ import jax.numpy as jnp
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
+from glance_jax import models
 from glance_jax import quantize as quant
-from glance_jax import safetensors_io
+from glance_jax.checkpoints import bfl, safetensors_io
 from glance_jax.errors import GlanceError
-from glance_jax.models import flux_bfl
 from glance_jax.models.layers import STACKED_BLOCKS
 
 FORMAT_FILE = "glance_jax.json"  # marks a folder written by `convert_checkpoint`
 PARAMS_DIR = "params"
 DTYPES = {"fp32": jnp.float32, "float32": jnp.float32, "bf16": jnp.bfloat16, "bfloat16": jnp.bfloat16,
           "fp16": jnp.float16, "float16": jnp.float16}
-
-
-def model_classes():
-    """{class name: Flax class}, under diffusers' `_class_name` and transformers' `architectures` names."""
-    from glance_jax.models import (
-        AutoencoderKL,
-        AutoencoderKLQwenImage,
-        FluxTransformer2DModel,
-        QwenImageTransformer2DModel,
-    )
-    from glance_jax.text import CLIPTextModel, Qwen25VLTextModel, T5EncoderModel
-    classes = (FluxTransformer2DModel, QwenImageTransformer2DModel, AutoencoderKL, AutoencoderKLQwenImage,
-               CLIPTextModel, T5EncoderModel, Qwen25VLTextModel)
-    by_name = {cls.__name__: cls for cls in classes}
-    by_name.update({cls.architecture: cls for cls in classes if hasattr(cls, "architecture")})
-    return by_name
 
 
 def class_name(config):
@@ -199,13 +183,13 @@ def _open_diffusers_folder(path):
 
 def _open_bfl_file(path, axes_dims_rope=None):
     f = safetensors_io.SafetensorsFile(path)
-    if not flux_bfl.is_bfl(f.keys()):
+    if not bfl.is_bfl(f.keys()):
         raise GlanceError(
             f"{path}: not a Black Forest Labs FLUX checkpoint (no double_blocks.* / single_blocks.* keys); "
             "for diffusers weights pass the folder that holds config.json")
-    shapes = {flux_bfl.strip_prefix(n): info.shape for n, info in f.tensors.items()}
+    shapes = {bfl.strip_prefix(n): info.shape for n, info in f.tensors.items()}
     try:
-        config = flux_bfl.config_from_shapes(shapes, axes_dims_rope)
+        config = bfl.config_from_shapes(shapes, axes_dims_rope)
     except KeyError as e:
         raise GlanceError(f"{path}: BFL checkpoint lacks {e.args[0]!r}") from None
     except ValueError as e:
@@ -213,7 +197,7 @@ def _open_bfl_file(path, axes_dims_rope=None):
     hidden = config["attention_head_dim"] * config["num_attention_heads"]
     tensors, unknown = {}, []
     for name, info in f.tensors.items():
-        targets = flux_bfl.to_diffusers(name, info.shape[0] if info.shape else 0, hidden)
+        targets = bfl.to_diffusers(name, info.shape[0] if info.shape else 0, hidden)
         if targets is None:
             unknown.append(name)
             continue
@@ -245,12 +229,6 @@ def open_checkpoint(path, axes_dims_rope=None):
 # ---- pipeline folders and what a path holds, read before anything heavy ----
 
 PIPELINE_FILE = "model_index.json"  # marks a diffusers pipeline folder
-TRANSFORMER_CLASSES = {"flux": "FluxTransformer2DModel", "qwen-image": "QwenImageTransformer2DModel"}
-VAE_CLASSES = ("AutoencoderKL", "AutoencoderKLQwenImage")
-# the text encoders (config.json class) each family's prompt encoding takes from a pipeline folder
-TEXT_ENCODERS = {"flux": {"text_encoder": ("CLIPTextModel",), "text_encoder_2": ("T5EncoderModel",)},
-                 "qwen-image": {"text_encoder": ("Qwen2_5_VLForConditionalGeneration", "Qwen25VLTextModel")}}
-
 
 def pipeline_parts(path):
     """{component: folder} of a diffusers pipeline folder (model_index.json), or None if `path` is not one."""
@@ -277,66 +255,6 @@ def peek_class(path):
     return "not a checkpoint"
 
 
-def _component(path, component, wanted, what):
-    """`path`, or its `component` folder if it is a pipeline folder, after checking it holds one of `wanted`."""
-    parts = pipeline_parts(path)
-    if parts is not None:
-        if component not in parts:
-            raise GlanceError(f"{what} {path}: a pipeline folder without {component}/")
-        path = parts[component]
-    else:
-        path = os.path.expanduser(os.fspath(path))
-    held = peek_class(path)
-    if held not in wanted:
-        raise GlanceError(f"{what} {path} holds {held}, not {' or '.join(wanted)}")
-    return path
-
-
-def transformer_path(path, family=None, what="the model path"):
-    """The transformer checkpoint a user's path stands for (a pipeline folder gives its transformer/),
-    refused in one line if it holds another kind of model (or another family than `family`)."""
-    wanted = (TRANSFORMER_CLASSES[family],) if family else tuple(TRANSFORMER_CLASSES.values())
-    return _component(path, "transformer", wanted, what)
-
-
-def vae_path(path, what="the VAE path"):
-    """The VAE folder a user's path stands for (a pipeline folder gives its vae/), checked by its config."""
-    return _component(path, "vae", VAE_CLASSES, what)
-
-
-def text_encoders_path(path, family, what="the text encoder path"):
-    """The pipeline folder holding `family`'s text encoder(s) and tokenizer(s), checked by their configs."""
-    path = os.path.expanduser(os.fspath(path))
-    for folder, wanted in TEXT_ENCODERS[family].items():
-        sub = os.path.join(path, folder)
-        if not os.path.isdir(sub):
-            raise GlanceError(f"{what} {path}: no {folder}/ in it (give the pipeline folder that holds "
-                              f"{', '.join(TEXT_ENCODERS[family])} and their tokenizers)")
-        held = peek_class(sub)
-        if held not in wanted:
-            raise GlanceError(f"{what} {sub} holds {held}, not {wanted[0]}")
-    return path
-
-
-def model_paths(path, family=None, vae=None, text_encoders=None, what="the model path"):
-    """(transformer, vae or None, text encoders or None) for a user's model path: a pipeline folder supplies
-    all three; explicitly given `vae` / `text_encoders` paths override its parts. Every path is checked
-    for the kind of model it holds before anything is loaded."""
-    parts = pipeline_parts(path) or {}
-    transformer = transformer_path(path, family, what)
-    if family is None:
-        family = "flux" if peek_class(transformer) == TRANSFORMER_CLASSES["flux"] else "qwen-image"
-    if vae:
-        vae = vae_path(vae)
-    elif "vae" in parts:
-        vae = vae_path(parts["vae"])
-    if text_encoders:
-        text_encoders = text_encoders_path(text_encoders, family)
-    elif "text_encoder" in parts:
-        text_encoders = text_encoders_path(os.path.dirname(parts["text_encoder"]), family)
-    return transformer, vae or None, text_encoders or None
-
-
 def component_of_class(path, cls):
     """The part of a pipeline folder that holds a `cls` model (by its config.json); other paths unchanged."""
     parts = pipeline_parts(path) if cls is not None else None
@@ -350,7 +268,7 @@ def component_of_class(path, cls):
 
 
 def model_from_config(config, dtype, expected_class=None, **overrides):
-    classes = model_classes()
+    classes = models.CLASSES
     name = class_name(config)
     if name not in classes:
         raise GlanceError(f"config.json: unknown _class_name {name!r}; supported: {', '.join(sorted(classes))}")
@@ -524,9 +442,6 @@ def converted_quantization(directory):
     return _read_json(os.path.join(directory, FORMAT_FILE)).get("quantize")
 
 
-QUANTIZABLE = ("FluxTransformer2DModel", "QwenImageTransformer2DModel")
-
-
 def _quantization(model, checkpoint, quantize, where):
     """(kind to load, kind stored): a converted folder may already hold an fp8 or int8 base."""
     quantize = quant.check_kind(quantize)
@@ -534,7 +449,7 @@ def _quantization(model, checkpoint, quantize, where):
     if stored and quantize and stored != quantize:
         raise GlanceError(f"{where} holds a {stored} base; it cannot be loaded as {quantize}")
     kind = quantize or stored
-    if kind and type(model).__name__ not in QUANTIZABLE:
+    if kind and not getattr(model, "quantizable", False):
         raise GlanceError(f"quantize={kind}: only the FLUX.1 and Qwen-Image transformers are quantized, "
                           f"not a {type(model).__name__}")
     return kind, stored

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from glance_jax.models.base import PretrainedModel
-from glance_jax.models.layers import Dense, RMSNorm  # RMSNorm: T5LayerNorm and Qwen2RMSNorm alike
+from glance_jax.models.layers import Dense, RMSNorm, biased_attention  # RMSNorm: T5LayerNorm and Qwen2RMSNorm alike
 
 Dtype = Any
 NEG = -1e30  # masked logits (finite, so fully masked rows stay NaN-free)
@@ -29,13 +29,6 @@ def _dense(features, name, dtype, bias=True):
 
 def _embed(vocab, dim, name, dtype):
     return nn.Embed(vocab, dim, dtype=dtype, param_dtype=dtype, name=name)
-
-
-def _attend(q, k, v, bias, scale):
-    """Attention on (B, T, heads, d) with an additive (B or 1, heads or 1, T, S) bias, softmax in float32."""
-    logits = jnp.einsum("bthd,bshd->bhts", q, k, preferred_element_type=jnp.float32) * scale + bias
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    return jnp.einsum("bhts,bshd->bthd", probs, v)
 
 
 def _padding_bias(attention_mask):
@@ -76,7 +69,7 @@ class CLIPLayer(nn.Module):
         h = ln("layer_norm1")(x).astype(self.dtype)
         split = lambda y: y.reshape(*y.shape[:2], self.heads, d // self.heads)
         q, k, v = (split(_dense(d, f"self_attn.{n}_proj", self.dtype)(h)) for n in "qkv")
-        out = _attend(q, k, v, bias, (d // self.heads) ** -0.5).reshape(x.shape)
+        out = biased_attention(q, k, v, bias, (d // self.heads) ** -0.5).reshape(x.shape)
         x = x + _dense(d, "self_attn.out_proj", self.dtype)(out)
         h = _dense(self.intermediate, "mlp.fc1", self.dtype)(ln("layer_norm2")(x).astype(self.dtype))
         h = h * jax.nn.sigmoid(1.702 * h) if self.act == "quick_gelu" else jax.nn.gelu(h, approximate=False)
@@ -153,7 +146,7 @@ class T5Block(nn.Module):
         split = lambda y: y.reshape(*y.shape[:2], self.heads, self.d_kv)
         q, k, v = (split(_dense(self.heads * self.d_kv, f"layer.0.SelfAttention.{n}", self.dtype, False)(h))
                    for n in "qkv")
-        out = _attend(q, k, v, bias, 1.0).reshape(*x.shape[:2], -1)  # T5 does not scale its logits
+        out = biased_attention(q, k, v, bias, 1.0).reshape(*x.shape[:2], -1)  # T5 does not scale its logits
         x = x + _dense(d, "layer.0.SelfAttention.o", self.dtype, False)(out)
         h = RMSNorm(self.eps, self.dtype, self.dtype, name="layer.1.layer_norm")(x)
         gated = jax.nn.gelu(_dense(self.d_ff, "layer.1.DenseReluDense.wi_0", self.dtype, False)(h), approximate=True)
@@ -223,7 +216,7 @@ class QwenLayer(nn.Module):
         q, k = rotate(q, cos, sin), rotate(k, cos, sin)
         repeat = self.heads // self.kv_heads  # grouped-query attention
         k, v = jnp.repeat(k, repeat, axis=2), jnp.repeat(v, repeat, axis=2)
-        out = _attend(q, k, v, bias, head_dim ** -0.5).reshape(*x.shape[:2], -1)
+        out = biased_attention(q, k, v, bias, head_dim ** -0.5).reshape(*x.shape[:2], -1)
         x = x + _dense(d, "self_attn.o_proj", self.dtype, False)(out)
         h = RMSNorm(self.eps, self.dtype, self.dtype, name="post_attention_layernorm")(x)
         h = jax.nn.silu(_dense(self.intermediate, "mlp.gate_proj", self.dtype, False)(h)) * _dense(

@@ -1,0 +1,412 @@
+"""LoRA files: diffusers / PEFT, kohya and ComfyUI import, diffusers and kohya export, FLUX's BFL names.
+
+Module names in files are diffusers' (`transformer_blocks.3.attn.to_q`), found
+through the same table that loads checkpoints (`checkpoints.weight_table`),
+so import and export are lookups; FLUX files may also use Black Forest Labs'
+names (`double_blocks.3.img_attn.qkv`), whose fused layers split onto
+diffusers' (`checkpoints.bfl`). The trees these functions read and write are
+described in `glance_jax.lora`; that module re-exports `load_lora`,
+`save_lora`, `read_schedule` and `describe`, where the README imports them.
+"""
+
+import collections
+import dataclasses
+import json
+import logging
+import os
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax.traverse_util import flatten_dict, unflatten_dict
+
+from glance_jax import families
+from glance_jax.checkpoints import bfl, safetensors_io, weight_table
+from glance_jax.errors import GlanceError
+from glance_jax.schedules import GlanceSchedule
+
+log = logging.getLogger(__name__)
+
+METADATA_KEY = "lora_adapter_metadata"  # where diffusers keeps the LoraConfig of a saved LoRA
+SCHEDULE_KEY = "glance_schedule"  # the Glance timesteps a LoRA was trained for (JSON), so the pair never separates
+PREFIXES = ("transformer.", "base_model.model.") + bfl.PREFIXES  # diffusers, PEFT, then BFL / ComfyUI
+KOHYA_PREFIXES = ("lora_unet_", "lora_transformer_")
+SUFFIXES = {".lora_A.weight": "A", ".lora_B.weight": "B", ".lora_down.weight": "A", ".lora_up.weight": "B",
+            ".lora_A.default.weight": "A", ".lora_B.default.weight": "B", ".alpha": "alpha"}
+
+
+# ---- which Dense layers exist, under which names ----
+
+def dense_layers(params):
+    """{diffusers module name: (module path in the tree, block index or None, (in, out))} for every Dense kernel."""
+    layers = {}
+    for name, slot in weight_table(params).items():
+        if slot.path[-1] == "kernel" and len(slot.torch_shape) == 2:
+            layers[name[:-len(".weight")]] = (slot.path[:-1], slot.index, slot.torch_shape[::-1])
+    return layers
+
+
+def stack_size(params, path):
+    """Blocks in the stack a Dense layer at `path` belongs to, or None for a layer outside the stacks."""
+    kernel = flatten_dict(params)[path + ("kernel",)]
+    return kernel.shape[0] if len(kernel.shape) == 3 else None
+
+
+def modules_of(tree):
+    """{module path: {"A", "B", "alpha"}} of a LoRA tree."""
+    modules = collections.defaultdict(dict)
+    for path, leaf in flatten_dict(tree).items():
+        modules[path[:-1]][path[-1]] = leaf
+    return modules
+
+
+# ---- reading files ----
+
+def _lora_file(source):
+    """(the .safetensors file of a LoRA file or folder, the folder's PEFT adapter_config or None)."""
+    path = os.fspath(source)
+    if not os.path.isdir(path):
+        return path, None
+    for name in ("pytorch_lora_weights.safetensors", "adapter_model.safetensors"):
+        if os.path.isfile(os.path.join(path, name)):
+            adapter_config, config = os.path.join(path, "adapter_config.json"), None
+            if os.path.isfile(adapter_config):
+                with open(adapter_config) as f:
+                    config = json.load(f)
+            return os.path.join(path, name), config
+    raise GlanceError(f"{path}: no pytorch_lora_weights.safetensors or adapter_model.safetensors in it")
+
+
+def read_schedule(path):
+    """The GlanceSchedule a LoRA file was trained for (written by `save_lora(..., schedule=...)`), or None."""
+    f = safetensors_io.SafetensorsFile(_lora_file(path)[0])
+    if SCHEDULE_KEY not in f.metadata:
+        return None
+    try:
+        described = json.loads(f.metadata[SCHEDULE_KEY])
+    except ValueError:
+        raise GlanceError(f"{f.path}: its {SCHEDULE_KEY} metadata is not JSON") from None
+    return GlanceSchedule.from_dict(described)
+
+
+def _read_state_dict(source):
+    """(tensors as numpy, LoRA config dict or None, where) from a path or an in-memory state dict."""
+    if isinstance(source, dict):
+        to_np = lambda v: v.detach().float().cpu().numpy() if hasattr(v, "detach") else np.asarray(v)
+        return {k: to_np(v) for k, v in source.items()}, None, "state dict"
+    path, config = _lora_file(source)
+    f = safetensors_io.SafetensorsFile(path)
+    if config is None and METADATA_KEY in f.metadata:
+        packed = json.loads(f.metadata[METADATA_KEY])
+        config = {k[len("transformer."):]: v for k, v in packed.items() if k.startswith("transformer.")} or packed
+    return {name: f.read(name) for name in f.keys()}, config, path
+
+
+def _split_key(key):
+    """(module name as written, kind) for a LoRA key, or None if it is not one."""
+    for suffix, kind in SUFFIXES.items():
+        if key.endswith(suffix):
+            return key[:-len(suffix)], kind
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class FileModule:
+    """What a module name in a LoRA file stands for in this model: a diffusers module, or (FLUX) a BFL module
+    whose fused rows split onto several diffusers modules (q|k|v, q|k|v|mlp; sizes from the hidden width)."""
+
+    diffusers: str | None = None
+    bfl: str | None = None
+
+    def targets(self, b_rows, hidden):
+        """[(diffusers module, B row ranges or None)] this name's LoRA goes to."""
+        if self.bfl is None:
+            return [(self.diffusers, None)]
+        return [(t[:-len(".weight")], ranges) for t, ranges in bfl.to_diffusers(self.bfl + ".weight", b_rows, hidden)]
+
+
+def _name_lookup(params):
+    """How module names in files map to this model: ({name as written: FileModule}, hidden width or None).
+
+    Covers diffusers names and, for FLUX, BFL names (fused q|k|v and linear1
+    split onto their targets), each also with dots written as underscores (kohya).
+    """
+    layers = dense_layers(params)
+    lookup = {name: FileModule(diffusers=name) for name in layers}
+    hidden = None
+    family = families.of_params(params)
+    if family is not None and family.bfl_names:  # FLUX: BFL names too
+        depth = lambda stack: stack_size(params, (stack, "attn", "to_q")) if stack in params else 0
+        hidden = layers["x_embedder"][2][1]
+        for name, _, _ in bfl.module_rows(depth("transformer_blocks"), depth("single_transformer_blocks")):
+            first = bfl.to_diffusers(name + ".weight", 0, hidden)[0][0][:-len(".weight")]
+            if first in layers:
+                lookup[name] = FileModule(bfl=name)
+    for name in list(lookup):
+        lookup.setdefault(name.replace(".", "_"), lookup[name])
+    return lookup, hidden
+
+
+def _pattern_value(config, key, name, default):
+    """A per-module value from a LoraConfig dict: its rank_pattern/alpha_pattern (PEFT's regex rule) or default."""
+    for pattern, value in (config.get(key) or {}).items():
+        if re.match(rf"(.*\.)?({pattern})$", name):
+            return value
+    return default
+
+
+def load_lora(path_or_state_dict, params, strict=True):
+    """A LoRA tree for `params` from a diffusers/PEFT, kohya or ComfyUI file (or folder, or state dict).
+
+    Alpha comes from the file's `.alpha` tensors or its LoRA config (diffusers
+    metadata, PEFT adapter_config.json); without either, the scale is 1.0
+    (alpha = rank), exactly as diffusers applies such files. Keys that match
+    nothing in the model, unsupported LoRA variants, and shape disagreements
+    raise one error listing them; with `strict=False` unmatched keys are left
+    out and listed in full on the log instead.
+    """
+    tensors, config, where = _read_state_dict(path_or_state_dict)
+    lookup, hidden = _name_lookup(params)
+    layers = dense_layers(params)
+    found = collections.defaultdict(dict)  # diffusers module -> {"A", "B", "alpha"}
+    unknown, unsupported = [], []
+    lora_keys = 0
+    for key in sorted(tensors):
+        if "lora_magnitude_vector" in key or ".lora_B.bias" in key or ".lora_mid." in key:
+            unsupported.append(key)
+            continue
+        split = _split_key(key)
+        if split is None:
+            unknown.append(key)
+            continue
+        lora_keys += 1
+        module_key, kind = split
+        written = module_key
+        for prefix in KOHYA_PREFIXES + PREFIXES:
+            if written.startswith(prefix):
+                written = written[len(prefix):]
+                break
+        if written not in lookup:
+            unknown.append(key)
+            continue
+        value = tensors[key]
+        for module, ranges in lookup[written].targets(_b_rows(tensors, module_key), hidden):
+            if kind == "B" and ranges is not None:  # this target's rows of a fused lora_up
+                found[module][kind] = np.concatenate([value[start:stop] for start, stop in ranges], axis=0)
+            else:
+                found[module][kind] = value
+    if lora_keys == 0:
+        raise GlanceError(f"{where}: not a LoRA file (no lora_A/lora_B or lora_down/lora_up keys)")
+    if unsupported:
+        raise GlanceError(f"{where}: unsupported LoRA variant keys (DoRA, LoRA bias or LoCon): "
+                          f"{', '.join(unsupported[:6])}")
+    if unknown:
+        message = f"{where}: {len(unknown)} keys match nothing in this model: {', '.join(unknown)}"
+        if strict:
+            raise GlanceError(message if len(unknown) <= 8 else
+                              f"{where}: {len(unknown)} keys match nothing in this model: "
+                              f"{', '.join(unknown[:8])}, ... (strict=False loads the rest and lists them all)")
+        log.warning("left out of the LoRA: %s", message)
+    return _build_tree(found, layers, params, config, where)
+
+
+def _b_rows(tensors, module_key):
+    """Rows (output features) of the lora_B / lora_up tensor stored for `module_key`."""
+    for suffix in (".lora_B.weight", ".lora_up.weight", ".lora_B.default.weight"):
+        if module_key + suffix in tensors:
+            return tensors[module_key + suffix].shape[0]
+    return 0
+
+
+def _build_tree(found, layers, params, config, where):
+    problems, modules = [], {}
+    for module, parts in sorted(found.items()):
+        if "A" not in parts or "B" not in parts:
+            problems.append(f"{module} has {' and '.join(sorted(parts))} only")
+            continue
+        down, up = parts["A"], parts["B"]
+        fan_in, fan_out = layers[module][2]
+        if down.ndim != 2 or up.ndim != 2 or down.shape[0] != up.shape[1]:
+            problems.append(f"{module}: lora_A {down.shape} and lora_B {up.shape} have different ranks")
+        elif down.shape[1] != fan_in or up.shape[0] != fan_out:
+            problems.append(f"{module}: LoRA maps {down.shape[1]} -> {up.shape[0]}, the layer {fan_in} -> {fan_out}")
+        else:
+            modules[module] = (down, up, parts.get("alpha"))
+    if problems:
+        raise GlanceError(f"{where}: shape mismatch: " + "; ".join(problems[:4]))
+
+    alpha_source = "from the file's .alpha tensors"
+    flat = {}
+    by_path = collections.defaultdict(dict)
+    for module, (down, up, alpha) in modules.items():
+        rank = down.shape[0]
+        if alpha is None:
+            if config is not None and ("lora_alpha" in config or "alpha_pattern" in config):
+                alpha = _pattern_value(config, "alpha_pattern", module, config.get("lora_alpha", rank))
+                if config.get("use_rslora"):
+                    alpha = alpha * np.sqrt(rank)
+                alpha_source = "from the file's LoRA config"
+            else:
+                alpha = rank
+                alpha_source = "none in the file: alpha = rank, scale 1.0, as diffusers applies it"
+        path, index, _ = layers[module]
+        alpha = np.asarray(alpha, np.float32).reshape(-1)  # kohya writes a scalar, some tools shape (1,)
+        if alpha.size != 1:
+            raise GlanceError(f"{where}: alpha of {module} has shape {alpha.shape}, not a single number")
+        by_path[path][index] = (down.T.astype(np.float32), up.T.astype(np.float32), float(alpha[0]))
+    for path, entries in by_path.items():
+        rank = max(a.shape[1] for a, _, _ in entries.values())
+        stack = stack_size(params, path)
+        fan_in, fan_out = next(iter(entries.values()))[0].shape[0], next(iter(entries.values()))[1].shape[1]
+        shape = (stack,) if stack is not None else ()
+        a_all, b_all = np.zeros((*shape, fan_in, rank), np.float32), np.zeros((*shape, rank, fan_out), np.float32)
+        alpha_all = np.zeros(shape, np.float32)
+        for index, (a, b, alpha) in entries.items():
+            r = a.shape[1]
+            at = (index,) if index is not None else ()
+            a_all[at][..., :r] = a
+            b_all[at][..., :r, :] = b
+            alpha_all[at] = alpha * rank / r  # zero-padded to a common rank: keep alpha / r unchanged
+        flat[path + ("A",)], flat[path + ("B",)], flat[path + ("alpha",)] = a_all, b_all, alpha_all
+    tree = jax.tree_util.tree_map(jnp.asarray, unflatten_dict(flat))
+    # Saying which scale was applied matters most when the file had no alpha: warn then.
+    report = log.warning if alpha_source.startswith("none") else log.info
+    report("loaded LoRA from %s: %s (alpha: %s)", where, describe(tree), alpha_source)
+    return tree
+
+
+def describe(tree):
+    """One line: how many layers a LoRA adapts, its ranks and its scales alpha / r."""
+    ranks, scales, layers = set(), set(), 0
+    for m in modules_of(tree).values():
+        alpha = np.atleast_1d(np.asarray(m["alpha"]))
+        live = alpha != 0
+        layers += int(live.sum())
+        ranks.add(m["A"].shape[-1])
+        scales.update(np.round(alpha[live] / m["A"].shape[-1], 4).tolist())
+    return (f"{layers} layers, rank {'/'.join(map(str, sorted(ranks)))}, "
+            f"scale alpha/r = {'/'.join(f'{s:g}' for s in sorted(scales))}")
+
+
+# ---- writing files ----
+
+def _entries(tree):
+    """[(diffusers module, A (in, r), B (r, out), alpha)] for every adapted layer (alpha != 0) of a tree."""
+    out = []
+    for path, m in sorted(modules_of(tree).items()):
+        a, b, alpha = (np.asarray(m[k], np.float32) for k in ("A", "B", "alpha"))
+        if a.ndim == 2:
+            out.append((".".join(path), a, b, float(alpha)))
+            continue
+        for i in range(a.shape[0]):
+            if alpha[i] != 0:
+                out.append((".".join((path[0], str(i), *path[1:])), a[i], b[i], float(alpha[i])))
+    return out
+
+
+def _most_common(values):
+    return collections.Counter(values).most_common(1)[0][0]
+
+
+def save_lora(tree, path, format="diffusers", model_type=None, schedule=None):
+    """Writes a LoRA tree as .safetensors that diffusers, PEFT, ComfyUI and kohya-style tools load.
+
+    `schedule` (a GlanceSchedule) goes into the file's metadata under `glance_schedule`, where
+    `read_schedule` and the `sample` / `eval` commands find it; other tools ignore it.
+
+    - "diffusers": `transformer.<module>.lora_A.weight` (r, in) and `lora_B.weight` (out, r), with the
+      LoraConfig (r, lora_alpha, target_modules, rank/alpha patterns) in the `lora_adapter_metadata`
+      entry of the file's metadata, so diffusers applies exactly the scale alpha / r used here.
+    - "kohya": `lora_unet_<module>.lora_down.weight` / `lora_up.weight` / `.alpha`. FLUX modules use
+      BFL names (q, k, v LoRAs fused into one `qkv` / `linear1` LoRA of rank 3r with a block-diagonal
+      up matrix, exact); Qwen-Image uses diffusers names with underscores. `model_type` ("flux" or
+      "qwen-image") is read off the tree's layers when they tell, and must be given when they do not.
+    The file is written whole or not at all.
+    """
+    entries = _entries(tree)
+    if not entries:
+        raise GlanceError("the LoRA tree adapts no layer")
+    if format == "diffusers":
+        tensors = {}
+        for name, a, b, _ in entries:
+            tensors[f"transformer.{name}.lora_A.weight"] = a.T
+            tensors[f"transformer.{name}.lora_B.weight"] = b.T
+        ranks = {name: a.shape[1] for name, a, _, _ in entries}
+        alphas = {name: alpha for name, _, _, alpha in entries}
+        r, alpha = _most_common(ranks.values()), _most_common(alphas.values())
+        config = {"r": r, "lora_alpha": alpha, "target_modules": sorted(ranks),
+                  "rank_pattern": {n: v for n, v in ranks.items() if v != r},
+                  "alpha_pattern": {n: v for n, v in alphas.items() if v != alpha}}
+        metadata = {"format": "pt",
+                    METADATA_KEY: json.dumps({f"transformer.{k}": v for k, v in config.items()}, sort_keys=True)}
+    elif format == "kohya":
+        family = families.get(model_type) if model_type else families.of_params(tree)
+        if family is None:
+            raise GlanceError("cannot tell FLUX from Qwen-Image by this LoRA's layers: pass model_type")
+        if family.bfl_names:
+            tensors = _kohya_tensors(tree, entries)
+        else:
+            tensors = {}
+            for name, a, b, alpha in entries:
+                stem = "lora_unet_" + name.replace(".", "_")
+                tensors[f"{stem}.lora_down.weight"], tensors[f"{stem}.lora_up.weight"] = a.T, b.T
+                tensors[f"{stem}.alpha"] = np.asarray(alpha, np.float32)
+        metadata = {"format": "pt"}
+    else:
+        raise GlanceError(f"unknown LoRA format {format!r}: use 'diffusers' or 'kohya'")
+    if schedule is not None:
+        metadata[SCHEDULE_KEY] = json.dumps(schedule.to_dict())
+    safetensors_io.save_file(tensors, path, metadata)
+
+
+def _kohya_tensors(tree, entries):
+    """FLUX LoRA entries under kohya / sd-scripts names (BFL modules), fused where BFL fuses the layers."""
+    by_name = {name: (a, b, alpha) for name, a, b, alpha in entries}
+    depth = lambda stack: next(iter(modules_of(tree[stack]).values()))["A"].shape[0] if stack in tree else 0
+    tensors, used = {}, set()
+    for name, rule, targets in bfl.module_rows(depth("transformer_blocks"), depth("single_transformer_blocks")):
+        parts = targets if isinstance(targets, tuple) else (targets,)
+        present = [t for t in parts if t in by_name]
+        if not present:
+            continue
+        used.update(present)
+        if rule == "split":
+            down, up, alpha = _fuse(parts, by_name)
+        else:
+            a, b, alpha = by_name[parts[0]]
+            down, up = a.T, b.T
+            if rule == "swap":  # BFL stores the final modulation as shift | scale, diffusers as scale | shift
+                up = np.concatenate([up[len(up) // 2:], up[:len(up) // 2]], axis=0)
+        key = "lora_unet_" + name.replace(".", "_")
+        tensors[f"{key}.lora_down.weight"], tensors[f"{key}.lora_up.weight"] = down, up
+        tensors[f"{key}.alpha"] = np.asarray(alpha, np.float32)
+    left = sorted(set(by_name) - used)
+    if left:
+        raise GlanceError(f"no kohya (BFL) name for LoRA modules: {', '.join(left[:6])}; use format='diffusers'")
+    if any(key.startswith("lora_unet_final_layer") for key in tensors):
+        log.warning("the kohya file has final_layer LoRAs, which diffusers' kohya reader (0.42) does not apply as "
+                    "written (unprefixed keys, alpha ignored); use format='diffusers' for diffusers")
+    return tensors
+
+
+def _fuse(parts, by_name):
+    """One LoRA for a fused BFL layer (q|k|v or q|k|v|mlp) from the LoRAs of its parts, exactly.
+
+    down stacks the parts' A; up is block-diagonal with each part's scale alpha / r folded in, so the
+    fused LoRA has rank sum(r) and alpha = rank (scale 1). Parts without a LoRA get zero rows.
+    """
+    hidden = next(by_name[t][1].shape[1] // (4 if k == 3 else 1) for k, t in enumerate(parts) if t in by_name)
+    rows = [hidden, hidden, hidden, 4 * hidden][:len(parts)]  # FLUX's mlp_ratio is 4
+    present = [t for t in parts if t in by_name]
+    rank = sum(by_name[t][0].shape[1] for t in present)
+    down = np.concatenate([by_name[t][0].T for t in present], axis=0)
+    up = np.zeros((sum(rows), rank), np.float32)
+    col = 0
+    for k, t in enumerate(parts):
+        if t in by_name:
+            a, b, alpha = by_name[t]
+            r = a.shape[1]
+            up[sum(rows[:k]):sum(rows[:k + 1]), col:col + r] = b.T * (alpha / r)
+            col += r
+    return down, up, rank
