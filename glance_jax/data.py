@@ -27,6 +27,7 @@ For Qwen-Image: `latents` (H/8, W/8, 16) normalised as its pipeline does,
 
 import dataclasses
 import hashlib
+import json
 import logging
 import os
 
