@@ -191,11 +191,15 @@ def test_pipeline_prompts_and_trainer_captions_without_pytorch(folders, tmp_path
     c.model.path, c.model.text_encoder_path, c.model.dtype = str(tmp_path / "transformer"), str(root), "fp32"
     c.data.dir, c.data.resolution, c.data.cache_dir = str(sample), 128, str(tmp_path / "cache")
     c.steps, c.lora.rank, c.lora.alpha = 2, 4, 16.0
+    c.teacher.prompts = ("a grey wolf", "a cat")  # extra captions for the teacher's trajectories
     run = Run(c, tmp_path / "run")
-    want = FluxPromptEncoder.from_pretrained(root)(["a red fox sitting in snow"])
+    want = FluxPromptEncoder.from_pretrained(root)(["a red fox sitting in snow", "a grey wolf", "a cat"])
     want, want_pooled = want["prompt_embeds"], want["pooled_prompt_embeds"]
     assert relative_error(run.batch["cond"]["encoder_hidden_states"][0], np.asarray(want[0])) <= TOLERANCE
     assert relative_error(run.batch["cond"]["pooled_projections"][0], np.asarray(want_pooled[0])) <= TOLERANCE
+    texts = run.batch["teacher_texts"]  # the caption, then the extra ones: (3, 1, ...)
+    assert relative_error(texts["encoder_hidden_states"][:, 0], np.asarray(want)) <= TOLERANCE
+    assert relative_error(texts["pooled_projections"][:, 0], np.asarray(want_pooled)) <= TOLERANCE
     assert "empty_cond" in run.batch  # the empty prompt " " is encoded too, for caption dropout
     run.train()
     assert Run(c, tmp_path / "run").cache_hit
