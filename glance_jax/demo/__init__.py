@@ -321,7 +321,7 @@ def main(argv):
 
     which = "validation" if args.validation else "held-out"
     print(f"\nGlance demo: {len(batch_captions)} {which} images per method (seed {args.seed}); LoRAs from one "
-          f"image, '{train_caption}', {steps} steps a phase (data target {data_steps})")
+          f"image, '{train_caption}', {steps} steps a phase (data target {data_steps}, guided {guided_steps})")
     print(f"{'method':<22}{'NFE':>5}{'ms/img':>8}{'PSNR dB':>9}{'caption':>9}{'fidelity':>10}{'FD':>7}"
           f"{'eq. NFE':>9}{'speed-up':>10}")
     for m in results:
