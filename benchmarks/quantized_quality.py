@@ -31,9 +31,8 @@ from glance_jax.checkpoints import safetensors_io
 from glance_jax.demo import teacher
 from glance_jax.lora import load_lora
 from glance_jax.pipelines import FluxGlancePipeline, unpack_flux_latents
-from glance_jax.recipes import official
 from glance_jax.schedules import GlanceSchedule
-from glance_jax.train import Run
+from glance_jax.train import Run, default_config
 
 SIZE, SLOW, FAST = 8, (1, 3, 5, 7, 9), (11, 21, 31, 41, 50)
 TRAIN = (7, "a handwritten seven")
@@ -55,10 +54,10 @@ def write_sample(folder, prompts):
 
 
 def train(sample_dir, workdir, quantize, target):
-    c = official("flux", "both")
+    c = default_config("flux", "both")
     c.seed, c.target, c.steps = 0, target, 60
     c.model.path, c.model.dtype, c.model.quantize = teacher.TEACHER_DIR, "fp32", quantize
-    c.data.dir, c.data.resolution, c.data.multiple, c.data.vae_scale_factor = sample_dir, SIZE, 2, 1
+    c.data.dir, c.data.resolution, c.data.multiple = sample_dir, SIZE, 2
     c.data.cache_dir = os.path.join(workdir, "cache")
     c.lora.rank, c.lora.alpha = 4, 16.0
     c.optim.lr = 1e-4

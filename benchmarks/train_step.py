@@ -33,9 +33,8 @@ from glance_jax.families import FLUX  # noqa: E402
 from glance_jax.lora import init_lora  # noqa: E402
 from glance_jax.models import FluxTransformer2DModel  # noqa: E402
 from glance_jax.models.flux import image_ids as flux_image_ids  # noqa: E402
-from glance_jax.recipes import official  # noqa: E402
 from glance_jax.schedules import GlanceSchedule  # noqa: E402
-from glance_jax.train import Optim, make_train_step, optimizer  # noqa: E402
+from glance_jax.train import Optim, default_config, make_train_step, optimizer  # noqa: E402
 
 CONFIG, SIZE, TEXT = SMALL_FLUX, SMALL_SIZE, SMALL_TEXT
 
@@ -53,7 +52,7 @@ def cpu_speed():
     schedule = GlanceSchedule.official("flux", image_seq_len=tokens)
     sigmas = np.float32(list(schedule.slow) + list(schedule.fast) + [0]) / 1000
 
-    config = official("flux", "slow")
+    config = default_config("flux", "slow")
     opt = optimizer(Optim.of(config))
     adapter = init_lora(jax.random.PRNGKey(0), params, "flux", 16, 64.0)
     state = {"adapter": adapter, "opt": opt.init(adapter)}
@@ -105,7 +104,7 @@ def cpu_speed():
 
 
 def full_size():
-    config = official("flux", "slow")
+    config = default_config("flux", "slow")
     model = FluxTransformer2DModel(guidance_embeds=True, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
     params = jax.eval_shape(model.init_params, jax.random.PRNGKey(0))
     adapter = jax.eval_shape(lambda p: init_lora(jax.random.PRNGKey(0), p, "flux", 16, 64.0), params)

@@ -20,9 +20,8 @@ run 'glance-jax SUBCOMMAND --help' for its arguments."""
 
 
 def _subcommands():
-    import convert.cli
-    from glance_jax import demo, plan, sampling_cli, train_cli
-    return {"convert": convert.cli.main, "export-lora": convert.cli.export_lora_main, "train": train_cli.main,
+    from glance_jax import convert, demo, plan, sampling_cli, train_cli
+    return {"convert": convert.main, "export-lora": convert.export_lora_main, "train": train_cli.main,
             "sample": sampling_cli.sample_main, "eval": sampling_cli.eval_main, "plan": plan.main, "demo": demo.main}
 
 

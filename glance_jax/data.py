@@ -38,8 +38,6 @@ from PIL import Image, UnidentifiedImageError
 from glance_jax import checkpoints
 from glance_jax.checkpoints import safetensors_io
 from glance_jax.errors import GlanceError
-from glance_jax.models import AutoencoderKL
-from glance_jax.pipelines import normalize_latents
 
 log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
@@ -192,11 +190,9 @@ class VAEEncoder:
 
     def encode(self, sample):
         vae, params = checkpoints.load_model(self.path)
-        image = load_image(sample)[None]
-        video = not isinstance(vae, AutoencoderKL)
-        mean = jax.jit(lambda p, x: vae.apply({"params": p}, x, method="encode")[0])(
-            params, image[:, None] if video else image)
-        return {"latents": np.asarray(normalize_latents(vae, mean[:, 0] if video else mean)[0], np.float32)}
+        encode = jax.jit(lambda p, x: vae.apply({"params": p}, x, method="encode")[0])
+        mean = vae.drop_frames(encode(params, vae.add_frames(load_image(sample)[None])))
+        return {"latents": np.asarray(vae.normalize(mean)[0], np.float32)}
 
 
 class FlaxTextEncoder:

@@ -39,9 +39,10 @@ class Recipe:
     caption_dropout: float
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class Family:
-    """One model family. `name` is what configs, schedules and LoRA presets call it."""
+    """One model family. `name` is what configs, schedules and LoRA presets call it. Records are compared (and
+    hashed) by identity: there is one of each."""
 
     name: str
     transformer: type
@@ -55,8 +56,6 @@ class Family:
     lora_targets: tuple
     lora_targets_all: str
     recipe: Recipe
-    teacher_guidance: float  # the guidance the base samples with (the teacher recipe draws trajectories with it)
-    teacher_guidance_note: str
     guidance_input: bool  # the base takes guidance as an input, one pass a step (FLUX.1-dev); else true CFG, two
     cfg_rescale: bool  # true CFG rescales to the conditional norm (diffusers' QwenImagePipeline) or not
     masked_text: bool  # text of any length with a mask (padded to a common length) or fixed-length text
@@ -75,7 +74,6 @@ FLUX = Family(
                       r"(ff|ff_context)\.net\.(0\.proj|2)|norm1(_context)?\.linear)|"
                       r"single_transformer_blocks\.\d+\.(attn\.to_[qkv]|norm\.linear|proj_mlp|proj_out)"),
     recipe=Recipe(rank=16, lr=5e-4, caption_dropout=0.0),
-    teacher_guidance=3.5, teacher_guidance_note="FLUX.1-dev's guidance input (its pipeline's default; one pass a step)",
     guidance_input=True, cfg_rescale=False, masked_text=False,
     variants={"flux-dev": {"guidance_embeds": True}, "flux-schnell": {"guidance_embeds": False}},
     plan_text_tokens=512, bfl_names=True)
@@ -90,12 +88,11 @@ QWEN_IMAGE = Family(
     lora_targets_all=(r"transformer_blocks\.\d+\.(attn\.(to_[qkv]|add_[qkv]_proj|to_out\.0|to_add_out)|"
                       r"(img|txt)_mlp\.net\.(0\.proj|2)|(img|txt)_mod\.1)"),
     recipe=Recipe(rank=32, lr=3e-4, caption_dropout=0.1),
-    teacher_guidance=5.0, teacher_guidance_note=("true CFG on the empty prompt with the norm rescale, as the "
-                                                 "official Glance-Qwen pipeline samples (two passes a step)"),
     guidance_input=False, cfg_rescale=True, masked_text=True, variants={"qwen-image": {}}, plan_text_tokens=128)
 
 FAMILIES = (FLUX, QWEN_IMAGE)
 NAMES = tuple(f.name for f in FAMILIES)
+VARIANTS = tuple(v for f in FAMILIES for v in f.variants)  # the planner's model names
 
 
 def get(name):
@@ -133,7 +130,11 @@ def of_variant(name):
     raise GlanceError(f"unknown model {name!r}: use one of {', '.join(VARIANTS)}")
 
 
-VARIANTS = tuple(v for f in FAMILIES for v in f.variants)
+
+def pixels_per_latent(model):
+    """Pixels per latent of a transformer: its family's VAE factor, or 1 for a model whose latents are pixels
+    (1 or 3 channels, packed 2 x 2: the demo's teacher)."""
+    return 1 if model.in_channels // 4 in (1, 3) else of(model).vae_scale_factor
 
 
 def of_params(tree):

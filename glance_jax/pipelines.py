@@ -11,7 +11,7 @@ count: changing prompts, seeds, LoRA values, the integration mode or the
 step counts (up to 64 a phase) never recompiles; changing the resolution,
 the LoRAs' layers or guidance on/off does, once.
 
-Integration modes (see GLANCE_REFERENCE.md):
+Integration modes (the official Glance code samples the second way; README, "Sampling"):
 - "consistent" (default): one schedule, the slow then the fast timesteps;
   each step goes from sigma_i = t_i / 1000 to the next sigma (the last to 0),
   the model conditioned on sigma_i.
@@ -30,6 +30,7 @@ import numpy as np
 from glance_jax import families
 from glance_jax.errors import GlanceError
 from glance_jax.lora import check_shapes, merged_params
+from glance_jax.models.tiling import tiled_decode
 from glance_jax.quantize import is_quantized, kind_of, quantize_params
 from glance_jax.schedules import FlowMatchEulerScheduler, GlanceSchedule
 
@@ -60,33 +61,13 @@ def unpack_flux_latents(tokens, height, width, vae_scale_factor=8):
     return x.reshape(b, rows * 2, cols * 2, d // 4)
 
 
-# ---- VAE latents: one normalisation per model, shared by the sampler and the trainer ----
-
-def normalize_latents(vae, mean):
-    """VAE posterior mean -> the latents the transformer works on (FLUX: shift and scale; Qwen-Image: per channel)."""
-    from glance_jax.models import AutoencoderKL
-    if isinstance(vae, AutoencoderKL):
-        return (mean - (vae.shift_factor or 0.0)) * vae.scaling_factor
-    return (mean - jnp.asarray(vae.latents_mean, mean.dtype)) / jnp.asarray(vae.latents_std, mean.dtype)
-
-
-def denormalize_latents(vae, latents):
-    """The inverse of `normalize_latents`: transformer latents -> what the VAE decodes."""
-    from glance_jax.models import AutoencoderKL
-    if isinstance(vae, AutoencoderKL):
-        return latents / vae.scaling_factor + (vae.shift_factor or 0.0)
-    return latents * jnp.asarray(vae.latents_std, latents.dtype) + jnp.asarray(vae.latents_mean, latents.dtype)
-
+# ---- VAE latents to images ----
 
 def decode_latents(vae, vae_params, latents, tiled=False):
-    """Images (B, H, W, 3) in [-1, 1] from transformer latents (B, h, w, C) of either model."""
-    from glance_jax.models import AutoencoderKL
-    from glance_jax.models.vae import tiled_decode
-    z = denormalize_latents(vae, jnp.asarray(latents, jnp.float32))
-    if not isinstance(vae, AutoencoderKL):
-        z = z[:, None]  # Qwen-Image's VAE is video-shaped: one frame
+    """Images (B, H, W, 3) in [-1, 1] from transformer latents (B, h, w, C) of either model's VAE."""
+    z = vae.add_frames(vae.denormalize(jnp.asarray(latents, jnp.float32)))
     images = tiled_decode(vae, vae_params, z) if tiled else vae.apply({"params": vae_params}, z, method="decode")
-    return images if isinstance(vae, AutoencoderKL) else images[:, 0]
+    return vae.drop_frames(images)
 
 
 # ---- the schedule as per-phase step arrays ----

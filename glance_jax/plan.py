@@ -212,8 +212,7 @@ def step_program(model, args, mesh):
 
     from glance_jax import analysis, quantize, sharding
     from glance_jax.lora import init_lora
-    from glance_jax.recipes import official
-    from glance_jax.train import Optim, make_train_step, optimizer
+    from glance_jax.train import Optim, default_config, make_train_step, optimizer
 
     family = families.of(model)
     text = family.plan_text_tokens
@@ -238,7 +237,7 @@ def step_program(model, args, mesh):
     rep = sharding.replicated(mesh)
     program = {"batch": batch, "params_bytes": sharding.bytes_per_device(params, param_sh), "trainable": 0}
     if args.task == "train":
-        config = official(family.name, "slow")
+        config = default_config(family.name, "slow")
         config.optim.state_dtype = args.state_dtype
         adapter = jax.eval_shape(lambda p: init_lora(jax.random.PRNGKey(0), p, family.name, config.lora.rank,
                                                      config.lora.alpha), params)

@@ -41,10 +41,11 @@ def _pipeline(model_path, scheduler_path=None, vae_path=None):
     else:
         scheduler = teacher.SCHEDULER if not model_path else family.scheduler
     channels = model.in_channels // 4
-    pixels = channels in (1, 3)
+    factor = families.pixels_per_latent(model)
+    pixels = factor == 1
     cls = pipeline_class(family)
     vae = checkpoints.load_model(vae_path) if vae_path else None
-    pipe = cls(model, params, scheduler, latent_channels=channels, vae_scale_factor=1 if pixels else family.vae_scale_factor, vae=vae,
+    pipe = cls(model, params, scheduler, latent_channels=channels, vae_scale_factor=factor, vae=vae,
                tiled_vae=vae is not None)
     return pipe, family, pixels
 

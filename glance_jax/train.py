@@ -35,12 +35,13 @@ import time
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from glance_jax import checkpoints, data, families, lora, runstate, sharding, validation
+from glance_jax import checkpoints, data, families, lora, runstate, schedules, sharding, validation
 from glance_jax.checkpoints import safetensors_io
 from glance_jax.errors import GlanceError
 from glance_jax.pipelines import euler_step, pack_flux_latents
@@ -48,6 +49,83 @@ from glance_jax.schedules import FlowMatchEulerScheduler, GlanceSchedule
 
 PHASES = ("slow", "fast")
 TEXT_INPUTS = ("encoder_hidden_states", "pooled_projections", "encoder_hidden_states_mask")  # per caption
+
+
+# ---- the config ----
+
+def default_config(family, phase="both"):
+    """The trainer's config with every field, at `family`'s official recipe (glance_jax.families) for `phase`
+    ("slow", "fast" or "both"). The files in configs/ start from it and write each recipe value out."""
+    recipe = families.get(family).recipe
+    rank, lr, caption_dropout = recipe.rank, recipe.lr, recipe.caption_dropout
+    c = ml_collections.ConfigDict()
+    c.family = family
+    c.phase = phase
+    c.seed = 0
+    c.steps = 60
+    c.target = "data"  # "data": the sample's straight-line velocity (the paper); "teacher": the base's trajectory
+
+    c.model = ml_collections.ConfigDict()
+    c.model.path = ""  # any checkpoint glance-jax loads: diffusers folder, BFL file, converted folder
+    c.model.vae_path = ""  # the VAE folder (e.g. FLUX.1-dev/vae): encodes the image; empty: latents precomputed
+    c.model.text_encoder_path = ""  # the pipeline folder with text_encoder(s) and tokenizer(s); empty: precomputed
+    c.model.dtype = "bf16"  # the frozen base; LoRA and optimizer state are always fp32
+    # "fp8" or "int8": 8-bit Dense kernels, one scale per output channel (glance_jax/quantize.py); "none": a base
+    # in model.dtype. The official code trains on an optimum-quanto qfloat8 (fp8) transformer, and so do the
+    # official configs in configs/ (flux.py, qwen_image.py); "none" here keeps small fp32 runs exact.
+    c.model.quantize = "none"
+    c.model.remat_policy = "none"  # "none", "full", "dots", "dots_saveable"
+    c.model.guidance = 1.0  # FLUX.1-dev's guidance input during training, as the official code passes it
+
+    c.data = ml_collections.ConfigDict()
+    c.data.dir = ""  # images with same-name .txt captions
+    c.data.resolution = 1024  # long side in pixels
+    c.data.multiple = 32  # crop to a multiple of this many pixels
+    c.data.caption_dropout = caption_dropout  # probability of training on the empty prompt " "
+    c.data.cache_dir = ""  # encoded latents/embeddings; default ~/.cache/glance_jax
+
+    c.lora = ml_collections.ConfigDict()
+    c.lora.targets = family  # a preset (glance_jax.families.lora_preset), or a comma-separated list of module names
+    c.lora.rank = rank
+    c.lora.alpha = 4.0 * rank
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.lr = lr
+    c.optim.warmup_steps = 10  # linear from 0, then constant (diffusers' constant_with_warmup)
+    c.optim.b1, c.optim.b2, c.optim.eps = 0.9, 0.999, 1e-8
+    c.optim.weight_decay = 0.01
+    c.optim.grad_clip = 1.0
+    c.optim.state_dtype = "fp32"  # Adam's moments; "bf16" halves them (the official Qwen-Image config: 8-bit Adam)
+
+    c.schedule = ml_collections.ConfigDict()
+    # "steps": slow_steps / fast_steps, 1-based steps of the base_steps-step schedule at the sample's size (the
+    # paper); "uniform": the base's own (num_slow + num_fast)-step schedule, first num_slow steps slow;
+    # "fitted": num_slow + num_fast points of the teacher.substeps grid fitted to the teacher's trajectories
+    c.schedule.kind = "steps"
+    c.schedule.num_slow, c.schedule.num_fast = 5, 5  # for "uniform" and "fitted"
+    c.schedule.split = "half"  # "fitted": slow/fast boundary halfway, or an SNR threshold (a number as a string)
+    c.schedule.slow_steps = schedules.OFFICIAL_SLOW_STEPS
+    c.schedule.fast_steps = schedules.OFFICIAL_FAST_STEPS
+    c.schedule.base_steps = 50
+    c.schedule.round_bf16 = False  # True: timesteps rounded to bf16, as the official code stores them
+
+    c.teacher = ml_collections.ConfigDict()  # only for target="teacher"
+    c.teacher.trajectories = 4  # noise seeds whose teacher trajectories are integrated once, then reused
+    c.teacher.substeps = 50  # the base integrates on this fine grid (plus the Glance points)
+    c.teacher.batch = 8  # noises integrated per compiled call
+    c.teacher.guidance_scale = 1.0  # > 1: guided trajectories (true CFG; FLUX.1-dev: its guidance input)
+    c.teacher.negative_prompt = " "  # CFG's negative: the sample's empty-prompt encoding
+    # more captions (no images) whose trajectories join the caption's: a guided student then learns guidance for
+    # more than one prompt; trajectory k is drawn with caption k mod (1 + len(prompts))
+    c.teacher.prompts = ()
+    c.teacher.minibatch = 1  # (trajectory, point) draws averaged in one step; > 1 for guided trajectories
+
+    c.mesh = ""  # device mesh, e.g. "data=2,fsdp=4" (axes data, fsdp, tensor); empty: one device
+
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.every = 20
+    c.checkpoint.keep = 3
+    return c
 
 
 # ---- optimizer ----
@@ -332,6 +410,9 @@ class Run:
                                        os.path.join(self.workdir, "checkpoints", phase))
         if jax.process_count() > 1 and not config.mesh:
             raise GlanceError(f"{jax.process_count()} processes: set config.mesh to spread the run over their devices")
+        held = checkpoints.model_from_config(checkpoints.open_checkpoint(transformer).config, jnp.float32)  # headers
+        factor = families.pixels_per_latent(held)  # latents are packed 2 x 2 into tokens
+        validation.multiple_of("config.data.multiple", config.data.multiple, 2 * factor)
         self.mesh = sharding.make_mesh(config.mesh) if config.mesh else None
         self.writer = jax.process_index() == 0  # only one process writes LoRA files and metrics
         self.model, self.params = checkpoints.load_model(transformer, config.model.dtype,
@@ -344,7 +425,7 @@ class Run:
             raise GlanceError("config.model.guidance: this model has no guidance embedding")
         pooled = getattr(self.model, "pooled_projection_dim", None)  # FLUX's CLIP vector; Qwen-Image has none
         precomputed = data.PrecomputedEncoder(self.model.in_channels // 4, self.model.joint_attention_dim, pooled,
-                                              config.data.vae_scale_factor, with_latents=not vae,
+                                              factor, with_latents=not vae,
                                               with_text=not text_encoders)
         prompts = tuple(config.teacher.get("prompts", ()))
         encoder = data.SampleEncoder(data.VAEEncoder(vae) if vae else None,

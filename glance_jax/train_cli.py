@@ -16,7 +16,7 @@ from the last checkpoint in DIR; a restart with other settings, another sample
 or another base is refused (pass --fresh to start anew in DIR).
 
 example:
-  glance-jax train --config configs/flux_slow.py --workdir runs/flux \\
+  glance-jax train --config configs/flux.py:slow --workdir runs/flux \\
       --config.model.path=~/FLUX.1-dev --config.data.dir=~/one_sample --config.optim.lr=1e-4
 
 config.model.path may be a diffusers pipeline folder (model_index.json): its transformer, vae and

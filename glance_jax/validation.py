@@ -10,7 +10,7 @@ import math
 import os
 import tempfile
 
-from glance_jax import families
+from glance_jax import checkpoints, families
 from glance_jax.errors import GlanceError, UsageError
 
 IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}  # extension -> PIL format
@@ -162,21 +162,15 @@ def train_config(config):
     one_of("config.phase", config.phase, ("slow", "fast", "both"))
     one_of("config.target", config.target, ("data", "teacher"))
     positive_int("config.steps", config.steps)
-    if config.batch_size != 1:
-        raise GlanceError(f"config.batch_size {config.batch_size!r}: Glance trains on one sample; only 1 is "
-                          "supported")
     if not config.model.path:
         raise GlanceError("config.model.path is not set (pass --config.model.path=...)")
     if not config.data.dir:
         raise GlanceError("config.data.dir is not set (pass --config.data.dir=...)")
-    from glance_jax.checkpoints import DTYPES
-    one_of("config.model.dtype", config.model.dtype, tuple(DTYPES))
+    one_of("config.model.dtype", config.model.dtype, tuple(checkpoints.DTYPES))
     one_of("config.model.remat_policy", config.model.remat_policy, remat_policies())
     if config.model.guidance is not None:
         finite_number("config.model.guidance", config.model.guidance)
-    positive_int("config.data.vae_scale_factor", config.data.vae_scale_factor)
-    patch = 2 * config.data.vae_scale_factor  # latents are packed 2 x 2 into tokens
-    multiple_of("config.data.multiple", config.data.multiple, patch)
+    positive_int("config.data.multiple", config.data.multiple)  # and of the model's 2 x 2 patch, once loaded
     multiple_of("config.data.resolution", config.data.resolution, config.data.multiple)
     fraction("config.data.caption_dropout", config.data.caption_dropout)
     positive_int("config.lora.rank", config.lora.rank)

@@ -24,13 +24,12 @@ from glance_jax import sharding  # noqa: E402
 from glance_jax.checkpoints import safetensors_io  # noqa: E402
 from glance_jax.models import FluxTransformer2DModel  # noqa: E402
 from glance_jax.pipelines import FluxGlancePipeline  # noqa: E402
-from glance_jax.recipes import official  # noqa: E402
 from glance_jax.schedules import FLUX_SCHEDULER, GlanceSchedule  # noqa: E402
-from glance_jax.train import Run  # noqa: E402
+from glance_jax.train import Run, default_config  # noqa: E402
 
 
 def config(work, mesh, steps=5, every=5):
-    c = official("flux", "slow")
+    c = default_config("flux", "slow")
     c.model.path, c.model.dtype = os.path.join(work, "base"), "fp32"
     c.data.dir, c.data.resolution, c.data.cache_dir = os.path.join(work, "sample"), 256, os.path.join(work, "cache")
     c.lora.rank, c.lora.alpha = 4, 16.0

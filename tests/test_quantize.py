@@ -262,8 +262,7 @@ def test_full_width_qwen_image_matches_quanto(qwen_full, kind):
 def test_training_on_a_quantized_base_with_bf16_adam_moments(tmp_path):
     """config.model.quantize and config.optim.state_dtype through the trainer, on the demo's teacher."""
     from glance_jax.demo import teacher
-    from glance_jax.recipes import official
-    from glance_jax.train import Optim, Run, optimizer
+    from glance_jax.train import Optim, Run, default_config, optimizer
     sample = tmp_path / "sample"
     sample.mkdir()
     images, labels = teacher.digits()
@@ -273,9 +272,9 @@ def test_training_on_a_quantized_base_with_bf16_adam_moments(tmp_path):
                              sample / "seven.safetensors")
     Image.fromarray(evaluation.to_uint8(seven)[..., 0]).save(sample / "seven.png")
     (sample / "seven.txt").write_text("a handwritten seven")
-    c = official("flux", "slow")
+    c = default_config("flux", "slow")
     c.model.path, c.model.dtype, c.model.quantize = teacher.TEACHER_DIR, "fp32", "fp8"
-    c.data.dir, c.data.resolution, c.data.multiple, c.data.vae_scale_factor = str(sample), 8, 2, 1
+    c.data.dir, c.data.resolution, c.data.multiple = str(sample), 8, 2
     c.data.cache_dir = str(tmp_path / "cache")
     c.lora.rank, c.lora.alpha, c.steps, c.checkpoint.every, c.optim.warmup_steps = 4, 16.0, 3, 3, 1
     c.optim.state_dtype = "bf16"

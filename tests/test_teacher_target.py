@@ -113,6 +113,9 @@ def test_trajectories_are_what_the_sampler_computes(tmp_path, guidance):
     cached = [f for f in os.listdir(tmp_path / "cache") if f.startswith("teacher-")]
     assert len(cached) == 1
     np.testing.assert_array_equal(np.asarray(run.trajectories(grid)), states)  # read back, not recomputed
+    trained_on = run.teacher_inputs()  # what the train step reads: the states at the Glance points, then 0
+    np.testing.assert_array_equal(np.asarray(trained_on["sigmas"])[:5], grid)
+    np.testing.assert_array_equal(np.asarray(trained_on["states"])[:, :5], states)
 
 
 def test_fitted_schedule_is_chosen_on_the_cached_trajectories(tmp_path):

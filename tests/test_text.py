@@ -165,9 +165,8 @@ def test_pipeline_prompts_and_trainer_captions_without_pytorch(folders, tmp_path
 
     from glance_jax.models import FluxTransformer2DModel
     from glance_jax.pipelines import FluxGlancePipeline
-    from glance_jax.recipes import official
     from glance_jax.schedules import FLUX_SCHEDULER
-    from glance_jax.train import Run
+    from glance_jax.train import Run, default_config
     root, _ = folders
     config = dict(in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
                   joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=[4, 6, 6])
@@ -187,7 +186,7 @@ def test_pipeline_prompts_and_trainer_captions_without_pytorch(folders, tmp_path
     [s] = data.find_samples(str(sample), 128)
     safetensors_io.save_file({"latents": rng.standard_normal((s.height // 8, s.width // 8, 16), dtype=np.float32)},
                              sample / "china.safetensors")  # latents only: the caption is encoded here
-    c = official("flux", "slow")
+    c = default_config("flux", "slow")
     c.model.path, c.model.text_encoder_path, c.model.dtype = str(tmp_path / "transformer"), str(root), "fp32"
     c.data.dir, c.data.resolution, c.data.cache_dir = str(sample), 128, str(tmp_path / "cache")
     c.steps, c.lora.rank, c.lora.alpha = 2, 4, 16.0

@@ -16,12 +16,10 @@ from diffusers import AutoencoderKL
 from diffusers import FluxTransformer2DModel as TorchFlux
 from sklearn.datasets import load_sample_images
 
-from glance_jax import data
+from glance_jax import data, families, validation
 from glance_jax.checkpoints import safetensors_io
 from glance_jax.cli import main
-from glance_jax.models import FluxTransformer2DModel
-from glance_jax.recipes import official
-from glance_jax.train import Run, train
+from glance_jax.train import Run, default_config, train
 from torch_peers import randomize_
 
 CONFIG = dict(in_channels=64, num_layers=1, num_single_layers=2, attention_head_dim=16, num_attention_heads=2,
@@ -60,7 +58,7 @@ def setup(tmp_path_factory):
 
 
 def tiny_config(setup, **overrides):
-    c = official("flux", "slow")
+    c = default_config("flux", "slow")
     c.model.path, c.model.dtype = str(setup / "base"), "fp32"
     c.data.dir, c.data.resolution, c.data.cache_dir = str(setup / "sample"), 256, str(setup / "cache")
     c.lora.rank, c.lora.alpha = 4, 16.0
@@ -122,7 +120,7 @@ def test_both_phases_and_the_teacher_target(setup, tmp_path):
 
 
 def run_cli(workdir, setup, *extra):
-    return [sys.executable, "-m", "glance_jax.cli", "train", "--config", os.path.join(REPO, "configs/flux_tiny.py"),
+    return [sys.executable, "-m", "glance_jax.cli", "train", "--config", os.path.join(REPO, "configs/flux.py") + ":tiny",
             "--workdir", str(workdir), f"--config.model.path={setup / 'base'}", f"--config.data.dir={setup / 'sample'}",
             f"--config.data.cache_dir={setup / 'cache'}", "--config.phase=slow", "--config.steps=16", *extra]
 
@@ -159,7 +157,7 @@ def test_nan_loss_stops_with_a_clear_message(setup, tmp_path, capsys):
     arrays = {k: f.read(k) for k in f.keys()}
     arrays["latents"][0, 0, 0] = np.nan
     safetensors_io.save_file(arrays, bad / "china.safetensors")
-    code = main(["train", "--config", os.path.join(REPO, "configs/flux_tiny.py"), "--workdir", str(tmp_path / "w"),
+    code = main(["train", "--config", os.path.join(REPO, "configs/flux.py") + ":tiny", "--workdir", str(tmp_path / "w"),
                  f"--config.model.path={setup / 'base'}", f"--config.data.dir={bad}",
                  f"--config.data.cache_dir={tmp_path / 'cache'}"])
     err = capsys.readouterr().err.strip().splitlines()[-1]
@@ -191,7 +189,7 @@ def test_bad_sample_folders(setup, tmp_path, capsys, problem, message):
             os.remove(folder / name)
     elif problem == "no_encoding":
         os.remove(folder / "china.safetensors")
-    code = main(["train", "--config", os.path.join(REPO, "configs/flux_tiny.py"), "--workdir", str(tmp_path / "w"),
+    code = main(["train", "--config", os.path.join(REPO, "configs/flux.py") + ":tiny", "--workdir", str(tmp_path / "w"),
                  f"--config.model.path={setup / 'base'}", f"--config.data.dir={folder}",
                  f"--config.data.cache_dir={tmp_path / 'cache'}"])
     err = capsys.readouterr().err.strip().splitlines()
@@ -204,22 +202,40 @@ def test_bad_sample_folders(setup, tmp_path, capsys, problem, message):
     (["--config.target=magic"], "config.target 'magic'"),
 ])
 def test_bad_flags(setup, tmp_path, capsys, args, message):
-    code = main(["train", "--config", os.path.join(REPO, "configs/flux_tiny.py"), "--workdir", str(tmp_path),
+    code = main(["train", "--config", os.path.join(REPO, "configs/flux.py") + ":tiny", "--workdir", str(tmp_path),
                  f"--config.model.path={setup / 'base'}", f"--config.data.dir={setup / 'sample'}", *args])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1 and len(err) == 1 and message in err[0], err
 
 
+CONFIG_ARGS = {"flux.py": ("slow", "fast", "both", "teacher", "tiny"), "qwen_image.py": ("slow", "fast", "both", "teacher")}
+
+
 def test_every_config_file_loads():
+    """Every configs/FILE.py:ARG gives a config the trainer accepts; the official variants are the family's
+    recipe (glance_jax.families), and an unknown ARG is refused."""
     import importlib.util
-    for name in sorted(os.listdir(os.path.join(REPO, "configs"))):
+    assert sorted(os.listdir(os.path.join(REPO, "configs"))) == sorted(CONFIG_ARGS)
+    for name, args in CONFIG_ARGS.items():
         spec = importlib.util.spec_from_file_location(name[:-3], os.path.join(REPO, "configs", name))
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
-        config = module.get_config()
-        assert "glance-jax train --config configs/" + name in module.__doc__
-        assert config.lora.alpha == 4 * config.lora.rank
-    assert FluxTransformer2DModel  # the configs train this model
+        assert f"glance-jax train --config configs/{name}:slow" in module.__doc__
+        for arg in args:
+            config = module.get_config(arg)
+            config.model.path, config.data.dir = "/base", "/sample"
+            validation.train_config(config)
+            assert config.lora.alpha == 4 * config.lora.rank
+            assert config.phase == (arg if arg in ("slow", "fast") else "both")
+            recipe = families.get(config.family).recipe
+            if arg in ("slow", "fast", "both"):
+                assert (config.lora.rank, config.optim.lr, config.data.caption_dropout) == (
+                    recipe.rank, recipe.lr, recipe.caption_dropout)
+                assert config.target == "data" and config.lora.targets == config.family
+            if arg == "teacher":
+                assert config.target == "teacher" and config.lora.targets == config.family + "-all"
+        with pytest.raises(ValueError):
+            module.get_config("medium")
 
 
 def test_qwen_image_trains_with_caption_dropout(tmp_path):
@@ -238,7 +254,7 @@ def test_qwen_image_trains_with_caption_dropout(tmp_path):
         "latents": rng.standard_normal((s.height // 8, s.width // 8, 16), dtype=np.float32),
         "prompt_embeds": rng.standard_normal((5, 24), dtype=np.float32), "prompt_embeds_mask": np.ones(5, np.int64),
         "empty_prompt_embeds": rng.standard_normal((2, 24), dtype=np.float32)}, sample / "flower.safetensors")
-    c = official("qwen-image", "both")
+    c = default_config("qwen-image", "both")
     c.model.path, c.model.dtype = str(tmp_path / "base"), "fp32"
     c.data.dir, c.data.resolution, c.data.cache_dir = str(sample), 256, str(tmp_path / "cache")
     c.lora.rank, c.lora.alpha = 4, 16.0

@@ -11,8 +11,8 @@ from sklearn.datasets import load_sample_images
 
 from glance_jax import checkpoints, data
 from glance_jax.models import AutoencoderKL, AutoencoderKLQwenImage, FluxTransformer2DModel
-from glance_jax.models.vae import tiled_decode
-from glance_jax.pipelines import FluxGlancePipeline, decode_latents, denormalize_latents, normalize_latents
+from glance_jax.models.tiling import tiled_decode
+from glance_jax.pipelines import FluxGlancePipeline, decode_latents
 from glance_jax.schedules import FLUX_SCHEDULER
 from torch_peers import randomize_, relative_error
 
@@ -121,9 +121,9 @@ def test_latent_normalisation_round_trips(flux_vae, qwen_vae):
     for _, _, vae, _ in (flux_vae, qwen_vae):
         z = np.random.default_rng(7).standard_normal((1, 4, 4, vae.latent_channels if hasattr(vae, "latent_channels")
                                                        else vae.z_dim)).astype(np.float32)
-        np.testing.assert_allclose(normalize_latents(vae, denormalize_latents(vae, z)), z, atol=1e-5)
+        np.testing.assert_allclose(vae.normalize(vae.denormalize(z)), z, atol=1e-5)
     _, _, vae, _ = flux_vae
-    np.testing.assert_allclose(normalize_latents(vae, np.full((1, 1, 1, 16), 0.1159 + 1.0, np.float32)), 0.3611,
+    np.testing.assert_allclose(vae.normalize(np.full((1, 1, 1, 16), 0.1159 + 1.0, np.float32)), 0.3611,
                                rtol=1e-5)
 
 
@@ -159,8 +159,7 @@ def test_trainer_encodes_the_photo_with_the_flax_vae_and_caches_it(flux_vae, tmp
     import shutil
 
     from glance_jax.checkpoints import safetensors_io
-    from glance_jax.recipes import official
-    from glance_jax.train import Run
+    from glance_jax.train import Run, default_config
     torch_vae, vae_path, vae, vae_params = flux_vae
     config = dict(in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
                   joint_attention_dim=24, pooled_projection_dim=20, guidance_embeds=True, axes_dims_rope=[4, 6, 6])
@@ -173,7 +172,7 @@ def test_trainer_encodes_the_photo_with_the_flax_vae_and_caches_it(flux_vae, tmp
     safetensors_io.save_file({"prompt_embeds": rng.standard_normal((5, 24), dtype=np.float32),
                               "pooled_prompt_embeds": rng.standard_normal((20,), dtype=np.float32)},
                              sample / "china.safetensors")  # text only: the latents come from the Flax VAE
-    c = official("flux", "slow")
+    c = default_config("flux", "slow")
     c.model.path, c.model.vae_path, c.model.dtype = str(tmp_path / "base"), str(vae_path), "fp32"
     c.data.dir, c.data.resolution, c.data.cache_dir = str(sample), 128, str(tmp_path / "cache")
     c.steps, c.lora.rank, c.lora.alpha = 2, 4, 16.0

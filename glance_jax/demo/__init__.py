@@ -36,7 +36,7 @@ from glance_jax import checkpoints, evaluation, validation
 from glance_jax.checkpoints import safetensors_io
 from glance_jax.lora import load_lora
 from glance_jax.pipelines import FluxGlancePipeline, unpack_flux_latents
-from glance_jax.recipes import official
+from glance_jax.train import default_config
 
 TRAIN_DIGIT, TRAIN_TEMPLATE = 7, "a handwritten {word}"
 PROMPT_TEMPLATES = ("the numeral {word}, written by hand", "the number {word}")  # the first: unseen by the teacher
@@ -125,10 +125,10 @@ def lora_config(model_dir, sample_dir, workdir, k, target, schedule, steps, traj
     target "data": the paper's recipe scaled to the small model (official FLUX targets, rank 4, alpha 16,
     lr 1e-4, 60 steps). target "teacher": RECIPE. `schedule`: "uniform", "fitted" or "official".
     """
-    c = official("flux", "both")
+    c = default_config("flux", "both")
     c.seed, c.target, c.steps = seed, target, steps
     c.model.path, c.model.dtype = model_dir, "fp32"
-    c.data.dir, c.data.resolution, c.data.multiple, c.data.vae_scale_factor = sample_dir, SIZE, 2, 1
+    c.data.dir, c.data.resolution, c.data.multiple = sample_dir, SIZE, 2
     c.data.cache_dir = os.path.join(workdir, "cache")
     c.optim.lr = 1e-4
     if target == "data":

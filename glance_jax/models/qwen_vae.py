@@ -248,6 +248,22 @@ class AutoencoderKLQwenImage(PretrainedModel, nn.Module):
         """diffusers' tiling defaults: (tile size, tile stride) in pixels, and the decode method for tiles."""
         return 256, 192, "decode_unclipped"
 
+    def normalize(self, mean):
+        """Posterior mean -> the latents the transformer works on: per channel, `(mean - latents_mean) / latents_std`."""
+        return (mean - jnp.asarray(self.latents_mean, mean.dtype)) / jnp.asarray(self.latents_std, mean.dtype)
+
+    def denormalize(self, latents):
+        """The inverse of `normalize`: transformer latents -> what the decoder takes."""
+        return latents * jnp.asarray(self.latents_std, latents.dtype) + jnp.asarray(self.latents_mean, latents.dtype)
+
+    def add_frames(self, x):
+        """Images or latents (B, H, W, C) in the layout `encode` / `decode` take: this VAE is video-shaped, one frame."""
+        return x[:, None]
+
+    def drop_frames(self, x):
+        """The inverse of `add_frames`: (B, 1, H, W, C) -> (B, H, W, C)."""
+        return x[:, 0]
+
     def __call__(self, x):
         mean, _ = self.encode(x)
         return self.decode(mean)

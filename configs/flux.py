@@ -1,0 +1,63 @@
+"""Glance LoRAs for FLUX.1-dev. `--config configs/flux.py:ARG`, ARG one of:
+
+- `slow`, `fast`, `both`: the official recipe (the paper's data target, rank 16, alpha 64, AdamW lr 5e-4, 60 steps
+  a phase, on steps 1, 3, 5, 7, 9 | 11, 21, 31, 41, 50 of the 50-step schedule, an fp8 base);
+- `teacher`: the teacher-target recipe the demo's controlled study supports (README, "The demo"), both phases;
+- `tiny`: a smoke run for tests (both phases, 12 steps each, a 256-pixel sample, fp32).
+
+    glance-jax train --config configs/flux.py:slow --workdir runs/flux \
+        --config.model.path=/path/to/FLUX.1-dev --config.data.dir=/path/to/one_sample
+
+Writes runs/flux/slow_lora.safetensors (`both` and `teacher`: and fast_lora.safetensors), with the schedule in
+each file's metadata. Run time, not measured here (no accelerator): XLA counts 165 TFLOP per train step at
+1024 x 1024 (benchmarks/train_step.py), so the 60 official steps are about 10 s of H100 bf16 peak, under a
+minute at realistic utilisation, plus compilation (13 s on CPU). The fp8 base is 11.1 GiB instead of 22.2 in
+bf16; with --config.model.remat_policy=full the planner puts the step at 18.1 GiB on one device (a 24 GB card).
+`teacher`: 64 trajectories x 50 steps = 3,200 forward passes of the base (about 74 TFLOP each at 1024 x 1024:
+about 4 minutes of H100 bf16 peak), once, cached beside the encoded sample; then 2 x 600 train steps (about
+3.5 minutes of peak). `tiny`: under a minute on 2 CPU cores (mostly compilation).
+"""
+
+from glance_jax.train import default_config
+
+
+def get_config(arg="both"):
+    phase = arg if arg in ("slow", "fast", "both") else "both"
+    if arg not in ("slow", "fast", "both", "teacher", "tiny"):
+        raise ValueError(f"configs/flux.py:{arg}: use slow, fast, both, teacher or tiny")
+    c = default_config("flux", phase)
+    # The official recipe (the official Glance FLUX config).
+    c.target = "data"  # the sample's straight-line velocity, as the paper trains
+    c.steps = 60  # steps a phase
+    c.lora.targets = "flux"  # to_q, to_k, to_v, to_out.0 of every block: the official targets
+    c.lora.rank, c.lora.alpha = 16, 64.0  # alpha = 4 x rank: the official scale alpha / r = 4
+    c.optim.lr = 5e-4  # AdamW
+    c.optim.warmup_steps = 10  # linear from 0, then constant (diffusers' constant_with_warmup)
+    c.optim.weight_decay, c.optim.grad_clip = 0.01, 1.0  # diffusers' training defaults
+    c.data.caption_dropout = 0.0  # the official FLUX config never drops the caption
+    c.model.guidance = 1.0  # FLUX.1-dev's guidance input during training, as the official code passes it
+    c.model.quantize = "fp8"  # as the official code trains: a qfloat8 base (--config.model.quantize=none: bf16)
+    c.schedule.kind = "steps"  # the paper's phases by step index ...
+    c.schedule.slow_steps = (1, 3, 5, 7, 9)  # ... the five slow steps (high noise) ...
+    c.schedule.fast_steps = (11, 21, 31, 41, 50)  # ... and the five fast ones ...
+    c.schedule.base_steps = 50  # ... of the 50-step schedule at the sample's size
+    if arg == "teacher":
+        c.target = "teacher"  # the base's own trajectory: the data target copies the one image (README)
+        c.lora.targets = "flux-all"  # every Dense layer inside the blocks; the four attention layers are too few
+        c.optim.lr = 1e-4  # higher rates are worse: each step is a one-sample estimate
+        c.steps = 600  # gains stop at about 1000 steps
+        c.schedule.kind = "fitted"  # fitted beat uniform, which beat the paper's split (half its steps near sigma 1)
+        c.schedule.num_slow, c.schedule.num_fast = 5, 5  # 10 points of the 50-step grid, first half slow
+        c.teacher.trajectories = 64  # 8 -> 64 trajectories was the largest single gain
+        c.teacher.batch = 4  # noises per compiled call (activation memory at 1024 x 1024)
+        c.teacher.guidance_scale = 3.5  # FLUX.1-dev's guidance input, its pipeline's default: one pass a step
+        c.model.guidance = 3.5  # the student learns at the guidance it will sample with
+    if arg == "tiny":
+        c.steps = 12  # enough to see the loss move
+        c.model.dtype, c.model.quantize = "fp32", "none"  # exact on CPU
+        c.data.resolution = 256  # a small sample
+        c.lora.rank, c.lora.alpha = 4, 16.0  # alpha = 4 x rank, as the official recipe
+        c.optim.warmup_steps = 2  # a short run
+        c.checkpoint.every, c.checkpoint.keep = 4, 2  # several checkpoints to resume from
+        c.data.cache_dir = ""  # the default cache
+    return c

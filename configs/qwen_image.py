@@ -1,0 +1,59 @@
+"""Glance LoRAs for Qwen-Image. `--config configs/qwen_image.py:ARG`, ARG one of:
+
+- `slow`, `fast`, `both`: the official recipe (the paper's data target, rank 32, alpha 128, AdamW lr 3e-4, 60
+  steps a phase, caption dropout 0.1, on steps 1, 3, 5, 7, 9 | 11, 21, 31, 41, 50 of 50, an fp8 base);
+- `teacher`: the teacher target with guidance distilled into one pass, both phases.
+
+    glance-jax train --config configs/qwen_image.py:slow --workdir runs/qwen_image \
+        --config.model.path=/path/to/Qwen-Image --config.data.dir=/path/to/one_sample
+
+Writes runs/qwen_image/slow_lora.safetensors (`both` and `teacher`: and fast_lora.safetensors). Run time, not
+measured here (no accelerator): XLA counts 157 TFLOP per train step at 1024 x 1024 (benchmarks/qwen_image.py),
+so the 60 official steps are about 10 s of H100 bf16 peak, under a minute at realistic utilisation, plus
+compilation (9 s on CPU). The fp8 base is 19.1 GiB instead of 38.1 in bf16; with
+--config.model.remat_policy=full the planner puts the step at 29.4 GiB on one device (a 32 GB card). The sample
+needs Qwen-Image encodings (glance_jax/data.py), `teacher` also the empty prompt's (`empty_prompt_embeds`).
+`teacher`: 64 trajectories x 50 steps x 2 passes = 6,400 forward passes of the base (about 71 TFLOP each at
+1024 x 1024: about 8 minutes of H100 bf16 peak), once, cached; then 2 x 600 train steps (157 TFLOP each). On
+the demo's teacher, guidance distilled from one caption did NOT generalise to other prompts, and guided
+trajectories of ten captions in the training caption's phrasing (`--config.teacher.prompts`, captions only)
+with a minibatch of 8 (`--config.teacher.minibatch=8`) recovered only part of it (README, "The demo"): treat
+the guided student as an experiment.
+"""
+
+from glance_jax.train import default_config
+
+
+def get_config(arg="both"):
+    phase = arg if arg in ("slow", "fast", "both") else "both"
+    if arg not in ("slow", "fast", "both", "teacher"):
+        raise ValueError(f"configs/qwen_image.py:{arg}: use slow, fast, both or teacher")
+    c = default_config("qwen-image", phase)
+    # The official recipe (the official Glance Qwen-Image config).
+    c.target = "data"  # the sample's straight-line velocity, as the paper trains
+    c.steps = 60  # steps a phase
+    c.lora.targets = "qwen-image"  # the twelve official targets (attention, img/txt modulation and MLP outputs)
+    c.lora.rank, c.lora.alpha = 32, 128.0  # alpha = 4 x rank: the official scale alpha / r = 4
+    c.optim.lr = 3e-4  # AdamW
+    c.optim.warmup_steps = 10  # linear from 0, then constant (diffusers' constant_with_warmup)
+    c.optim.weight_decay, c.optim.grad_clip = 0.01, 1.0  # diffusers' training defaults
+    c.optim.state_dtype = "fp32"  # the official config uses 8-bit Adam; "bf16" halves the moments (2.6 GiB here)
+    c.data.caption_dropout = 0.1  # the official config trains on the empty prompt " " one step in ten
+    c.model.quantize = "fp8"  # as the official code trains: a qfloat8 base (--config.model.quantize=none: bf16)
+    c.schedule.kind = "steps"  # the paper's phases by step index ...
+    c.schedule.slow_steps = (1, 3, 5, 7, 9)  # ... the five slow steps (high noise) ...
+    c.schedule.fast_steps = (11, 21, 31, 41, 50)  # ... and the five fast ones ...
+    c.schedule.base_steps = 50  # ... of the 50-step schedule at the sample's size
+    if arg == "teacher":
+        c.target = "teacher"  # the base's own trajectory: the data target copies the one image (README)
+        c.lora.targets = "qwen-image-all"  # every Dense layer inside the blocks
+        c.optim.lr = 1e-4  # higher rates are worse: each step is a one-sample estimate
+        c.steps = 600  # gains stop at about 1000 steps
+        c.schedule.kind = "fitted"  # fitted beat uniform, which beat the paper's split
+        c.schedule.num_slow, c.schedule.num_fast = 5, 5  # 10 points of the 50-step grid, first half slow
+        c.teacher.trajectories = 64  # 8 -> 64 trajectories was the largest single gain
+        c.teacher.batch = 4  # noises per compiled call (activation memory at 1024 x 1024)
+        c.teacher.guidance_scale = 5.0  # true CFG on the empty prompt with the norm rescale, as the official
+        # Glance-Qwen pipeline samples (two passes a step); the student then samples with one pass
+        c.data.caption_dropout = 0.0  # the student learns the guided trajectory of its caption only
+    return c

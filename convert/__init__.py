@@ -1,1 +1,0 @@
-"""Command-line converters from PyTorch checkpoints to Flax (orbax) folders: `glance-jax convert`."""
