@@ -50,10 +50,12 @@ def _patterns(targets):
 
 # ---- building trees ----
 
-@functools.partial(jax.jit, static_argnums=1)
-def _gaussians(key, shapes):
-    """Standard normal arrays of `shapes`, one key each: one compiled program per LoRA layout, not one per shape."""
-    return [jax.random.normal(k, shape, jnp.float32) for k, shape in zip(jax.random.split(key, len(shapes)), shapes)]
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _gaussians(key, shapes, rank):
+    """N(0, (1/rank)^2) arrays of `shapes`, cut from one draw: one small compiled program per LoRA layout."""
+    sizes = [int(np.prod(shape)) for shape in shapes]
+    flat = jax.random.normal(key, (sum(sizes),), jnp.float32) / rank
+    return [x.reshape(shape) for x, shape in zip(jnp.split(flat, np.cumsum(sizes)[:-1]), shapes)]
 
 
 def init_lora(key, params, targets, rank, alpha, dtype=jnp.float32):
@@ -78,17 +80,16 @@ def init_lora(key, params, targets, rank, alpha, dtype=jnp.float32):
     paths = sorted(chosen)
     shapes = tuple(flat[path + ("kernel",)].shape[:-1] + (rank,) for path in paths)
     tree = {}
-    for path, a in zip(paths, _gaussians(key, shapes)):
+    for path, a in zip(paths, _gaussians(key, shapes, rank)):
         shape = flat[path + ("kernel",)].shape
         stack, fan_out = shape[:-2], shape[-1]
         mask = np.ones(stack, np.float32)
         if stack:
             mask[:] = 0
             mask[sorted(chosen[path])] = 1
-        mask = jnp.asarray(mask)
-        tree[path + ("A",)] = (a / rank * mask[..., None, None]).astype(dtype)
+        tree[path + ("A",)] = (a if mask.all() else a * mask[..., None, None]).astype(dtype)
         tree[path + ("B",)] = jnp.zeros((*stack, rank, fan_out), dtype)
-        tree[path + ("alpha",)] = (alpha * mask).astype(jnp.float32)
+        tree[path + ("alpha",)] = jnp.asarray(alpha * mask, jnp.float32)
     return unflatten_dict(tree)
 
 

@@ -245,6 +245,8 @@ class GlancePipeline:
         if len(phases) == 1 and (slow_lora is not None or fast_lora is not None):
             raise GlanceError("slow_lora and fast_lora need schedule=GlanceSchedule(...)")
         loras = [None] if len(phases) == 1 else [slow_lora, fast_lora]
+        if loras == [None, None]:  # a Glance schedule without LoRAs: one run of steps, the plain sampler's program
+            phases, loras = [tuple(np.concatenate(arrays) for arrays in zip(*phases))], [None]
         self.last_nfe = sum(len(t) for t, _ in phases) * len(conds)
         phases = [(jnp.asarray(_padded(t)), jnp.asarray(_padded(dt)), jnp.int32(len(t))) for t, dt in phases]
         if self.mesh is not None:  # prompts over `data`; everything without a batch axis replicated
