@@ -53,10 +53,10 @@ RECIPE = dict(targets="flux-all", rank=16, alpha=64.0, lr=1e-4, trajectories=64,
 # The guided students (chosen on the validation prompts, K = 6, against base-cfg-uniform-10's 32.7 dB): guidance
 # does not distil from one caption (19.7 dB: on other prompts they sample like the unguided base), so their guided
 # trajectories are drawn for the training caption's template with all ten digits (captions only, still one image:
-# 25.7 dB), 256 of them (26.5), averaged over 8 draws a step (minibatch; 28.6 at lr 4e-4 and 1000 steps, 28.1 at
-# lr 1e-3; 29.2 at 2000 steps, which the 5-minute budget does not allow).
+# 25.7 dB), 256 of them (26.5), averaged over 8 draws a step (minibatch; 28.6 at lr 4e-4 and 700 or 1000 steps,
+# 28.1 at lr 1e-3; 29.2 at 2000 steps, which the 5-minute budget does not allow).
 GUIDED_TEMPLATE = TRAIN_TEMPLATE
-GUIDED_RECIPE = dict(trajectories=256, minibatch=8, lr=4e-4, steps=1000)
+GUIDED_RECIPE = dict(trajectories=256, minibatch=8, lr=4e-4, steps=700)
 
 
 
@@ -70,7 +70,7 @@ def parser():
     p.add_argument("--overwrite", action="store_true", help="replace the results of an earlier demo in --workdir")
     p.add_argument("--seed", type=int, default=0, help="seed of the training noise and of the sampled images")
     p.add_argument("--steps", type=int, default=None, help="teacher-target LoRA steps a phase (default 600, "
-                   "guided 1000; --quick 30)")
+                   "guided 700; --quick 30)")
     p.add_argument("--schedule", choices=("uniform", "fitted"), default=RECIPE["schedule"],
                    help=f"the schedule of the glance-K rows (default {RECIPE['schedule']}, chosen on validation)")
     p.add_argument("--validation", action="store_true",
