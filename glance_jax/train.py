@@ -199,9 +199,9 @@ def training_batch(model, arrays, guidance):
     batch["x0"] holds the packed latents, batch["cond"] the model's keyword
     inputs (from the model's `conditioning`), batch["empty_cond"] (if the sample
     has empty-prompt encodings) the inputs used when the caption is dropped,
-    batch["teacher_texts"] (if it has `teacher_prompt_embeds`) the text inputs
-    of the caption and the extra captions stacked, (N, 1, ...), for the
-    teacher's trajectories. Text of any length with a mask (Qwen-Image) is
+    batch["teacher_texts"] the text inputs of the caption and of the extra
+    captions (`teacher_prompt_embeds`, if any) stacked, (N, 1, ...): trajectory
+    k of the teacher is drawn with caption k mod N. Text of any length with a mask (Qwen-Image) is
     padded to a common length; fixed-length text (FLUX) must already have one.
     """
     latents = jnp.asarray(arrays["latents"])[None]
@@ -224,10 +224,11 @@ def training_batch(model, arrays, guidance):
     if "empty_" in encodings:
         empty, _ = model.conditioning(encodings["empty_"], rows, cols, guidance)
         batch["empty_cond"] = {k: v for k, v in empty.items() if v is not None}
-    if "teacher_" in encodings:  # the caption, then the extra ones
+    texts = batch["cond"]  # the teacher's captions: the caption, then the extra ones
+    if "teacher_" in encodings:
         both = {k: np.concatenate([v, encodings["teacher_"][k]]) for k, v in encodings[""].items()}
         texts, _ = model.conditioning(both, rows, cols, guidance)
-        batch["teacher_texts"] = {k: texts[k][:, None] for k in TEXT_INPUTS if texts.get(k) is not None}
+    batch["teacher_texts"] = {k: texts[k][:, None] for k in TEXT_INPUTS if texts.get(k) is not None}
     return batch, static
 
 
@@ -237,14 +238,6 @@ def conditioning(batch, drop_caption, texts=None):
     empty = batch.get("empty_cond", {})
     cond = {**batch["cond"], **(texts or {})}
     return {k: jnp.where(drop_caption, empty[k], v) if k in empty else v for k, v in cond.items()}
-
-
-def teacher_texts(batch):
-    """The text inputs the teacher's trajectories are drawn with, stacked (N, 1, ...): the caption, then the
-    extra captions (`config.teacher.prompts`); trajectory k uses caption k mod N."""
-    if "teacher_texts" in batch:
-        return batch["teacher_texts"]
-    return {k: batch["cond"][k][None] for k in TEXT_INPUTS if batch["cond"].get(k) is not None}
 
 
 # ---- the teacher target ----
@@ -307,7 +300,7 @@ def teacher_trajectories(model, static, params, batch, sigmas, config, key):
     of 16 points, so that grids of similar length share one compiled program."""
     cond, neg, rescale = teacher_conditionings(model, batch, config)
     noises = jax.random.normal(key, (config.teacher.trajectories, *batch["x0"].shape), jnp.float32)
-    texts = teacher_texts(batch)
+    texts = batch["teacher_texts"]
     captions = np.arange(len(noises)) % len(jax.tree_util.tree_leaves(texts)[0])  # trajectory k: caption k mod N
     chunk = max(1, int(config.teacher.batch))
     n = len(sigmas)
@@ -509,7 +502,7 @@ class Run:
         at = jnp.asarray([int(np.argmin(np.abs(grid - s))) for s in sigmas])
         states = self.trajectories(grid)[:, at]
         return {"sigmas": jnp.asarray(_pad_points(sigmas)), "states": _pad_points(states, axis=1),
-                "texts": teacher_texts(self.batch)}
+                "texts": self.batch["teacher_texts"]}
 
     def train(self):
         """Trains the configured phase(s); returns {phase: path of its LoRA file}."""
