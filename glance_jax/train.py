@@ -404,20 +404,18 @@ class Run:
         if jax.process_count() > 1 and not config.mesh:
             raise GlanceError(f"{jax.process_count()} processes: set config.mesh to spread the run over their devices")
         held = checkpoints.model_from_config(checkpoints.open_checkpoint(transformer).config, jnp.float32)  # headers
+        if families.of(held) is not families.get(config.family):
+            raise GlanceError(f"config.model.path holds a {type(held).__name__}, config.family is {config.family!r}")
+        if not held.guidance_embeds and config.model.guidance not in (None, 1.0):
+            raise GlanceError("config.model.guidance: this model has no guidance embedding")
         factor = families.pixels_per_latent(held)  # latents are packed 2 x 2 into tokens
         validation.multiple_of("config.data.multiple", config.data.multiple, 2 * factor)
         self.mesh = sharding.make_mesh(config.mesh) if config.mesh else None
         self.writer = jax.process_index() == 0  # only one process writes LoRA files and metrics
-        self.model, self.params = checkpoints.load_model(transformer, config.model.dtype,
-                                                         mesh=self.mesh, remat_policy=config.model.remat_policy,
-                                                         quantize=config.model.get("quantize"))
-        if families.of(self.model) is not families.get(config.family):
-            raise GlanceError(f"config.model.path holds a {type(self.model).__name__}, config.family is "
-                              f"{config.family!r}")
-        if not self.model.guidance_embeds and config.model.guidance not in (None, 1.0):
-            raise GlanceError("config.model.guidance: this model has no guidance embedding")
-        pooled = getattr(self.model, "pooled_projection_dim", None)  # FLUX's CLIP vector; Qwen-Image has none
-        precomputed = data.PrecomputedEncoder(self.model.in_channels // 4, self.model.joint_attention_dim, pooled,
+        # The sample is encoded (or read from the cache) before the base loads: the VAE and text encoders are
+        # released first, and a sample that does not fit the config is refused before the expensive load.
+        pooled = getattr(held, "pooled_projection_dim", None)  # FLUX's CLIP vector; Qwen-Image has none
+        precomputed = data.PrecomputedEncoder(held.in_channels // 4, held.joint_attention_dim, pooled,
                                               factor, with_latents=not vae,
                                               with_text=not text_encoders)
         prompts = tuple(config.teacher.get("prompts", ()))
@@ -431,6 +429,9 @@ class Run:
         arrays = data.with_teacher_prompts(arrays, prompts, self.sample.image_path)
         if config.data.caption_dropout > 0 and "empty_prompt_embeds" not in arrays:
             raise GlanceError("config.data.caption_dropout > 0 needs empty_prompt_embeds in the encoded sample")
+        self.model, self.params = checkpoints.load_model(transformer, config.model.dtype,
+                                                         mesh=self.mesh, remat_policy=config.model.remat_policy,
+                                                         quantize=config.model.get("quantize"))
         self.batch, self.static = training_batch(self.model, arrays, config.model.guidance)
         if self.mesh is not None:
             self.batch = sharding.place(self.batch, self.batch_shardings())

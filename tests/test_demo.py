@@ -10,6 +10,7 @@ from PIL import Image
 
 from glance_jax import evaluation, lora
 from glance_jax.cli import main
+from glance_jax.demo import PROMPT_TEMPLATES, prompt_set
 from glance_jax.demo import teacher
 from glance_jax.models import FluxTransformer2DModel
 from torch_peers import flux_inputs, relative_error, torch_forward
@@ -18,6 +19,13 @@ METHODS = ["teacher-50", "base-uniform-10", "base-uniform-6", "base-uniform-4", 
            "base-fitted-4", "glance-10", "glance-6", "glance-4", "glance-3", "glance-official-10", "glance-data-10",
            "teacher-50-cfg", "base-cfg-uniform-10", "base-cfg-uniform-6", "base-cfg-uniform-4", "glance-cfg-6",
            "glance-cfg-4"]
+
+
+def test_prompt_set_names_each_images_template():
+    captions, batch, labels, template_of, seeds = prompt_set(teacher, PROMPT_TEMPLATES, 2, 0, "the number seven")
+    assert len(captions) == 19 and len(batch) == len(labels) == len(template_of) == len(seeds) == 38
+    for caption, digit, i in zip(batch, labels, template_of):
+        assert caption == teacher.caption(PROMPT_TEMPLATES[i], digit)
 
 
 def test_committed_teacher_is_a_diffusers_model():
@@ -67,6 +75,11 @@ def test_quick_demo_writes_the_table_and_the_grid(quick_demo, capsys):
                                       m["psnr_vs_teacher"], m["nfe"])
         assert (m["equivalent_base_nfe"], m["speedup"]) == pytest.approx(expected[:2])
     assert report["train_sample"]["caption"] == "a handwritten seven"
+    for m in report["methods"]:  # equal images per held-out template: the overall PSNR is their mean
+        assert list(m["psnr_by_template"]) == list(PROMPT_TEMPLATES)
+        assert np.mean(list(m["psnr_by_template"].values())) == pytest.approx(m["psnr_vs_teacher"], rel=1e-9)
+    assert [line.split(":")[0] for line in report["by_template"]] == [
+        "by prompt template, glance-6 vs base-uniform-10 (dB)", "by prompt template, glance-cfg-6 vs base-cfg-uniform-10 (dB)"]
     assert [line.split(":")[0] for line in report["closing"]] == ["unguided", "guided"]
     assert "base-uniform-10" in report["closing"][0] and "base-cfg-uniform-10" in report["closing"][1]
     grid = Image.open(quick_demo / "grid.png")

@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from glance_jax import families, lora, validation
+from glance_jax import checkpoints, families, lora, validation
 from glance_jax.demo import lora_config, teacher, write_sample
 from glance_jax.errors import GlanceError
 from glance_jax.models import FluxTransformer2DModel, QwenImageTransformer2DModel
@@ -154,12 +154,17 @@ def test_teacher_settings_are_checked_before_loading(tmp_path, key, value, messa
         validation.train_config(config)
 
 
-def test_extra_captions_must_match_the_encoded_sample(tmp_path):
-    """config.teacher.prompts names the captions the encoded sample's teacher_prompt_embeds hold, one each."""
+def test_extra_captions_must_match_the_encoded_sample(tmp_path, monkeypatch):
+    """config.teacher.prompts names the captions the encoded sample's teacher_prompt_embeds hold, one each;
+    a mismatch is refused before the base loads."""
     sample = tmp_path / "sample"
     write_sample(str(sample), teacher.load_prompts())
     config = lora_config(teacher.TEACHER_DIR, str(sample), str(tmp_path), 4, "teacher", "uniform", 2, 3, 3.0, 0)
+    loads = []
+    real_load = checkpoints.load_model
+    monkeypatch.setattr(checkpoints, "load_model", lambda *a, **kw: loads.append(a) or real_load(*a, **kw))
+    assert Run(config, tmp_path / "good").params and len(loads) == 1  # the working config loads the base
     config.teacher.prompts = config.teacher.prompts[:3]
     with pytest.raises(GlanceError, match="names 3 prompts, the encoded sample has 9 teacher_prompt_embeds"):
         Run(config, tmp_path / "run")
-    assert not (tmp_path / "run").exists()
+    assert len(loads) == 1 and not (tmp_path / "run").exists()

@@ -166,13 +166,15 @@ def fitted_schedule(config, out):
 
 
 def prompt_set(teacher, templates, seeds_per_prompt, first_seed, exclude):
-    """(captions, per-image captions, labels, seeds) for templates x digits, `seeds_per_prompt` seeds each."""
-    captions = [t.format(word=w, digit=d) for t in templates for d, w in enumerate(teacher.WORDS)]
-    captions = [c for c in captions if c != exclude]
+    """(captions, per-image captions, labels, templates' indices, seeds) for templates x digits,
+    `seeds_per_prompt` seeds each."""
+    pairs = [(t.format(word=w, digit=d), i) for i, t in enumerate(templates) for d, w in enumerate(teacher.WORDS)]
+    pairs = [(c, i) for c, i in pairs if c != exclude]
     digit = lambda c: next(d for d, w in enumerate(teacher.WORDS) if f" {w}" in c or c.endswith(f" {d}"))
-    batch = [c for c in captions for _ in range(seeds_per_prompt)]
-    labels = np.array([digit(c) for c in batch])
-    return captions, batch, labels, [first_seed + i for i in range(len(batch))]
+    batch = [p for p in pairs for _ in range(seeds_per_prompt)]
+    labels = np.array([digit(c) for c, _ in batch])
+    return ([c for c, _ in pairs], [c for c, _ in batch], labels, np.array([i for _, i in batch]),
+            [first_seed + i for i in range(len(batch))])
 
 
 def method(name, kind, schedule_kind, target, guidance, reference, nfe, **kwargs):
@@ -204,6 +206,14 @@ def closing_line(results, regime, reference_row, prefix):
             f"{ref['psnr_vs_teacher']:.2f} dB) with {m['nfe']} evaluations instead of {ref['nfe']}: "
             f"{ref['nfe'] / m['nfe']:.2f}x fewer (equivalent base NFE {m['equivalent_base_nfe']:.1f}, "
             f"speed-up {m['speedup']:.2f}x)")
+
+
+def template_line(results, row, reference_row):
+    """`row`'s PSNR against `reference_row`'s on each prompt template (where a student generalises, where not)."""
+    by_name = {m["name"]: m for m in results}
+    mine, theirs = by_name[row]["psnr_by_template"], by_name[reference_row]["psnr_by_template"]
+    return f"by prompt template, {row} vs {reference_row} (dB): " + "; ".join(
+        f"'{t}' {mine[t]:.2f} vs {theirs[t]:.2f}" for t in mine)
 
 
 def main(argv):
@@ -246,8 +256,8 @@ def main(argv):
 
     templates, first_seed = ((VALIDATION_TEMPLATES, VALIDATION_SEED) if args.validation else
                              (PROMPT_TEMPLATES, args.seed * 1000))
-    captions, batch_captions, labels, seeds = prompt_set(teacher, templates, seeds_per_prompt, first_seed,
-                                                         train_caption)
+    captions, batch_captions, labels, template_of, seeds = prompt_set(teacher, templates, seeds_per_prompt,
+                                                                      first_seed, train_caption)
     embed = lambda cs: (jnp.asarray(np.stack([prompts[c][0] for c in cs])),
                         jnp.asarray(np.stack([prompts[c][1] for c in cs])))
     negative = lambda count: dict(negative_prompt_embeds=jnp.asarray(np.stack([prompts[""][0]] * count)),
@@ -304,19 +314,24 @@ def main(argv):
         results.append({**m, "steps": m["nfe"] // (2 if extra else 1), "sec_per_image": seconds / len(both),
                         "psnr_vs_teacher": evaluation.psnr(out, reference),
                         "psnr_train_caption": evaluation.psnr(own, caption_reference),
+                        "psnr_by_template": {t: evaluation.psnr(out[template_of == i], reference[template_of == i])
+                                             for i, t in enumerate(templates)},
                         "mse_vs_teacher": evaluation.mse(out, reference),
                         "fidelity": float(np.mean(predict(out) == labels)),
                         "fd": evaluation.frechet_distance(features(out), real_features)})
     add_speedups(results)
     closing = [closing_line(results, "unguided", "base-uniform-10", "glance-"),
                closing_line(results, "guided", "base-cfg-uniform-10", "glance-cfg-")]
+    by_template = [template_line(results, row, reference_row) for row, reference_row in
+                   (("glance-6", "base-uniform-10"), ("glance-cfg-6", "base-cfg-uniform-10"))]
 
     report = {"methods": results, "seed": args.seed, "validation": args.validation,
               "train_sample": {"caption": train_caption, "image": os.path.join(sample_dir, "seven.png")},
               "images_per_method": len(batch_captions), "train_caption_images": train_seeds,
               "lora_steps": steps, "data_lora_steps": data_steps, "trajectories": trajectories,
               "recipe": RECIPE, "guided_recipe": {**GUIDED_RECIPE, "captions": guided_captions()},
-              "guidance": GUIDANCE, "quick": args.quick, "closing": closing}
+              "guidance": GUIDANCE, "quick": args.quick, "by_template": by_template,
+              "closing": closing}
     with open(os.path.join(workdir, "metrics.json"), "w") as f:
         json.dump(report, f, indent=2)
     columns = [i * seeds_per_prompt for i in range(10)]
@@ -336,7 +351,7 @@ def main(argv):
               if m["kind"] == "glance" else "")
         print(f"{m['name']:<22}{m['nfe']:>5}{1e3 * m['sec_per_image']:>8.2f}{m['psnr_vs_teacher']:>9.2f}"
               f"{m['psnr_train_caption']:>9.2f}{m['fidelity']:>10.2f}{m['fd']:>7.2f}{eq}")
-    print("\n".join(closing))
+    print("\n".join(by_template + closing))
     print(f"(PSNR against the row's reference from the same noise, on {which} prompts and on the training caption; "
           f"fidelity: accuracy of a digit classifier on the prompted digit; FD: Frechet distance of its features to "
           f"real digits; eq. NFE: base-uniform evaluations giving the same PSNR, log-interpolated; *: extrapolated "
