@@ -79,7 +79,8 @@ def test_quick_demo_writes_the_table_and_the_grid(quick_demo, capsys):
         assert list(m["psnr_by_template"]) == list(PROMPT_TEMPLATES)
         assert np.mean(list(m["psnr_by_template"].values())) == pytest.approx(m["psnr_vs_teacher"], rel=1e-9)
     assert [line.split(":")[0] for line in report["by_template"]] == [
-        "by prompt template, glance-6 vs base-uniform-10 (dB)", "by prompt template, glance-cfg-6 vs base-cfg-uniform-10 (dB)"]
+        "by prompt template, glance-6 vs base-uniform-10 (dB)",
+        "by prompt template, glance-cfg-6 vs base-cfg-uniform-10 (dB)"]
     assert [line.split(":")[0] for line in report["closing"]] == ["unguided", "guided"]
     assert "base-uniform-10" in report["closing"][0] and "base-cfg-uniform-10" in report["closing"][1]
     grid = Image.open(quick_demo / "grid.png")
