@@ -87,6 +87,17 @@ class FlowMatchEulerScheduler:
         return timesteps, np.concatenate([sigmas, np.zeros(1, np.float32)])
 
 
+def scheduler_config(scheduler):
+    """A scheduler config dict, given one or a family name ("flux", "qwen-image")."""
+    return families.get(scheduler).scheduler if isinstance(scheduler, str) else scheduler
+
+
+def base_schedule(scheduler, steps, image_seq_len):
+    """(timesteps, sigmas) of the base's own `steps`-step schedule at this resolution (`scheduler`: a config
+    dict or a family name)."""
+    return FlowMatchEulerScheduler.from_config(scheduler_config(scheduler)).set_timesteps(steps, image_seq_len)
+
+
 def snr(sigma):
     """Signal-to-noise ratio of x_t = (1 - sigma) x0 + sigma noise: ((1 - sigma) / sigma)^2."""
     sigma = np.asarray(sigma, np.float64)
@@ -130,12 +141,11 @@ class GlanceSchedule:
     @classmethod
     def from_steps(cls, scheduler, slow_steps, fast_steps, image_seq_len, base_steps=50, round_bf16=False):
         """Slow and fast steps picked by 1-based index on the `base_steps`-step schedule at this resolution."""
-        if isinstance(scheduler, str):
-            scheduler = families.get(scheduler).scheduler
+        scheduler = scheduler_config(scheduler)  # the schedule records the config itself
         steps = list(slow_steps) + list(fast_steps)
         if not steps or min(steps) < 1 or max(steps) > base_steps or steps != sorted(set(steps)):
             raise GlanceError(f"Glance steps must be increasing indices in 1..{base_steps}, got {steps}")
-        timesteps, _ = FlowMatchEulerScheduler.from_config(scheduler).set_timesteps(base_steps, image_seq_len)
+        timesteps, _ = base_schedule(scheduler, base_steps, image_seq_len)
         pick = lambda idx: timesteps[np.asarray(idx, int) - 1]
         slow, fast = pick(slow_steps), pick(fast_steps)
         if round_bf16:
@@ -169,9 +179,7 @@ class GlanceSchedule:
         slow steps are `num_slow` evenly spaced indices in 1..b-1 and fast steps
         `num_fast` evenly spaced in b..base_steps (rounded half up).
         """
-        if isinstance(scheduler, str):
-            scheduler = families.get(scheduler).scheduler
-        _, sigmas = FlowMatchEulerScheduler.from_config(scheduler).set_timesteps(base_steps, image_seq_len)
+        _, sigmas = base_schedule(scheduler, base_steps, image_seq_len)
         above = np.nonzero(snr(sigmas[:base_steps]) >= snr_threshold)[0]
         if len(above) == 0 or above[0] < num_slow or base_steps - above[0] < num_fast:
             raise GlanceError(f"SNR threshold {snr_threshold} leaves no room for {num_slow} slow and {num_fast} "
@@ -201,9 +209,7 @@ class GlanceSchedule:
         `split`: "half" (first num_slow of the K steps slow) or an SNR
         threshold (float): steps with SNR below it are slow (at least one each).
         """
-        if isinstance(scheduler, str):
-            scheduler = families.get(scheduler).scheduler
-        _, sigmas = FlowMatchEulerScheduler.from_config(scheduler).set_timesteps(base_steps, image_seq_len)
+        _, sigmas = base_schedule(scheduler, base_steps, image_seq_len)
         states = np.asarray(states)
         if states.shape[1] != base_steps + 1:
             raise GlanceError(f"trajectories have {states.shape[1]} states, the {base_steps}-step grid "

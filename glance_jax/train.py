@@ -45,7 +45,7 @@ from glance_jax import checkpoints, data, families, lora, runstate, schedules, s
 from glance_jax.checkpoints import safetensors_io
 from glance_jax.errors import GlanceError
 from glance_jax.pipelines import euler_step, pack_flux_latents
-from glance_jax.schedules import FlowMatchEulerScheduler, GlanceSchedule
+from glance_jax.schedules import GlanceSchedule
 
 PHASES = ("slow", "fast")
 TEXT_INPUTS = ("encoder_hidden_states", "pooled_projections", "encoder_hidden_states_mask")  # per caption
@@ -242,15 +242,22 @@ def conditioning(batch, drop_caption, texts=None):
 
 # ---- the teacher target ----
 
-def teacher_grid(schedule, scheduler_config, substeps, image_seq_len):
-    """Sigmas (descending, ending at 0) the base integrates on: its own `substeps`-step schedule plus the
-    schedule's points (if any), from the first point down."""
-    _, grid = FlowMatchEulerScheduler.from_config(scheduler_config).set_timesteps(substeps, image_seq_len)
+def teacher_grid(schedule, scheduler, substeps, image_seq_len):
+    """Sigmas (descending, ending at 0) the base integrates on: its own `substeps`-step schedule (`scheduler`: a
+    config dict or a family name) plus the schedule's points (if any), from the first point down."""
+    _, grid = schedules.base_schedule(scheduler, substeps, image_seq_len)
     if schedule is None:
         return grid
     points = schedule.sigmas()
     fine = np.unique(np.concatenate([grid, points]))[::-1].astype(np.float32)
     return fine[fine <= points[0]]
+
+
+def caption_texts(texts, k):
+    """The text inputs (of `batch["teacher_texts"]`) that trajectory k, an index or an array of them, is drawn
+    and trained with: caption k mod N."""
+    count = jax.tree_util.tree_leaves(texts)[0].shape[0]
+    return jax.tree_util.tree_map(lambda t: t[k % count], texts)
 
 
 def teacher_conditionings(model, batch, config):
@@ -300,14 +307,13 @@ def teacher_trajectories(model, static, params, batch, sigmas, config, key):
     of 16 points, so that grids of similar length share one compiled program."""
     cond, neg, rescale = teacher_conditionings(model, batch, config)
     noises = jax.random.normal(key, (config.teacher.trajectories, *batch["x0"].shape), jnp.float32)
-    texts = batch["teacher_texts"]
-    captions = np.arange(len(noises)) % len(jax.tree_util.tree_leaves(texts)[0])  # trajectory k: caption k mod N
     chunk = max(1, int(config.teacher.batch))
     n = len(sigmas)
     padded = jnp.asarray(np.pad(np.asarray(sigmas, np.float32), (0, -n % 16), mode="edge"))  # zero-size steps
     scale = jnp.float32(config.teacher.guidance_scale)
     parts = [_integrate(model, tuple(static), rescale, params, noises[i:i + chunk],
-                        jax.tree_util.tree_map(lambda t: t[captions[i:i + chunk]], texts), padded, cond, neg, scale)
+                        caption_texts(batch["teacher_texts"], np.arange(i, min(i + chunk, len(noises)))), padded,
+                        cond, neg, scale)
              for i in tqdm(range(0, len(noises), chunk), desc="teacher trajectories", unit="batch", leave=False)]
     return jnp.concatenate(parts)[:, :n]
 
@@ -345,8 +351,7 @@ def _train_step(model, settings, static):
         drop = jax.random.uniform(k_drop) < dropout
         if target_kind == "teacher":  # the velocity that carries the base's state here to its next point
             k = jax.random.randint(k_traj, (), 0, teacher["states"].shape[0])
-            captions = jax.tree_util.tree_leaves(teacher["texts"])[0].shape[0]
-            cond = conditioning(batch, drop, jax.tree_util.tree_map(lambda t: t[k % captions], teacher["texts"]))
+            cond = conditioning(batch, drop, caption_texts(teacher["texts"], k))
             x_t = teacher["states"][k, index][None]
             target = (teacher["states"][k, index + 1][None] - x_t) / (teacher["sigmas"][index + 1] - sigma)
         else:
@@ -454,7 +459,7 @@ class Run:
             return GlanceSchedule.uniform(self.config.family, c.num_slow, c.num_fast, image_seq_len)
         if kind == "fitted":
             substeps = self.config.teacher.substeps
-            states = self.trajectories(teacher_grid(None, families.get(self.config.family).scheduler, substeps, image_seq_len))
+            states = self.trajectories(teacher_grid(None, self.config.family, substeps, image_seq_len))
             return GlanceSchedule.fitted(self.config.family, np.asarray(states), c.num_slow, c.num_fast,
                                          image_seq_len, substeps, c.split)
         raise GlanceError(f"config.schedule.kind {kind!r}: use 'steps', 'uniform' or 'fitted'")
@@ -498,7 +503,7 @@ class Run:
         sigmas = self.schedule.sigmas()
         if self.config.target != "teacher":
             return {"sigmas": jnp.asarray(_pad_points(sigmas)), "states": jnp.zeros((1, 1, 1, 1))}
-        grid = teacher_grid(self.schedule, families.get(self.config.family).scheduler, self.config.teacher.substeps,
+        grid = teacher_grid(self.schedule, self.config.family, self.config.teacher.substeps,
                             self.batch["x0"].shape[1])
         at = jnp.asarray([int(np.argmin(np.abs(grid - s))) for s in sigmas])
         states = self.trajectories(grid)[:, at]
