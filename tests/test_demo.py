@@ -10,7 +10,7 @@ from PIL import Image
 
 from glance_jax import evaluation, lora
 from glance_jax.cli import main
-from glance_jax.demo import PROMPT_TEMPLATES, prompt_set
+from glance_jax.demo import PROMPT_TEMPLATES, VALIDATION_TEMPLATES, prompt_set
 from glance_jax.demo import teacher
 from glance_jax.models import FluxTransformer2DModel
 from torch_peers import flux_inputs, relative_error, torch_forward
@@ -26,6 +26,14 @@ def test_prompt_set_names_each_images_template():
     assert len(captions) == 19 and len(batch) == len(labels) == len(template_of) == len(seeds) == 38
     for caption, digit, i in zip(batch, labels, template_of):
         assert caption == teacher.caption(PROMPT_TEMPLATES[i], digit)
+
+
+def test_validation_and_held_out_prompts_are_apart_and_each_has_an_unseen_paraphrase():
+    reported, validated = set(PROMPT_TEMPLATES), set(VALIDATION_TEMPLATES)
+    assert not reported & validated
+    for templates in (reported, validated):
+        assert len(templates & set(teacher.UNSEEN_TEMPLATES)) == 1
+        assert templates & set(teacher.TRAIN_TEMPLATES)
 
 
 def test_committed_teacher_is_a_diffusers_model():

@@ -41,8 +41,10 @@ from glance_jax.train import default_config
 TRAIN_DIGIT, TRAIN_TEMPLATE = 7, "a handwritten {word}"
 PROMPT_TEMPLATES = ("the numeral {word}, written by hand", "the number {word}")  # the first: unseen by the teacher
 # Validation prompts and seeds (`--validation`): everything the demo tunes was chosen on these, never on the
-# reported ones above.
-VALIDATION_TEMPLATES, VALIDATION_SEED = ("the digit {digit}", "a {word}"), 10000
+# reported ones above. The third, like the held-out prompts' first, is a paraphrase the teacher never saw that fills
+# every text token; it was added after the recipes below were chosen (their figures are on the first two), because
+# the guided students fail on exactly such prompts (glance-cfg-6 14.2 dB there vs base-cfg-uniform-10 28.7, seed 0).
+VALIDATION_TEMPLATES, VALIDATION_SEED = ("the digit {digit}", "a {word}", "a drawing of the digit {word}"), 10000
 GUIDANCE = 3.0  # the guided regime: CFG on the empty prompt (the teacher was trained with 10 % empty captions)
 SIZE = 8  # pixels; the images are their own latents (no VAE)
 UNGUIDED_K, GUIDED_K = (3, 4, 6, 10), (4, 6)

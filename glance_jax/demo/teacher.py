@@ -37,9 +37,10 @@ TEACHER_DIR = os.path.join(ASSETS, "teacher")
 PROMPTS_FILE = os.path.join(ASSETS, "prompts.safetensors")
 TEXT_TOKENS = 8
 WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
-# Captions the teacher is trained on, and paraphrases it never sees (used as held-out prompts).
+# Captions the teacher is trained on, and paraphrases it never sees (the demo's held-out prompts use the first,
+# its validation prompts the second; both fill all TEXT_TOKENS tokens, which none of the training captions does).
 TRAIN_TEMPLATES = ("a handwritten {word}", "the digit {digit}", "the number {word}", "a {word}")
-HELD_OUT_TEMPLATES = ("the numeral {word}, written by hand",)
+UNSEEN_TEMPLATES = ("the numeral {word}, written by hand", "a drawing of the digit {word}")
 TEACHER = FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=2, num_single_layers=4,
                                  attention_head_dim=32, num_attention_heads=4, joint_attention_dim=384,
                                  pooled_projection_dim=384, guidance_embeds=False, axes_dims_rope=(8, 12, 12))
@@ -53,7 +54,7 @@ def caption(template, digit):
 
 
 def all_captions():
-    return [caption(t, d) for t in TRAIN_TEMPLATES + HELD_OUT_TEMPLATES for d in range(10)] + [""]
+    return [caption(t, d) for t in TRAIN_TEMPLATES + UNSEEN_TEMPLATES for d in range(10)] + [""]
 
 
 def digits():
@@ -90,13 +91,20 @@ def load_prompts():
     return {name: (states[i], pooled[i]) for i, name in enumerate(names)}
 
 
-def train_teacher(seed=0, steps=3000, batch_size=64, lr=1e-3):
-    """Trains the teacher with flow matching (uniform t, 10% empty captions) and writes the assets."""
+def write_prompts():
+    """Encodes every caption of the demo and writes assets/prompts.safetensors; returns (captions, states,
+    pooled). Each caption's encoding does not depend on the others: adding captions changes none."""
     captions = all_captions()
     states, pooled = encode_captions(captions)
     os.makedirs(ASSETS, exist_ok=True)
     safetensors_io.save_file({"prompt_embeds": states, "pooled_prompt_embeds": pooled}, PROMPTS_FILE,
                              {"captions": json.dumps(captions), "encoder": "sentence-transformers/all-MiniLM-L6-v2"})
+    return captions, states, pooled
+
+
+def train_teacher(seed=0, steps=3000, batch_size=64, lr=1e-3):
+    """Trains the teacher with flow matching (uniform t, 10% empty captions) and writes the assets."""
+    captions, states, pooled = write_prompts()
     index = {c: i for i, c in enumerate(captions)}
     # caption table: [digit, template] -> row of the embeddings; the empty caption for dropout
     table = jnp.asarray([[index[caption(t, d)] for t in TRAIN_TEMPLATES] for d in range(10)])
