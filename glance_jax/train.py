@@ -201,8 +201,9 @@ def training_batch(model, arrays, guidance):
     has empty-prompt encodings) the inputs used when the caption is dropped,
     batch["teacher_texts"] the text inputs of the caption and of the extra
     captions (`teacher_prompt_embeds`, if any) stacked, (N, 1, ...): trajectory
-    k of the teacher is drawn with caption k mod N. Text of any length with a mask (Qwen-Image) is
-    padded to a common length; fixed-length text (FLUX) must already have one.
+    k of the teacher is drawn with caption k mod N. Text of any length with a
+    mask (Qwen-Image) is padded to a common length; fixed-length text (FLUX)
+    must already have one.
     """
     latents = jnp.asarray(arrays["latents"])[None]
     rows, cols = latents.shape[1] // 2, latents.shape[2] // 2
