@@ -519,20 +519,36 @@ class Run:
             json.dump(self.schedule.to_dict(), f, indent=1)
         return {phase: self.train_phase(phase, teacher) for phase in phases}
 
-    def train_phase(self, phase, teacher):
-        import orbax.checkpoint as ocp
-
+    def initial_state(self, phase, teacher):
+        """(LoRA, optimizer state, points, key) with which `phase` starts: `points` masks the phase's timesteps
+        among `teacher["sigmas"]` (a fixed shape), the key is the phase's."""
         config = self.config
         n_slow = len(self.schedule.slow)
         chosen = range(n_slow) if phase == "slow" else range(n_slow, self.schedule.num_steps)
-        points = np.isin(np.arange(teacher["sigmas"].shape[0]), list(chosen))  # a mask: fixed shape
-        opt = optimizer(Optim.of(config))
+        points = jnp.asarray(np.isin(np.arange(teacher["sigmas"].shape[0]), list(chosen)), jnp.float32)
         key = jax.random.fold_in(jax.random.PRNGKey(config.seed), PHASES.index(phase))
         targets = config.lora.targets
         targets = targets if families.is_preset(targets) else [t.strip() for t in targets.split(",")]
         adapter = lora.init_lora(jax.random.fold_in(key, 1), self.params, targets, config.lora.rank,
                                  float(config.lora.alpha))
-        opt_state = opt.init(adapter)
+        return adapter, optimizer(Optim.of(config)).init(adapter), points, key
+
+    def compile_step(self):
+        """Compiles the train step of this run (one program for both phases) without taking a step, so that a
+        caller can compile it on another thread while other work runs; `train` then finds it compiled.
+        Single-device runs only (a mesh run compiles on its first step)."""
+        if self.mesh is not None:
+            return
+        teacher = self.teacher_inputs()
+        adapter, opt_state, points, key = self.initial_state(PHASES[0], teacher)
+        make_train_step(self.model, self.config, self.static).lower(
+            adapter, opt_state, self.params, self.batch, teacher, points, jax.random.fold_in(key, 0)).compile()
+
+    def train_phase(self, phase, teacher):
+        import orbax.checkpoint as ocp
+
+        config = self.config
+        adapter, opt_state, points, key = self.initial_state(phase, teacher)
         step_shardings = None
         if self.mesh is not None:
             step_shardings = self.step_shardings(adapter, opt_state, teacher)
@@ -552,7 +568,6 @@ class Run:
         if self.writer:
             _truncate_metrics(metrics_path, phase, start)
         step_fn = make_train_step(self.model, config, self.static, step_shardings)
-        points = jnp.asarray(points, jnp.float32)
         lr = learning_rate(Optim.of(config))
         lora_path = runstate.final_lora_path(self.workdir, phase)
         if start < config.steps and self.writer and os.path.exists(lora_path):

@@ -1,6 +1,7 @@
 """The teacher target's parts: all-Dense LoRA presets, uniform and fitted schedules, batched (guided) trajectories."""
 
 import itertools
+import logging
 import os
 import re
 
@@ -116,6 +117,21 @@ def test_trajectories_are_what_the_sampler_computes(tmp_path, guidance):
     trained_on = run.teacher_inputs()  # what the train step reads: the states at the Glance points, then 0
     np.testing.assert_array_equal(np.asarray(trained_on["sigmas"])[:5], grid)
     np.testing.assert_array_equal(np.asarray(trained_on["states"])[:, :5], states)
+
+
+def test_compile_step_compiles_the_program_that_training_runs(tmp_path, caplog):
+    """Run.compile_step (the demo calls it on a second thread while other pairs train) compiles the very
+    train step that train() then runs: training compiles no step program of its own."""
+    run = demo_run(tmp_path, 3.0)  # the guided students' step: minibatch 8
+    run.config.optim.lr = 1.2345e-4  # a program no other test compiles
+    step_compiles = lambda: [r for r in caplog.records if r.getMessage().startswith("Compiling jit(step)")]
+    with caplog.at_level(logging.WARNING), jax.log_compiles():
+        run.compile_step()
+        assert len(step_compiles()) == 1
+        caplog.clear()
+        files = run.train()
+        assert step_compiles() == []
+    assert sorted(files) == ["fast", "slow"] and all(os.path.isfile(f) for f in files.values())
 
 
 def test_fitted_schedule_is_chosen_on_the_cached_trajectories(tmp_path):

@@ -10,6 +10,7 @@ a truncated or foreign file into one clear error before any data is read.
 import json
 import os
 import struct
+import threading
 
 import ml_dtypes
 import numpy as np
@@ -128,7 +129,7 @@ def save_file(tensors, path, metadata=None):
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
     path = os.fspath(path)
-    tmp = f"{path}.partial-{os.getpid()}"
+    tmp = f"{path}.partial-{os.getpid()}-{threading.get_ident()}"  # one writer per name: processes, threads
     try:
         with open(tmp, "wb") as f:
             f.write(struct.pack("<Q", len(blob)))

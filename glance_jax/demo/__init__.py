@@ -161,6 +161,40 @@ def train_pair(config, out):
     return run.train(), run.schedule
 
 
+def train_pairs(pairs, loras_dir, ahead):
+    """Trains every (name, config) pair in order into loras_dir/name; returns {name: (files, schedule)}.
+
+    The pairs named in `ahead` have train steps that compile to new programs: a second thread sets up their
+    runs (their teacher trajectories go to the cache) and compiles those steps while the first pairs train.
+    Only compilation runs beside training: orbax's checkpoint managers are not safe from threads.
+    """
+    import threading
+
+    from glance_jax.train import Run
+    errors = []
+
+    def prepare():
+        try:
+            for name, c in pairs:
+                if name in ahead:
+                    shutil.rmtree(os.path.join(loras_dir, name), ignore_errors=True)
+                    Run(c, os.path.join(loras_dir, name)).compile_step()
+        except Exception as e:  # raised again on the main thread, before the first of these pairs trains
+            errors.append(e)
+
+    thread = threading.Thread(target=prepare, daemon=True)
+    thread.start()
+    trained = {}
+    for name, c in pairs:
+        if name in ahead and thread.is_alive() or errors:
+            thread.join()
+            if errors:
+                raise errors[0]
+        print(f"distilling {name}: {c.target} target, {c.steps} steps a phase")
+        trained[name] = train_pair(c, os.path.join(loras_dir, name))
+    return trained
+
+
 def fitted_schedule(config, out):
     """The schedule `glance-jax train` fits for this config (from the cached trajectories), without training."""
     from glance_jax.train import Run
@@ -249,10 +283,9 @@ def main(argv):
               ("glance-data-10", config(10, "data", "official", n=data_steps))]
     pairs += [(f"glance-cfg-{k}", config(k, "teacher", args.schedule, GUIDANCE, guided_steps, guided_trajectories))
               for k in GUIDED_K]
-    trained = {}
-    for name, c in pairs:
-        print(f"distilling {name}: {c.target} target, {c.steps} steps a phase, from '{train_caption}'")
-        trained[name] = train_pair(c, os.path.join(loras_dir, name))
+    print(f"distilling {len(pairs)} LoRA pairs from '{train_caption}'")
+    # the data target and the guided minibatch are new train-step programs: compiled beside the first pairs
+    trained = train_pairs(pairs, loras_dir, ahead=("glance-data-10", f"glance-cfg-{GUIDED_K[0]}"))
     fitted = {k: trained[f"glance-{k}"][1] if args.schedule == "fitted" else
               fitted_schedule(config(k, "teacher", "fitted"), os.path.join(loras_dir, f"fitted-{k}")) for k in (4, 6)}
 
