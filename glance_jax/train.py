@@ -470,9 +470,10 @@ class Run:
         before (the key covers the base's identity as the run's fingerprint has it, its dtype and quantization,
         the encoded sample, the grid, guidance, count and seed)."""
         t = self.config.teacher
-        digest = hashlib.sha256(json.dumps([self.fingerprint["base"], self.config.model.dtype, self.config.model.get("quantize"),
-                                            int(t.trajectories), float(t.guidance_scale), t.negative_prompt,
-                                            self.config.model.guidance, int(self.config.seed)]).encode())
+        digest = hashlib.sha256(json.dumps([self.fingerprint["base"], self.config.model.dtype,
+                                            self.config.model.get("quantize"), int(t.trajectories),
+                                            float(t.guidance_scale), t.negative_prompt, self.config.model.guidance,
+                                            int(self.config.seed)]).encode())
         for leaf in [np.asarray(sigmas, np.float32)] + jax.tree_util.tree_leaves(self.batch):
             digest.update(np.asarray(leaf).tobytes())
         path = os.path.join(self.cache, "teacher-" + digest.hexdigest()[:32] + ".safetensors")

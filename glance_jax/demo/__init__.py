@@ -23,6 +23,7 @@
 """
 
 import argparse
+import concurrent.futures
 import json
 import os
 import shutil
@@ -161,38 +162,14 @@ def train_pair(config, out):
     return run.train(), run.schedule
 
 
-def train_pairs(pairs, loras_dir, ahead):
-    """Trains every (name, config) pair in order into loras_dir/name; returns {name: (files, schedule)}.
-
-    The pairs named in `ahead` have train steps that compile to new programs: a second thread sets up their
-    runs (their teacher trajectories go to the cache) and compiles those steps while the first pairs train.
-    Only compilation runs beside training: orbax's checkpoint managers are not safe from threads.
-    """
-    import threading
-
+def compile_steps(pairs, loras_dir):
+    """Sets up the runs of `pairs` (their teacher trajectories go to the cache) and compiles their train steps,
+    without training: this runs on a second thread beside training (orbax's checkpoint managers, which
+    training uses, are not safe from threads)."""
     from glance_jax.train import Run
-    errors = []
-
-    def prepare():
-        try:
-            for name, c in pairs:
-                if name in ahead:
-                    shutil.rmtree(os.path.join(loras_dir, name), ignore_errors=True)
-                    Run(c, os.path.join(loras_dir, name)).compile_step()
-        except Exception as e:  # raised again on the main thread, before the first of these pairs trains
-            errors.append(e)
-
-    thread = threading.Thread(target=prepare, daemon=True)
-    thread.start()
-    trained = {}
     for name, c in pairs:
-        if name in ahead and thread.is_alive() or errors:
-            thread.join()
-            if errors:
-                raise errors[0]
-        print(f"distilling {name}: {c.target} target, {c.steps} steps a phase")
-        trained[name] = train_pair(c, os.path.join(loras_dir, name))
-    return trained
+        shutil.rmtree(os.path.join(loras_dir, name), ignore_errors=True)
+        Run(c, os.path.join(loras_dir, name)).compile_step()
 
 
 def fitted_schedule(config, out):
@@ -283,11 +260,6 @@ def main(argv):
               ("glance-data-10", config(10, "data", "official", n=data_steps))]
     pairs += [(f"glance-cfg-{k}", config(k, "teacher", args.schedule, GUIDANCE, guided_steps, guided_trajectories))
               for k in GUIDED_K]
-    print(f"distilling {len(pairs)} LoRA pairs from '{train_caption}'")
-    # the data target and the guided minibatch are new train-step programs: compiled beside the first pairs
-    trained = train_pairs(pairs, loras_dir, ahead=("glance-data-10", f"glance-cfg-{GUIDED_K[0]}"))
-    fitted = {k: trained[f"glance-{k}"][1] if args.schedule == "fitted" else
-              fitted_schedule(config(k, "teacher", "fitted"), os.path.join(loras_dir, f"fitted-{k}")) for k in (4, 6)}
 
     templates, first_seed = ((VALIDATION_TEMPLATES, VALIDATION_SEED) if args.validation else
                              (PROMPT_TEMPLATES, args.seed * 1000))
@@ -295,9 +267,43 @@ def main(argv):
                                                                       first_seed, train_caption)
     embed = lambda cs: (jnp.asarray(np.stack([prompts[c][0] for c in cs])),
                         jnp.asarray(np.stack([prompts[c][1] for c in cs])))
-    negative = lambda count: dict(negative_prompt_embeds=jnp.asarray(np.stack([prompts[""][0]] * count)),
-                              negative_pooled_prompt_embeds=jnp.asarray(np.stack([prompts[""][1]] * count)),
-                              true_cfg_scale=GUIDANCE)
+    # one batch: the held-out images, then the training caption's (one compiled sampler per method)
+    all_seeds = seeds + [first_seed + 500 + i for i in range(train_seeds)]
+    embeds = embed(batch_captions + [train_caption] * train_seeds)
+    empty = embed([""] * len(all_seeds))
+
+    def sample(pipe, guided=False, **kwargs):
+        """The batch's images by `pipe`; `guided`: true CFG on the empty prompt."""
+        extra = dict(negative_prompt_embeds=empty[0], negative_pooled_prompt_embeds=empty[1],
+                     true_cfg_scale=GUIDANCE) if guided else {}
+        return pipe(*embeds, height=SIZE, width=SIZE, seed=all_seeds, **kwargs, **extra)
+
+    def warm_up_base_sampler():
+        """Compiles the base's sampler programs, unguided and guided, with two steps of a pipeline of its own
+        (without LoRAs nothing is donated, so it may share the base's arrays)."""
+        own = FluxGlancePipeline(model, params, teacher.SCHEDULER, latent_channels=1, vae_scale_factor=1)
+        for guided in (False, True):
+            sample(own, num_inference_steps=2, guided=guided).block_until_ready()
+
+    print(f"distilling {len(pairs)} LoRA pairs from '{train_caption}'")
+    # beside training, on a second thread: the train steps that compile to new programs (the data target,
+    # the guided minibatch), the base's sampler programs and the digit classifier
+    ahead = ("glance-data-10", f"glance-cfg-{GUIDED_K[0]}")
+    with concurrent.futures.ThreadPoolExecutor(1) as beside:
+        steps_compiled = beside.submit(compile_steps, [p for p in pairs if p[0] in ahead], loras_dir)
+        classifier = beside.submit(digit_classifier, args.seed)
+        warmed = beside.submit(warm_up_base_sampler)
+        trained = {}
+        for name, c in pairs:
+            if name in ahead:
+                steps_compiled.result()  # also raises what failed there
+            print(f"distilling {name}: {c.target} target, {c.steps} steps a phase")
+            trained[name] = train_pair(c, os.path.join(loras_dir, name))
+        predict, features, real_features = classifier.result()
+        warmed.result()
+    fitted = {k: trained[f"glance-{k}"][1] if args.schedule == "fitted" else
+              fitted_schedule(config(k, "teacher", "fitted"), os.path.join(loras_dir, f"fitted-{k}")) for k in (4, 6)}
+
     pipe = FluxGlancePipeline(model, params, teacher.SCHEDULER, latent_channels=1, vae_scale_factor=1)
 
     def glance(name, schedule_kind, target, guidance, reference):
@@ -322,16 +328,11 @@ def main(argv):
     methods += [glance(f"glance-cfg-{k}", args.schedule, "teacher", GUIDANCE, "teacher-50-cfg")
                 for k in sorted(GUIDED_K, reverse=True)]
 
-    predict, features, real_features = digit_classifier(args.seed)
-    # one batch: the held-out images, then the training caption's (one compiled sampler per method)
-    all_seeds = seeds + [first_seed + 500 + i for i in range(train_seeds)]
-    embeds = embed(batch_captions + [train_caption] * train_seeds)
     n = len(batch_captions)
     results, images, caption_images = [], {}, {}
     for m in methods:
         kwargs = dict(m.pop("kwargs"))
-        extra = negative(len(all_seeds)) if kwargs.pop("guided", False) else {}
-        run = lambda: pipe(*embeds, height=SIZE, width=SIZE, seed=all_seeds, **kwargs, **extra).block_until_ready()
+        run = lambda: sample(pipe, **kwargs).block_until_ready()
         compiled, start = pipelines.compile_count(), time.perf_counter()
         latents = run()
         if pipelines.compile_count() > compiled:  # the first call compiled a new program: time a second one
@@ -346,7 +347,8 @@ def main(argv):
             raise AssertionError(f"{m['name']}: {pipe.last_nfe} passes counted, {m['nfe']} expected")
         if "schedule" in kwargs:
             m["timesteps"] = list(kwargs["schedule"].slow + kwargs["schedule"].fast)
-        results.append({**m, "steps": m["nfe"] // (2 if extra else 1), "sec_per_image": seconds / len(both),
+        steps_taken = m["nfe"] // (2 if kwargs.get("guided") else 1)
+        results.append({**m, "steps": steps_taken, "sec_per_image": seconds / len(both),
                         "psnr_vs_teacher": evaluation.psnr(out, reference),
                         "psnr_train_caption": evaluation.psnr(own, caption_reference),
                         "psnr_by_template": {t: evaluation.psnr(out[template_of == i], reference[template_of == i])
