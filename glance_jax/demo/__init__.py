@@ -154,22 +154,18 @@ def lora_config(model_dir, sample_dir, workdir, k, target, schedule, steps, traj
     return c
 
 
-def train_pair(config, out):
-    """Trains a slow and a fast LoRA into `out`; returns ({phase: file}, schedule)."""
+def prepare_run(config, out):
+    """A fresh training run in `out`: the base loaded, the sample encoded, the schedule chosen."""
     from glance_jax.train import Run
     shutil.rmtree(out, ignore_errors=True)
-    run = Run(config, out)
+    return Run(config, out)
+
+
+def train_pair(config, out, run=None):
+    """Trains a slow and a fast LoRA into `out` (with `run`, that run as prepared); returns ({phase: file},
+    schedule)."""
+    run = run or prepare_run(config, out)
     return run.train(), run.schedule
-
-
-def compile_steps(pairs, loras_dir):
-    """Sets up the runs of `pairs` (their teacher trajectories go to the cache) and compiles their train steps,
-    without training: this runs on a second thread beside training (orbax's checkpoint managers, which
-    training uses, are not safe from threads)."""
-    from glance_jax.train import Run
-    for name, c in pairs:
-        shutil.rmtree(os.path.join(loras_dir, name), ignore_errors=True)
-        Run(c, os.path.join(loras_dir, name)).compile_step()
 
 
 def fitted_schedule(config, out):
@@ -286,19 +282,22 @@ def main(argv):
             sample(own, num_inference_steps=2, guided=guided).block_until_ready()
 
     print(f"distilling {len(pairs)} LoRA pairs from '{train_caption}'")
-    # beside training, on a second thread: the train steps that compile to new programs (the data target,
-    # the guided minibatch), the base's sampler programs and the digit classifier
-    ahead = ("glance-data-10", f"glance-cfg-{GUIDED_K[0]}")
+    # Beside training, a second thread compiles the train steps that are new programs (the data target, the
+    # guided minibatch) and the base's sampler programs, and fits the digit classifier. Nothing there touches
+    # orbax, which loads bases and writes checkpoints and is not safe from threads: those two pairs' runs are
+    # prepared here, compiled there, and trained here when their turn comes.
+    ahead = {name: prepare_run(c, os.path.join(loras_dir, name)) for name, c in pairs
+             if name in ("glance-data-10", f"glance-cfg-{GUIDED_K[0]}")}
     with concurrent.futures.ThreadPoolExecutor(1) as beside:
-        steps_compiled = beside.submit(compile_steps, [p for p in pairs if p[0] in ahead], loras_dir)
+        steps_compiled = [beside.submit(run.compile_step) for run in ahead.values()]
         classifier = beside.submit(digit_classifier, args.seed)
         warmed = beside.submit(warm_up_base_sampler)
         trained = {}
         for name, c in pairs:
             if name in ahead:
-                steps_compiled.result()  # also raises what failed there
+                [f.result() for f in steps_compiled]  # also raises what failed there
             print(f"distilling {name}: {c.target} target, {c.steps} steps a phase")
-            trained[name] = train_pair(c, os.path.join(loras_dir, name))
+            trained[name] = train_pair(c, os.path.join(loras_dir, name), ahead.pop(name, None))
         predict, features, real_features = classifier.result()
         warmed.result()
     fitted = {k: trained[f"glance-{k}"][1] if args.schedule == "fitted" else
