@@ -389,7 +389,10 @@ def _train_step(model, settings, static):
 class Run:
     """One training run in `workdir`: loads the base and the sample once, then trains the phases."""
 
-    def __init__(self, config, workdir, fresh=False):
+    def __init__(self, config, workdir, fresh=False, base=None):
+        """`base`: the `(model, params)` that `checkpoints.load_model` gives for this config, already loaded by
+        the caller, so that several runs in one process share one copy of the frozen base (single device and
+        unquantized only; checked against config.model)."""
         self.config, self.workdir = config, validation.output_folder(workdir)
         validation.train_config(config)  # every value, before anything is loaded
         transformer, vae, text_encoders = families.model_paths(
@@ -435,9 +438,12 @@ class Run:
         arrays = data.with_teacher_prompts(arrays, prompts, self.sample.image_path)
         if config.data.caption_dropout > 0 and "empty_prompt_embeds" not in arrays:
             raise GlanceError("config.data.caption_dropout > 0 needs empty_prompt_embeds in the encoded sample")
-        self.model, self.params = checkpoints.load_model(transformer, config.model.dtype,
-                                                         mesh=self.mesh, remat_policy=config.model.remat_policy,
-                                                         quantize=config.model.get("quantize"))
+        if base is None:
+            self.model, self.params = checkpoints.load_model(transformer, config.model.dtype,
+                                                             mesh=self.mesh, remat_policy=config.model.remat_policy,
+                                                             quantize=config.model.get("quantize"))
+        else:
+            self.model, self.params = _checked_base(base, transformer, config, self.mesh)
         self.batch, self.static = training_batch(self.model, arrays, config.model.guidance)
         if self.mesh is not None:
             self.batch = sharding.place(self.batch, self.batch_shardings())
@@ -614,6 +620,22 @@ class Run:
             lora.save_lora(host_lora, lora_path, schedule=self.schedule)
         manager.close()
         return lora_path
+
+
+def _checked_base(base, transformer, config, mesh):
+    """`base` if it is what `checkpoints.load_model` would give this config: the same model (class, sizes, dtype,
+    remat policy) and parameters of its shapes and dtypes; a GlanceError otherwise."""
+    if mesh is not None or config.model.get("quantize") not in (None, "none"):
+        raise GlanceError("Run(base=...): a shared base is for single-device, unquantized runs; leave it out")
+    model, params = base
+    expected = checkpoints.model_from_config(checkpoints.open_checkpoint(transformer).config,
+                                             checkpoints.parse_dtype(config.model.dtype),
+                                             remat_policy=config.model.remat_policy)
+    shapes = lambda tree: jax.tree_util.tree_map(lambda x: (x.shape, x.dtype), tree)
+    if model != expected or shapes(params) != shapes(checkpoints.abstract_params(expected)):
+        raise GlanceError(f"Run(base=...): not the base config.model describes ({config.model.path}, "
+                          f"{config.model.dtype}, remat {config.model.remat_policy}); leave base out to load it")
+    return model, params
 
 
 def _pad_points(x, axis=0, multiple=16):

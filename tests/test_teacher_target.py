@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from glance_jax import checkpoints, families, lora, validation
+from glance_jax.checkpoints import safetensors_io
 from glance_jax.demo import lora_config, teacher, write_sample
 from glance_jax.errors import GlanceError
 from glance_jax.models import FluxTransformer2DModel, QwenImageTransformer2DModel
@@ -132,6 +133,26 @@ def test_compile_step_compiles_the_program_that_training_runs(tmp_path, caplog):
         files = run.train()
         assert step_compiles() == []
     assert sorted(files) == ["fast", "slow"] and all(os.path.isfile(f) for f in files.values())
+
+
+def test_runs_can_share_one_loaded_base(tmp_path):
+    """Run(base=...) trains on the caller's arrays (no second copy of the base) and gives the LoRAs of a run that
+    loads its own; a base that config.model does not describe is refused in one line before anything is written."""
+    own = demo_run(tmp_path, 1.0)
+    base = checkpoints.load_model(teacher.TEACHER_DIR)
+    shared = Run(own.config, tmp_path / "shared", base=base)
+    assert shared.params is base[1]
+    mine, theirs = own.train(), shared.train()
+    for phase in ("slow", "fast"):
+        a, b = (safetensors_io.SafetensorsFile(files[phase]) for files in (mine, theirs))
+        assert sorted(a.keys()) == sorted(b.keys()) and len(a.keys()) > 0
+        for name in a.keys():
+            np.testing.assert_array_equal(a.read(name), b.read(name))
+    config = own.config.copy_and_resolve_references()
+    config.model.dtype = "bf16"  # a working run on its own (it would load a bf16 base); not the fp32 base given
+    with pytest.raises(GlanceError, match=re.escape("Run(base=...): not the base config.model describes")):
+        Run(config, tmp_path / "refused", base=base)
+    assert not (tmp_path / "refused").exists()
 
 
 def test_fitted_schedule_is_chosen_on_the_cached_trajectories(tmp_path):

@@ -154,24 +154,11 @@ def lora_config(model_dir, sample_dir, workdir, k, target, schedule, steps, traj
     return c
 
 
-def prepare_run(config, out):
-    """A fresh training run in `out`: the base loaded, the sample encoded, the schedule chosen."""
+def prepare_run(config, out, base):
+    """A fresh training run in `out` on the demo's one loaded base: the sample encoded, the schedule chosen."""
     from glance_jax.train import Run
     shutil.rmtree(out, ignore_errors=True)
-    return Run(config, out)
-
-
-def train_pair(config, out, run=None):
-    """Trains a slow and a fast LoRA into `out` (with `run`, that run as prepared); returns ({phase: file},
-    schedule)."""
-    run = run or prepare_run(config, out)
-    return run.train(), run.schedule
-
-
-def fitted_schedule(config, out):
-    """The schedule `glance-jax train` fits for this config (from the cached trajectories), without training."""
-    from glance_jax.train import Run
-    return Run(config, out).schedule
+    return Run(config, out, base=base)
 
 
 def prompt_set(teacher, templates, seeds_per_prompt, first_seed, exclude):
@@ -243,7 +230,7 @@ def main(argv):
     model_dir = os.path.join(workdir, "teacher_flax")
     if args.retrain_teacher or not os.path.isdir(model_dir):  # kept between runs: its trajectories stay cached
         checkpoints.convert_checkpoint(teacher.TEACHER_DIR, model_dir, dtype="fp32", overwrite=True)
-    model, params = checkpoints.load_model(model_dir)
+    model, params = base = checkpoints.load_model(model_dir)  # the one copy: every run and the sampler share it
     prompts = teacher.load_prompts()
     sample_dir = os.path.join(workdir, "sample")
     train_caption = write_sample(sample_dir, prompts)
@@ -284,9 +271,9 @@ def main(argv):
     print(f"distilling {len(pairs)} LoRA pairs from '{train_caption}'")
     # Beside training, a second thread compiles the train steps that are new programs (the data target, the
     # guided minibatch) and the base's sampler programs, and fits the digit classifier. Nothing there touches
-    # orbax, which loads bases and writes checkpoints and is not safe from threads: those two pairs' runs are
-    # prepared here, compiled there, and trained here when their turn comes.
-    ahead = {name: prepare_run(c, os.path.join(loras_dir, name)) for name, c in pairs
+    # orbax (checkpoints), which is not safe from threads: those two pairs' runs are prepared here, compiled
+    # there, and trained here when their turn comes.
+    ahead = {name: prepare_run(c, os.path.join(loras_dir, name), base) for name, c in pairs
              if name in ("glance-data-10", f"glance-cfg-{GUIDED_K[0]}")}
     with concurrent.futures.ThreadPoolExecutor(1) as beside:
         steps_compiled = [beside.submit(run.compile_step) for run in ahead.values()]
@@ -297,11 +284,13 @@ def main(argv):
             if name in ahead:
                 [f.result() for f in steps_compiled]  # also raises what failed there
             print(f"distilling {name}: {c.target} target, {c.steps} steps a phase")
-            trained[name] = train_pair(c, os.path.join(loras_dir, name), ahead.pop(name, None))
+            run = ahead.pop(name, None) or prepare_run(c, os.path.join(loras_dir, name), base)
+            trained[name] = run.train(), run.schedule
         predict, features, real_features = classifier.result()
         warmed.result()
     fitted = {k: trained[f"glance-{k}"][1] if args.schedule == "fitted" else
-              fitted_schedule(config(k, "teacher", "fitted"), os.path.join(loras_dir, f"fitted-{k}")) for k in (4, 6)}
+              prepare_run(config(k, "teacher", "fitted"), os.path.join(loras_dir, f"fitted-{k}"), base).schedule
+              for k in (4, 6)}
 
     pipe = FluxGlancePipeline(model, params, teacher.SCHEDULER, latent_channels=1, vae_scale_factor=1)
 
