@@ -412,7 +412,8 @@ class Run:
                                        os.path.join(self.workdir, "checkpoints", phase))
         if jax.process_count() > 1 and not config.mesh:
             raise GlanceError(f"{jax.process_count()} processes: set config.mesh to spread the run over their devices")
-        held = checkpoints.model_from_config(checkpoints.open_checkpoint(transformer).config, jnp.float32)  # headers
+        header = checkpoints.open_checkpoint(transformer).config  # headers only
+        held = checkpoints.model_from_config(header, jnp.float32)
         if families.of(held) is not families.get(config.family):
             raise GlanceError(f"config.model.path holds a {type(held).__name__}, config.family is {config.family!r}")
         if not held.guidance_embeds and config.model.guidance not in (None, 1.0):
@@ -443,7 +444,7 @@ class Run:
                                                              mesh=self.mesh, remat_policy=config.model.remat_policy,
                                                              quantize=config.model.get("quantize"))
         else:
-            self.model, self.params = _checked_base(base, transformer, config, self.mesh)
+            self.model, self.params = _checked_base(base, header, config, self.mesh)
         self.batch, self.static = training_batch(self.model, arrays, config.model.guidance)
         if self.mesh is not None:
             self.batch = sharding.place(self.batch, self.batch_shardings())
@@ -622,14 +623,14 @@ class Run:
         return lora_path
 
 
-def _checked_base(base, transformer, config, mesh):
-    """`base` if it is what `checkpoints.load_model` would give this config: the same model (class, sizes, dtype,
-    remat policy) and parameters of its shapes and dtypes; a GlanceError otherwise."""
+def _checked_base(base, header, config, mesh):
+    """`base` if it is what `checkpoints.load_model` would give this config (`header`: the checkpoint's model
+    config): the same model (class, sizes, dtype, remat policy) and parameters of its shapes and dtypes; a
+    GlanceError otherwise."""
     if mesh is not None or config.model.get("quantize") not in (None, "none"):
         raise GlanceError("Run(base=...): a shared base is for single-device, unquantized runs; leave it out")
     model, params = base
-    expected = checkpoints.model_from_config(checkpoints.open_checkpoint(transformer).config,
-                                             checkpoints.parse_dtype(config.model.dtype),
+    expected = checkpoints.model_from_config(header, checkpoints.parse_dtype(config.model.dtype),
                                              remat_policy=config.model.remat_policy)
     shapes = lambda tree: jax.tree_util.tree_map(lambda x: (x.shape, x.dtype), tree)
     if model != expected or shapes(params) != shapes(checkpoints.abstract_params(expected)):

@@ -282,7 +282,8 @@ def main(argv):
         trained = {}
         for name, c in pairs:
             if name in ahead:
-                [f.result() for f in steps_compiled]  # also raises what failed there
+                for future in steps_compiled:
+                    future.result()  # also raises what failed there
             print(f"distilling {name}: {c.target} target, {c.steps} steps a phase")
             run = ahead.pop(name, None) or prepare_run(c, os.path.join(loras_dir, name), base)
             trained[name] = run.train(), run.schedule
