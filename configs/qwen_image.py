@@ -2,23 +2,24 @@
 
 - `slow`, `fast`, `both`: the official recipe (the paper's data target, rank 32, alpha 128, AdamW lr 3e-4, 60
   steps a phase, caption dropout 0.1, on steps 1, 3, 5, 7, 9 | 11, 21, 31, 41, 50 of 50, an fp8 base);
-- `teacher`: the teacher target with guidance distilled into one pass, both phases.
+- `teacher`: the teacher target for a pair that samples as the official Glance-Qwen pipeline does, with true
+  CFG 5 on the empty prompt (two LoRA'd passes a step, norm rescale), both phases;
+- `teacher_onepass`: the same teacher, with the guidance distilled into one pass a step (an experiment: on the
+  demo's teacher such students do not generalise to other prompts, docs/results.md).
 
     glance-jax train --config configs/qwen_image.py:slow --workdir runs/qwen_image \
         --config.model.path=/path/to/Qwen-Image --config.data.dir=/path/to/one_sample
 
-Writes runs/qwen_image/slow_lora.safetensors (`both` and `teacher`: and fast_lora.safetensors). Run time, not
-measured here (no accelerator): XLA counts 157 TFLOP per train step at 1024 x 1024 (benchmarks/qwen_image.py),
-so the 60 official steps are about 10 s of H100 bf16 peak, under a minute at realistic utilisation, plus
-compilation (9 s on CPU). The fp8 base is 19.1 GiB instead of 38.1 in bf16; with
---config.model.remat_policy=full the planner puts the step at 29.4 GiB on one device (a 32 GB card). The sample
-needs Qwen-Image encodings (glance_jax/data.py), `teacher` also the empty prompt's (`empty_prompt_embeds`).
-`teacher`: 64 trajectories x 50 steps x 2 passes = 6,400 forward passes of the base (about 71 TFLOP each at
-1024 x 1024: about 8 minutes of H100 bf16 peak), once, cached; then 2 x 600 train steps (157 TFLOP each). On
-the demo's teacher, guidance distilled from one caption did NOT generalise to other prompts, and guided
-trajectories of ten captions in the training caption's phrasing (`--config.teacher.prompts`, captions only)
-with a minibatch of 8 (`--config.teacher.minibatch=8`) recovered only part of it (README, "The demo"): treat
-the guided student as an experiment.
+Writes runs/qwen_image/slow_lora.safetensors (`both` and the teacher recipes: and fast_lora.safetensors), with
+the schedule and the guidance regime (true CFG scale, negative prompt, passes a step) in each file's metadata,
+where `glance-jax sample` and `eval` find them. The sample needs Qwen-Image encodings (glance_jax/data.py), the
+teacher recipes also the empty prompt's (`empty_prompt_embeds`).
+
+Cost, counted in transformer passes at 1024 x 1024 (XLA counts about 71 TFLOP a forward pass and 157 TFLOP a
+LoRA train step through one pass, benchmarks/qwen_image.py): `teacher` integrates 64 trajectories x 50 steps x 2
+passes = 6,400 forward passes of the base once (cached), then 2 x 600 train steps of two passes each (caption
+and negative prompt: about twice 157 TFLOP a step); `teacher_onepass` has the same trajectories and train steps
+of one pass. The official recipe is 2 x 60 one-pass steps.
 """
 
 from glance_jax.train import default_config
@@ -26,8 +27,8 @@ from glance_jax.train import default_config
 
 def get_config(arg="both"):
     phase = arg if arg in ("slow", "fast", "both") else "both"
-    if arg not in ("slow", "fast", "both", "teacher"):
-        raise ValueError(f"configs/qwen_image.py:{arg}: use slow, fast, both or teacher")
+    if arg not in ("slow", "fast", "both", "teacher", "teacher_onepass"):
+        raise ValueError(f"configs/qwen_image.py:{arg}: use slow, fast, both, teacher or teacher_onepass")
     c = default_config("qwen-image", phase)
     # The official recipe (the official Glance Qwen-Image config).
     c.target = "data"  # the sample's straight-line velocity, as the paper trains
@@ -44,7 +45,7 @@ def get_config(arg="both"):
     c.schedule.slow_steps = (1, 3, 5, 7, 9)  # ... the five slow steps (high noise) ...
     c.schedule.fast_steps = (11, 21, 31, 41, 50)  # ... and the five fast ones ...
     c.schedule.base_steps = 50  # ... of the 50-step schedule at the sample's size
-    if arg == "teacher":
+    if arg in ("teacher", "teacher_onepass"):
         c.target = "teacher"  # the base's own trajectory: the data target copies the one image (README)
         c.lora.targets = "qwen-image-all"  # every Dense layer inside the blocks
         c.optim.lr = 1e-4  # higher rates are worse: each step is a one-sample estimate
@@ -54,6 +55,10 @@ def get_config(arg="both"):
         c.teacher.trajectories = 64  # 8 -> 64 trajectories was the largest single gain
         c.teacher.batch = 4  # noises per compiled call (activation memory at 1024 x 1024)
         c.teacher.guidance_scale = 5.0  # true CFG on the empty prompt with the norm rescale, as the official
-        # Glance-Qwen pipeline samples (two passes a step); the student then samples with one pass
-        c.data.caption_dropout = 0.0  # the student learns the guided trajectory of its caption only
+        # Glance-Qwen pipeline samples (two passes a step)
+        c.data.caption_dropout = 0.0  # the teacher target learns the guided trajectory of its caption
+    if arg == "teacher":
+        c.student.guidance_scale = 5.0  # the pair samples as the official pipeline does, true CFG 5 (two passes
+        # a step): its velocity over both LoRA'd passes is trained to the guided teacher's jump
+        c.student.negative_prompt = " "  # the official negative prompt (the sample's empty_prompt_embeds)
     return c

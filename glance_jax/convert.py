@@ -108,5 +108,5 @@ def export_lora_main(argv):
     model = checkpoints.model_from_config(checkpoint.config, checkpoints.parse_dtype("fp32"))
     tree = lora.load_lora(args.src, checkpoints.abstract_params(model), strict=not args.non_strict)
     lora.save_lora(tree, args.dst, format=args.format, model_type=families.of(model).name,
-                   schedule=lora.read_schedule(args.src))
+                   schedule=lora.read_schedule(args.src), guidance=lora.read_guidance(args.src))
     print(f"wrote {lora.describe(tree)} to {args.dst} ({args.format} layout)")

@@ -30,7 +30,8 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 from glance_jax import families
 from glance_jax.errors import GlanceError
 from glance_jax.lora_formats import dense_layers, modules_of
-from glance_jax.lora_formats import describe, load_lora, read_schedule, save_lora  # noqa: F401 (documented here)
+from glance_jax.lora_formats import (  # noqa: F401 (documented here)
+    describe, load_lora, read_guidance, read_schedule, save_lora)
 from glance_jax.quantize import refuse_merge
 
 

@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 
 METADATA_KEY = "lora_adapter_metadata"  # where diffusers keeps the LoraConfig of a saved LoRA
 SCHEDULE_KEY = "glance_schedule"  # the Glance timesteps a LoRA was trained for (JSON), so the pair never separates
+GUIDANCE_KEY = "glance_guidance"  # how the pair samples (JSON): true_cfg_scale, negative_prompt, passes_per_step
 PREFIXES = ("transformer.", "base_model.model.") + bfl.PREFIXES  # diffusers, PEFT, then BFL / ComfyUI
 KOHYA_PREFIXES = ("lora_unet_", "lora_transformer_")
 SUFFIXES = {".lora_A.weight": "A", ".lora_B.weight": "B", ".lora_down.weight": "A", ".lora_up.weight": "B",
@@ -88,6 +89,27 @@ def read_schedule(path):
     except ValueError:
         raise GlanceError(f"{f.path}: its {SCHEDULE_KEY} metadata is not JSON") from None
     return GlanceSchedule.from_dict(described)
+
+
+def read_guidance(path):
+    """The guidance regime a LoRA file was trained for (written by `save_lora(..., guidance=...)`): {"true_cfg_scale":
+    float, "negative_prompt": str or None, "passes_per_step": 1 or 2}; None if the file does not say."""
+    f = safetensors_io.SafetensorsFile(_lora_file(path)[0])
+    if GUIDANCE_KEY not in f.metadata:
+        return None
+    try:
+        regime = json.loads(f.metadata[GUIDANCE_KEY])
+    except ValueError:
+        regime = None
+    ok = (isinstance(regime, dict) and isinstance(regime.get("true_cfg_scale"), (int, float))
+          and not isinstance(regime.get("true_cfg_scale"), bool) and np.isfinite(regime["true_cfg_scale"])
+          and regime["true_cfg_scale"] > 0 and regime.get("passes_per_step") in (1, 2)
+          and (regime.get("negative_prompt") is None or isinstance(regime["negative_prompt"], str)))
+    if not ok or (regime["passes_per_step"] == 2) != (regime["true_cfg_scale"] > 1):
+        raise GlanceError(f"{f.path}: its {GUIDANCE_KEY} metadata is not a guidance regime "
+                          "(true_cfg_scale, negative_prompt, passes_per_step)")
+    return {"true_cfg_scale": float(regime["true_cfg_scale"]), "negative_prompt": regime.get("negative_prompt"),
+            "passes_per_step": regime["passes_per_step"]}
 
 
 def _read_state_dict(source):
@@ -309,11 +331,12 @@ def _most_common(values):
     return collections.Counter(values).most_common(1)[0][0]
 
 
-def save_lora(tree, path, format="diffusers", model_type=None, schedule=None):
+def save_lora(tree, path, format="diffusers", model_type=None, schedule=None, guidance=None):
     """Writes a LoRA tree as .safetensors that diffusers, PEFT, ComfyUI and kohya-style tools load.
 
-    `schedule` (a GlanceSchedule) goes into the file's metadata under `glance_schedule`, where
-    `read_schedule` and the `sample` / `eval` commands find it; other tools ignore it.
+    `schedule` (a GlanceSchedule) goes into the file's metadata under `glance_schedule`, and `guidance` (the
+    regime `read_guidance` returns) under `glance_guidance`, where the `sample` / `eval` commands find them;
+    other tools ignore them.
 
     - "diffusers": `transformer.<module>.lora_A.weight` (r, in) and `lora_B.weight` (out, r), with the
       LoraConfig (r, lora_alpha, target_modules, rank/alpha patterns) in the `lora_adapter_metadata`
@@ -357,6 +380,8 @@ def save_lora(tree, path, format="diffusers", model_type=None, schedule=None):
         raise GlanceError(f"unknown LoRA format {format!r}: use 'diffusers' or 'kohya'")
     if schedule is not None:
         metadata[SCHEDULE_KEY] = json.dumps(schedule.to_dict())
+    if guidance is not None:
+        metadata[GUIDANCE_KEY] = json.dumps(guidance)
     safetensors_io.save_file(tensors, path, metadata)
 
 

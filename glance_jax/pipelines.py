@@ -109,7 +109,7 @@ def guided_velocity(cond, neg, cfg_scale, rescale):
     return comb * (jnp.linalg.norm(cond, axis=-1, keepdims=True) / jnp.linalg.norm(comb, axis=-1, keepdims=True))
 
 
-def _velocity(model, static, variables, x, t, conds, cfg_scale, rescale):
+def velocity(model, static, variables, x, t, conds, cfg_scale, rescale):
     """The model's velocity; with two conditionings (prompt, negative prompt), true CFG (two passes)."""
     outs = [model.apply(variables, hidden_states=x, timestep=t, **dict(static), **c).astype(jnp.float32)
             for c in conds]
@@ -121,7 +121,7 @@ def _velocity(model, static, variables, x, t, conds, cfg_scale, rescale):
 def euler_step(model, static, variables, x, sigma, dt, conds, cfg_scale=1.0, cfg_rescale=False):
     """One Euler step `x + dt v(x, sigma)` (in float32, returned in x's dtype): the sampler's step, and the one
     the trainer integrates its teacher trajectories with. Two conditionings: true CFG (two passes)."""
-    v = _velocity(model, static, variables, x.astype(model.dtype), jnp.full((x.shape[0],), sigma), conds, cfg_scale,
+    v = velocity(model, static, variables, x.astype(model.dtype), jnp.full((x.shape[0],), sigma), conds, cfg_scale,
                   cfg_rescale)
     return (x.astype(jnp.float32) + dt * v).astype(x.dtype)
 

@@ -23,8 +23,8 @@ from PIL import Image
 from glance_jax import checkpoints, evaluation, families, validation
 from glance_jax.checkpoints import safetensors_io
 from glance_jax.errors import GlanceError
-from glance_jax.lora import load_lora, read_schedule
-from glance_jax.pipelines import decode_latents, pipeline_class, transformer_passes, unpack_flux_latents
+from glance_jax.lora import load_lora, read_guidance, read_schedule
+from glance_jax.pipelines import decode_latents, pipeline_class, unpack_flux_latents
 from glance_jax.schedules import GlanceSchedule
 
 EMBEDDINGS_HELP = "text embeddings file (.safetensors with prompt_embeds and a 'captions' list in its metadata)"
@@ -104,6 +104,44 @@ def _glance_schedule(args, family, image_seq_len):
         raise GlanceError(f"--schedule {args.schedule!r} is not the schedule {carried[0][0]} was trained for "
                           f"({_describe(carried[0][1])}): leave --schedule out to use the LoRAs' own")
     return given
+
+
+def _guidance(args):
+    """(true-CFG scale, negative prompt or None): the flags if given, else the regime the LoRA files were trained
+    for (`glance_jax.lora.read_guidance`), else no CFG. A flag that contradicts the files, or a slow and a fast LoRA
+    trained for different regimes, are refused."""
+    read = [(flag, read_guidance(path)) for flag, path in (("--slow_lora", args.slow_lora),
+                                                           ("--fast_lora", args.fast_lora)) if path]
+    carried = [(flag, (r["true_cfg_scale"], r["negative_prompt"])) for flag, r in read if r is not None]
+    if len(carried) == 2 and carried[0][1] != carried[1][1]:
+        raise GlanceError(f"--slow_lora and --fast_lora were trained for different guidance "
+                          f"({_describe_cfg(*carried[0][1])}; {_describe_cfg(*carried[1][1])})")
+    if args.true_cfg_scale is not None:
+        validation.positive_number("--true_cfg_scale", args.true_cfg_scale)
+    scale = args.true_cfg_scale if args.true_cfg_scale is not None else carried[0][1][0] if carried else 1.0
+    negative = args.negative_prompt if args.negative_prompt is not None else (
+        carried[0][1][1] if carried and carried[0][1][1] is not None else " ")
+    wanted = (float(scale), negative if scale > 1 else None)
+    if carried and wanted != carried[0][1]:
+        flags = " ".join(f"--{f} {getattr(args, f)!r}" for f in ("true_cfg_scale", "negative_prompt")
+                         if getattr(args, f) is not None)
+        raise GlanceError(f"{flags} is not the guidance {carried[0][0]} was trained for "
+                          f"({_describe_cfg(*carried[0][1])}): leave the flag out to use the LoRAs' own")
+    return wanted
+
+
+def _describe_cfg(scale, negative):
+    return f"true CFG {scale:g} on {negative!r}, 2 passes a step" if scale > 1 else "no CFG, 1 pass a step"
+
+
+def _describe_cost(passes, scale, negative):
+    return f"{passes} transformer passes; {_describe_cfg(scale, negative)}"
+
+
+def _negative_arrays(args, negative, count, family):
+    """The negative prompt's encodings, `count` times, under the pipelines' negative_* names."""
+    arrays = _embeddings(args.embeddings, [negative] * count, args.text_encoders, family)
+    return {"negative_" + k: v for k, v in arrays.items()}
 
 
 def _call(pipe, arrays, **kw):
@@ -189,6 +227,11 @@ def _common_flags(p):
                    help="'official' or slow|fast steps, e.g. '1,5,9|16,31,46' (default: the schedule the LoRA files "
                         "were trained for, else 'official')")
     p.add_argument("--integration", default="consistent", choices=["consistent", "official"])
+    p.add_argument("--true_cfg_scale", type=float, default=None,
+                   help="true CFG (two passes a step) at this scale; default: the regime the LoRA files were trained "
+                        "for, else none")
+    p.add_argument("--negative_prompt", default=None, help="true CFG's negative prompt (default: the LoRA files', "
+                   "else ' ')")
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--overwrite", action="store_true", help="replace outputs that exist")
@@ -215,21 +258,25 @@ def sample_main(argv):
             raise GlanceError("--steps samples the plain base, without LoRAs; Glance LoRAs need the Glance schedule: "
                               "leave out --steps, or the LoRA files")
     pixels, schedule = _check_common(args)
+    cfg_scale, negative = _guidance(args)
     if image_out and not pixels and not args.vae:
         raise GlanceError("image output of a latent model needs its VAE: pass --vae (or a pipeline folder as "
                           "--model), or use --out x.safetensors")
     pipe, family, pixels = _pipeline(args.model, args.scheduler, args.vae)
     height, width, _ = _sizes(args, pixels)
     arrays = _embeddings(args.embeddings, [args.prompt], args.text_encoders, family)
+    if negative is not None:
+        arrays.update(_negative_arrays(args, negative, 1, family))
     kw = dict(num_inference_steps=args.steps) if args.steps else dict(integration=args.integration,
                                                                        schedule=schedule)
+    kw["true_cfg_scale"] = cfg_scale
     if not args.steps:
         kw["slow_lora"] = load_lora(args.slow_lora, pipe.params) if args.slow_lora else None
         kw["fast_lora"] = load_lora(args.fast_lora, pipe.params) if args.fast_lora else None
     if image_out and not pixels:
         _call(pipe, arrays, height=height, width=width, seed=args.seed, output_type="pil", **kw)[0].save(
             args.out, format=validation.IMAGE_FORMATS[os.path.splitext(args.out)[1].lower()])
-        print(f"wrote {args.out}")
+        print(f"wrote {args.out} ({_describe_cost(pipe.last_nfe, cfg_scale, negative)})")
         return
     latents = _call(pipe, arrays, height=height, width=width, seed=args.seed, **kw)
     images = np.asarray(unpack_flux_latents(latents, height, width, pipe.vae_scale_factor))
@@ -237,7 +284,7 @@ def sample_main(argv):
         _save_images(np.clip(images[0], -1, 1), args.out)
     else:
         safetensors_io.save_file({"latents": images[0]}, args.out, {"prompt": args.prompt, "seed": args.seed})
-    print(f"wrote {args.out}")
+    print(f"wrote {args.out} ({_describe_cost(pipe.last_nfe, cfg_scale, negative)})")
 
 
 def eval_main(argv):
@@ -266,6 +313,7 @@ def eval_main(argv):
     except ValueError:
         raise GlanceError(f"--seeds {args.seeds!r}: use comma-separated integers") from None
     _, schedule = _check_common(args)
+    cfg_scale, negative = _guidance(args)
     pipe, family, pixels = _pipeline(args.model, args.scheduler, args.vae)
     height, width, _ = _sizes(args, pixels)
     decode = not pixels and pipe.vae is not None
@@ -273,20 +321,25 @@ def eval_main(argv):
     batch_captions = [c for c in captions for _ in seeds]
     arrays = {k: jnp.asarray(v) for k, v in _embeddings(args.embeddings, batch_captions, args.text_encoders,
                                                          family).items()}
+    if negative is not None:
+        arrays.update({k: jnp.asarray(v) for k, v in _negative_arrays(args, negative, len(batch_captions),
+                                                                       family).items()})
     batch_seeds = [s for _ in captions for s in seeds]
     glance = dict(integration=args.integration, schedule=schedule)
     glance["slow_lora"] = load_lora(args.slow_lora, pipe.params) if args.slow_lora else None
     glance["fast_lora"] = load_lora(args.fast_lora, pipe.params) if args.fast_lora else None
-    glance_nfe = transformer_passes(glance["schedule"])
-    reference = f"base-{args.base_steps}"
+    steps = schedule.num_steps
+    # every run samples with the same guidance (the base too); names count steps, NFE counts passes
+    cfg = "cfg-" if negative is not None else ""
+    reference = f"base-{cfg}{args.base_steps}"
     # the reference, the Glance run, and the base at the Glance run's cost and twice it (same noise)
     runs = [(reference, "base", dict(num_inference_steps=args.base_steps)),
-            (f"glance-{glance_nfe}", "glance", glance)]
-    runs += [(f"base-{n}", "base", dict(num_inference_steps=n))
-             for n in sorted({glance_nfe, 2 * glance_nfe}) if n < args.base_steps]
+            (f"glance-{cfg}{steps}", "glance", glance)]
+    runs += [(f"base-{cfg}{n}", "base", dict(num_inference_steps=n))
+             for n in sorted({steps, 2 * steps}) if n < args.base_steps]
     rows, outputs = [], {}
     for name, kind, kw in runs:
-        run = lambda: _call(pipe, arrays, height=height, width=width, seed=batch_seeds,
+        run = lambda: _call(pipe, arrays, height=height, width=width, seed=batch_seeds, true_cfg_scale=cfg_scale,
                             **kw).block_until_ready()
         run()
         start = time.perf_counter()
@@ -319,6 +372,7 @@ def eval_main(argv):
     os.makedirs(args.workdir, exist_ok=True)
     with open(os.path.join(args.workdir, "eval.json"), "w") as f:
         json.dump({"runs": rows, "prompts": captions, "seeds": seeds, "schedule": glance["schedule"].to_dict(),
+                   "true_cfg_scale": cfg_scale, "negative_prompt": negative,
                    "space": "pixels" if pixels else "latents (pass --vae for pixels)"}, f, indent=2)
     print(f"{'run':<14}{'NFE':>5}{'s/img':>9}{'PSNR':>8}{'SSIM':>8}{'MSE':>10}")
     for r in rows:

@@ -44,7 +44,7 @@ from tqdm import tqdm
 from glance_jax import checkpoints, data, families, lora, runstate, schedules, sharding, validation
 from glance_jax.checkpoints import safetensors_io
 from glance_jax.errors import GlanceError
-from glance_jax.pipelines import euler_step, pack_flux_latents
+from glance_jax.pipelines import euler_step, pack_flux_latents, velocity
 from glance_jax.schedules import GlanceSchedule
 
 PHASES = ("slow", "fast")
@@ -119,6 +119,13 @@ def default_config(family, phase="both"):
     # more than one prompt; trajectory k is drawn with caption k mod (1 + len(prompts))
     c.teacher.prompts = ()
     c.teacher.minibatch = 1  # (trajectory, point) draws averaged in one step; > 1 for guided trajectories
+
+    c.student = ml_collections.ConfigDict()  # how the trained pair samples
+    # > 1: true CFG at this scale, two LoRA'd passes a step (the caption and the negative prompt), as the official
+    # Glance-Qwen pipeline samples; the teacher target then matches that combination to the guided teacher's jump.
+    # 1: one pass a step (with a guided teacher, the LoRAs must carry the guidance themselves)
+    c.student.guidance_scale = 1.0
+    c.student.negative_prompt = " "  # the student's CFG negative: the sample's empty-prompt encoding
 
     c.mesh = ""  # device mesh, e.g. "data=2,fsdp=4" (axes data, fsdp, tensor); empty: one device
 
@@ -275,13 +282,26 @@ def teacher_conditionings(model, batch, config):
         return cond, None, False
     if scale <= 1:
         return cond, None, False
-    if config.teacher.negative_prompt.strip():
-        raise GlanceError(f"config.teacher.negative_prompt {config.teacher.negative_prompt!r}: only the empty "
-                          "prompt is supported (the sample's empty_prompt_embeds)")
+    return cond, negative_conditioning(batch, config.teacher.negative_prompt, "config.teacher.negative_prompt"), \
+        families.of(model).cfg_rescale
+
+
+def negative_conditioning(batch, negative_prompt, field):
+    """The model inputs of true CFG's negative prompt: the sample's empty-prompt encoding, the one supported."""
+    if negative_prompt.strip():
+        raise GlanceError(f"{field} {negative_prompt!r}: only the empty prompt is supported (the sample's "
+                          "empty_prompt_embeds)")
     if "empty_cond" not in batch:
-        raise GlanceError("config.teacher.guidance_scale > 1 needs empty_prompt_embeds in the encoded sample "
-                          "(the negative prompt)")
-    return cond, conditioning(batch, True), families.of(model).cfg_rescale
+        raise GlanceError(f"{field}: true CFG needs empty_prompt_embeds in the encoded sample (the negative prompt)")
+    return conditioning(batch, True)
+
+
+def guidance_regime(config):
+    """How the trained pair samples, as its LoRA files record it (lora_formats.GUIDANCE_KEY): the student's true-CFG
+    scale and negative prompt, and the transformer passes a step that costs."""
+    scale = float(config.student.guidance_scale)
+    return {"true_cfg_scale": scale, "negative_prompt": config.student.negative_prompt if scale > 1 else None,
+            "passes_per_step": 2 if scale > 1 else 1}
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
@@ -329,7 +349,8 @@ def make_train_step(model, config, static=(), shardings=None):
     for a device mesh.
     """
     settings = (Optim.of(config), config.target, float(config.data.caption_dropout),
-                int(config.teacher.get("minibatch", 1)))
+                int(config.teacher.get("minibatch", 1)), float(config.student.guidance_scale),
+                families.of(model).cfg_rescale)
     if shardings is None:
         return _compiled_train_step(model, settings, tuple(static))
     return jax.jit(_train_step(model, settings, tuple(static)), in_shardings=shardings[0],
@@ -341,8 +362,16 @@ def _compiled_train_step(model, settings, static):
     return jax.jit(_train_step(model, settings, static), donate_argnums=(0, 1))
 
 
+def student_velocity(model, static, params, adapter, x_t, sigma, conds, guidance_scale, rescale):
+    """The LoRA'd model's velocity at `x_t` (B, tokens, C), as the sampler computes it (pipelines.velocity): one
+    pass with one conditioning; with two (caption, negative prompt) true CFG at `guidance_scale`, with the
+    family's rescale."""
+    return velocity(model, static, {"params": params, "lora": adapter}, x_t.astype(model.dtype),
+                    jnp.full((x_t.shape[0],), sigma), conds, guidance_scale, rescale)
+
+
 def _train_step(model, settings, static):
-    optim, target_kind, dropout, minibatch = settings
+    optim, target_kind, dropout, minibatch, student_scale, rescale = settings
     opt = optimizer(optim)
 
     def loss_fn(adapter, params, batch, teacher, points, key):
@@ -352,7 +381,9 @@ def _train_step(model, settings, static):
         drop = jax.random.uniform(k_drop) < dropout
         if target_kind == "teacher":  # the velocity that carries the base's state here to its next point
             k = jax.random.randint(k_traj, (), 0, teacher["states"].shape[0])
-            cond = conditioning(batch, drop, caption_texts(teacher["texts"], k))
+            conds = [conditioning(batch, drop, caption_texts(teacher["texts"], k))]
+            if student_scale > 1:  # the student samples with true CFG: both LoRA'd passes, combined
+                conds.append(conditioning(batch, True))
             x_t = teacher["states"][k, index][None]
             target = (teacher["states"][k, index + 1][None] - x_t) / (teacher["sigmas"][index + 1] - sigma)
         else:
@@ -360,10 +391,9 @@ def _train_step(model, settings, static):
             noise = jax.random.normal(k_noise, x0.shape, jnp.float32)
             x_t = (1 - sigma) * x0 + sigma * noise
             target = noise - x0
-            cond = conditioning(batch, drop)
-        v = model.apply({"params": params, "lora": adapter}, hidden_states=x_t.astype(model.dtype),
-                        timestep=jnp.full((1,), sigma), **cond, **dict(static))
-        return jnp.mean(jnp.square(v.astype(jnp.float32) - target)), sigma * 1000
+            conds = [conditioning(batch, drop)]
+        v = student_velocity(model, static, params, adapter, x_t, sigma, conds, student_scale, rescale)
+        return jnp.mean(jnp.square(v - target)), sigma * 1000
 
     def mean_loss(adapter, params, batch, teacher, points, key):
         """The loss averaged over `teacher.minibatch` draws (the teacher target: trajectories and points)."""
@@ -439,6 +469,9 @@ class Run:
         arrays = data.with_teacher_prompts(arrays, prompts, self.sample.image_path)
         if config.data.caption_dropout > 0 and "empty_prompt_embeds" not in arrays:
             raise GlanceError("config.data.caption_dropout > 0 needs empty_prompt_embeds in the encoded sample")
+        if config.student.guidance_scale > 1 and "empty_prompt_embeds" not in arrays:
+            raise GlanceError("config.student.guidance_scale > 1 needs empty_prompt_embeds in the encoded sample "
+                              "(the negative prompt)")
         if base is None:
             self.model, self.params = checkpoints.load_model(transformer, config.model.dtype,
                                                              mesh=self.mesh, remat_policy=config.model.remat_policy,
@@ -590,7 +623,7 @@ class Run:
             host_lora = multihost_utils.process_allgather(adapter, tiled=True)  # every process joins; one writes
             if self.writer:  # a checkpoint's LoRA carries its step; the final path only ever holds a finished one
                 lora.save_lora(host_lora, runstate.intermediate_lora_path(self.workdir, phase, step),
-                               schedule=self.schedule)
+                               schedule=self.schedule, guidance=guidance_regime(config))
                 runstate.prune_intermediate(self.workdir, phase, config.checkpoint.keep)
 
         bar = tqdm(range(start, config.steps), initial=start, total=config.steps, desc=f"{phase}-LoRA",
@@ -618,7 +651,7 @@ class Run:
         # save_lora writes a temporary file and renames it, so the path holds a whole, finished LoRA or none.
         host_lora = multihost_utils.process_allgather(adapter, tiled=True)
         if self.writer:
-            lora.save_lora(host_lora, lora_path, schedule=self.schedule)
+            lora.save_lora(host_lora, lora_path, schedule=self.schedule, guidance=guidance_regime(config))
         manager.close()
         return lora_path
 

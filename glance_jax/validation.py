@@ -206,6 +206,16 @@ def train_config(config):
         prompts = config.teacher.get("prompts", ())
         if isinstance(prompts, str) or any(not isinstance(p, str) or not p.strip() for p in prompts):
             raise GlanceError(f"config.teacher.prompts {prompts!r}: a list of non-empty captions")
+    student_scale = config.student.guidance_scale
+    positive_number("config.student.guidance_scale", student_scale)
+    if student_scale > 1:
+        if not isinstance(config.student.negative_prompt, str) or config.student.negative_prompt.strip():
+            raise GlanceError(f"config.student.negative_prompt {config.student.negative_prompt!r}: only the empty "
+                              "prompt is supported (the sample's empty_prompt_embeds)")
+        if config.target == "teacher" and config.data.caption_dropout > 0:
+            raise GlanceError(f"config.data.caption_dropout {config.data.caption_dropout!r} with "
+                              "config.student.guidance_scale > 1: the teacher target's negative pass already trains "
+                              "the empty prompt; set it to 0")
     positive_int("config.checkpoint.every", config.checkpoint.every)
     positive_int("config.checkpoint.keep", config.checkpoint.keep)
     if config.mesh:

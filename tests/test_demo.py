@@ -17,8 +17,8 @@ from torch_peers import flux_inputs, relative_error, torch_forward
 
 METHODS = ["teacher-50", "base-uniform-10", "base-uniform-6", "base-uniform-4", "base-uniform-3", "base-fitted-6",
            "base-fitted-4", "glance-10", "glance-6", "glance-4", "glance-3", "glance-official-10", "glance-data-10",
-           "teacher-50-cfg", "base-cfg-uniform-10", "base-cfg-uniform-6", "base-cfg-uniform-4", "glance-cfg-6",
-           "glance-cfg-4"]
+           "teacher-50-cfg", "base-cfg-uniform-10", "base-cfg-uniform-6", "base-cfg-uniform-5", "base-cfg-uniform-4",
+           "glance-cfg2-6", "glance-cfg2-5", "glance-cfg2-4", "glance-cfg1-6", "glance-cfg1-4"]
 
 
 def test_prompt_set_names_each_images_template():
@@ -67,9 +67,11 @@ def test_quick_demo_writes_the_table_and_the_grid(quick_demo, capsys):
         assert m["guidance"] == (3.0 if guided else 1.0) and m["reference"] in by_name
         assert (m["kind"] == "glance") == m["name"].startswith("glance-")
         assert m["target"] == (None if m["kind"] == "base" else "data" if m["name"] == "glance-data-10" else "teacher")
-        k = int(m["name"].replace("-cfg", "").split("-")[-1])
-        # honest pass counting: a guided base step is two passes, a Glance step one (guidance distilled)
-        assert m["nfe"] == (2 * k if guided and m["kind"] == "base" else k)
+        k = int(m["name"].split("-")[-1])
+        # honest pass counting: a guided base step and a two-pass Glance step are two passes, a one-pass Glance
+        # step one (guidance distilled)
+        two_pass = guided and (m["kind"] == "base" or m["name"].startswith("glance-cfg2-"))
+        assert m["nfe"] == (2 * k if two_pass else k)
     assert by_name["teacher-50"]["mse_vs_teacher"] == 0 == by_name["teacher-50-cfg"]["mse_vs_teacher"]
     assert by_name["glance-official-10"]["schedule"] == "official" and by_name["base-fitted-4"]["schedule"] == "fitted"
     for m in report["methods"]:  # the speed-ups come from the base-uniform rows of the same reference
@@ -78,7 +80,7 @@ def test_quick_demo_writes_the_table_and_the_grid(quick_demo, capsys):
             continue
         base = [b for b in report["methods"] if b["kind"] == "base" and b["schedule"] == "uniform"
                 and b["reference"] == m["reference"] and b["name"] != m["reference"]]
-        assert len(base) == (4 if m["reference"] == "teacher-50" else 3)
+        assert len(base) == 4
         expected = evaluation.speedup([b["nfe"] for b in base], [b["psnr_vs_teacher"] for b in base],
                                       m["psnr_vs_teacher"], m["nfe"])
         assert (m["equivalent_base_nfe"], m["speedup"]) == pytest.approx(expected[:2])
@@ -88,13 +90,18 @@ def test_quick_demo_writes_the_table_and_the_grid(quick_demo, capsys):
         assert np.mean(list(m["psnr_by_template"].values())) == pytest.approx(m["psnr_vs_teacher"], rel=1e-9)
     assert [line.split(":")[0] for line in report["by_template"]] == [
         "by prompt template, glance-6 vs base-uniform-10 (dB)",
-        "by prompt template, glance-cfg-6 vs base-cfg-uniform-10 (dB)"]
+        "by prompt template, glance-cfg2-6 vs base-cfg-uniform-10 (dB)",
+        "by prompt template, glance-cfg1-6 vs base-cfg-uniform-10 (dB)"]
     assert [line.split(":")[0] for line in report["closing"]] == ["unguided", "guided"]
     assert "base-uniform-10" in report["closing"][0] and "base-cfg-uniform-10" in report["closing"][1]
     grid = Image.open(quick_demo / "grid.png")
     assert grid.size[0] > 10 * 40 and grid.size[1] > len(METHODS) * 40
     schedule = lora.read_schedule(quick_demo / "loras" / "glance-6" / "slow_lora.safetensors")
     assert schedule.num_steps == 6 and schedule.slow == tuple(by_name["glance-6"]["timesteps"][:3])
+    for pair, regime in (("glance-6", (1.0, None, 1)), ("glance-cfg1-6", (1.0, None, 1)),
+                         ("glance-cfg2-6", (3.0, "", 2))):  # how each pair samples, as its files record it
+        got = lora.read_guidance(quick_demo / "loras" / pair / "fast_lora.safetensors")
+        assert (got["true_cfg_scale"], got["negative_prompt"], got["passes_per_step"]) == regime
 
 
 @pytest.mark.parametrize("pair,rank,alpha", [("glance-data-10", 4, 16.0), ("glance-10", 16, 64.0)])

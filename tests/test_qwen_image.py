@@ -198,3 +198,42 @@ def test_sampler_with_true_cfg_matches_diffusers(tiny):
     glance = pipe(**inputs, height=H, width=W, schedule=GlanceSchedule.official("qwen-image", round_bf16=True),
                   true_cfg_scale=5.0, integration="official")
     assert glance.shape == got.shape and np.isfinite(np.asarray(glance)).all()
+
+
+def test_two_pass_student_velocity_matches_diffusers_true_cfg_step(tiny, official_style_lora):
+    """The trainer's two-pass student velocity (train.student_velocity: true CFG over two LoRA'd passes with the norm
+    rescale) equals the velocity diffusers' QwenImagePipeline(true_cfg_scale=5) steps with, the same LoRA loaded
+    through peft (fp32)."""
+    from glance_jax import train
+    from test_pipeline import recorded_steps
+    _, _, model, params = tiny
+    path, _, peft_model = official_style_lora
+    reference = QwenImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler.from_config(QWEN_IMAGE_SCHEDULER),
+                                  vae=None, text_encoder=None, tokenizer=None, transformer=peft_model)
+    reference.vae_scale_factor = 8
+    reference.set_progress_bar_config(disable=True)
+    rng = np.random.default_rng(11)
+    H, W = 64, 96
+    inputs = dict(prompt_embeds=rng.standard_normal((2, 9, 24), dtype=np.float32), prompt_embeds_mask=MASK_A,
+                  negative_prompt_embeds=rng.standard_normal((2, 3, 24), dtype=np.float32),
+                  negative_prompt_embeds_mask=np.ones((2, 3), np.int64),
+                  latents=rng.standard_normal((2, (H // 16) * (W // 16), 64), dtype=np.float32))
+    calls = recorded_steps(reference)
+    with torch.no_grad():
+        reference(**{k: torch.from_numpy(v) for k, v in inputs.items()}, height=H, width=W, num_inference_steps=3,
+                  true_cfg_scale=5.0, output_type="latent")
+    tree = load_lora(path, params)
+    cond, static = model.conditioning({"prompt_embeds": inputs["prompt_embeds"],
+                                       "prompt_embeds_mask": inputs["prompt_embeds_mask"]}, H // 16, W // 16)
+    neg, _ = model.conditioning({"prompt_embeds": inputs["negative_prompt_embeds"],
+                                 "prompt_embeds_mask": inputs["negative_prompt_embeds_mask"]}, H // 16, W // 16)
+    assert len(calls) == 3
+    for want, timestep, x in calls:
+        got = train.student_velocity(model, static, params, tree, jax.numpy.asarray(x), timestep / 1000,
+                                     [cond, neg], 5.0, QWEN_IMAGE.cfg_rescale)
+        err = relative_error(got, want)
+        print(f"two-pass student velocity at t={timestep:.1f} vs QwenImagePipeline(true_cfg_scale=5) + peft: {err:.2e}")
+        assert err <= TOLERANCE
+    unscaled = train.student_velocity(model, static, params, tree, jax.numpy.asarray(calls[1][2]),
+                                      calls[1][1] / 1000, [cond, neg], 5.0, False)
+    assert relative_error(unscaled, calls[1][0]) > 10 * TOLERANCE  # the check can fail: the rescale matters

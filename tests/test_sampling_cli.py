@@ -13,7 +13,7 @@ from glance_jax import checkpoints, evaluation
 from glance_jax.checkpoints import safetensors_io
 from glance_jax.cli import main
 from glance_jax.demo import teacher
-from glance_jax.lora import init_lora, load_lora, save_lora
+from glance_jax.lora import init_lora, load_lora, read_guidance, save_lora
 from glance_jax.pipelines import FluxGlancePipeline
 from glance_jax.schedules import GlanceSchedule
 
@@ -87,4 +87,70 @@ def test_a_lora_and_its_schedule_are_not_separated(lora_files, tmp_path, capsys,
     assert main(["sample", "--prompt", PROMPT, "--out", str(out), *lora_args(folder, fast), *extra]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("glance-jax sample: error:") and message in err[0]
+    assert not out.exists()
+
+
+GUIDED = {"true_cfg_scale": 3.0, "negative_prompt": "", "passes_per_step": 2}
+
+
+@pytest.fixture(scope="module")
+def guided_lora_files(tmp_path_factory):
+    """The slow and fast LoRAs of `lora_files`, written as a pair trained for true CFG 3 on the empty prompt."""
+    folder = tmp_path_factory.mktemp("guided_loras")
+    _, params = checkpoints.load_model(teacher.TEACHER_DIR)
+    schedule = GlanceSchedule.from_steps(teacher.SCHEDULER, (1, 5), (16, 36), image_seq_len=16)
+    for i, phase in enumerate(("slow", "fast")):
+        save_lora(random_lora(params, 10 * i), folder / f"{phase}.safetensors", schedule=schedule, guidance=GUIDED)
+    save_lora(random_lora(params, 30), folder / "unguided_fast.safetensors", schedule=schedule,
+              guidance={"true_cfg_scale": 1.0, "negative_prompt": None, "passes_per_step": 1})
+    return folder, schedule
+
+
+def test_sample_uses_the_guidance_the_loras_carry(guided_lora_files, tmp_path, capsys):
+    """LoRAs trained for true CFG sample with it (two passes a step, counted) when no flag is given."""
+    folder, schedule = guided_lora_files
+    assert read_guidance(folder / "slow.safetensors") == GUIDED
+    out = tmp_path / "three.safetensors"
+    assert main(["sample", "--prompt", PROMPT, "--out", str(out), "--seed", "3", *lora_args(folder)]) == 0
+    assert "(8 transformer passes; true CFG 3 on '', 2 passes a step)" in capsys.readouterr().out
+    got = safetensors_io.SafetensorsFile(out).read("latents")
+    model, params = checkpoints.load_model(teacher.TEACHER_DIR)
+    pipe = FluxGlancePipeline(model, params, teacher.SCHEDULER, latent_channels=1, vae_scale_factor=1)
+    prompts = teacher.load_prompts()
+    loras = dict(slow_lora=load_lora(folder / "slow.safetensors", pipe.params),
+                 fast_lora=load_lora(folder / "fast.safetensors", pipe.params))
+    run = lambda **cfg: np.asarray(pipe(prompts[PROMPT][0][None], prompts[PROMPT][1][None], height=8, width=8,
+                                        schedule=schedule, seed=3, output_type="unpacked_latent", **loras, **cfg))[0]
+    want = run(negative_prompt_embeds=prompts[""][0][None], negative_pooled_prompt_embeds=prompts[""][1][None],
+               true_cfg_scale=3.0)
+    assert pipe.last_nfe == 8
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+    assert np.abs(run() - want).max() > 1e-3  # the check can fail: without CFG the image differs
+
+
+def test_eval_of_a_guided_pair_runs_every_row_guided(guided_lora_files, tmp_path):
+    folder, _ = guided_lora_files
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(f"{PROMPT}\n")
+    assert main(["eval", "--prompts", str(prompts), "--workdir", str(tmp_path / "eval"), "--base_steps", "20",
+                 *lora_args(folder)]) == 0
+    report = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    rows = {r["name"]: r["nfe"] for r in report["runs"]}
+    assert rows == {"base-cfg-20": 40, "glance-cfg-4": 8, "base-cfg-4": 8, "base-cfg-8": 16}
+    assert (report["true_cfg_scale"], report["negative_prompt"]) == (3.0, "")
+
+
+@pytest.mark.parametrize("extra,fast,message", [
+    (["--true_cfg_scale", "1"], "fast.safetensors",
+     "--true_cfg_scale 1.0 is not the guidance --slow_lora was trained for (true CFG 3 on '', 2 passes a step)"),
+    (["--negative_prompt", "blurry"], "fast.safetensors", "--negative_prompt 'blurry' is not the guidance"),
+    ([], "unguided_fast.safetensors", "--slow_lora and --fast_lora were trained for different guidance "
+     "(true CFG 3 on '', 2 passes a step; no CFG, 1 pass a step)"),
+])
+def test_a_lora_and_its_guidance_are_not_separated(guided_lora_files, tmp_path, capsys, extra, fast, message):
+    folder, _ = guided_lora_files
+    out = tmp_path / "x.safetensors"
+    assert main(["sample", "--prompt", PROMPT, "--out", str(out), *lora_args(folder, fast), *extra]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("glance-jax sample: error:") and message in err[0], err
     assert not out.exists()

@@ -1,6 +1,7 @@
 """The teacher target's parts: all-Dense LoRA presets, uniform and fitted schedules, batched (guided) trajectories."""
 
 import itertools
+import json
 import logging
 import os
 import re
@@ -79,10 +80,11 @@ def test_jump_errors_measure_one_euler_step():
 
 # ---- trajectories ----
 
-def demo_run(tmp_path, guidance):
+def demo_run(tmp_path, guidance, passes=1):
     sample = tmp_path / "sample"
     write_sample(str(sample), teacher.load_prompts())
-    c = lora_config(teacher.TEACHER_DIR, str(sample), str(tmp_path), 4, "teacher", "uniform", 2, 3, guidance, 0)
+    c = lora_config(teacher.TEACHER_DIR, str(sample), str(tmp_path), 4, "teacher", "uniform", 2, 3, guidance, 0,
+                    passes=passes)
     c.teacher.substeps, c.teacher.batch = 4, 2  # the uniform 4-step schedule is the whole grid; two calls
     return Run(c, tmp_path / "run")
 
@@ -118,6 +120,38 @@ def test_trajectories_are_what_the_sampler_computes(tmp_path, guidance):
     trained_on = run.teacher_inputs()  # what the train step reads: the states at the Glance points, then 0
     np.testing.assert_array_equal(np.asarray(trained_on["sigmas"])[:5], grid)
     np.testing.assert_array_equal(np.asarray(trained_on["states"])[:, :5], states)
+
+
+def test_a_two_pass_student_starts_where_the_guided_teacher_steps(tmp_path):
+    """While the LoRAs still add nothing (B = 0), the two-pass student's velocity (true CFG over both passes, as the
+    sampler combines them) is the guided base's own, so its first loss against the guided teacher's one-step jumps
+    is zero up to rounding, where a one-pass student's is not; each pair's files record how it samples."""
+    first_loss, regimes = {}, {}
+    for passes in (1, 2):
+        run = demo_run(tmp_path / str(passes), 3.0, passes)
+        files = run.train()
+        with open(tmp_path / str(passes) / "run" / "metrics.jsonl") as f:
+            first_loss[passes] = json.loads(f.readline())["loss"]
+        regimes[passes] = lora.read_guidance(files["fast"])
+    print(f"first loss: one-pass student {first_loss[1]:.3e}, two-pass student {first_loss[2]:.3e}")
+    assert first_loss[1] > 1e-4 and first_loss[2] < 1e-6 * first_loss[1]
+    assert regimes == {1: {"true_cfg_scale": 1.0, "negative_prompt": None, "passes_per_step": 1},
+                       2: {"true_cfg_scale": 3.0, "negative_prompt": "", "passes_per_step": 2}}
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("student.negative_prompt", "blurry", "config.student.negative_prompt 'blurry': only the empty prompt"),
+    ("data.caption_dropout", 0.1, "config.data.caption_dropout 0.1 with config.student.guidance_scale > 1"),
+    ("student.guidance_scale", float("nan"), "config.student.guidance_scale nan"),
+])
+def test_student_guidance_is_checked_before_loading(tmp_path, key, value, message):
+    config = lora_config(teacher.TEACHER_DIR, str(tmp_path / "sample"), str(tmp_path), 4, "teacher", "uniform", 2, 3,
+                         3.0, 0, passes=2)
+    validation.train_config(config)  # the working config passes
+    section, field = key.split(".")
+    config[section][field] = value
+    with pytest.raises(GlanceError, match=re.escape(message)):
+        validation.train_config(config)
 
 
 def test_compile_step_compiles_the_program_that_training_runs(tmp_path, caplog):

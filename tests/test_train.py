@@ -208,7 +208,8 @@ def test_bad_flags(setup, tmp_path, capsys, args, message):
     assert code == 1 and len(err) == 1 and message in err[0], err
 
 
-CONFIG_ARGS = {"flux.py": ("slow", "fast", "both", "teacher", "tiny"), "qwen_image.py": ("slow", "fast", "both", "teacher")}
+CONFIG_ARGS = {"flux.py": ("slow", "fast", "both", "teacher", "tiny"),
+               "qwen_image.py": ("slow", "fast", "both", "teacher", "teacher_onepass")}
 
 
 def test_every_config_file_loads():
@@ -232,8 +233,11 @@ def test_every_config_file_loads():
                 assert (config.lora.rank, config.optim.lr, config.data.caption_dropout) == (
                     recipe.rank, recipe.lr, recipe.caption_dropout)
                 assert config.target == "data" and config.lora.targets == config.family
-            if arg == "teacher":
+            if arg.startswith("teacher"):
                 assert config.target == "teacher" and config.lora.targets == config.family + "-all"
+            # the Qwen-Image teacher recipe samples as the official pipeline: true CFG 5, two passes a step
+            two_pass = (name, arg) == ("qwen_image.py", "teacher")
+            assert config.student.guidance_scale == (5.0 if two_pass else 1.0)
         with pytest.raises(ValueError):
             module.get_config("medium")
 

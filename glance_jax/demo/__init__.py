@@ -48,7 +48,7 @@ PROMPT_TEMPLATES = ("the numeral {word}, written by hand", "the number {word}") 
 VALIDATION_TEMPLATES, VALIDATION_SEED = ("the digit {digit}", "a {word}", "a drawing of the digit {word}"), 10000
 GUIDANCE = 3.0  # the guided regime: CFG on the empty prompt (the teacher was trained with 10 % empty captions)
 SIZE = 8  # pixels; the images are their own latents (no VAE)
-UNGUIDED_K, GUIDED_K = (3, 4, 6, 10), (4, 6)
+UNGUIDED_K = (3, 4, 6, 10)
 # The teacher-target recipe (chosen on the validation prompts): LoRA on every Dense layer of the blocks,
 # rank 16, alpha 64, lr 1e-4, 600 steps, 64 cached teacher trajectories, K points of the 50-step grid fitted to
 # them (validation, K = 6: 36.0 dB fitted vs 33.4 uniform; lr 3e-4 / 1e-3 and 1500 steps were no better).
@@ -60,6 +60,11 @@ RECIPE = dict(targets="flux-all", rank=16, alpha=64.0, lr=1e-4, trajectories=64,
 # 28.1 at lr 1e-3; 29.2 at 2000 steps, which the 5-minute budget does not allow).
 GUIDED_TEMPLATE = TRAIN_TEMPLATE
 GUIDED_RECIPE = dict(trajectories=256, minibatch=8, lr=4e-4, steps=700)
+# The two-pass students (glance-cfg2-K): sampled with true CFG 3 on the empty prompt like the base, their
+# velocity over both LoRA'd passes trained to the guided teacher's jump, on the guided trajectories of the
+# one-pass students (the same cached 256, captions of the training template). Chosen on the validation prompts.
+CFG2_RECIPE = dict(minibatch=1, lr=1e-4, steps=600)
+CFG2_K, CFG1_K = (6, 5, 4), (6, 4)  # two-pass students at 2K evaluations; one-pass students at K
 
 
 
@@ -124,11 +129,12 @@ def guided_captions():
 
 
 def lora_config(model_dir, sample_dir, workdir, k, target, schedule, steps, trajectories, guidance, seed,
-                substeps=50):
+                substeps=50, passes=1):
     """The trainer's config for one LoRA pair of the demo.
 
     target "data": the paper's recipe scaled to the small model (official FLUX targets, rank 4, alpha 16,
-    lr 1e-4, 60 steps). target "teacher": RECIPE. `schedule`: "uniform", "fitted" or "official".
+    lr 1e-4, 60 steps). target "teacher": RECIPE. `schedule`: "uniform", "fitted" or "official". `guidance` > 1:
+    trajectories guided with true CFG on the empty prompt; `passes` 2: a student that samples with it too.
     """
     c = default_config("flux", "both")
     c.seed, c.target, c.steps = seed, target, steps
@@ -148,8 +154,11 @@ def lora_config(model_dir, sample_dir, workdir, k, target, schedule, steps, traj
     c.teacher.trajectories, c.teacher.batch, c.teacher.guidance_scale = trajectories, trajectories, guidance
     c.teacher.substeps = substeps  # the fine grid the teacher integrates on, and the fitted schedules' choices
     if guidance > 1:
-        c.teacher.prompts, c.teacher.minibatch, c.optim.lr = (guided_captions(), GUIDED_RECIPE["minibatch"],
-                                                              GUIDED_RECIPE["lr"])
+        recipe = CFG2_RECIPE if passes == 2 else GUIDED_RECIPE
+        c.teacher.prompts, c.teacher.minibatch, c.optim.lr = guided_captions(), recipe["minibatch"], recipe["lr"]
+        c.teacher.negative_prompt = c.student.negative_prompt = ""  # the demo's empty prompt, as encoded
+        if passes == 2:
+            c.student.guidance_scale = guidance
     c.checkpoint.every = steps
     return c
 
@@ -223,6 +232,7 @@ def main(argv):
     started = time.perf_counter()
     steps = args.steps or (30 if args.quick else 600)
     guided_steps = args.steps or (30 if args.quick else GUIDED_RECIPE["steps"])
+    cfg2_steps = args.steps or (30 if args.quick else CFG2_RECIPE["steps"])
     data_steps, trajectories = (10, 16) if args.quick else (60, RECIPE["trajectories"])
     guided_trajectories = 32 if args.quick else GUIDED_RECIPE["trajectories"]
     seeds_per_prompt, train_seeds = (1, 4) if args.quick else (5, 20)
@@ -235,14 +245,17 @@ def main(argv):
     sample_dir = os.path.join(workdir, "sample")
     train_caption = write_sample(sample_dir, prompts)
     loras_dir = os.path.join(workdir, "loras")
-    config = lambda k, target, schedule, guidance=1.0, n=steps, m=trajectories: lora_config(
-        model_dir, sample_dir, workdir, k, target, schedule, n, m, guidance, args.seed, 25 if args.quick else 50)
+    config = lambda k, target, schedule, guidance=1.0, n=steps, m=trajectories, passes=1: lora_config(
+        model_dir, sample_dir, workdir, k, target, schedule, n, m, guidance, args.seed, 25 if args.quick else 50,
+        passes)
 
     pairs = [(f"glance-{k}", config(k, "teacher", args.schedule)) for k in UNGUIDED_K]
     pairs += [("glance-official-10", config(10, "teacher", "official")),
               ("glance-data-10", config(10, "data", "official", n=data_steps))]
-    pairs += [(f"glance-cfg-{k}", config(k, "teacher", args.schedule, GUIDANCE, guided_steps, guided_trajectories))
-              for k in GUIDED_K]
+    pairs += [(f"glance-cfg1-{k}", config(k, "teacher", args.schedule, GUIDANCE, guided_steps,
+                                          guided_trajectories)) for k in CFG1_K]
+    pairs += [(f"glance-cfg2-{k}", config(k, "teacher", args.schedule, GUIDANCE, cfg2_steps, guided_trajectories,
+                                          passes=2)) for k in CFG2_K]
 
     templates, first_seed = ((VALIDATION_TEMPLATES, VALIDATION_SEED) if args.validation else
                              (PROMPT_TEMPLATES, args.seed * 1000))
@@ -274,7 +287,7 @@ def main(argv):
     # orbax (checkpoints), which is not safe from threads: those two pairs' runs are prepared here, compiled
     # there, and trained here when their turn comes.
     ahead = {name: prepare_run(c, os.path.join(loras_dir, name), base) for name, c in pairs
-             if name in ("glance-data-10", f"glance-cfg-{GUIDED_K[0]}")}
+             if name in ("glance-data-10", f"glance-cfg1-{CFG1_K[0]}", f"glance-cfg2-{CFG2_K[0]}")}
     with concurrent.futures.ThreadPoolExecutor(1) as beside:
         steps_compiled = [beside.submit(run.compile_step) for run in ahead.values()]
         classifier = beside.submit(digit_classifier, args.seed)
@@ -295,11 +308,11 @@ def main(argv):
 
     pipe = FluxGlancePipeline(model, params, teacher.SCHEDULER, latent_channels=1, vae_scale_factor=1)
 
-    def glance(name, schedule_kind, target, guidance, reference):
+    def glance(name, schedule_kind, target, guidance, reference, passes=1):
         files, schedule = trained[name]
-        return method(name, "glance", schedule_kind, target, guidance, reference, schedule.num_steps,
+        return method(name, "glance", schedule_kind, target, guidance, reference, passes * schedule.num_steps,
                       schedule=schedule, slow_lora=load_lora(files["slow"], pipe.params),
-                      fast_lora=load_lora(files["fast"], pipe.params))
+                      fast_lora=load_lora(files["fast"], pipe.params), guided=passes == 2)
 
     methods = [method("teacher-50", "base", "uniform", None, 1.0, "teacher-50", 50, num_inference_steps=50)]
     methods += [method(f"base-uniform-{k}", "base", "uniform", None, 1.0, "teacher-50", k, num_inference_steps=k)
@@ -313,9 +326,10 @@ def main(argv):
     methods += [method("teacher-50-cfg", "base", "uniform", None, GUIDANCE, "teacher-50-cfg", 100,
                        num_inference_steps=50, guided=True)]
     methods += [method(f"base-cfg-uniform-{k}", "base", "uniform", None, GUIDANCE, "teacher-50-cfg", 2 * k,
-                       num_inference_steps=k, guided=True) for k in (10, 6, 4)]
-    methods += [glance(f"glance-cfg-{k}", args.schedule, "teacher", GUIDANCE, "teacher-50-cfg")
-                for k in sorted(GUIDED_K, reverse=True)]
+                       num_inference_steps=k, guided=True) for k in (10, 6, 5, 4)]
+    methods += [glance(f"glance-cfg2-{k}", args.schedule, "teacher", GUIDANCE, "teacher-50-cfg", passes=2)
+                for k in CFG2_K]
+    methods += [glance(f"glance-cfg1-{k}", args.schedule, "teacher", GUIDANCE, "teacher-50-cfg") for k in CFG1_K]
 
     n = len(batch_captions)
     results, images, caption_images = [], {}, {}
@@ -347,15 +361,17 @@ def main(argv):
                         "fd": evaluation.frechet_distance(features(out), real_features)})
     add_speedups(results)
     closing = [closing_line(results, "unguided", "base-uniform-10", "glance-"),
-               closing_line(results, "guided", "base-cfg-uniform-10", "glance-cfg-")]
+               closing_line(results, "guided", "base-cfg-uniform-10", "glance-cfg")]
     by_template = [template_line(results, row, reference_row) for row, reference_row in
-                   (("glance-6", "base-uniform-10"), ("glance-cfg-6", "base-cfg-uniform-10"))]
+                   (("glance-6", "base-uniform-10"), ("glance-cfg2-6", "base-cfg-uniform-10"),
+                    ("glance-cfg1-6", "base-cfg-uniform-10"))]
 
     report = {"methods": results, "seed": args.seed, "validation": args.validation,
               "train_sample": {"caption": train_caption, "image": os.path.join(sample_dir, "seven.png")},
               "images_per_method": len(batch_captions), "train_caption_images": train_seeds,
               "lora_steps": steps, "data_lora_steps": data_steps, "trajectories": trajectories,
               "recipe": RECIPE, "guided_recipe": {**GUIDED_RECIPE, "captions": guided_captions()},
+              "cfg2_recipe": CFG2_RECIPE,
               "guidance": GUIDANCE, "quick": args.quick, "by_template": by_template,
               "closing": closing}
     with open(os.path.join(workdir, "metrics.json"), "w") as f:
@@ -367,7 +383,8 @@ def main(argv):
 
     which = "validation" if args.validation else "held-out"
     print(f"\nGlance demo: {len(batch_captions)} {which} images per method (seed {args.seed}); LoRAs from one "
-          f"image, '{train_caption}', {steps} steps a phase (data target {data_steps}, guided {guided_steps})")
+          f"image, '{train_caption}', {steps} steps a phase (data target {data_steps}, guided one-pass "
+          f"{guided_steps}, two-pass {cfg2_steps})")
     print(f"{'method':<22}{'NFE':>5}{'ms/img':>8}{'PSNR dB':>9}{'caption':>9}{'fidelity':>10}{'FD':>7}"
           f"{'eq. NFE':>9}{'speed-up':>10}")
     for m in results:
