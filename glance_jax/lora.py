@@ -29,7 +29,7 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 
 from glance_jax import families
 from glance_jax.errors import GlanceError
-from glance_jax.lora_formats import dense_layers, modules_of
+from glance_jax.lora_formats import GUIDANCE_EMBEDDER, dense_layers, modules_of
 from glance_jax.lora_formats import (  # noqa: F401 (documented here)
     describe, load_lora, read_guidance, read_schedule, save_lora)
 from glance_jax.quantize import refuse_merge
@@ -92,6 +92,18 @@ def init_lora(key, params, targets, rank, alpha, dtype=jnp.float32):
         tree[path + ("B",)] = jnp.zeros((*stack, rank, fan_out), dtype)
         tree[path + ("alpha",)] = jnp.asarray(alpha * mask, jnp.float32)
     return unflatten_dict(tree)
+
+
+def with_guidance_embedder(key, tree, params):
+    """`tree` plus a new trainable guidance embedding (lora_formats.GUIDANCE_EMBEDDER) for a model that has none:
+    FLUX.1-dev's guidance embedder's shape (the scale's 256 sinusoids -> linear_1 -> silu -> linear_2, added to the
+    conditioning vector), linear_1 drawn as lecun-normal, linear_2 zero, so it starts by adding nothing."""
+    dim = params["time_text_embed"]["timestep_embedder"]["linear_2"]["kernel"].shape[-1]
+    embedder = {"linear_1": {"kernel": jax.random.normal(key, (256, dim), jnp.float32) / np.sqrt(256),
+                             "bias": jnp.zeros((dim,), jnp.float32)},
+                "linear_2": {"kernel": jnp.zeros((dim, dim), jnp.float32), "bias": jnp.zeros((dim,), jnp.float32)}}
+    outer, inner = GUIDANCE_EMBEDDER
+    return {**tree, outer: {**tree.get(outer, {}), inner: embedder}}
 
 
 # ---- merging ----

@@ -31,6 +31,11 @@ log = logging.getLogger(__name__)
 METADATA_KEY = "lora_adapter_metadata"  # where diffusers keeps the LoraConfig of a saved LoRA
 SCHEDULE_KEY = "glance_schedule"  # the Glance timesteps a LoRA was trained for (JSON), so the pair never separates
 GUIDANCE_KEY = "glance_guidance"  # how the pair samples (JSON): true_cfg_scale, negative_prompt, passes_per_step
+# A trained guidance embedding (train: config.student.guidance_input) rides in a LoRA tree at this path, in the
+# shape of FLUX.1-dev's guidance embedder ({"linear_1", "linear_2"}: {"kernel", "bias"}); files hold it under
+# this prefix and FLUX.1-dev's own parameter names (torch layout), which diffusers and other tools ignore.
+GUIDANCE_EMBEDDER = ("time_text_embed", "guidance_embedder")
+EMBEDDER_PREFIX = "glance_guidance_embedder."
 PREFIXES = ("transformer.", "base_model.model.") + bfl.PREFIXES  # diffusers, PEFT, then BFL / ComfyUI
 KOHYA_PREFIXES = ("lora_unet_", "lora_transformer_")
 SUFFIXES = {".lora_A.weight": "A", ".lora_B.weight": "B", ".lora_down.weight": "A", ".lora_up.weight": "B",
@@ -55,11 +60,40 @@ def stack_size(params, path):
 
 
 def modules_of(tree):
-    """{module path: {"A", "B", "alpha"}} of a LoRA tree."""
+    """{module path: {"A", "B", "alpha"}} of a LoRA tree (its guidance embedder, if any, is not a LoRA module)."""
     modules = collections.defaultdict(dict)
     for path, leaf in flatten_dict(tree).items():
-        modules[path[:-1]][path[-1]] = leaf
+        if path[:len(GUIDANCE_EMBEDDER)] != GUIDANCE_EMBEDDER:
+            modules[path[:-1]][path[-1]] = leaf
     return modules
+
+
+def guidance_embedder(tree):
+    """The trained guidance embedding a LoRA tree carries ({"linear_1", "linear_2"}: {"kernel", "bias"}), or None."""
+    node = tree
+    for key in GUIDANCE_EMBEDDER:
+        node = node.get(key) if isinstance(node, dict) else None
+    return node
+
+
+def _embedder_tensors(embedder):
+    """A guidance embedder as file tensors: EMBEDDER_PREFIX + FLUX.1-dev's names, torch layout (out, in)."""
+    return {f"{EMBEDDER_PREFIX}{layer}.{name}": np.asarray(embedder[layer][leaf], np.float32).T
+            for layer in ("linear_1", "linear_2") for leaf, name in (("kernel", "weight"), ("bias", "bias"))}
+
+
+def _embedder_of(tensors, params, where):
+    """The guidance embedder stored in a file's tensors (EMBEDDER_PREFIX keys), checked against the model."""
+    dim = params["time_text_embed"]["timestep_embedder"]["linear_2"]["kernel"].shape[-1]
+    want = {"linear_1.weight": (dim, 256), "linear_1.bias": (dim,), "linear_2.weight": (dim, dim),
+            "linear_2.bias": (dim,)}
+    got = {k[len(EMBEDDER_PREFIX):]: v for k, v in tensors.items() if k.startswith(EMBEDDER_PREFIX)}
+    if set(got) != set(want) or any(tuple(got[k].shape) != shape for k, shape in want.items()):
+        raise GlanceError(f"{where}: its guidance embedder holds {sorted((k, tuple(v.shape)) for k, v in got.items())}"
+                          f"; this model needs {sorted(want.items())}")
+    return {layer: {"kernel": jnp.asarray(np.asarray(got[f"{layer}.weight"], np.float32).T),
+                    "bias": jnp.asarray(np.asarray(got[f"{layer}.bias"], np.float32))}
+            for layer in ("linear_1", "linear_2")}
 
 
 # ---- reading files ----
@@ -101,15 +135,28 @@ def read_guidance(path):
         regime = json.loads(f.metadata[GUIDANCE_KEY])
     except ValueError:
         regime = None
-    ok = (isinstance(regime, dict) and isinstance(regime.get("true_cfg_scale"), (int, float))
-          and not isinstance(regime.get("true_cfg_scale"), bool) and np.isfinite(regime["true_cfg_scale"])
+    ok = (isinstance(regime, dict) and _finite_number(regime.get("true_cfg_scale"))
           and regime["true_cfg_scale"] > 0 and regime.get("passes_per_step") in (1, 2)
           and (regime.get("negative_prompt") is None or isinstance(regime["negative_prompt"], str)))
     if not ok or (regime["passes_per_step"] == 2) != (regime["true_cfg_scale"] > 1):
         raise GlanceError(f"{f.path}: its {GUIDANCE_KEY} metadata is not a guidance regime "
                           "(true_cfg_scale, negative_prompt, passes_per_step)")
-    return {"true_cfg_scale": float(regime["true_cfg_scale"]), "negative_prompt": regime.get("negative_prompt"),
-            "passes_per_step": regime["passes_per_step"]}
+    out = {"true_cfg_scale": float(regime["true_cfg_scale"]), "negative_prompt": regime.get("negative_prompt"),
+           "passes_per_step": regime["passes_per_step"]}
+    trained_input = regime.get("guidance_input")
+    if trained_input is not None:
+        scales = trained_input.get("range") if isinstance(trained_input, dict) else None
+        default = trained_input.get("default") if isinstance(trained_input, dict) else None
+        if (not isinstance(scales, list) or len(scales) != 2 or not all(_finite_number(x) for x in scales + [default])
+                or not scales[0] <= default <= scales[1]):
+            raise GlanceError(f"{f.path}: its {GUIDANCE_KEY} metadata has no valid guidance_input "
+                              "({'range': [low, high], 'default': scale})")
+        out["guidance_input"] = {"range": [float(x) for x in scales], "default": float(default)}
+    return out
+
+
+def _finite_number(x):
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and bool(np.isfinite(x))
 
 
 def _read_state_dict(source):
@@ -195,6 +242,8 @@ def load_lora(path_or_state_dict, params, strict=True):
     unknown, unsupported = [], []
     lora_keys = 0
     for key in sorted(tensors):
+        if key.startswith(EMBEDDER_PREFIX):
+            continue  # the guidance embedder, read below
         if "lora_magnitude_vector" in key or ".lora_B.bias" in key or ".lora_mid." in key:
             unsupported.append(key)
             continue
@@ -230,7 +279,10 @@ def load_lora(path_or_state_dict, params, strict=True):
                               f"{where}: {len(unknown)} keys match nothing in this model: "
                               f"{', '.join(unknown[:8])}, ... (strict=False loads the rest and lists them all)")
         log.warning("left out of the LoRA: %s", message)
-    return _build_tree(found, layers, params, config, where)
+    tree = _build_tree(found, layers, params, config, where)
+    if any(k.startswith(EMBEDDER_PREFIX) for k in tensors):
+        tree.setdefault(GUIDANCE_EMBEDDER[0], {})[GUIDANCE_EMBEDDER[1]] = _embedder_of(tensors, params, where)
+    return tree
 
 
 def _b_rows(tensors, module_key):
@@ -378,6 +430,8 @@ def save_lora(tree, path, format="diffusers", model_type=None, schedule=None, gu
         metadata = {"format": "pt"}
     else:
         raise GlanceError(f"unknown LoRA format {format!r}: use 'diffusers' or 'kohya'")
+    if guidance_embedder(tree) is not None:
+        tensors.update(_embedder_tensors(guidance_embedder(tree)))
     if schedule is not None:
         metadata[SCHEDULE_KEY] = json.dumps(schedule.to_dict())
     if guidance is not None:

@@ -30,6 +30,7 @@ import numpy as np
 from glance_jax import families
 from glance_jax.errors import GlanceError
 from glance_jax.lora import check_shapes, merged_params
+from glance_jax.lora_formats import GUIDANCE_EMBEDDER, guidance_embedder
 from glance_jax.models.tiling import tiled_decode
 from glance_jax.quantize import is_quantized, kind_of, quantize_params
 from glance_jax.schedules import FlowMatchEulerScheduler, GlanceSchedule
@@ -148,6 +149,8 @@ def _sample(model, lora_mode, static, cfg_rescale, params, loras, phases, latent
         if lora is not None and lora_mode == "unmerged":
             variables["lora"] = jax.tree_util.tree_map_with_path(
                 lambda path, x: x * lora_scale if path[-1].key == "alpha" else x, lora)
+        elif merge and guidance_embedder(lora) is not None:  # a trained guidance input is not merged: it is a layer
+            variables["lora"] = {GUIDANCE_EMBEDDER[0]: {GUIDANCE_EMBEDDER[1]: guidance_embedder(lora)}}
 
         def step(i, x, variables=variables, timesteps=timesteps, step_sizes=step_sizes):
             return euler_step(model, static, variables, x, timesteps[i] / 1000, step_sizes[i], conds, cfg_scale,
@@ -320,7 +323,8 @@ class FluxGlancePipeline(GlancePipeline):
         the noise. With `schedule=GlanceSchedule(...)`, `slow_lora` and
         `fast_lora` adapt the two phases; with `num_inference_steps` alone the
         base samples on the plain schedule, as diffusers' FluxPipeline does.
-        `guidance_scale` feeds FLUX.1-dev's guidance embedding (no second pass).
+        `guidance_scale` feeds FLUX.1-dev's guidance embedding (no second pass), or the guidance
+        embedding that LoRAs trained with one carry (glance_jax.lora_formats.GUIDANCE_EMBEDDER).
         True CFG, as diffusers' FluxPipeline: with a negative prompt (strings, or
         `negative_prompt_embeds` + `negative_pooled_prompt_embeds`) and
         `true_cfg_scale > 1`, each step runs two passes and combines them as
@@ -337,8 +341,15 @@ class FluxGlancePipeline(GlancePipeline):
         if (negative_prompt_embeds is None) != (negative_pooled_prompt_embeds is None):
             raise GlanceError("pass both negative_prompt_embeds and negative_pooled_prompt_embeds, or neither")
         rows, cols = flux_latent_grid(height, width, self.vae_scale_factor)
-        cond = lambda embeds, pooled: self.model.conditioning(
-            {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}, rows, cols, guidance_scale)[0]
+        trained_input = not self.model.guidance_embeds and any(
+            tree is not None and guidance_embedder(tree) is not None for tree in (slow_lora, fast_lora))
+
+        def cond(embeds, pooled):
+            c = self.model.conditioning({"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}, rows, cols,
+                                        guidance_scale)[0]
+            if trained_input:  # LoRAs trained with a guidance input (train: config.student.guidance_input)
+                c["guidance"] = jnp.full((embeds.shape[0],), guidance_scale, jnp.float32)
+            return c
         conds = [cond(prompt_embeds, pooled_prompt_embeds)]
         if negative_prompt_embeds is not None and true_cfg_scale > 1:
             conds.append(cond(negative_prompt_embeds, negative_pooled_prompt_embeds))

@@ -130,6 +130,22 @@ def _guidance(args):
     return wanted
 
 
+def _guidance_input(args):
+    """FLUX's guidance_scale for the pipeline, or None for its default: --guidance_scale, else the default of the
+    guidance embedding the LoRA files carry (train: config.student.guidance_input), checked against its range."""
+    trained = [read_guidance(path).get("guidance_input") for path in (args.slow_lora, args.fast_lora)
+               if path and read_guidance(path)]
+    trained = [t for t in trained if t]
+    if not trained:
+        return args.guidance_scale
+    low, high = trained[0]["range"]
+    scale = trained[0]["default"] if args.guidance_scale is None else args.guidance_scale
+    if not low <= scale <= high:
+        raise GlanceError(f"--guidance_scale {scale:g}: the LoRAs' guidance embedding was trained for scales "
+                          f"{low:g} to {high:g}")
+    return scale
+
+
 def _describe_cfg(scale, negative):
     return f"true CFG {scale:g} on {negative!r}, 2 passes a step" if scale > 1 else "no CFG, 1 pass a step"
 
@@ -230,6 +246,9 @@ def _common_flags(p):
     p.add_argument("--true_cfg_scale", type=float, default=None,
                    help="true CFG (two passes a step) at this scale; default: the regime the LoRA files were trained "
                         "for, else none")
+    p.add_argument("--guidance_scale", type=float, default=None,
+                   help="FLUX.1-dev's guidance input, or that of LoRAs trained with a guidance embedding (default: "
+                        "theirs, else 3.5)")
     p.add_argument("--negative_prompt", default=None, help="true CFG's negative prompt (default: the LoRA files', "
                    "else ' ')")
     p.add_argument("--height", type=int, default=None)
@@ -259,6 +278,7 @@ def sample_main(argv):
                               "leave out --steps, or the LoRA files")
     pixels, schedule = _check_common(args)
     cfg_scale, negative = _guidance(args)
+    guidance_scale = _guidance_input(args)
     if image_out and not pixels and not args.vae:
         raise GlanceError("image output of a latent model needs its VAE: pass --vae (or a pipeline folder as "
                           "--model), or use --out x.safetensors")
@@ -270,6 +290,8 @@ def sample_main(argv):
     kw = dict(num_inference_steps=args.steps) if args.steps else dict(integration=args.integration,
                                                                        schedule=schedule)
     kw["true_cfg_scale"] = cfg_scale
+    if guidance_scale is not None:
+        kw["guidance_scale"] = guidance_scale
     if not args.steps:
         kw["slow_lora"] = load_lora(args.slow_lora, pipe.params) if args.slow_lora else None
         kw["fast_lora"] = load_lora(args.fast_lora, pipe.params) if args.fast_lora else None
@@ -314,6 +336,7 @@ def eval_main(argv):
         raise GlanceError(f"--seeds {args.seeds!r}: use comma-separated integers") from None
     _, schedule = _check_common(args)
     cfg_scale, negative = _guidance(args)
+    guidance_scale = _guidance_input(args)
     pipe, family, pixels = _pipeline(args.model, args.scheduler, args.vae)
     height, width, _ = _sizes(args, pixels)
     decode = not pixels and pipe.vae is not None
@@ -339,8 +362,9 @@ def eval_main(argv):
              for n in sorted({steps, 2 * steps}) if n < args.base_steps]
     rows, outputs = [], {}
     for name, kind, kw in runs:
+        guide = {} if guidance_scale is None else dict(guidance_scale=guidance_scale)  # every run alike
         run = lambda: _call(pipe, arrays, height=height, width=width, seed=batch_seeds, true_cfg_scale=cfg_scale,
-                            **kw).block_until_ready()
+                            **guide, **kw).block_until_ready()
         run()
         start = time.perf_counter()
         latents = run()

@@ -115,6 +115,8 @@ def default_config(family, phase="both"):
     c.teacher.batch = 8  # noises integrated per compiled call
     c.teacher.guidance_scale = 1.0  # > 1: guided trajectories (true CFG; FLUX.1-dev: its guidance input)
     c.teacher.negative_prompt = " "  # CFG's negative: the sample's empty-prompt encoding
+    # (low, high): trajectory k is guided at scale low + (high - low) k / (trajectories - 1) instead of guidance_scale
+    c.teacher.guidance_range = ()
     # more captions (no images) whose trajectories join the caption's: a guided student then learns guidance for
     # more than one prompt; trajectory k is drawn with caption k mod (1 + len(prompts))
     c.teacher.prompts = ()
@@ -126,6 +128,10 @@ def default_config(family, phase="both"):
     # 1: one pass a step (with a guided teacher, the LoRAs must carry the guidance themselves)
     c.student.guidance_scale = 1.0
     c.student.negative_prompt = " "  # the student's CFG negative: the sample's empty-prompt encoding
+    # True (a model without a guidance input, target "teacher"): the pair also trains a guidance embedding in the
+    # shape of FLUX.1-dev's, on trajectories guided at the scales of teacher.guidance_range, and then samples with
+    # one pass a step at a scale of that range (saved in the LoRA files, lora_formats.GUIDANCE_EMBEDDER)
+    c.student.guidance_input = False
 
     c.mesh = ""  # device mesh, e.g. "data=2,fsdp=4" (axes data, fsdp, tensor); empty: one device
 
@@ -300,8 +306,12 @@ def guidance_regime(config):
     """How the trained pair samples, as its LoRA files record it (lora_formats.GUIDANCE_KEY): the student's true-CFG
     scale and negative prompt, and the transformer passes a step that costs."""
     scale = float(config.student.guidance_scale)
-    return {"true_cfg_scale": scale, "negative_prompt": config.student.negative_prompt if scale > 1 else None,
-            "passes_per_step": 2 if scale > 1 else 1}
+    regime = {"true_cfg_scale": scale, "negative_prompt": config.student.negative_prompt if scale > 1 else None,
+              "passes_per_step": 2 if scale > 1 else 1}
+    if config.student.guidance_input:  # the scales its guidance embedding was trained for, and the default one
+        regime["guidance_input"] = {"range": [float(x) for x in config.teacher.guidance_range],
+                                    "default": float(config.teacher.guidance_scale)}
+    return regime
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
@@ -309,7 +319,7 @@ def _integrate(model, static, rescale, params, noises, texts, sigmas, cond, neg,
     """The sampler's Euler steps (pipelines.euler_step) of the (guided) base along `sigmas` for a batch of noises
     (M, 1, tokens, C) at once, noise m conditioned on the text inputs `texts[...][m]`, in float32; returns the
     states at every grid point, (M, len(sigmas), tokens, C)."""
-    def one(noise, text):
+    def one(noise, text, scale):
         conds = [{**cond, **text}] + ([] if neg is None else [neg])
 
         def step(x, sigmas):
@@ -319,7 +329,16 @@ def _integrate(model, static, rescale, params, noises, texts, sigmas, cond, neg,
         _, xs = jax.lax.scan(step, noise, (sigmas[:-1], sigmas[1:]))
         return jnp.concatenate([noise[None], xs])[:, 0]
 
-    return jax.vmap(one)(noises, texts)
+    return jax.vmap(one)(noises, texts, scale)
+
+
+def trajectory_scales(config):
+    """The guidance scale of each teacher trajectory: teacher.guidance_range spread evenly over them, or
+    teacher.guidance_scale for every one."""
+    t = config.teacher
+    if len(t.guidance_range):
+        return np.linspace(*t.guidance_range, int(t.trajectories)).astype(np.float32)
+    return np.full(int(t.trajectories), t.guidance_scale, np.float32)
 
 
 def teacher_trajectories(model, static, params, batch, sigmas, config, key):
@@ -331,10 +350,10 @@ def teacher_trajectories(model, static, params, batch, sigmas, config, key):
     chunk = max(1, int(config.teacher.batch))
     n = len(sigmas)
     padded = jnp.asarray(np.pad(np.asarray(sigmas, np.float32), (0, -n % 16), mode="edge"))  # zero-size steps
-    scale = jnp.float32(config.teacher.guidance_scale)
+    scales = jnp.asarray(trajectory_scales(config))
     parts = [_integrate(model, tuple(static), rescale, params, noises[i:i + chunk],
                         caption_texts(batch["teacher_texts"], np.arange(i, min(i + chunk, len(noises)))), padded,
-                        cond, neg, scale)
+                        cond, neg, scales[i:i + chunk])
              for i in tqdm(range(0, len(noises), chunk), desc="teacher trajectories", unit="batch", leave=False)]
     return jnp.concatenate(parts)[:, :n]
 
@@ -350,7 +369,7 @@ def make_train_step(model, config, static=(), shardings=None):
     """
     settings = (Optim.of(config), config.target, float(config.data.caption_dropout),
                 int(config.teacher.get("minibatch", 1)), float(config.student.guidance_scale),
-                families.of(model).cfg_rescale)
+                families.of(model).cfg_rescale, bool(config.student.guidance_input))
     if shardings is None:
         return _compiled_train_step(model, settings, tuple(static))
     return jax.jit(_train_step(model, settings, tuple(static)), in_shardings=shardings[0],
@@ -371,7 +390,7 @@ def student_velocity(model, static, params, adapter, x_t, sigma, conds, guidance
 
 
 def _train_step(model, settings, static):
-    optim, target_kind, dropout, minibatch, student_scale, rescale = settings
+    optim, target_kind, dropout, minibatch, student_scale, rescale, guidance_input = settings
     opt = optimizer(optim)
 
     def loss_fn(adapter, params, batch, teacher, points, key):
@@ -382,6 +401,8 @@ def _train_step(model, settings, static):
         if target_kind == "teacher":  # the velocity that carries the base's state here to its next point
             k = jax.random.randint(k_traj, (), 0, teacher["states"].shape[0])
             conds = [conditioning(batch, drop, caption_texts(teacher["texts"], k))]
+            if guidance_input:  # the trajectory's guidance scale, into the trained guidance embedding
+                conds[0]["guidance"] = jnp.full((1,), teacher["scales"][k])
             if student_scale > 1:  # the student samples with true CFG: both LoRA'd passes, combined
                 conds.append(conditioning(batch, True))
             x_t = teacher["states"][k, index][None]
@@ -448,6 +469,10 @@ class Run:
             raise GlanceError(f"config.model.path holds a {type(held).__name__}, config.family is {config.family!r}")
         if not held.guidance_embeds and config.model.guidance not in (None, 1.0):
             raise GlanceError("config.model.guidance: this model has no guidance embedding")
+        if config.student.guidance_input and (held.guidance_embeds or not hasattr(held, "guidance_embeds")
+                                              or families.of(held).cfg_rescale):
+            raise GlanceError("config.student.guidance_input: for a FLUX-architecture model without a guidance "
+                              "embedding (this one has one, or is not FLUX)")
         factor = families.pixels_per_latent(held)  # latents are packed 2 x 2 into tokens
         validation.multiple_of("config.data.multiple", config.data.multiple, 2 * factor)
         self.mesh = sharding.make_mesh(config.mesh) if config.mesh else None
@@ -510,10 +535,12 @@ class Run:
         before (the key covers the base's identity as the run's fingerprint has it, its dtype and quantization,
         the encoded sample, the grid, guidance, count and seed)."""
         t = self.config.teacher
-        digest = hashlib.sha256(json.dumps([self.fingerprint["base"], self.config.model.dtype,
-                                            self.config.model.get("quantize"), int(t.trajectories),
-                                            float(t.guidance_scale), t.negative_prompt, self.config.model.guidance,
-                                            int(self.config.seed)]).encode())
+        key = [self.fingerprint["base"], self.config.model.dtype, self.config.model.get("quantize"),
+               int(t.trajectories), float(t.guidance_scale), t.negative_prompt, self.config.model.guidance,
+               int(self.config.seed)]
+        if len(t.guidance_range):
+            key.append([float(x) for x in t.guidance_range])
+        digest = hashlib.sha256(json.dumps(key).encode())
         for leaf in [np.asarray(sigmas, np.float32)] + jax.tree_util.tree_leaves(self.batch):
             digest.update(np.asarray(leaf).tobytes())
         path = os.path.join(self.cache, "teacher-" + digest.hexdigest()[:32] + ".safetensors")
@@ -550,7 +577,7 @@ class Run:
         at = jnp.asarray([int(np.argmin(np.abs(grid - s))) for s in sigmas])
         states = self.trajectories(grid)[:, at]
         return {"sigmas": jnp.asarray(_pad_points(sigmas)), "states": _pad_points(states, axis=1),
-                "texts": self.batch["teacher_texts"]}
+                "texts": self.batch["teacher_texts"], "scales": jnp.asarray(trajectory_scales(self.config))}
 
     def train(self):
         """Trains the configured phase(s); returns {phase: path of its LoRA file}."""
@@ -572,6 +599,8 @@ class Run:
         targets = targets if families.is_preset(targets) else [t.strip() for t in targets.split(",")]
         adapter = lora.init_lora(jax.random.fold_in(key, 1), self.params, targets, config.lora.rank,
                                  float(config.lora.alpha))
+        if config.student.guidance_input:
+            adapter = lora.with_guidance_embedder(jax.random.fold_in(key, 2), adapter, self.params)
         return adapter, optimizer(Optim.of(config)).init(adapter), points, key
 
     def compile_step(self):

@@ -216,6 +216,19 @@ def train_config(config):
             raise GlanceError(f"config.data.caption_dropout {config.data.caption_dropout!r} with "
                               "config.student.guidance_scale > 1: the teacher target's negative pass already trains "
                               "the empty prompt; set it to 0")
+    guidance_range = tuple(config.teacher.guidance_range)
+    if config.student.guidance_input:
+        scale = config.teacher.guidance_scale
+        if config.target != "teacher" or student_scale != 1:
+            raise GlanceError("config.student.guidance_input: a one-pass student of the teacher target "
+                              "(config.target=teacher, config.student.guidance_scale=1)")
+        numbers = all(isinstance(x, (int, float)) and math.isfinite(x) for x in guidance_range)
+        if (len(guidance_range) != 2 or not numbers or not 1 <= guidance_range[0] < guidance_range[1]
+                or not guidance_range[0] <= scale <= guidance_range[1] or scale <= 1):
+            raise GlanceError(f"config.teacher.guidance_range {guidance_range!r}: two scales 1 <= low < high around "
+                              f"config.teacher.guidance_scale ({scale!r}, > 1), for config.student.guidance_input")
+    elif guidance_range:
+        raise GlanceError(f"config.teacher.guidance_range {guidance_range!r}: only for config.student.guidance_input")
     positive_int("config.checkpoint.every", config.checkpoint.every)
     positive_int("config.checkpoint.keep", config.checkpoint.keep)
     if config.mesh:

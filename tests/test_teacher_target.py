@@ -154,6 +154,48 @@ def test_student_guidance_is_checked_before_loading(tmp_path, key, value, messag
         validation.train_config(config)
 
 
+def test_a_guidance_input_student_is_flux_dev_shaped(tmp_path):
+    """student.guidance_input trains a guidance embedding beside the LoRAs on trajectories guided over a range of
+    scales; its files carry it under FLUX.1-dev's names, so diffusers' FluxTransformer2DModel with a guidance
+    embedding (the teacher's weights plus those) and the LoRA loaded through peft computes what the student
+    computes here at any scale (fp32)."""
+    import torch
+    from diffusers import FluxTransformer2DModel as TorchFlux
+    from torch_peers import flux_inputs, relative_error, torch_forward
+    sample = tmp_path / "sample"
+    write_sample(str(sample), teacher.load_prompts())
+    c = lora_config(teacher.TEACHER_DIR, str(sample), str(tmp_path), 4, "teacher", "uniform", 3, 4, 3.0, 0)
+    c.teacher.substeps, c.teacher.batch = 4, 2
+    c.student.guidance_input, c.teacher.guidance_range = True, (1.0, 5.0)
+    c.optim.lr = 1e-2  # three steps that move the embedder and the LoRA visibly
+    run = Run(c, tmp_path / "run")
+    np.testing.assert_allclose(np.asarray(run.teacher_inputs()["scales"]), [1, 7 / 3, 11 / 3, 5], rtol=1e-6)
+    files = run.train()
+    regime = lora.read_guidance(files["slow"])
+    assert regime["passes_per_step"] == 1 and regime["guidance_input"] == {"range": [1.0, 5.0], "default": 3.0}
+    tensors = safetensors_io.SafetensorsFile(files["slow"])
+    embedder = {k[len("glance_guidance_embedder."):]: torch.from_numpy(np.array(tensors.read(k)))
+                for k in tensors.keys() if k.startswith("glance_guidance_embedder.")}
+    assert sorted(embedder) == ["linear_1.bias", "linear_1.weight", "linear_2.bias", "linear_2.weight"]
+    assert float(embedder["linear_2.weight"].abs().max()) > 0  # trained away from its zero start
+    base = TorchFlux.from_pretrained(teacher.TEACHER_DIR)
+    student = TorchFlux(**{**dict(base.config), "guidance_embeds": True}).eval()
+    state = {**base.state_dict(), **{f"time_text_embed.guidance_embedder.{k}": v for k, v in embedder.items()}}
+    student.load_state_dict(state)
+    student.load_lora_adapter(str(tmp_path / "run"), weight_name="slow_lora.safetensors", prefix="transformer")
+    tree = lora.load_lora(files["slow"], run.params)
+    for scale in (1.5, 4.0):
+        inputs = flux_inputs({**dict(base.config), "guidance_embeds": True}, 2, (2, 2), teacher.TEXT_TOKENS,
+                             guidance=scale)
+        want = torch_forward(student, inputs)
+        got = run.model.apply({"params": run.params, "lora": tree}, **inputs)
+        err = relative_error(got, want)
+        print(f"guidance-input student at scale {scale} vs diffusers (guidance embedder + peft LoRA): {err:.2e}")
+        assert err <= 1e-4
+    no_input = run.model.apply({"params": run.params, "lora": tree}, **{**inputs, "guidance": None})
+    assert relative_error(no_input, want) > 1e-3  # the check can fail: the embedding changes the output
+
+
 def test_compile_step_compiles_the_program_that_training_runs(tmp_path, caplog):
     """Run.compile_step (the demo calls it on a second thread while other pairs train) compiles the very
     train step that train() then runs: training compiles no step program of its own."""

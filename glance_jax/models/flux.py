@@ -55,6 +55,12 @@ class TimeTextEmbedding(nn.Module):
         temb = MLPEmbedder(self.dim, **kw, name="timestep_embedder")(timestep_sinusoid(timestep * 1000))
         if self.guidance_embeds:
             temb = temb + MLPEmbedder(self.dim, **kw, name="guidance_embedder")(timestep_sinusoid(guidance * 1000))
+        elif guidance is not None and self.has_variable("lora", "guidance_embedder"):
+            # a guidance embedding trained beside a LoRA for a model that has none (FLUX.1-dev's shape)
+            e = self.get_variable("lora", "guidance_embedder")
+            dense = lambda x, layer: jnp.dot(x, e[layer]["kernel"]) + e[layer]["bias"]
+            x = timestep_sinusoid(guidance * 1000)
+            temb = temb + dense(jax.nn.silu(dense(x, "linear_1")), "linear_2").astype(temb.dtype)
         return temb + MLPEmbedder(self.dim, **kw, name="text_embedder")(pooled)
 
 
