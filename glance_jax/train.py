@@ -469,10 +469,9 @@ class Run:
             raise GlanceError(f"config.model.path holds a {type(held).__name__}, config.family is {config.family!r}")
         if not held.guidance_embeds and config.model.guidance not in (None, 1.0):
             raise GlanceError("config.model.guidance: this model has no guidance embedding")
-        if config.student.guidance_input and (held.guidance_embeds or not hasattr(held, "guidance_embeds")
-                                              or families.of(held).cfg_rescale):
-            raise GlanceError("config.student.guidance_input: for a FLUX-architecture model without a guidance "
-                              "embedding (this one has one, or is not FLUX)")
+        if config.student.guidance_input and (held.guidance_embeds or not families.of(held).guidance_input):
+            raise GlanceError("config.student.guidance_input: for a model of a family with a guidance input (FLUX.1) "
+                              "that has none; this one has one, or its family has none")
         factor = families.pixels_per_latent(held)  # latents are packed 2 x 2 into tokens
         validation.multiple_of("config.data.multiple", config.data.multiple, 2 * factor)
         self.mesh = sharding.make_mesh(config.mesh) if config.mesh else None

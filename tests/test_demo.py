@@ -18,7 +18,7 @@ from torch_peers import flux_inputs, relative_error, torch_forward
 METHODS = ["teacher-50", "base-uniform-10", "base-uniform-6", "base-uniform-4", "base-uniform-3", "base-fitted-6",
            "base-fitted-4", "glance-10", "glance-6", "glance-4", "glance-3", "glance-official-10", "glance-data-10",
            "teacher-50-cfg", "base-cfg-uniform-10", "base-cfg-uniform-6", "base-cfg-uniform-5", "base-cfg-uniform-4",
-           "glance-cfg2-6", "glance-cfg2-5", "glance-cfg2-4", "glance-cfg1-6", "glance-cfg1-4"]
+           "glance-cfg2-6", "glance-cfg2-5", "glance-cfg1-6", "glance-cfg1-4", "glance-ginput-6"]
 
 
 def test_prompt_set_names_each_images_template():
@@ -99,9 +99,10 @@ def test_quick_demo_writes_the_table_and_the_grid(quick_demo, capsys):
     schedule = lora.read_schedule(quick_demo / "loras" / "glance-6" / "slow_lora.safetensors")
     assert schedule.num_steps == 6 and schedule.slow == tuple(by_name["glance-6"]["timesteps"][:3])
     for pair, regime in (("glance-6", (1.0, None, 1)), ("glance-cfg1-6", (1.0, None, 1)),
-                         ("glance-cfg2-6", (3.0, "", 2))):  # how each pair samples, as its files record it
-        got = lora.read_guidance(quick_demo / "loras" / pair / "fast_lora.safetensors")
+                         ("glance-cfg2-6", (3.0, "", 2)), ("glance-ginput-6", (1.0, None, 1))):
+        got = lora.read_guidance(quick_demo / "loras" / pair / "fast_lora.safetensors")  # how each pair samples
         assert (got["true_cfg_scale"], got["negative_prompt"], got["passes_per_step"]) == regime
+        assert ("guidance_input" in got) == (pair == "glance-ginput-6")
 
 
 @pytest.mark.parametrize("pair,rank,alpha", [("glance-data-10", 4, 16.0), ("glance-10", 16, 64.0)])

@@ -63,8 +63,12 @@ GUIDED_RECIPE = dict(trajectories=256, minibatch=8, lr=4e-4, steps=700)
 # The two-pass students (glance-cfg2-K): sampled with true CFG 3 on the empty prompt like the base, their
 # velocity over both LoRA'd passes trained to the guided teacher's jump, on the guided trajectories of the
 # one-pass students (the same cached 256, captions of the training template). Chosen on the validation prompts.
-CFG2_RECIPE = dict(minibatch=1, lr=1e-4, steps=600)
-CFG2_K, CFG1_K = (6, 5, 4), (6, 4)  # two-pass students at 2K evaluations; one-pass students at K
+CFG2_RECIPE = dict(minibatch=2, lr=1e-4, steps=600)
+CFG2_K, CFG1_K = (6, 5), (6, 4)  # two-pass students at 2K evaluations; one-pass students at K
+# The guidance-input student (glance-ginput-K): one pass a step, with a guidance embedding trained beside the LoRAs
+# (train: config.student.guidance_input) on 256 trajectories of the ten captions guided at scales spread over
+# `range`, sampled at GUIDANCE; the one-pass students' recipe otherwise. Chosen on the validation prompts.
+GINPUT_RECIPE = dict(range=(1.0, 5.0), k=6)
 
 
 
@@ -129,12 +133,13 @@ def guided_captions():
 
 
 def lora_config(model_dir, sample_dir, workdir, k, target, schedule, steps, trajectories, guidance, seed,
-                substeps=50, passes=1):
+                substeps=50, passes=1, guidance_input=False):
     """The trainer's config for one LoRA pair of the demo.
 
     target "data": the paper's recipe scaled to the small model (official FLUX targets, rank 4, alpha 16,
     lr 1e-4, 60 steps). target "teacher": RECIPE. `schedule`: "uniform", "fitted" or "official". `guidance` > 1:
-    trajectories guided with true CFG on the empty prompt; `passes` 2: a student that samples with it too.
+    trajectories guided with true CFG on the empty prompt; `passes` 2: a student that samples with it too;
+    `guidance_input`: a one-pass student with a trained guidance embedding (GINPUT_RECIPE).
     """
     c = default_config("flux", "both")
     c.seed, c.target, c.steps = seed, target, steps
@@ -159,6 +164,8 @@ def lora_config(model_dir, sample_dir, workdir, k, target, schedule, steps, traj
         c.teacher.negative_prompt = c.student.negative_prompt = ""  # the demo's empty prompt, as encoded
         if passes == 2:
             c.student.guidance_scale = guidance
+        if guidance_input:
+            c.student.guidance_input, c.teacher.guidance_range = True, GINPUT_RECIPE["range"]
     c.checkpoint.every = steps
     return c
 
@@ -202,7 +209,8 @@ def closing_line(results, regime, reference_row, prefix):
     """The fewest Glance evaluations that match `reference_row`'s held-out PSNR, and the speed-up."""
     ref = next(m for m in results if m["name"] == reference_row)
     match = sorted((m for m in results if m["kind"] == "glance" and m["name"].startswith(prefix)
-                    and m["psnr_vs_teacher"] >= ref["psnr_vs_teacher"]), key=lambda m: m["nfe"])
+                    and m["reference"] == ref["reference"] and m["psnr_vs_teacher"] >= ref["psnr_vs_teacher"]),
+                   key=lambda m: m["nfe"])
     if not match:
         return (f"{regime}: no Glance row matches {reference_row} ({ref['psnr_vs_teacher']:.2f} dB, "
                 f"{ref['nfe']} evaluations)")
@@ -245,9 +253,9 @@ def main(argv):
     sample_dir = os.path.join(workdir, "sample")
     train_caption = write_sample(sample_dir, prompts)
     loras_dir = os.path.join(workdir, "loras")
-    config = lambda k, target, schedule, guidance=1.0, n=steps, m=trajectories, passes=1: lora_config(
-        model_dir, sample_dir, workdir, k, target, schedule, n, m, guidance, args.seed, 25 if args.quick else 50,
-        passes)
+    config = lambda k, target, schedule, guidance=1.0, n=steps, m=trajectories, passes=1, guidance_input=False: (
+        lora_config(model_dir, sample_dir, workdir, k, target, schedule, n, m, guidance, args.seed,
+                    25 if args.quick else 50, passes, guidance_input))
 
     pairs = [(f"glance-{k}", config(k, "teacher", args.schedule)) for k in UNGUIDED_K]
     pairs += [("glance-official-10", config(10, "teacher", "official")),
@@ -256,6 +264,9 @@ def main(argv):
                                           guided_trajectories)) for k in CFG1_K]
     pairs += [(f"glance-cfg2-{k}", config(k, "teacher", args.schedule, GUIDANCE, cfg2_steps, guided_trajectories,
                                           passes=2)) for k in CFG2_K]
+    ginput = f"glance-ginput-{GINPUT_RECIPE['k']}"
+    pairs += [(ginput, config(GINPUT_RECIPE["k"], "teacher", args.schedule, GUIDANCE, guided_steps,
+                              guided_trajectories, guidance_input=True))]
 
     templates, first_seed = ((VALIDATION_TEMPLATES, VALIDATION_SEED) if args.validation else
                              (PROMPT_TEMPLATES, args.seed * 1000))
@@ -287,7 +298,7 @@ def main(argv):
     # orbax (checkpoints), which is not safe from threads: those two pairs' runs are prepared here, compiled
     # there, and trained here when their turn comes.
     ahead = {name: prepare_run(c, os.path.join(loras_dir, name), base) for name, c in pairs
-             if name in ("glance-data-10", f"glance-cfg1-{CFG1_K[0]}", f"glance-cfg2-{CFG2_K[0]}")}
+             if name in ("glance-data-10", f"glance-cfg1-{CFG1_K[0]}", f"glance-cfg2-{CFG2_K[0]}", ginput)}
     with concurrent.futures.ThreadPoolExecutor(1) as beside:
         steps_compiled = [beside.submit(run.compile_step) for run in ahead.values()]
         classifier = beside.submit(digit_classifier, args.seed)
@@ -308,11 +319,11 @@ def main(argv):
 
     pipe = FluxGlancePipeline(model, params, teacher.SCHEDULER, latent_channels=1, vae_scale_factor=1)
 
-    def glance(name, schedule_kind, target, guidance, reference, passes=1):
+    def glance(name, schedule_kind, target, guidance, reference, passes=1, **kwargs):
         files, schedule = trained[name]
         return method(name, "glance", schedule_kind, target, guidance, reference, passes * schedule.num_steps,
                       schedule=schedule, slow_lora=load_lora(files["slow"], pipe.params),
-                      fast_lora=load_lora(files["fast"], pipe.params), guided=passes == 2)
+                      fast_lora=load_lora(files["fast"], pipe.params), guided=passes == 2, **kwargs)
 
     methods = [method("teacher-50", "base", "uniform", None, 1.0, "teacher-50", 50, num_inference_steps=50)]
     methods += [method(f"base-uniform-{k}", "base", "uniform", None, 1.0, "teacher-50", k, num_inference_steps=k)
@@ -330,6 +341,7 @@ def main(argv):
     methods += [glance(f"glance-cfg2-{k}", args.schedule, "teacher", GUIDANCE, "teacher-50-cfg", passes=2)
                 for k in CFG2_K]
     methods += [glance(f"glance-cfg1-{k}", args.schedule, "teacher", GUIDANCE, "teacher-50-cfg") for k in CFG1_K]
+    methods += [glance(ginput, args.schedule, "teacher", GUIDANCE, "teacher-50-cfg", guidance_scale=GUIDANCE)]
 
     n = len(batch_captions)
     results, images, caption_images = [], {}, {}
@@ -361,7 +373,7 @@ def main(argv):
                         "fd": evaluation.frechet_distance(features(out), real_features)})
     add_speedups(results)
     closing = [closing_line(results, "unguided", "base-uniform-10", "glance-"),
-               closing_line(results, "guided", "base-cfg-uniform-10", "glance-cfg")]
+               closing_line(results, "guided", "base-cfg-uniform-10", ("glance-cfg", "glance-ginput"))]
     by_template = [template_line(results, row, reference_row) for row, reference_row in
                    (("glance-6", "base-uniform-10"), ("glance-cfg2-6", "base-cfg-uniform-10"),
                     ("glance-cfg1-6", "base-cfg-uniform-10"))]
@@ -371,7 +383,7 @@ def main(argv):
               "images_per_method": len(batch_captions), "train_caption_images": train_seeds,
               "lora_steps": steps, "data_lora_steps": data_steps, "trajectories": trajectories,
               "recipe": RECIPE, "guided_recipe": {**GUIDED_RECIPE, "captions": guided_captions()},
-              "cfg2_recipe": CFG2_RECIPE,
+              "cfg2_recipe": CFG2_RECIPE, "ginput_recipe": GINPUT_RECIPE,
               "guidance": GUIDANCE, "quick": args.quick, "by_template": by_template,
               "closing": closing}
     with open(os.path.join(workdir, "metrics.json"), "w") as f:
