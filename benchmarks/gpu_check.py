@@ -20,7 +20,8 @@ one compiled init (JAX) or built on the device (torch). One process runs, in ord
 Each measured row is written at once to --out as gpu_check.json and gpu_check.md, so a timeout keeps what
 was measured; a failing row records its error and the rest go on; a part that would start after
 --budget_s is recorded as skipped. The exit status is 1 when any row has an error. JAX is given
-XLA_PYTHON_CLIENT_MEM_FRACTION=0.6 of the GPU (unless set): torch gets the rest.
+XLA_PYTHON_CLIENT_MEM_FRACTION=0.7 of the GPU (unless set): torch gets the rest. Full size, compiled
+programs are cached in .jax_cache/ (git-ignored), so a rerun on a warm machine skips most compiles.
 
     python benchmarks/gpu_check.py --out gpu_check           # one H200 (see the README, "GPU check")
     python benchmarks/gpu_check.py --tiny --out /tmp/check   # the same code paths with tiny models, CPU
@@ -35,9 +36,10 @@ import sys
 import time
 import traceback
 
-os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.6")  # read when JAX starts: the rest is torch's
+os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.7")  # read when JAX starts: the rest is torch's
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:0] = [HERE, os.path.join(HERE, "..", "tests"), os.path.join(HERE, "..")]  # glance_jax of this checkout
+ROOT = os.path.dirname(HERE)
+sys.path[:0] = [HERE, os.path.join(ROOT, "tests"), ROOT]  # glance_jax of this checkout, installed or not
 
 import diffusers  # noqa: E402
 import jax  # noqa: E402
@@ -110,7 +112,7 @@ class Results:
         return time.perf_counter() - self.start
 
     def add(self, part, what, **figures):
-        row = {"part": part, "what": what, **figures}
+        row = {"part": part, "what": what, **figures, "at_s": round(self.elapsed(), 1)}
         self.rows.append(row)
         print(json.dumps(row), flush=True)
         self.write()
@@ -198,7 +200,7 @@ def torch_module(cls, config, dtype):
     torch.set_default_dtype(dtype)
     try:
         with torch.device(torch_device()):
-            return cls(**config).to(dtype).eval()
+            return cls(**config).eval()
     finally:
         torch.set_default_dtype(previous)
 
@@ -496,6 +498,9 @@ def main(argv=None):
         print(f"gpu_check.py: error: {e}", file=sys.stderr)
         return 2 if isinstance(e, UsageError) else 1
     sizes = TINY if args.tiny else FULL
+    if not args.tiny:
+        jax.config.update("jax_compilation_cache_dir",
+                          os.environ.get("JAX_COMPILATION_CACHE_DIR", os.path.join(ROOT, ".jax_cache")))
     if args.budget_s is not None:
         sizes = dataclasses.replace(sizes, budget_s=args.budget_s)
     results = Results(args.out, header(args.tiny))
