@@ -29,12 +29,20 @@ programs are cached in .jax_cache/ (git-ignored), so a rerun on a warm machine s
 
 import argparse
 import dataclasses
+import functools
+import importlib.util
 import json
 import math
 import os
 import sys
 import time
 import traceback
+
+# What a GPU machine may lack, checked before anything starts; pure-Python wheels travel with the checkout.
+NEEDED = ("jax", "flax", "optax", "orbax", "ml_collections", "torch", "transformers", "peft", "diffusers", "PIL")
+MISSING = [name for name in NEEDED if importlib.util.find_spec(name) is None]
+if MISSING:
+    sys.exit(f"gpu_check.py: error: missing {', '.join(MISSING)}: carry their wheels (README, \"GPU check\")")
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.7")  # read when JAX starts: the rest is torch's
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -104,8 +112,9 @@ COLUMNS = (("part", "part"), ("what", "what"), ("ms", "median ms"), ("tflop", "T
 class Results:
     """The check's rows, rewritten to gpu_check.json and gpu_check.md after every row."""
 
-    def __init__(self, out, header):
-        self.out, self.header, self.rows, self.start = out, header, [], time.perf_counter()
+    def __init__(self, out, header, budget_s=math.inf):
+        self.out, self.header, self.budget_s, self.rows = out, header, budget_s, []
+        self.start = time.perf_counter()
         os.makedirs(out, exist_ok=True)
 
     def elapsed(self):
@@ -117,14 +126,23 @@ class Results:
         print(json.dumps(row), flush=True)
         self.write()
 
+    def past_budget(self):
+        """The row "skipped" with its reason when the time budget is spent (else None)."""
+        if self.elapsed() <= self.budget_s:
+            return None
+        return f"skipped: {self.elapsed():.0f} s of the {self.budget_s:.0f} s budget spent"
+
     def attempt(self, part, what, measure):
-        """`measure()` -> the row's figures; an exception becomes the row's error and the check goes on."""
+        """`measure()` -> the row's figures; an exception becomes the row's error and the check goes on.
+        Not started past the time budget. True when the row was measured."""
+        skipped = self.past_budget()
         try:
-            figures = measure()
+            figures = {"error": skipped} if skipped else measure()
         except Exception as e:  # noqa: BLE001 (one failure is one row; the other rows are still measured)
             traceback.print_exc()
             figures = {"error": one_line(e)}
         self.add(part, what, **figures)
+        return "error" not in figures
 
     def document(self):
         return {**self.header, "elapsed_s": self.elapsed(), "rows": self.rows}
@@ -392,6 +410,12 @@ def qwen_case(model, sizes):
     return encodings, cond, neg, static, x
 
 
+def qwen_step(model, static):
+    """One compiled true-CFG Euler step (two passes, Qwen-Image's norm rescale) that waits for its result."""
+    step = jax.jit(lambda p, x, c, n: euler_step(model, static, {"params": p}, x, 1.0, -0.1, [c, n], 5.0, True))
+    return lambda *args: step(*args).block_until_ready()
+
+
 def qwen(sizes, results, state):
     model = QwenImageTransformer2DModel.from_config(sizes.qwen, dtype=jnp.bfloat16)
     params = random_params(model)
@@ -400,26 +424,28 @@ def qwen(sizes, results, state):
     flops = analysis.flops(lambda p, x, c: counted.apply({"params": p}, hidden_states=x, timestep=jnp.ones(1),
                                                          **dict(static), **c), analysis.abstract(params), x, cond)
     rate = state.get("rate")
-    for impl in attention_impls():
-        step = jax.jit(lambda p, x, c, n, m=model.clone(attention_impl=impl): euler_step(
-            m, static, {"params": p}, x, 1.0, -0.1, [c, n], 5.0, True))
-        results.attempt("qwen", f"Flax true-CFG step (2 passes), {impl} attention", lambda: timed(
-            lambda: step(params, x, cond, neg).block_until_ready(), sizes.repeats, 2 * flops, rate))
+    cfg_step = lambda impl: results.attempt("qwen", f"Flax true-CFG step (2 passes), {impl} attention", lambda: timed(
+        functools.partial(qwen_step(model.clone(attention_impl=impl), static), params, x, cond, neg),
+        sizes.repeats, 2 * flops, rate))
+    first, *others = attention_impls()
+    impl = first if cfg_step(first) else "xla"  # the loop with the platform's attention if its step ran
     side = sizes.resolution // 16
     schedule = GlanceSchedule.official("qwen-image", image_seq_len=side * side)
     passes = transformer_passes(schedule, guided=True)
     slow, fast = preset_loras(params, "qwen-image")
-    pipe = QwenImageGlancePipeline(model, params, QWEN_IMAGE_SCHEDULER)
-    (positive, negative) = encodings
+    pipe = QwenImageGlancePipeline(model.clone(attention_impl=impl), params, QWEN_IMAGE_SCHEDULER)
+    positive, negative = encodings
     loop = lambda: pipe(prompt_embeds=positive["prompt_embeds"], prompt_embeds_mask=positive["prompt_embeds_mask"],
                         negative_prompt_embeds=negative["prompt_embeds"],
                         negative_prompt_embeds_mask=negative["prompt_embeds_mask"], true_cfg_scale=5.0,
                         height=sizes.resolution, width=sizes.resolution, schedule=schedule, slow_lora=slow,
                         fast_lora=fast).block_until_ready()
-    results.attempt("qwen", f"Flax 10-step Glance loop with true CFG, {attention.resolve('auto')} attention",
-                    lambda: timed(loop, sizes.loop_repeats, passes * flops, rate,
-                                  note=f"{passes} passes, LoRAs merged"))
-    free(pipe.params, slow, fast, cond, neg, x)
+    results.attempt("qwen", f"Flax 10-step Glance loop with true CFG, {impl} attention", lambda: timed(
+        loop, sizes.loop_repeats, passes * flops, rate, note=f"{passes} passes, LoRAs merged"))
+    params = pipe.params  # merged in place (donated): the pipeline's params are the live ones
+    for impl in others:
+        cfg_step(impl)
+    free(params, slow, fast, cond, neg, x)
 
 
 def vae(sizes, results, state):
@@ -457,9 +483,8 @@ def run_parts(names, sizes, results):
     """Runs the named parts in order; a part's failure is its row, a part past the time budget is skipped."""
     state = {}
     for name in names:
-        if results.elapsed() > sizes.budget_s:
-            results.add(name, "skipped", error=f"not started: {results.elapsed():.0f} s of the "
-                                               f"{sizes.budget_s:.0f} s budget spent")
+        if results.past_budget():
+            results.add(name, "part", error=results.past_budget())
             continue
         try:
             PARTS[name](sizes, results, state)
@@ -503,7 +528,7 @@ def main(argv=None):
                           os.environ.get("JAX_COMPILATION_CACHE_DIR", os.path.join(ROOT, ".jax_cache")))
     if args.budget_s is not None:
         sizes = dataclasses.replace(sizes, budget_s=args.budget_s)
-    results = Results(args.out, header(args.tiny))
+    results = Results(args.out, header(args.tiny), sizes.budget_s)
     run_parts([name for name in PARTS if name in names], sizes, results)
     print(markdown(results.document()))
     return 1 if any("error" in row for row in results.rows) else 0
