@@ -60,7 +60,7 @@ def test_tiny_check_measures_every_row(tiny):
     assert errors == [] and status == 0
     assert [(r["part"], r["what"]) for r in doc["rows"]] == ROWS
     assert doc["backend"] == "cpu" and doc["sizes"] == "tiny"
-    assert all(positive(r["ms"]) and positive(r["at_s"]) for r in doc["rows"])
+    assert all(positive(r["ms"]) and positive(r["first_s"]) and positive(r["at_s"]) for r in doc["rows"])
 
 
 def test_flop_bounds_follow_the_measured_rate(tiny):
@@ -98,7 +98,7 @@ def test_markdown_table_has_a_line_per_row(tiny):
     lines = text.strip().splitlines()
     table = lines[lines.index("") + 1:]
     assert table[0].startswith("| part | what | median ms |") and len(table) == 2 + len(ROWS)
-    assert all(line.count("|") == 9 for line in table)
+    assert all(line.count("|") == 10 for line in table)
     assert [line.split(" | ")[1] for line in table[2:]] == [what for _, what in ROWS]
 
 
