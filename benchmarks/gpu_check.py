@@ -30,6 +30,7 @@ programs are cached in .jax_cache/ (git-ignored), so a rerun on a warm machine s
 import argparse
 import dataclasses
 import functools
+import gc
 import importlib.util
 import json
 import math
@@ -37,6 +38,8 @@ import os
 import sys
 import time
 import traceback
+
+START = time.perf_counter()  # the time budget counts from here: imports and JAX's start included
 
 # What a GPU machine may lack, checked before anything starts; pure-Python wheels travel with the checkout.
 NEEDED = ("jax", "flax", "optax", "orbax", "ml_collections", "torch", "transformers", "peft", "diffusers", "PIL")
@@ -85,9 +88,9 @@ class Sizes:
     flux_text: int
     qwen_text: int
     matmul: int
-    repeats: int  # forwards, CFG steps, train steps, decodes timed (after one warm-up run)
-    loop_repeats: int  # 10-step loops timed (after one warm-up run)
-    budget_s: float
+    repeats: int  # forwards, CFG steps, train steps, decodes timed after the first call (compiles)
+    loop_repeats: int  # 10-step loops timed after the first call
+    budget_s: float  # no row starts later (seconds since the script started)
 
 
 FULL = Sizes(
@@ -115,11 +118,10 @@ class Results:
 
     def __init__(self, out, header, budget_s=math.inf):
         self.out, self.header, self.budget_s, self.rows = out, header, budget_s, []
-        self.start = time.perf_counter()
         os.makedirs(out, exist_ok=True)
 
     def elapsed(self):
-        return time.perf_counter() - self.start
+        return time.perf_counter() - START
 
     def add(self, part, what, **figures):
         row = {"part": part, "what": what, **figures, "at_s": round(self.elapsed(), 1)}
@@ -128,7 +130,7 @@ class Results:
         self.write()
 
     def past_budget(self):
-        """The row "skipped" with its reason when the time budget is spent (else None)."""
+        """Why a row is not started when the time budget is spent; None while there is time."""
         if self.elapsed() <= self.budget_s:
             return None
         return f"skipped: {self.elapsed():.0f} s of the {self.budget_s:.0f} s budget spent"
@@ -306,7 +308,7 @@ def flux(sizes, results, state):
     model = flux_model(sizes)
     params = random_params(model)
     inputs, side = flux_case(sizes)
-    jax_inputs = bf16_inputs(inputs)
+    jax_inputs = jax.device_put(bf16_inputs(inputs))
     state["flux_flops"] = flops = analysis.flops(analysis.for_cost_analysis(model).apply,
                                                  {"params": analysis.abstract(params)}, **jax_inputs)
     schedule = GlanceSchedule.official("flux", image_seq_len=side * side)
@@ -473,10 +475,11 @@ def vae(sizes, results, state):
     params = random_params(model)
     side = sizes.resolution // 8
     z = np.random.default_rng(0).standard_normal((1, side, side, model.latent_channels)).astype(np.float32)
+    z_device = jax.device_put(z)
     decode = jax.jit(lambda p, z: decode_latents(model, p, z))
     flops = analysis.flops(decode, analysis.abstract(params), z)
     results.attempt("vae", "Flax decode, fp32", lambda: timed(
-        lambda: decode(params, z).block_until_ready(), sizes.repeats, flops, note="no bound: fp32"))
+        lambda: decode(params, z_device).block_until_ready(), sizes.repeats, flops, note="no bound: fp32"))
     free(params)
     torch_vae = torch_module(diffusers.AutoencoderKL, sizes.vae, torch.float32)
     config = torch_vae.config
@@ -511,6 +514,7 @@ def run_parts(names, sizes, results):
         except Exception as e:  # noqa: BLE001 (the rows measured so far stay; the next part still runs)
             traceback.print_exc()
             results.add(name, "part stopped", error=one_line(e))
+        gc.collect()  # a part's arrays and modules go before the next one allocates
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 

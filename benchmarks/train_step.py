@@ -56,7 +56,7 @@ def peft_lora_step(torch_model, x0, embeds, pooled, sigmas, rows, points=5, rank
     guidance = torch.ones(1, device=device, dtype=dtype)
 
     def step():
-        sigma = float(sigmas[torch.randint(0, points, (1,), generator=draws)])
+        sigma = float(sigmas[int(torch.randint(0, points, (), generator=draws))])
         noise = torch.randn(x0.shape, generator=noises, device=device, dtype=dtype)
         x_t = (1 - sigma) * x0 + sigma * noise
         v = torch_model(hidden_states=x_t, timestep=torch.full((1,), sigma, device=device, dtype=dtype),
