@@ -148,7 +148,10 @@ class Results:
         return "error" not in figures
 
     def document(self):
-        return {**self.header, "elapsed_s": self.elapsed(), "rows": self.rows}
+        """Header, rows so far, and JAX's device memory limit and peak (where the device reports them)."""
+        stats = jax.devices()[0].memory_stats() or {}
+        memory = {k: stats[k] / 2 ** 30 for k in ("bytes_limit", "peak_bytes_in_use") if k in stats}
+        return {**self.header, "elapsed_s": self.elapsed(), "jax_memory_gib": memory, "rows": self.rows}
 
     def write(self):
         doc = self.document()
