@@ -34,6 +34,15 @@ from glance_jax.schedules import FLUX_SCHEDULER, GlanceSchedule  # noqa: E402
 CONFIG, SIZE, TEXT = SMALL_FLUX, SMALL_SIZE, SMALL_TEXT
 
 
+def diffusers_flux_pipeline(torch_model):
+    """diffusers' FluxPipeline around a transformer alone (prompt embeddings in, latents out), FLUX's scheduler."""
+    pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler.from_config(FLUX_SCHEDULER), vae=None,
+                        text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
+                        transformer=torch_model)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def main():
     torch_model = randomize_(TorchFlux(**CONFIG), seed=0).eval()
     with tempfile.TemporaryDirectory() as tmp:
@@ -64,10 +73,7 @@ def main():
                   img_ids=jnp.asarray(flux_image_ids(SIZE // 16, SIZE // 16)), txt_ids=jnp.zeros((TEXT, 3)))
     one_forward = lambda: forward({"params": pipe.params}, **inputs).block_until_ready()
 
-    reference = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler.from_config(FLUX_SCHEDULER), vae=None,
-                             text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
-                             transformer=torch_model)
-    reference.set_progress_bar_config(disable=True)
+    reference = diffusers_flux_pipeline(torch_model)
 
     def torch50():
         with torch.no_grad():

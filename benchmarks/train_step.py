@@ -39,6 +39,38 @@ from glance_jax.train import Optim, default_config, make_train_step, optimizer  
 CONFIG, SIZE, TEXT = SMALL_FLUX, SMALL_SIZE, SMALL_TEXT
 
 
+def peft_lora_step(torch_model, x0, embeds, pooled, sigmas, rows, points=5, rank=16, alpha=64.0, lr=5e-4):
+    """The official training loop's step in PyTorch on a diffusers FLUX transformer: a peft LoRA (rank, alpha)
+    on FLUX's Glance targets, torch AdamW (lr, 0.9, 0.999, wd 0.01), clipping at 1.0, the flow-matching loss
+    at one of the first `points` sigmas. Tensors (x0, embeds, pooled) live on the model's device in its
+    dtype; returns `step()`, which does not wait for the device."""
+    torch_model.requires_grad_(False)
+    torch_model.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(FLUX.lora_targets),
+                                       init_lora_weights="gaussian"))
+    trainable = [p for p in torch_model.parameters() if p.requires_grad]
+    torch_opt = torch.optim.AdamW(trainable, lr=lr, betas=(0.9, 0.999), weight_decay=0.01, eps=1e-8)
+    device, dtype = x0.device, x0.dtype
+    img_ids = torch.from_numpy(flux_image_ids(rows, rows)).to(device)
+    txt_ids = torch.zeros(embeds.shape[1], 3, device=device)
+    draws, noises = torch.Generator().manual_seed(0), torch.Generator(device).manual_seed(0)
+    guidance = torch.ones(1, device=device, dtype=dtype)
+
+    def step():
+        sigma = float(sigmas[int(torch.randint(0, points, (), generator=draws))])
+        noise = torch.randn(x0.shape, generator=noises, device=device, dtype=dtype)
+        x_t = (1 - sigma) * x0 + sigma * noise
+        v = torch_model(hidden_states=x_t, timestep=torch.full((1,), sigma, device=device, dtype=dtype),
+                        guidance=guidance, encoder_hidden_states=embeds, pooled_projections=pooled, img_ids=img_ids,
+                        txt_ids=txt_ids, return_dict=False)[0]
+        loss = torch.nn.functional.mse_loss(v.float(), (noise - x0).float())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        torch_opt.step()
+        torch_opt.zero_grad()
+
+    return step
+
+
 def cpu_speed():
     torch_model = randomize_(TorchFlux(**CONFIG), seed=0)
     with tempfile.TemporaryDirectory() as tmp:
@@ -73,27 +105,7 @@ def cpu_speed():
     jax_step = jax_step_with(make_train_step(model, config))
     jax_step_remat = jax_step_with(make_train_step(model.clone(remat_policy="dots_saveable"), config))
 
-    torch_model.requires_grad_(False)
-    torch_model.add_adapter(LoraConfig(r=16, lora_alpha=64, target_modules=list(FLUX.lora_targets),
-                                       init_lora_weights="gaussian"))
-    trainable = [p for p in torch_model.parameters() if p.requires_grad]
-    torch_opt = torch.optim.AdamW(trainable, lr=5e-4, betas=(0.9, 0.999), weight_decay=0.01, eps=1e-8)
-    t_x0, t_embeds, t_pooled = map(torch.from_numpy, (x0, embeds, pooled))
-    img_ids, txt_ids = torch.from_numpy(flux_image_ids(rows, rows)), torch.zeros(TEXT, 3)
-    generator = torch.Generator().manual_seed(0)
-
-    def torch_step():
-        sigma = float(sigmas[torch.randint(0, 5, (1,), generator=generator)])
-        noise = torch.randn(t_x0.shape, generator=generator)
-        x_t = (1 - sigma) * t_x0 + sigma * noise
-        v = torch_model(hidden_states=x_t, timestep=torch.full((1,), sigma), guidance=torch.ones(1),
-                        encoder_hidden_states=t_embeds, pooled_projections=t_pooled, img_ids=img_ids,
-                        txt_ids=txt_ids, return_dict=False)[0]
-        loss = torch.nn.functional.mse_loss(v.float(), (noise - t_x0).float())
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-        torch_opt.step()
-        torch_opt.zero_grad()
+    torch_step = peft_lora_step(torch_model, *map(torch.from_numpy, (x0, embeds, pooled)), sigmas, rows)
 
     t = interleaved_medians({"jax": jax_step, "jax_remat": jax_step_remat, "torch": torch_step}, repeats=15,
                             warmup=2)

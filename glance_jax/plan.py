@@ -140,6 +140,35 @@ def compile_or_oom(lower):
         return None, tuple(float(x) * 2 ** 30 for x in found.groups())
 
 
+def peak_bytes(compiled):
+    """A compiled program's peak device memory by XLA's memory analysis: arguments + outputs + temporaries,
+    less the outputs that reuse (donated) argument buffers."""
+    memory = compiled.memory_analysis()
+    return (memory.argument_size_in_bytes + memory.output_size_in_bytes + memory.temp_size_in_bytes
+            - memory.alias_size_in_bytes)
+
+
+REMAT_ORDER = ("none", "dots", "full")  # fastest first: each keeps fewer activations and recomputes more
+
+
+def first_fitting_remat(lower, budget_bytes, policies=REMAT_ORDER):
+    """`(policy, compiled, peak bytes)` for the first remat policy, fastest first, whose program fits
+    `budget_bytes` (None: the first always fits): each is compiled in turn from `lower(policy)` (a
+    `jax.jit(...).lower(...)`) and its peak read as the planner reads it. None fitting is a GlanceError
+    naming the smallest need."""
+    from glance_jax.errors import GlanceError
+
+    needs = {}
+    for policy in policies:
+        compiled, oom = compile_or_oom(lambda: lower(policy))
+        needs[policy] = oom[0] if oom else peak_bytes(compiled)
+        if compiled is not None and (budget_bytes is None or needs[policy] <= budget_bytes):
+            return policy, compiled, needs[policy]
+    policy = min(needs, key=needs.get)
+    raise GlanceError(f"no remat policy fits {budget_bytes / 2 ** 30:.2f} GiB: the smallest, {policy!r}, "
+                      f"needs {needs[policy] / 2 ** 30:.2f} GiB")
+
+
 def plan(args, model=None):
     """The planner's figures as a dict. On the cpu target it runs in a process whose devices match the mesh;
     on a TPU target in any process (the default backend stays what it was). `model` replaces the full-size
@@ -173,9 +202,7 @@ def plan(args, model=None):
     if oom:
         peak, hbm = oom
     else:
-        memory = compiled.memory_analysis()
-        peak = (memory.argument_size_in_bytes + memory.output_size_in_bytes + memory.temp_size_in_bytes
-                - memory.alias_size_in_bytes)
+        peak = peak_bytes(compiled)
     optimal = seen_flops = None
     if tpu:
         optimal, seen_flops = compiler_estimate(model, args, mesh, within)
