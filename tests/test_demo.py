@@ -18,7 +18,7 @@ from torch_peers import flux_inputs, relative_error, torch_forward
 METHODS = ["teacher-50", "base-uniform-10", "base-uniform-6", "base-uniform-4", "base-uniform-3", "base-fitted-6",
            "base-fitted-4", "glance-10", "glance-6", "glance-4", "glance-3", "glance-official-10", "glance-data-10",
            "teacher-50-cfg", "base-cfg-uniform-10", "base-cfg-uniform-6", "base-cfg-uniform-5", "base-cfg-uniform-4",
-           "glance-cfg2-6", "glance-cfg2-5", "glance-cfg1-6", "glance-cfg1-4", "glance-ginput-6"]
+           "glance-cfg2-6", "glance-cfg2-5", "glance-cfg1-6", "glance-ginput-6"]
 
 
 def test_prompt_set_names_each_images_template():

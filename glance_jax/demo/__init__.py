@@ -64,11 +64,11 @@ GUIDED_RECIPE = dict(trajectories=256, minibatch=8, lr=4e-4, steps=700)
 # velocity over both LoRA'd passes trained to the guided teacher's jump, on the guided trajectories of the
 # one-pass students (the same cached 256, captions of the training template). Chosen on the validation prompts.
 CFG2_RECIPE = dict(minibatch=2, lr=1e-4, steps=600)
-CFG2_K, CFG1_K = (6, 5), (6, 4)  # two-pass students at 2K evaluations; one-pass students at K
+CFG2_K, CFG1_K = (6, 5), (6,)  # two-pass students at 2K evaluations; one-pass students at K (the 5-minute budget)
 # The guidance-input student (glance-ginput-K): one pass a step, with a guidance embedding trained beside the LoRAs
 # (train: config.student.guidance_input) on 256 trajectories of the ten captions guided at scales spread over
 # `range`, sampled at GUIDANCE; the one-pass students' recipe otherwise. Chosen on the validation prompts.
-GINPUT_RECIPE = dict(range=(1.0, 5.0), k=6)
+GINPUT_RECIPE = dict(range=(2.0, 4.0), k=6)
 
 
 
