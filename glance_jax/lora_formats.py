@@ -29,6 +29,7 @@ from glance_jax.schedules import GlanceSchedule
 log = logging.getLogger(__name__)
 
 METADATA_KEY = "lora_adapter_metadata"  # where diffusers keeps the LoraConfig of a saved LoRA
+FOLDED_KEY = "glance_lora_alpha"  # {module: trained alpha} of a diffusers export whose lora_B holds alpha / r
 SCHEDULE_KEY = "glance_schedule"  # the Glance timesteps a LoRA was trained for (JSON), so the pair never separates
 PREFIXES = ("transformer.", "base_model.model.") + bfl.PREFIXES  # diffusers, PEFT, then BFL / ComfyUI
 KOHYA_PREFIXES = ("lora_unet_", "lora_transformer_")
@@ -100,6 +101,8 @@ def _read_state_dict(source):
     if config is None and METADATA_KEY in f.metadata:
         packed = json.loads(f.metadata[METADATA_KEY])
         config = {k[len("transformer."):]: v for k, v in packed.items() if k.startswith("transformer.")} or packed
+    if config is not None and FOLDED_KEY in f.metadata:
+        config = dict(config, **{FOLDED_KEY: json.loads(f.metadata[FOLDED_KEY])})
     return {name: f.read(name) for name in f.keys()}, config, path
 
 
@@ -250,6 +253,9 @@ def _build_tree(found, layers, params, config, where):
             else:
                 alpha = rank
                 alpha_source = "none in the file: alpha = rank, scale 1.0, as diffusers applies it"
+        trained = (config or {}).get(FOLDED_KEY, {}).get(module)
+        if trained:  # a diffusers export made here: its lora_B holds the scale, undone to the trained tree
+            up, alpha = up * np.float32(float(alpha) / trained), trained
         path, index, _ = layers[module]
         alpha = np.asarray(alpha, np.float32).reshape(-1)  # kohya writes a scalar, some tools shape (1,)
         if alpha.size != 1:
@@ -315,9 +321,9 @@ def save_lora(tree, path, format="diffusers", model_type=None, schedule=None):
     `schedule` (a GlanceSchedule) goes into the file's metadata under `glance_schedule`, where
     `read_schedule` and the `sample` / `eval` commands find it; other tools ignore it.
 
-    - "diffusers": `transformer.<module>.lora_A.weight` (r, in) and `lora_B.weight` (out, r), with the
-      LoraConfig (r, lora_alpha, target_modules, rank/alpha patterns) in the `lora_adapter_metadata`
-      entry of the file's metadata, so diffusers applies exactly the scale alpha / r used here.
+    - "diffusers": `transformer.<module>.lora_A.weight` (r, in) and `lora_B.weight` (out, r) with the
+      scale alpha / r folded into lora_B and lora_alpha = r in the LoraConfig (`lora_adapter_metadata`),
+      so diffusers, ComfyUI and InvokeAI (which ignore that entry) all apply the scale used here.
     - "kohya": `lora_unet_<module>.lora_down.weight` / `lora_up.weight` / `.alpha`. FLUX modules use
       BFL names (q, k, v LoRAs fused into one `qkv` / `linear1` LoRA of rank 3r with a block-diagonal
       up matrix, exact); Qwen-Image uses diffusers names with underscores. `model_type` ("flux" or
@@ -328,18 +334,7 @@ def save_lora(tree, path, format="diffusers", model_type=None, schedule=None):
     if not entries:
         raise GlanceError("the LoRA tree adapts no layer")
     if format == "diffusers":
-        tensors = {}
-        for name, a, b, _ in entries:
-            tensors[f"transformer.{name}.lora_A.weight"] = a.T
-            tensors[f"transformer.{name}.lora_B.weight"] = b.T
-        ranks = {name: a.shape[1] for name, a, _, _ in entries}
-        alphas = {name: alpha for name, _, _, alpha in entries}
-        r, alpha = _most_common(ranks.values()), _most_common(alphas.values())
-        config = {"r": r, "lora_alpha": alpha, "target_modules": sorted(ranks),
-                  "rank_pattern": {n: v for n, v in ranks.items() if v != r},
-                  "alpha_pattern": {n: v for n, v in alphas.items() if v != alpha}}
-        metadata = {"format": "pt",
-                    METADATA_KEY: json.dumps({f"transformer.{k}": v for k, v in config.items()}, sort_keys=True)}
+        tensors, metadata = _diffusers_tensors(entries)
     elif format == "kohya":
         family = families.get(model_type) if model_type else families.of_params(tree)
         if family is None:
@@ -357,7 +352,62 @@ def save_lora(tree, path, format="diffusers", model_type=None, schedule=None):
         raise GlanceError(f"unknown LoRA format {format!r}: use 'diffusers' or 'kohya'")
     if schedule is not None:
         metadata[SCHEDULE_KEY] = json.dumps(schedule.to_dict())
+    family = families.get(model_type) if model_type else families.of_params(tree)
+    gaps = consumer_gaps(family, format, [name for name, *_ in entries])
+    if gaps:
+        log.warning("LoRA export (%s layout): %s", format, "; ".join(gaps))
     safetensors_io.save_file(tensors, path, metadata)
+
+
+# What the consumers checked in tests/test_consumers.py do with layers of a file they cannot apply as written:
+# (family, format, consumer, what it does, regular expression over diffusers module names).
+CONSUMER_GAPS = [
+    ("flux", "kohya", "diffusers 0.42", "applies without their alpha, under unprefixed keys",
+     r"proj_out|norm_out\.linear"),
+    ("flux", "diffusers", "InvokeAI 6.14", "refuses the whole file because of", r"norm_out\.linear"),
+    ("flux", "diffusers", "InvokeAI 6.14", "maps onto no weight", r"time_text_embed\.guidance_embedder\..*"),
+    ("qwen-image", "kohya", "InvokeAI 6.14", "drops", r"(?!transformer_blocks\.).*"),
+]
+# InvokeAI 6.14 takes a diffusers-layout FLUX file for FLUX only if these layers are in it.
+INVOKEAI_FLUX_MARKERS = ("single_transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.add_q_proj")
+
+
+def consumer_gaps(family, format, modules):
+    """[one phrase per consumer that drops or refuses some of `modules` in a `format` file of `family`]."""
+    if family is None:
+        return []
+    gaps = []
+    for name, layout, consumer, action, pattern in CONSUMER_GAPS:
+        hit = sorted(m for m in modules if re.fullmatch(pattern, m))
+        if name == family.name and layout == format and hit:
+            shown = ", ".join(hit[:4]) + (f" (+{len(hit) - 4})" if len(hit) > 4 else "")
+            gaps.append(f"{consumer} {action} {shown}")
+    if family.name == "flux" and format == "diffusers" and not set(INVOKEAI_FLUX_MARKERS) <= set(modules):
+        gaps.append(f"InvokeAI 6.14 does not take it for a FLUX LoRA without {' and '.join(INVOKEAI_FLUX_MARKERS)} "
+                    f"LoRAs (format='kohya' loads there)")
+    return gaps
+
+
+def _diffusers_tensors(entries):
+    """(tensors, metadata) of the diffusers layout, with each layer's scale alpha / r folded into lora_B.
+
+    ComfyUI and InvokeAI ignore the `lora_adapter_metadata` entry and apply such files at scale 1; with
+    the scale in lora_B and lora_alpha = r there, diffusers, ComfyUI and InvokeAI all apply the LoRA as
+    trained. The trained alphas are kept under `glance_lora_alpha`, so `load_lora` gives back the tree.
+    """
+    tensors = {}
+    for name, a, b, alpha in entries:
+        tensors[f"transformer.{name}.lora_A.weight"] = a.T
+        tensors[f"transformer.{name}.lora_B.weight"] = (b * np.float32(alpha / a.shape[1])).T
+    ranks = {name: a.shape[1] for name, a, _, _ in entries}
+    r = _most_common(ranks.values())
+    others = {n: v for n, v in ranks.items() if v != r}
+    config = {"r": r, "lora_alpha": r, "target_modules": sorted(ranks), "rank_pattern": others,
+              "alpha_pattern": others}
+    metadata = {"format": "pt",
+                METADATA_KEY: json.dumps({f"transformer.{k}": v for k, v in config.items()}, sort_keys=True),
+                FOLDED_KEY: json.dumps({name: alpha for name, _, _, alpha in entries}, sort_keys=True)}
+    return tensors, metadata
 
 
 def _kohya_tensors(tree, entries):
@@ -384,9 +434,6 @@ def _kohya_tensors(tree, entries):
     left = sorted(set(by_name) - used)
     if left:
         raise GlanceError(f"no kohya (BFL) name for LoRA modules: {', '.join(left[:6])}; use format='diffusers'")
-    if any(key.startswith("lora_unet_final_layer") for key in tensors):
-        log.warning("the kohya file has final_layer LoRAs, which diffusers' kohya reader (0.42) does not apply as "
-                    "written (unprefixed keys, alpha ignored); use format='diffusers' for diffusers")
     return tensors
 
 

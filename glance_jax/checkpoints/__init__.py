@@ -567,8 +567,8 @@ def save_converted(directory, model, params, dtype, quantize=None):
                    "quantize": quantize}, f, indent=2)
 
 
-def save_diffusers(model, params, directory):
-    """Writes `params` as a diffusers model folder (config.json + safetensors): the inverse table lookup."""
+def diffusers_state_dict(params):
+    """{diffusers tensor name: numpy array} of a parameter tree: the inverse table lookup."""
     state, flat = {}, flatten_dict(params)
     for name, slot in weight_table(params).items():
         value = np.asarray(flat[slot.path])
@@ -577,6 +577,12 @@ def save_diffusers(model, params, directory):
             value = value.T if value.ndim == 2 else value.transpose(value.ndim - 1, value.ndim - 2,
                                                                     *range(value.ndim - 2))
         state[name] = value
+    return state
+
+
+def save_diffusers(model, params, directory):
+    """Writes `params` as a diffusers model folder (config.json + safetensors)."""
+    state = diffusers_state_dict(params)
     os.makedirs(directory, exist_ok=True)
     safetensors_io.save_file(state, os.path.join(directory, "diffusion_pytorch_model.safetensors"), {"format": "pt"})
     with open(os.path.join(directory, "config.json"), "w") as f:
