@@ -362,9 +362,12 @@ def save_lora(tree, path, format="diffusers", model_type=None, schedule=None):
 # What the consumers checked in tests/test_consumers.py do with layers of a file they cannot apply as written:
 # (family, format, consumer, what it does, regular expression over diffusers module names).
 CONSUMER_GAPS = [
-    ("flux", "kohya", "diffusers 0.42", "applies without their alpha, under unprefixed keys",
-     r"proj_out|norm_out\.linear"),
-    ("flux", "diffusers", "InvokeAI 6.14", "refuses the whole file because of", r"norm_out\.linear"),
+    ("flux", "kohya", "diffusers 0.42", "drops",
+     r"x_embedder|context_embedder|time_text_embed\..*|proj_out|norm_out\.linear"),
+    ("flux", "kohya", "InvokeAI 6.14", "refuses the whole file for",
+     r"x_embedder|context_embedder|time_text_embed\..*|norm_out\.linear"),
+    ("flux", "kohya", "InvokeAI 6.14", "drops", r"proj_out"),
+    ("flux", "diffusers", "InvokeAI 6.14", "refuses the whole file for", r"norm_out\.linear"),
     ("flux", "diffusers", "InvokeAI 6.14", "maps onto no weight", r"time_text_embed\.guidance_embedder\..*"),
     ("qwen-image", "kohya", "InvokeAI 6.14", "drops", r"(?!transformer_blocks\.).*"),
 ]
@@ -380,8 +383,7 @@ def consumer_gaps(family, format, modules):
     for name, layout, consumer, action, pattern in CONSUMER_GAPS:
         hit = sorted(m for m in modules if re.fullmatch(pattern, m))
         if name == family.name and layout == format and hit:
-            shown = ", ".join(hit[:4]) + (f" (+{len(hit) - 4})" if len(hit) > 4 else "")
-            gaps.append(f"{consumer} {action} {shown}")
+            gaps.append(f"{consumer} {action} {', '.join(hit)}")
     if family.name == "flux" and format == "diffusers" and not set(INVOKEAI_FLUX_MARKERS) <= set(modules):
         gaps.append(f"InvokeAI 6.14 does not take it for a FLUX LoRA without {' and '.join(INVOKEAI_FLUX_MARKERS)} "
                     f"LoRAs (format='kohya' loads there)")

