@@ -1,27 +1,31 @@
 """Hub ids where a model folder is accepted, from a local hub cache (no network: HF_HUB_OFFLINE=1).
 
 The cache is laid out as huggingface_hub writes one (HF_HOME/hub/models--<owner>--<name>/refs/main and
-snapshots/<commit>/) and holds a tiny pipeline laid out as the FLUX.1-dev repository is: model_index.json,
-scheduler/scheduler_config.json, transformer/ and text_encoder_2/ sharded with their index files, vae/,
-text_encoder/, and tokenizer/ and tokenizer_2/ with the real tokenizers under the repository's file names
-(tests/real_tokenizers.py; the SentencePiece spiece.model is the one file left out). `train`, `sample` and
-`eval` run on `black-forest-labs/FLUX.1-dev` as they do on the folder; an id that is not cached fails in
-one line and writes nothing. (Which files a download fetches cannot be watched offline: that is
-huggingface_hub's allow_patterns, given only the pipeline parts a command needs.)
+snapshots/<commit>/) and holds tiny pipelines laid out as the FLUX.1-dev and Qwen-Image repositories are:
+model_index.json, scheduler/scheduler_config.json, transformer/ and the T5 / Qwen2.5-VL text encoder sharded
+with their index files, vae/, and the tokenizer folders with the real tokenizers under the repositories' file
+names (tests/real_tokenizers.py; left out: FLUX.1's SentencePiece spiece.model and Qwen's chat_template.jinja,
+which prompt encoding does not read). `train`, `sample` and `eval` run on the hub ids as they do on folders;
+an id that is not cached fails in one line and writes nothing. (Which files a download fetches cannot be
+watched offline: that is huggingface_hub's allow_patterns, given only the pipeline parts a command needs.)
 """
 
 import json
+import os
 import shutil
 
 import jax
 import numpy as np
 import pytest
 from diffusers import AutoencoderKL as TorchVAE
-from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+from diffusers import AutoencoderKLQwenImage as TorchQwenVAE
+from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, QwenImagePipeline
 from diffusers import FluxTransformer2DModel as TorchFlux
+from diffusers import QwenImageTransformer2DModel as TorchQwen
 from PIL import Image
 from sklearn.datasets import load_sample_images
 from transformers import CLIPTextModel as TorchCLIP
+from transformers import Qwen2_5_VLForConditionalGeneration as TorchQwenVL
 from transformers import T5EncoderModel as TorchT5
 
 import real_tokenizers
@@ -30,12 +34,15 @@ from glance_jax.checkpoints import hub
 from glance_jax.cli import main
 from glance_jax.errors import GlanceError
 from glance_jax.lora import init_lora, save_lora
-from glance_jax.schedules import FLUX_SCHEDULER
+from glance_jax.schedules import FLUX_SCHEDULER, QWEN_IMAGE_SCHEDULER
 from test_bad_inputs import FLUX, TINY
-from test_text import CLIP, T5
+from test_text import CLIP, QWEN, T5
+from test_vae import QWEN_TINY
 from torch_peers import randomize_
 
 REPO, COMMIT = "black-forest-labs/FLUX.1-dev", "0123456789abcdef0123456789abcdef01234567"
+QWEN_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
+                           "qwen_image.py") + ":slow"
 CAPTION = "a photo of the red fox"
 
 
@@ -61,20 +68,50 @@ def flux_dev_layout(folder):
     return folder
 
 
+def qwen_image_layout(folder):
+    """A tiny Qwen-Image pipeline folder with the repository's layout and the real Qwen2.5-VL tokenizer."""
+    pipe = QwenImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler.from_config(QWEN_IMAGE_SCHEDULER),
+                             vae=randomize_(TorchQwenVAE(**QWEN_TINY), 1),
+                             text_encoder=randomize_(TorchQwenVL(QWEN), 2), tokenizer=None,
+                             transformer=randomize_(TorchQwen(**QWEN_TRANSFORMER), 0))
+    pipe.save_pretrained(folder)
+    for part in ("transformer", "text_encoder"):
+        shutil.rmtree(folder / part)
+        getattr(pipe, part).save_pretrained(folder / part, max_shard_size="200KB")
+    real_tokenizers.qwen_tokenizer(folder / "tokenizer")
+    index = json.loads((folder / "model_index.json").read_text())
+    index.update(tokenizer=["transformers", "Qwen2Tokenizer"])
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
+    return folder
+
+
+QWEN_TRANSFORMER = dict(patch_size=2, in_channels=16, out_channels=4, num_layers=1, attention_head_dim=16,
+                        num_attention_heads=2, joint_attention_dim=32, axes_dims_rope=[4, 6, 6])
+# family -> (hub id, layout, the train command's config)
+REPOS = {"flux": ("black-forest-labs/FLUX.1-dev", flux_dev_layout, [TINY, "--config.phase", "slow"]),
+         "qwen-image": ("Qwen/Qwen-Image", qwen_image_layout,
+                        [QWEN_CONFIG, "--config.model.quantize", "none", "--config.model.dtype", "fp32",
+                         "--config.lora.rank", "4", "--config.lora.alpha", "16"])}
+
+
+def snapshot(root, repo):
+    return root / "hf_home" / "hub" / f"models--{repo.replace('/', '--')}" / "snapshots" / COMMIT
+
+
 @pytest.fixture(scope="module")
 def hub_cache(tmp_path_factory):
-    """(HF_HOME, a one-image sample, a LoRA file, a prompt file) with REPO cached at COMMIT."""
+    """HF_HOME's parent, with both repositories cached at COMMIT, a one-image sample, a LoRA file, prompts."""
     root = tmp_path_factory.mktemp("hub")
-    cached = root / "hf_home" / "hub" / f"models--{REPO.replace('/', '--')}"
-    flux_dev_layout(cached / "snapshots" / COMMIT)
-    (cached / "refs").mkdir()
-    (cached / "refs" / "main").write_text(COMMIT)
-    assert (cached / "snapshots" / COMMIT / "transformer" / "diffusion_pytorch_model.safetensors.index.json").exists()
+    for repo, layout, _ in REPOS.values():
+        layout(snapshot(root, repo))
+        (snapshot(root, repo).parent.parent / "refs").mkdir()
+        (snapshot(root, repo).parent.parent / "refs" / "main").write_text(COMMIT)
+        assert list(snapshot(root, repo).glob("transformer/*.safetensors.index.json"))
     sample = root / "sample"
     sample.mkdir()
     Image.open(load_sample_images().filenames[0]).resize((96, 64)).save(sample / "china.png")
     (sample / "china.txt").write_text(CAPTION)
-    model, params = checkpoints.load_model(cached / "snapshots" / COMMIT)
+    model, params = checkpoints.load_model(snapshot(root, REPO))
     tree = init_lora(jax.random.PRNGKey(0), params, "flux", 4, 16.0)
     save_lora(tree, root / "lora.safetensors")
     (root / "prompts.txt").write_text(CAPTION + "\n")
@@ -90,32 +127,34 @@ def offline(hub_cache, monkeypatch):
 
 
 def test_the_python_loaders_take_a_hub_id(offline):
-    snapshot = offline / "hf_home" / "hub" / f"models--{REPO.replace('/', '--')}" / "snapshots" / COMMIT
-    assert hub.resolve(REPO) == hub.resolve(f"{REPO}@{COMMIT}") == str(snapshot)
+    folder = snapshot(offline, REPO)
+    assert hub.resolve(REPO) == hub.resolve(f"{REPO}@{COMMIT}") == str(folder)
     transformer, vae, text_encoders = families.model_paths(REPO)
-    assert (transformer, vae, text_encoders) == (str(snapshot / "transformer"), str(snapshot / "vae"), str(snapshot))
+    assert (transformer, vae, text_encoders) == (str(folder / "transformer"), str(folder / "vae"), str(folder))
     encoded = families.FLUX.prompt_encoder.from_pretrained(REPO, max_sequence_length=16)([CAPTION])
-    want = families.FLUX.prompt_encoder.from_pretrained(snapshot, max_sequence_length=16)([CAPTION])
+    want = families.FLUX.prompt_encoder.from_pretrained(folder, max_sequence_length=16)([CAPTION])
     np.testing.assert_array_equal(encoded["prompt_embeds"], want["prompt_embeds"])
     _, params = checkpoints.load_model(REPO)
-    _, want = checkpoints.load_model(snapshot / "transformer")
+    _, want = checkpoints.load_model(folder / "transformer")
     jax.tree_util.tree_map(np.testing.assert_array_equal, params, want)
 
 
-def test_train_sample_and_eval_on_a_hub_id(offline, capsys):
-    out = offline / "out"
-    code = main(["train", "--config", TINY, "--workdir", str(out / "run"), "--config.model.path", REPO,
+@pytest.mark.parametrize("family", sorted(REPOS))
+def test_train_sample_and_eval_on_a_hub_id(offline, capsys, family):
+    repo, _, config = REPOS[family]
+    out = offline / "out" / family
+    code = main(["train", "--config", *config, "--workdir", str(out / "run"), "--config.model.path", repo,
                  "--config.data.dir", str(offline / "sample"), "--config.data.resolution", "64",
-                 "--config.data.cache_dir", str(out / "cache"), "--config.phase", "slow", "--config.steps", "2"])
+                 "--config.data.cache_dir", str(out / "cache"), "--config.steps", "2"])
     assert code == 0, capsys.readouterr().err
     lora = out / "run" / "slow_lora.safetensors"
     assert lora.exists()
-    code = main(["sample", "--model", REPO, "--prompt", CAPTION, "--out", str(out / "fox.png"), "--height", "64",
+    code = main(["sample", "--model", repo, "--prompt", CAPTION, "--out", str(out / "fox.png"), "--height", "64",
                  "--width", "64", "--slow_lora", str(lora), "--fast_lora", str(lora)])
     assert code == 0, capsys.readouterr().err
     with Image.open(out / "fox.png") as image:
         assert image.size == (64, 64)
-    code = main(["eval", "--model", f"{REPO}@{COMMIT}", "--prompts", str(offline / "prompts.txt"),
+    code = main(["eval", "--model", f"{repo}@{COMMIT}", "--prompts", str(offline / "prompts.txt"),
                  "--workdir", str(out / "eval"), "--base_steps", "2", "--height", "64", "--width", "64",
                  "--slow_lora", str(lora), "--fast_lora", str(lora)])
     assert code == 0, capsys.readouterr().err
