@@ -42,6 +42,7 @@ def resolve(path, what="the model path", parts=PIPELINE_PARTS):
                                  allow_patterns=[*TOP_LEVEL, *(f"{p}/*" for p in parts)])
     except Exception as e:  # not cached, not reachable, no such repository or revision: all end the command
         where = _cache_dir() or "huggingface_hub's default cache"
-        cause = "HF_HUB_OFFLINE is set" if offline else (str(e).strip().splitlines() or [type(e).__name__])[0]
+        cause = ("HF_HUB_OFFLINE is set" if offline else
+                 "and could not be fetched: " + (str(e).strip().splitlines() or [type(e).__name__])[0])
         raise GlanceError(f"{what} {path}: no such local path, and hub model {repo}"
                           f"{'@' + revision if revision else ''} is not in {where} ({cause})") from None
