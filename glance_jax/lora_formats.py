@@ -371,8 +371,9 @@ CONSUMER_GAPS = [
     ("flux", "diffusers", "InvokeAI 6.14", "maps onto no weight", r"time_text_embed\.guidance_embedder\..*"),
     ("qwen-image", "kohya", "InvokeAI 6.14", "drops", r"(?!transformer_blocks\.).*"),
 ]
-# InvokeAI 6.14 takes a diffusers-layout FLUX file for FLUX only if these layers are in it.
-INVOKEAI_FLUX_MARKERS = ("single_transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.add_q_proj")
+# (family, format, consumer, layers it needs in a file to take it for that family's LoRA at all)
+CONSUMER_NEEDS = [("flux", "diffusers", "InvokeAI 6.14",
+                   ("single_transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.add_q_proj"))]
 
 
 def consumer_gaps(family, format, modules):
@@ -384,9 +385,10 @@ def consumer_gaps(family, format, modules):
         hit = sorted(m for m in modules if re.fullmatch(pattern, m))
         if name == family.name and layout == format and hit:
             gaps.append(f"{consumer} {action} {', '.join(hit)}")
-    if family.name == "flux" and format == "diffusers" and not set(INVOKEAI_FLUX_MARKERS) <= set(modules):
-        gaps.append(f"InvokeAI 6.14 does not take it for a FLUX LoRA without {' and '.join(INVOKEAI_FLUX_MARKERS)} "
-                    f"LoRAs (format='kohya' loads there)")
+    for name, layout, consumer, needed in CONSUMER_NEEDS:
+        if name == family.name and layout == format and not set(needed) <= set(modules):
+            gaps.append(f"{consumer} does not take it for a {name} LoRA without {' and '.join(needed)} LoRAs "
+                        f"(format='kohya' loads there)")
     return gaps
 
 
