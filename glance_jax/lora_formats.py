@@ -333,10 +333,10 @@ def save_lora(tree, path, format="diffusers", model_type=None, schedule=None):
     entries = _entries(tree)
     if not entries:
         raise GlanceError("the LoRA tree adapts no layer")
+    family = families.get(model_type) if model_type else families.of_params(tree)
     if format == "diffusers":
         tensors, metadata = _diffusers_tensors(entries)
     elif format == "kohya":
-        family = families.get(model_type) if model_type else families.of_params(tree)
         if family is None:
             raise GlanceError("cannot tell FLUX from Qwen-Image by this LoRA's layers: pass model_type")
         if family.bfl_names:
@@ -352,7 +352,6 @@ def save_lora(tree, path, format="diffusers", model_type=None, schedule=None):
         raise GlanceError(f"unknown LoRA format {format!r}: use 'diffusers' or 'kohya'")
     if schedule is not None:
         metadata[SCHEDULE_KEY] = json.dumps(schedule.to_dict())
-    family = families.get(model_type) if model_type else families.of_params(tree)
     gaps = consumer_gaps(family, format, [name for name, *_ in entries])
     if gaps:
         log.warning("LoRA export (%s layout): %s", format, "; ".join(gaps))

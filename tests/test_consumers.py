@@ -417,3 +417,23 @@ def test_the_exporter_names_what_a_consumer_drops_or_refuses(family, fmt, target
             assert re.search(f"{CONSUMERS[consumer]} (refuses|does not take)", warnings[0])
         for name in outcome if isinstance(outcome, set) else ():
             assert re.search(rf"[ :,]{re.escape(name)}(,|;|$)", warnings[0]), name
+
+
+def test_mixed_ranks_and_alphas_round_trip_and_patch_alike(bases, comfy, tmp_path, caplog):
+    """Layers of other ranks and alphas than the most common ones (rank_pattern / alpha_pattern in diffusers)."""
+    path, torch_state, params = bases["flux"]
+    parts = [trained_lora(params, ["to_q", "to_k"]), init_lora(jax.random.PRNGKey(5), params, ["to_v"], 2, 3.0),
+             init_lora(jax.random.PRNGKey(6), params, ["proj_mlp"], 6, 6.0)]
+    parts[1:] = [jax.tree_util.tree_map_with_path(lambda p, x: x + 0.2 if p[-1].key == "B" else x, t)
+                 for t in parts[1:]]
+    tree = unflatten_dict({k: v for t in parts for k, v in flatten_dict(t).items()})
+    save_lora(tree, tmp_path / "mixed.safetensors")
+    again = load_lora(tmp_path / "mixed.safetensors", params)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), again, tree)
+    patched, loaded = apply_diffusers("flux", path, tmp_path / "mixed.safetensors")
+    want = diffusers_state_dict(merge_lora(jax.tree_util.tree_map(jnp.copy, params), tree))
+    err = compare(patched, want)
+    comfy_patched, _, _ = apply_comfy(comfy, "flux", torch_state, tmp_path / "mixed.safetensors", caplog)
+    comfy_err = compare(comfy_patched, merged_state("flux", params, tree))
+    print(f"ranks 4/2/6, alphas 16/3/6, diffusers layout: diffusers {err:.1e}, ComfyUI {comfy_err:.1e}")
+    assert loaded == lora_module_names_of(tree) and max(err, comfy_err) <= TOLERANCE
