@@ -20,6 +20,7 @@ difference, TOLERANCE; the LoRA changes the weights by orders of magnitude more)
 """
 
 import contextlib
+import json
 import importlib.machinery
 import importlib.util
 import logging
@@ -437,3 +438,25 @@ def test_mixed_ranks_and_alphas_round_trip_and_patch_alike(bases, comfy, tmp_pat
     comfy_err = compare(comfy_patched, merged_state("flux", params, tree))
     print(f"ranks 4/2/6, alphas 16/3/6, diffusers layout: diffusers {err:.1e}, ComfyUI {comfy_err:.1e}")
     assert loaded == lora_module_names_of(tree) and max(err, comfy_err) <= TOLERANCE
+
+
+def test_comfyui_ignores_an_alpha_kept_in_the_metadata_only(bases, comfy, tmp_path, caplog):
+    """Why the scale is folded: lora_B unscaled with lora_alpha = 4 r in the metadata (the layout before) is
+    exact in diffusers, while ComfyUI applies it at scale 1, a quarter of the trained change."""
+    path, torch_state, params = bases["qwen-image"]
+    tree, _ = lora_for(params, "qwen-image", "official")
+    save_lora(tree, tmp_path / "folded.safetensors")
+    f = safetensors_io.SafetensorsFile(tmp_path / "folded.safetensors")
+    scale = ALPHA / RANK
+    tensors = {k: f.read(k) / (scale if ".lora_B." in k else 1) for k in f.keys()}
+    config = json.loads(f.metadata[lora_formats.METADATA_KEY])
+    config["transformer.lora_alpha"] = ALPHA
+    safetensors_io.save_file(tensors, tmp_path / "metadata_alpha.safetensors",
+                             {"format": "pt", lora_formats.METADATA_KEY: json.dumps(config)})
+    want = diffusers_state_dict(merge_lora(jax.tree_util.tree_map(jnp.copy, params), tree))
+    base = {k: v.numpy() for k, v in torch_state.items()}
+    patched, _ = apply_diffusers("qwen-image", path, tmp_path / "metadata_alpha.safetensors")
+    assert compare(patched, want) <= TOLERANCE
+    patched, _, _ = apply_comfy(comfy, "qwen-image", torch_state, tmp_path / "metadata_alpha.safetensors", caplog)
+    applied = max(float(np.max(np.abs(patched[k] - base[k]))) for k in want)
+    assert abs(applied / compare(base, want) - 1 / scale) < 1e-4  # a quarter of the change
