@@ -102,8 +102,19 @@ def _read_state_dict(source):
         packed = json.loads(f.metadata[METADATA_KEY])
         config = {k[len("transformer."):]: v for k, v in packed.items() if k.startswith("transformer.")} or packed
     if config is not None and FOLDED_KEY in f.metadata:
-        config = dict(config, **{FOLDED_KEY: json.loads(f.metadata[FOLDED_KEY])})
+        config = dict(config, **{FOLDED_KEY: _folded_alphas(f.metadata[FOLDED_KEY], path)})
     return {name: f.read(name) for name in f.keys()}, config, path
+
+
+def _folded_alphas(text, where):
+    """{module: trained alpha} from a file's `glance_lora_alpha` metadata, refused in one line if malformed."""
+    try:
+        alphas = json.loads(text)
+    except ValueError:
+        alphas = None
+    if not isinstance(alphas, dict) or not all(type(v) in (int, float) and v > 0 for v in alphas.values()):
+        raise GlanceError(f"{where}: its {FOLDED_KEY} metadata is not a JSON object of positive alphas")
+    return alphas
 
 
 def _split_key(key):

@@ -42,6 +42,7 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 
 from glance_jax import checkpoints
 from glance_jax.checkpoints import bfl, diffusers_state_dict, safetensors_io
+from glance_jax.errors import GlanceError
 from glance_jax.families import FLUX
 from glance_jax import lora_formats
 from glance_jax.lora_formats import dense_layers
@@ -460,3 +461,16 @@ def test_comfyui_ignores_an_alpha_kept_in_the_metadata_only(bases, comfy, tmp_pa
     patched, _, _ = apply_comfy(comfy, "qwen-image", torch_state, tmp_path / "metadata_alpha.safetensors", caplog)
     applied = max(float(np.max(np.abs(patched[k] - base[k]))) for k in want)
     assert abs(applied / compare(base, want) - 1 / scale) < 1e-4  # a quarter of the change
+
+
+def test_a_malformed_folded_alpha_entry_is_one_error(bases, tmp_path):
+    params = bases["flux"][2]
+    tree, _ = lora_for(params, "flux", "official")
+    save_lora(tree, tmp_path / "good.safetensors")
+    load_lora(tmp_path / "good.safetensors", params)
+    f = safetensors_io.SafetensorsFile(tmp_path / "good.safetensors")
+    for bad in ("not json", '{"transformer_blocks.0.attn.to_q": "16"}', '{"proj_out": true}', "[16]"):
+        safetensors_io.save_file({k: f.read(k) for k in f.keys()}, tmp_path / "bad.safetensors",
+                                 {**f.metadata, lora_formats.FOLDED_KEY: bad})
+        with pytest.raises(GlanceError, match="glance_lora_alpha metadata is not a JSON object of positive alphas"):
+            load_lora(tmp_path / "bad.safetensors", params)
