@@ -182,8 +182,8 @@ def apply_diffusers(family, base_path, file):
     return {k: v.detach().numpy() for k, v in transformer.state_dict().items()}, adapted
 
 
-def apply_comfy(comfy, family, torch_state, file, caplog):
-    """(weights of ComfyUI's model after load_lora_for_models + patch_model, its patched weight names)."""
+def comfy_model(comfy, family, torch_state):
+    """ComfyUI's own model (a ModelPatcher) of the tiny base, detected and loaded from its diffusers weights."""
     tiny = ({"num_heads": FLUX_CONFIG["num_attention_heads"], "axes_dim": FLUX_CONFIG["axes_dims_rope"]}
             if family == "flux" else
             {k: QWEN_CONFIG[k] for k in ("attention_head_dim", "num_attention_heads", "joint_attention_dim")})
@@ -195,9 +195,14 @@ def apply_comfy(comfy, family, torch_state, file, caplog):
 
     comfy.model_detection.detect_unet_config = tiny_heads
     try:
-        model = comfy.sd.load_diffusion_model_state_dict({k: v.clone() for k, v in torch_state.items()})
+        return comfy.sd.load_diffusion_model_state_dict({k: v.clone() for k, v in torch_state.items()})
     finally:
         comfy.model_detection.detect_unet_config = detect
+
+
+def apply_comfy(comfy, family, torch_state, file, caplog):
+    """(weights of ComfyUI's model after load_lora_for_models + patch_model, its patched weight names)."""
+    model = comfy_model(comfy, family, torch_state)
     lora = comfy.utils.load_torch_file(str(file), safe_load=True)
     caplog.clear()
     with caplog.at_level(logging.WARNING):
@@ -474,3 +479,38 @@ def test_a_malformed_folded_alpha_entry_is_one_error(bases, tmp_path):
                                  {**f.metadata, lora_formats.FOLDED_KEY: bad})
         with pytest.raises(GlanceError, match="glance_lora_alpha metadata is not a JSON object of positive alphas"):
             load_lora(tmp_path / "bad.safetensors", params)
+
+
+def test_a_lora_comfyui_extracts_loads_here_strictly_and_merges_as_comfyui_applies_it(bases, comfy, tmp_path,
+                                                                                        caplog):
+    """ComfyUI's own extraction (comfy_extras/nodes_lora_extract.py, calc_lora_model): `diffusion_model.` BFL
+    keys, fp16, no alpha, a LoRA for every 2-D weight (outside the blocks too). The trained model minus the
+    base is built as ComfyUI's ModelSubtract node builds it (clone, add the base's key patches at -1). The
+    module's node classes import ComfyUI's node API (folder_paths, comfy_api: PyAV and more): stand-ins
+    during its import, as the extraction function calls none of them."""
+    path, torch_state, params = bases["flux"]
+    tree, _ = lora_for(params, "flux", "all")
+    save_lora(tree, tmp_path / "trained.safetensors")
+    base = comfy_model(comfy, "flux", torch_state)
+    trained, _ = comfy.sd.load_lora_for_models(base, None, comfy.utils.load_torch_file(
+        str(tmp_path / "trained.safetensors"), safe_load=True), 1.0, 0.0)
+    diff = trained.clone()
+    for key, patches in base.get_key_patches("diffusion_model.").items():
+        diff.add_patches({key: patches}, -1.0, 1.0)
+    api = type("NodeAPI", (), {"__getattr__": lambda self, name: object})()  # names in class bodies, annotations
+    with _import_only_stand_ins({"folder_paths": {}, "comfy_api": {},
+                                 "comfy_api.latest": {"ComfyExtension": object, "io": api}}):
+        from comfy_extras import nodes_lora_extract
+    extracted = nodes_lora_extract.calc_lora_model(diff, 8, "diffusion_model.", "diffusion_model.", {},
+                                                   nodes_lora_extract.LORAType.STANDARD)
+    assert {v.dtype for v in extracted.values()} == {torch.float16}
+    assert "diffusion_model.final_layer.adaLN_modulation.1.lora_up.weight" in extracted
+    safetensors_io.save_file({k: v.float().numpy().astype(np.float16) for k, v in extracted.items()},
+                             tmp_path / "extracted.safetensors")
+    here = load_lora(tmp_path / "extracted.safetensors", params)  # strict: every key matched
+    patched, loaded, not_loaded = apply_comfy(comfy, "flux", torch_state, tmp_path / "extracted.safetensors", caplog)
+    want = merged_state("flux", params, here)
+    err, change = compare(patched, want), compare(bfl_or_diffusers("flux", torch_state), want)
+    print(f"ComfyUI-extracted LoRA: {len(loaded)} layers in ComfyUI, {len(lora_module_names_of(here))} here, "
+          f"max |ComfyUI - merge_lora| {err:.1e} (the LoRA changes weights by up to {change:.2f})")
+    assert not not_loaded and err <= TOLERANCE and change > 1000 * TOLERANCE
