@@ -104,7 +104,7 @@ def export_lora_main(argv):
         raise GlanceError(f"DST {args.dst}: LoRA files are written as .safetensors; name it *.safetensors")
     if not os.path.exists(args.src):
         raise GlanceError(f"{args.src}: no such file or folder")
-    checkpoint = checkpoints.open_checkpoint(args.model)
+    checkpoint = checkpoints.open_checkpoint(checkpoints.hub.resolve(args.model, "--model", ("transformer",)))
     model = checkpoints.model_from_config(checkpoint.config, checkpoints.parse_dtype("fp32"))
     tree = lora.load_lora(args.src, checkpoints.abstract_params(model), strict=not args.non_strict)
     lora.save_lora(tree, args.dst, format=args.format, model_type=families.of(model).name,

@@ -170,6 +170,7 @@ def is_preset(name):
 
 def _component(path, component, wanted, what):
     """`path`, or its `component` folder if it is a pipeline folder, after checking it holds one of `wanted`."""
+    path = checkpoints.hub.resolve(path, what, (component,))
     parts = checkpoints.pipeline_parts(path)
     if parts is not None:
         if component not in parts:
@@ -197,8 +198,8 @@ def vae_path(path, what="the VAE path"):
 
 def text_encoders_path(path, family, what="the text encoder path"):
     """The pipeline folder holding `family`'s text encoder(s) and tokenizer(s), checked by their configs."""
-    path = os.path.expanduser(os.fspath(path))
     family = get(family)
+    path = checkpoints.hub.resolve(path, what, text_encoder_parts(family))
     for folder, wanted in family.text_encoders.items():
         sub = os.path.join(path, folder)
         if not os.path.isdir(sub):
@@ -210,10 +211,24 @@ def text_encoders_path(path, family, what="the text encoder path"):
     return path
 
 
+def text_encoder_parts(family=None):
+    """The pipeline sub-folders of `family`'s (or every family's) text encoders and their tokenizers."""
+    folders = [f for fam in ([get(family)] if family else FAMILIES) for f in fam.text_encoders]
+    return tuple(dict.fromkeys(folders + [f.replace("text_encoder", "tokenizer") for f in folders]))
+
+
+def local_model_path(path, what="the model path", family=None, vae=None, text_encoders=None):
+    """A user's model path on disk: a hub id fetches its transformer, scheduler and the parts not given."""
+    needed = ["transformer", "scheduler"] + ([] if vae else ["vae"]) + ([] if text_encoders else
+                                                                     list(text_encoder_parts(family)))
+    return checkpoints.hub.resolve(path, what, needed)
+
+
 def model_paths(path, family=None, vae=None, text_encoders=None, what="the model path"):
     """(transformer, vae or None, text encoders or None) for a user's model path: a pipeline folder supplies
     all three; explicitly given `vae` / `text_encoders` paths override its parts. Every path is checked
     for the kind of model it holds before anything is loaded."""
+    path = local_model_path(path, what, family, vae, text_encoders)
     parts = checkpoints.pipeline_parts(path) or {}
     transformer = transformer_path(path, family, what)
     if family is None:

@@ -29,6 +29,7 @@ from glance_jax.schedules import GlanceSchedule
 log = logging.getLogger(__name__)
 
 METADATA_KEY = "lora_adapter_metadata"  # where diffusers keeps the LoraConfig of a saved LoRA
+FOLDED_KEY = "glance_lora_alpha"  # {module: trained alpha} of a diffusers export whose lora_B holds alpha / r
 SCHEDULE_KEY = "glance_schedule"  # the Glance timesteps a LoRA was trained for (JSON), so the pair never separates
 GUIDANCE_KEY = "glance_guidance"  # how the pair samples (JSON): true_cfg_scale, negative_prompt, passes_per_step
 # A trained guidance embedding (train: config.student.guidance_input) rides in a LoRA tree at this path, in the
@@ -169,7 +170,20 @@ def _read_state_dict(source):
     if config is None and METADATA_KEY in f.metadata:
         packed = json.loads(f.metadata[METADATA_KEY])
         config = {k[len("transformer."):]: v for k, v in packed.items() if k.startswith("transformer.")} or packed
+    if config is not None and FOLDED_KEY in f.metadata:
+        config = dict(config, **{FOLDED_KEY: _folded_alphas(f.metadata[FOLDED_KEY], path)})
     return {name: f.read(name) for name in f.keys()}, config, path
+
+
+def _folded_alphas(text, where):
+    """{module: trained alpha} from a file's `glance_lora_alpha` metadata, refused in one line if malformed."""
+    try:
+        alphas = json.loads(text)
+    except ValueError:
+        alphas = None
+    if not isinstance(alphas, dict) or not all(type(v) in (int, float) and v > 0 for v in alphas.values()):
+        raise GlanceError(f"{where}: its {FOLDED_KEY} metadata is not a JSON object of positive alphas")
+    return alphas
 
 
 def _split_key(key):
@@ -324,6 +338,9 @@ def _build_tree(found, layers, params, config, where):
             else:
                 alpha = rank
                 alpha_source = "none in the file: alpha = rank, scale 1.0, as diffusers applies it"
+        trained = (config or {}).get(FOLDED_KEY, {}).get(module)
+        if trained:  # a diffusers export made here: its lora_B holds the scale, undone to the trained tree
+            up, alpha = up * np.float32(float(alpha) / trained), trained
         path, index, _ = layers[module]
         alpha = np.asarray(alpha, np.float32).reshape(-1)  # kohya writes a scalar, some tools shape (1,)
         if alpha.size != 1:
@@ -390,9 +407,9 @@ def save_lora(tree, path, format="diffusers", model_type=None, schedule=None, gu
     regime `read_guidance` returns) under `glance_guidance`, where the `sample` / `eval` commands find them;
     other tools ignore them.
 
-    - "diffusers": `transformer.<module>.lora_A.weight` (r, in) and `lora_B.weight` (out, r), with the
-      LoraConfig (r, lora_alpha, target_modules, rank/alpha patterns) in the `lora_adapter_metadata`
-      entry of the file's metadata, so diffusers applies exactly the scale alpha / r used here.
+    - "diffusers": `transformer.<module>.lora_A.weight` (r, in) and `lora_B.weight` (out, r) with the
+      scale alpha / r folded into lora_B and lora_alpha = r in the LoraConfig (`lora_adapter_metadata`),
+      so diffusers, ComfyUI and InvokeAI (which ignore that entry) all apply the scale used here.
     - "kohya": `lora_unet_<module>.lora_down.weight` / `lora_up.weight` / `.alpha`. FLUX modules use
       BFL names (q, k, v LoRAs fused into one `qkv` / `linear1` LoRA of rank 3r with a block-diagonal
       up matrix, exact); Qwen-Image uses diffusers names with underscores. `model_type` ("flux" or
@@ -402,21 +419,10 @@ def save_lora(tree, path, format="diffusers", model_type=None, schedule=None, gu
     entries = _entries(tree)
     if not entries:
         raise GlanceError("the LoRA tree adapts no layer")
+    family = families.get(model_type) if model_type else families.of_params(tree)
     if format == "diffusers":
-        tensors = {}
-        for name, a, b, _ in entries:
-            tensors[f"transformer.{name}.lora_A.weight"] = a.T
-            tensors[f"transformer.{name}.lora_B.weight"] = b.T
-        ranks = {name: a.shape[1] for name, a, _, _ in entries}
-        alphas = {name: alpha for name, _, _, alpha in entries}
-        r, alpha = _most_common(ranks.values()), _most_common(alphas.values())
-        config = {"r": r, "lora_alpha": alpha, "target_modules": sorted(ranks),
-                  "rank_pattern": {n: v for n, v in ranks.items() if v != r},
-                  "alpha_pattern": {n: v for n, v in alphas.items() if v != alpha}}
-        metadata = {"format": "pt",
-                    METADATA_KEY: json.dumps({f"transformer.{k}": v for k, v in config.items()}, sort_keys=True)}
+        tensors, metadata = _diffusers_tensors(entries)
     elif format == "kohya":
-        family = families.get(model_type) if model_type else families.of_params(tree)
         if family is None:
             raise GlanceError("cannot tell FLUX from Qwen-Image by this LoRA's layers: pass model_type")
         if family.bfl_names:
@@ -436,7 +442,65 @@ def save_lora(tree, path, format="diffusers", model_type=None, schedule=None, gu
         metadata[SCHEDULE_KEY] = json.dumps(schedule.to_dict())
     if guidance is not None:
         metadata[GUIDANCE_KEY] = json.dumps(guidance)
+    gaps = consumer_gaps(family, format, [name for name, *_ in entries])
+    if gaps:
+        log.warning("LoRA export (%s layout): %s", format, "; ".join(gaps))
     safetensors_io.save_file(tensors, path, metadata)
+
+
+# What the consumers checked in tests/test_consumers.py do with layers of a file they cannot apply as written:
+# (family, format, consumer, what it does, regular expression over diffusers module names).
+CONSUMER_GAPS = [
+    ("flux", "kohya", "diffusers 0.42", "drops",
+     r"x_embedder|context_embedder|time_text_embed\..*|proj_out|norm_out\.linear"),
+    ("flux", "kohya", "InvokeAI 6.14", "refuses the whole file for",
+     r"x_embedder|context_embedder|time_text_embed\..*|norm_out\.linear"),
+    ("flux", "kohya", "InvokeAI 6.14", "drops", r"proj_out"),
+    ("flux", "diffusers", "InvokeAI 6.14", "refuses the whole file for", r"norm_out\.linear"),
+    ("flux", "diffusers", "InvokeAI 6.14", "maps onto no weight", r"time_text_embed\.guidance_embedder\..*"),
+    ("qwen-image", "kohya", "InvokeAI 6.14", "drops", r"(?!transformer_blocks\.).*"),
+]
+# (family, format, consumer, layers it needs in a file to take it for that family's LoRA at all)
+CONSUMER_NEEDS = [("flux", "diffusers", "InvokeAI 6.14",
+                   ("single_transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.add_q_proj"))]
+
+
+def consumer_gaps(family, format, modules):
+    """[one phrase per consumer that drops or refuses some of `modules` in a `format` file of `family`]."""
+    if family is None:
+        return []
+    gaps = []
+    for name, layout, consumer, action, pattern in CONSUMER_GAPS:
+        hit = sorted(m for m in modules if re.fullmatch(pattern, m))
+        if name == family.name and layout == format and hit:
+            gaps.append(f"{consumer} {action} {', '.join(hit)}")
+    for name, layout, consumer, needed in CONSUMER_NEEDS:
+        if name == family.name and layout == format and not set(needed) <= set(modules):
+            gaps.append(f"{consumer} does not take it for a {name} LoRA without {' and '.join(needed)} LoRAs "
+                        f"(format='kohya' loads there)")
+    return gaps
+
+
+def _diffusers_tensors(entries):
+    """(tensors, metadata) of the diffusers layout, with each layer's scale alpha / r folded into lora_B.
+
+    ComfyUI and InvokeAI ignore the `lora_adapter_metadata` entry and apply such files at scale 1; with
+    the scale in lora_B and lora_alpha = r there, diffusers, ComfyUI and InvokeAI all apply the LoRA as
+    trained. The trained alphas are kept under `glance_lora_alpha`, so `load_lora` gives back the tree.
+    """
+    tensors = {}
+    for name, a, b, alpha in entries:
+        tensors[f"transformer.{name}.lora_A.weight"] = a.T
+        tensors[f"transformer.{name}.lora_B.weight"] = (b * np.float32(alpha / a.shape[1])).T
+    ranks = {name: a.shape[1] for name, a, _, _ in entries}
+    r = _most_common(ranks.values())
+    others = {n: v for n, v in ranks.items() if v != r}
+    config = {"r": r, "lora_alpha": r, "target_modules": sorted(ranks), "rank_pattern": others,
+              "alpha_pattern": others}
+    metadata = {"format": "pt",
+                METADATA_KEY: json.dumps({f"transformer.{k}": v for k, v in config.items()}, sort_keys=True),
+                FOLDED_KEY: json.dumps({name: alpha for name, _, _, alpha in entries}, sort_keys=True)}
+    return tensors, metadata
 
 
 def _kohya_tensors(tree, entries):
@@ -463,9 +527,6 @@ def _kohya_tensors(tree, entries):
     left = sorted(set(by_name) - used)
     if left:
         raise GlanceError(f"no kohya (BFL) name for LoRA modules: {', '.join(left[:6])}; use format='diffusers'")
-    if any(key.startswith("lora_unet_final_layer") for key in tensors):
-        log.warning("the kohya file has final_layer LoRAs, which diffusers' kohya reader (0.42) does not apply as "
-                    "written (unprefixed keys, alpha ignored); use format='diffusers' for diffusers")
     return tensors
 
 

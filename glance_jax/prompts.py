@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from glance_jax.checkpoints import load_model
+from glance_jax.checkpoints import hub, load_model
 from glance_jax.errors import GlanceError
 
 log = logging.getLogger(__name__)
@@ -67,7 +67,9 @@ class FluxPromptEncoder:
 
     @classmethod
     def from_pretrained(cls, path, dtype=jnp.float32, max_sequence_length=512):
-        """From a FLUX pipeline folder: text_encoder, text_encoder_2, tokenizer, tokenizer_2."""
+        """From a FLUX pipeline folder (or hub id): text_encoder, text_encoder_2, tokenizer, tokenizer_2."""
+        path = hub.resolve(path, "the text encoder path",
+                           ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"))
         return cls(load_model(os.path.join(path, "text_encoder"), dtype), load_model(os.path.join(path,
                    "text_encoder_2"), dtype), _tokenizer(_folder(path, "tokenizer")),
                    _tokenizer(_folder(path, "tokenizer_2")), max_sequence_length)
@@ -91,7 +93,8 @@ class QwenImagePromptEncoder:
 
     @classmethod
     def from_pretrained(cls, path, dtype=jnp.float32, max_sequence_length=QWEN_MAX_TOKENS):
-        """From a Qwen-Image pipeline folder: text_encoder and tokenizer."""
+        """From a Qwen-Image pipeline folder (or hub id): text_encoder and tokenizer."""
+        path = hub.resolve(path, "the text encoder path", ("text_encoder", "tokenizer"))
         return cls(load_model(os.path.join(path, "text_encoder"), dtype), _tokenizer(_folder(path, "tokenizer")),
                    max_sequence_length)
 

@@ -191,6 +191,8 @@ def _check_common(args):
     """
     from glance_jax.demo import teacher
     if args.model:
+        args.model = families.local_model_path(args.model, "--model", None, args.vae,
+                                               args.text_encoders or args.embeddings)
         parts = checkpoints.pipeline_parts(args.model) or {}
         text_encoders = args.text_encoders or (None if args.embeddings else args.model if parts else None)
         args.model, args.vae, args.text_encoders = families.model_paths(args.model, None, args.vae, text_encoders,

@@ -1,5 +1,6 @@
 """The Flax text encoders against transformers, and prompt encoding against diffusers' pipelines (fp32, tiny
-random encoders, small word-level tokenizers built here: no hub)."""
+random encoders with the real vocabulary sizes, the real tokenizers of FLUX.1-dev and Qwen-Image built from
+installed packages by tests/real_tokenizers.py: no hub)."""
 
 import logging
 
@@ -17,16 +18,21 @@ from glance_jax import checkpoints, data
 from glance_jax.checkpoints import safetensors_io
 from glance_jax.prompts import FluxPromptEncoder, QwenImagePromptEncoder
 from glance_jax.models import CLIPTextModel, Qwen25VLTextModel, T5EncoderModel
+import real_tokenizers
 from torch_peers import randomize_, relative_error
 
 TOLERANCE = 1e-4
 WORDS = ("a photo of the red fox cat dog sitting on grass in snow under blue sky with two small big old "
          "painting describe image by detailing color shape size texture quantity text spatial relationships "
          "objects and background system user assistant").split()
-CLIP = CLIPTextConfig(vocab_size=80, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, max_position_embeddings=77, eos_token_id=3)
-T5 = T5Config(vocab_size=80, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, feed_forward_proj="gated-gelu")
-QWEN = Qwen2_5_VLConfig(text_config=dict(vocab_size=80, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+# the vocabularies and special token ids of FLUX.1-dev's CLIP-L (eos_token_id 2: transformers' legacy pooling at
+# the highest id, <|endoftext|>) and T5-XXL and of Qwen-Image's Qwen2.5-VL; tiny everywhere else
+CLIP = CLIPTextConfig(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, max_position_embeddings=77, bos_token_id=0, pad_token_id=1,
+                      eos_token_id=2)
+T5 = T5Config(vocab_size=32128, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+              feed_forward_proj="gated-gelu")
+QWEN = Qwen2_5_VLConfig(text_config=dict(vocab_size=152064, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                          num_attention_heads=4, num_key_value_heads=2,
                                          rope_parameters={"rope_type": "default", "rope_theta": 1000000.0,
                                                           "mrope_section": [1, 1, 2]}),
@@ -56,10 +62,26 @@ def folders(tmp_path_factory):
                         ("qwen/text_encoder", TorchQwenVL(QWEN))):
         randomize_(model, seed=len(name)).eval().save_pretrained(root / name)
         torch_models[name] = model
-    word_tokenizer(root / "tokenizer", ["<s>", "</s>"], "<s> $A </s>", 77)
-    word_tokenizer(root / "tokenizer_2", ["</s>"], "$A </s>", 512)
-    word_tokenizer(root / "qwen" / "tokenizer", ["<|im_start|>", "<|im_end|>"], None, 32768)
+    real_tokenizers.clip_tokenizer(root / "tokenizer")
+    real_tokenizers.t5_tokenizer(root / "tokenizer_2")
+    real_tokenizers.qwen_tokenizer(root / "qwen" / "tokenizer")
     return root, torch_models
+
+
+def test_the_real_tokenizers_give_the_official_ids(folders):
+    from transformers import AutoTokenizer
+
+    from glance_jax.prompts import QWEN_TEMPLATE, QWEN_TEMPLATE_TOKENS
+    root, _ = folders
+    clip, t5 = AutoTokenizer.from_pretrained(root / "tokenizer"), AutoTokenizer.from_pretrained(root / "tokenizer_2")
+    qwen = AutoTokenizer.from_pretrained(root / "qwen" / "tokenizer")
+    assert (len(clip), clip.model_max_length, clip.bos_token_id, clip.eos_token_id) == (49408, 77, 49406, 49407)
+    assert clip("a photo of a red fox").input_ids == [49406, 320, 1125, 539, 320, 736, 3240, 49407]
+    assert (len(t5), t5.model_max_length, t5.eos_token_id, t5.pad_token_id) == (32100, 512, 1, 0)
+    assert len(qwen) == 151665 and qwen.convert_tokens_to_ids(["<|endoftext|>", "<|im_start|>", "<|im_end|>"]) == \
+        [151643, 151644, 151645]
+    prefix = qwen(QWEN_TEMPLATE.split("{}")[0]).input_ids  # the template tokens diffusers drops
+    assert len(prefix) == QWEN_TEMPLATE_TOKENS and prefix[0] == 151644
 
 
 IDS = np.array([[2, 10, 11, 12, 13, 3, 0, 0, 0], [2, 14, 15, 16, 17, 18, 19, 20, 3]])
@@ -133,9 +155,10 @@ def test_flux_prompt_encoding_matches_diffusers(folders, caplog):
     errors = relative_error(embeds, want[0].numpy()), relative_error(pooled, want[1].numpy())
     print(f"FLUX encode_prompt vs diffusers: T5 {errors[0]:.2e}, CLIP pooled {errors[1]:.2e}")
     assert max(errors) <= TOLERANCE and embeds.shape == (2, 24, 32)
+    long = " ".join(["fox"] * 30)
     with caplog.at_level(logging.WARNING, logger="glance_jax"):
-        encoder([" ".join(["fox"] * 30)])
-    assert "7 token(s) cut" in caplog.text  # 30 words + </s> in 24 tokens
+        encoder([long])
+    assert f"{len(reference.tokenizer_2(long).input_ids) - 24} token(s) cut" in caplog.text
 
 
 def test_qwen_prompt_encoding_matches_diffusers(folders):

@@ -24,7 +24,7 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 
 from glance_jax import models
 from glance_jax import quantize as quant
-from glance_jax.checkpoints import bfl, safetensors_io
+from glance_jax.checkpoints import bfl, hub, safetensors_io
 from glance_jax.errors import GlanceError
 from glance_jax.models.layers import STACKED_BLOCKS
 
@@ -469,6 +469,7 @@ def load_model(path, dtype=jnp.float32, expected_class=None, axes_dims_rope=None
     dtype and that of the other leaves. A folder written by `convert --quantize` loads as it is stored.
     """
     dtype = parse_dtype(dtype)
+    path = hub.resolve(path, parts=hub.PIPELINE_PARTS if expected_class else ("transformer",))
     path = component_of_class(path, expected_class)
     checkpoint = open_checkpoint(path, axes_dims_rope)
     model = model_from_config(checkpoint.config, dtype, expected_class, **overrides)
@@ -567,8 +568,8 @@ def save_converted(directory, model, params, dtype, quantize=None):
                    "quantize": quantize}, f, indent=2)
 
 
-def save_diffusers(model, params, directory):
-    """Writes `params` as a diffusers model folder (config.json + safetensors): the inverse table lookup."""
+def diffusers_state_dict(params):
+    """{diffusers tensor name: numpy array} of a parameter tree: the inverse table lookup."""
     state, flat = {}, flatten_dict(params)
     for name, slot in weight_table(params).items():
         value = np.asarray(flat[slot.path])
@@ -577,6 +578,12 @@ def save_diffusers(model, params, directory):
             value = value.T if value.ndim == 2 else value.transpose(value.ndim - 1, value.ndim - 2,
                                                                     *range(value.ndim - 2))
         state[name] = value
+    return state
+
+
+def save_diffusers(model, params, directory):
+    """Writes `params` as a diffusers model folder (config.json + safetensors)."""
+    state = diffusers_state_dict(params)
     os.makedirs(directory, exist_ok=True)
     safetensors_io.save_file(state, os.path.join(directory, "diffusion_pytorch_model.safetensors"), {"format": "pt"})
     with open(os.path.join(directory, "config.json"), "w") as f:

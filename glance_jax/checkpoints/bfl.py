@@ -9,6 +9,8 @@ diffusers). Both `.weight` and `.bias` (or a norm's `.scale`) follow the row.
 
 import re
 
+import numpy as np
+
 # (BFL module, rule, diffusers module(s)); "{i}" is the block index.
 BFL_MODULES = [
     ("img_in", "copy", "x_embedder"),
@@ -127,3 +129,20 @@ def module_rows(num_double, num_single):
             fill = lambda t: t.replace("{i}", str(i))
             rows.append((fill(bfl), rule, tuple(map(fill, targets)) if isinstance(targets, tuple) else fill(targets)))
     return rows
+
+
+def from_diffusers(state, num_double, num_single):
+    """A diffusers FLUX state dict ({name: array}) in BFL's layout: the table read the other way round."""
+    out = {}
+    for bfl, rule, targets in module_rows(num_double, num_single):
+        parts = targets if isinstance(targets, tuple) else (targets,)
+        for leaf, torch_leaf in PARAM_NAMES.items():
+            names = [f"{t}.{torch_leaf}" for t in parts]
+            if not all(n in state for n in names) or (leaf == "scale") != ("norm" in bfl):
+                continue
+            value = np.concatenate([state[n] for n in names], axis=0)
+            if rule == "swap":
+                half = len(value) // 2
+                value = np.concatenate([value[half:], value[:half]], axis=0)
+            out[f"{bfl}.{leaf}"] = value
+    return out
