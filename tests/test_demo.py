@@ -9,6 +9,7 @@ from diffusers import FluxTransformer2DModel as TorchFlux
 from PIL import Image
 
 from glance_jax import evaluation, lora
+from glance_jax.checkpoints import safetensors_io
 from glance_jax.cli import main
 from glance_jax.demo import PROMPT_TEMPLATES, VALIDATION_TEMPLATES, prompt_set
 from glance_jax.demo import teacher
@@ -111,7 +112,9 @@ def test_demo_loras_load_into_diffusers(quick_demo, pair, rank, alpha):
     reference.load_lora_adapter(str(quick_demo / "loras" / pair), weight_name="slow_lora.safetensors",
                                 prefix="transformer")
     config = reference.peft_config["default_0"]
-    assert (config.r, config.lora_alpha) == (rank, alpha)
+    assert (config.r, config.lora_alpha) == (rank, rank)  # the scale alpha / r is folded into lora_B
+    tensors = safetensors_io.SafetensorsFile(quick_demo / "loras" / pair / "slow_lora.safetensors")
+    assert set(json.loads(tensors.metadata["glance_lora_alpha"]).values()) == {alpha}  # the trained alpha, kept
     adapted = [n for n, _ in reference.named_parameters() if n.endswith(".lora_A.default_0.weight")]
     assert len(adapted) == (52 if pair == "glance-10" else 20)  # flux-all: every Dense layer of the 6 blocks
 
