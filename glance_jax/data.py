@@ -35,7 +35,7 @@ import jax
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from glance_jax import checkpoints
+from glance_jax import checkpoints, validation
 from glance_jax.checkpoints import safetensors_io
 from glance_jax.errors import GlanceError
 
@@ -205,6 +205,7 @@ class FlaxTextEncoder:
 
     def __init__(self, family, path, dtype="fp32", prompts=()):
         self.family, self.path, self.dtype, self.prompts = family, path, dtype, tuple(prompts)
+        validation.no_remote_code(path)  # before any encoder loads
         folders = [os.path.join(path, sub) for sub in sorted(os.listdir(path))
                    if sub in family.text_encoders or sub.startswith("tokenizer")]
         self._identity = files_digest(f"text:{dtype}:{json.dumps(self.prompts)}", folders)

@@ -122,6 +122,46 @@ def _check_scale(scale):
         raise GlanceError(f"LoRA scale {scale!r}: must be a finite number")
 
 
+# A merge may change a kernel by at most this many times its largest weight: then merge + unmerge
+# restores every kernel within (1 + MAX_CHANGE) * eps(kernel dtype) * max|W| (one rounding of each sum).
+# A larger change (a LoRA scaled by 1e8) would leave the base visibly off after unmerging.
+MAX_CHANGE = 64.0
+
+
+@jax.jit
+def _merge_report(params, tree, scale):
+    """Per adapted layer (sorted): (tree finite, merged kernel finite, max|change| / max|W|)."""
+    flat, out = flatten_dict(params), []
+    for path, m in sorted(modules_of(tree).items()):
+        kernel = flat[path + ("kernel",)].astype(jnp.float32)
+        a, b, alpha = (m[k].astype(jnp.float32) for k in ("A", "B", "alpha"))
+        delta = jnp.matmul(a, b) * (scale * alpha / a.shape[-1])[..., None, None]
+        tree_ok = jnp.isfinite(a).all() & jnp.isfinite(b).all() & jnp.isfinite(alpha).all()
+        merged = (kernel + delta).astype(flat[path + ("kernel",)].dtype)
+        biggest = jnp.max(jnp.abs(kernel))
+        ratio = jnp.max(jnp.abs(delta)) / jnp.where(biggest > 0, biggest, jnp.finfo(jnp.float32).tiny)
+        out.append(jnp.stack([tree_ok, jnp.isfinite(merged).all(), jnp.isfinite(ratio) & (ratio <= MAX_CHANGE)]))
+    return jnp.stack(out)
+
+
+def check_values(params, tree, scale=1.0, merge=True, name="LoRA"):
+    """Refuses, before any sampling or merge, a LoRA holding NaN or inf, and (`merge`) one whose merge would
+    make a kernel non-finite or change it by more than MAX_CHANGE times its largest weight (so that
+    unmerging could not restore it); the base is not touched."""
+    report = np.asarray(_merge_report(params, tree, jnp.float32(scale)))
+    for path, (tree_ok, merged_ok, small) in zip(sorted(modules_of(tree)), report):
+        layer = ".".join(path)
+        if not tree_ok:
+            raise GlanceError(f"{name}: layer {layer} holds NaN or infinite values; refused before any use")
+        if merge and not merged_ok:
+            raise GlanceError(f"{name} at scale {scale:g}: merging would make layer {layer} non-finite; refused, "
+                              "the base is unchanged")
+        if merge and not small:
+            raise GlanceError(f"{name} at scale {scale:g}: merging would change layer {layer} by more than "
+                              f"{MAX_CHANGE:g} times its largest weight, too much to unmerge exactly; refused (the "
+                              "base is unchanged): lower the scale, or use lora_mode='unmerged'")
+
+
 def merged_params(params, tree, scale=1.0):
     """params with `W + scale (alpha / r) A B` in each adapted kernel (fp32 math, W's dtype). Traceable.
 
@@ -157,6 +197,7 @@ def merge_lora(params, tree, scale=1.0, donate=True):
     refuse_merge(params)
     check_shapes(params, tree)  # before the buffers are donated: a bad LoRA leaves `params` intact
     _check_scale(scale)
+    check_values(params, tree, scale)
     return (_merge_in_place if donate else _merge)(params, tree, jnp.float32(scale))
 
 

@@ -14,14 +14,13 @@ import dataclasses
 import json
 import logging
 import os
-import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from glance_jax import families
+from glance_jax import families, validation
 from glance_jax.checkpoints import bfl, safetensors_io, weight_table
 from glance_jax.errors import GlanceError
 from glance_jax.schedules import GlanceSchedule
@@ -72,8 +71,7 @@ def _lora_file(source):
         if os.path.isfile(os.path.join(path, name)):
             adapter_config, config = os.path.join(path, "adapter_config.json"), None
             if os.path.isfile(adapter_config):
-                with open(adapter_config) as f:
-                    config = json.load(f)
+                config = validation.lora_config(_json_of(adapter_config), adapter_config)
             return os.path.join(path, name), config
     raise GlanceError(f"{path}: no pytorch_lora_weights.safetensors or adapter_model.safetensors in it")
 
@@ -98,9 +96,22 @@ def _read_state_dict(source):
     path, config = _lora_file(source)
     f = safetensors_io.SafetensorsFile(path)
     if config is None and METADATA_KEY in f.metadata:
-        packed = json.loads(f.metadata[METADATA_KEY])
+        packed = validation.lora_config(_json_of(f.metadata[METADATA_KEY], f"{path}: its {METADATA_KEY} metadata"),
+                                        path)
         config = {k[len("transformer."):]: v for k, v in packed.items() if k.startswith("transformer.")} or packed
+        config = validation.lora_config(config, path)
     return {name: f.read(name) for name in f.keys()}, config, path
+
+
+def _json_of(path_or_text, what=None):
+    """JSON from a file (`what` None) or from text (`what` names it): one GlanceError if it is not JSON."""
+    try:
+        if what is None:
+            with open(path_or_text, encoding="utf-8") as f:
+                return json.load(f)
+        return json.loads(path_or_text)
+    except (OSError, ValueError) as e:
+        raise GlanceError(f"{what or path_or_text}: not JSON ({e})") from None
 
 
 def _split_key(key):
@@ -149,11 +160,8 @@ def _name_lookup(params):
 
 
 def _pattern_value(config, key, name, default):
-    """A per-module value from a LoraConfig dict: its rank_pattern/alpha_pattern (PEFT's regex rule) or default."""
-    for pattern, value in (config.get(key) or {}).items():
-        if re.match(rf"(.*\.)?({pattern})$", name):
-            return value
-    return default
+    """A per-module value from a LoraConfig dict: its rank_pattern/alpha_pattern (module names) or default."""
+    return validation.pattern_value(config, key, name, default)
 
 
 def load_lora(path_or_state_dict, params, strict=True):
@@ -167,6 +175,7 @@ def load_lora(path_or_state_dict, params, strict=True):
     out and listed in full on the log instead.
     """
     tensors, config, where = _read_state_dict(path_or_state_dict)
+    validation.finite_arrays(tensors, where)  # a NaN LoRA would sample black images, or poison a merged base
     lookup, hidden = _name_lookup(params)
     layers = dense_layers(params)
     found = collections.defaultdict(dict)  # diffusers module -> {"A", "B", "alpha"}

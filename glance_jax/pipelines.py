@@ -29,7 +29,7 @@ import numpy as np
 
 from glance_jax import families
 from glance_jax.errors import GlanceError
-from glance_jax.lora import check_shapes, merged_params
+from glance_jax.lora import check_shapes, check_values, merged_params
 from glance_jax.models.tiling import tiled_decode
 from glance_jax.quantize import is_quantized, kind_of, quantize_params
 from glance_jax.schedules import FlowMatchEulerScheduler, GlanceSchedule
@@ -235,6 +235,9 @@ class GlancePipeline:
                 check_shapes(self.params, tree)
         if not np.isfinite(lora_scale):
             raise GlanceError(f"lora_scale {lora_scale!r}: must be a finite number")
+        for tree, name in ((slow_lora, "slow_lora"), (fast_lora, "fast_lora")):  # finite, and mergeable and back
+            if tree is not None:
+                check_values(self.params, tree, lora_scale, merge=lora_mode == "merge", name=name)
         rows, cols = flux_latent_grid(height, width, self.vae_scale_factor)
         if latents is None:
             latents = self.noise(seed, batch, height, width)

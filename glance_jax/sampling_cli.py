@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from glance_jax import checkpoints, evaluation, families, validation
+from glance_jax import checkpoints, evaluation, families, safe_io, validation
 from glance_jax.checkpoints import safetensors_io
 from glance_jax.errors import GlanceError
 from glance_jax.lora import load_lora, read_schedule
@@ -123,8 +123,8 @@ def _sizes(args, pixels):
 
 def _save_images(images, path):
     pixels = evaluation.to_uint8(images)
-    Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels).save(
-        path, format=validation.IMAGE_FORMATS[os.path.splitext(path)[1].lower()])
+    safe_io.save_image(Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels), path,
+                       validation.IMAGE_FORMATS[os.path.splitext(path)[1].lower()])
 
 
 def _check_common(args):
@@ -146,6 +146,8 @@ def _check_common(args):
             args.scheduler = scheduler
     elif args.vae:
         args.vae = families.vae_path(args.vae, what="--vae")
+    if args.text_encoders:
+        validation.no_remote_code(args.text_encoders)  # tokenizers load with trust_remote_code=False
     config = checkpoints.open_checkpoint(args.model or teacher.TEACHER_DIR).config  # headers only
     pixels = config.get("in_channels", 64) // 4 in (1, 3)
     for flag in ("scheduler", "embeddings", "slow_lora", "fast_lora"):
@@ -227,8 +229,8 @@ def sample_main(argv):
         kw["slow_lora"] = load_lora(args.slow_lora, pipe.params) if args.slow_lora else None
         kw["fast_lora"] = load_lora(args.fast_lora, pipe.params) if args.fast_lora else None
     if image_out and not pixels:
-        _call(pipe, arrays, height=height, width=width, seed=args.seed, output_type="pil", **kw)[0].save(
-            args.out, format=validation.IMAGE_FORMATS[os.path.splitext(args.out)[1].lower()])
+        safe_io.save_image(_call(pipe, arrays, height=height, width=width, seed=args.seed, output_type="pil", **kw)[0],
+                           args.out, validation.IMAGE_FORMATS[os.path.splitext(args.out)[1].lower()])
         print(f"wrote {args.out}")
         return
     latents = _call(pipe, arrays, height=height, width=width, seed=args.seed, **kw)
@@ -317,9 +319,9 @@ def eval_main(argv):
         except ValueError:  # the base did not improve from N to 2N steps: no curve to read a cost from
             pass
     os.makedirs(args.workdir, exist_ok=True)
-    with open(os.path.join(args.workdir, "eval.json"), "w") as f:
-        json.dump({"runs": rows, "prompts": captions, "seeds": seeds, "schedule": glance["schedule"].to_dict(),
-                   "space": "pixels" if pixels else "latents (pass --vae for pixels)"}, f, indent=2)
+    safe_io.write_json(os.path.join(args.workdir, "eval.json"), {
+        "runs": rows, "prompts": captions, "seeds": seeds, "schedule": glance["schedule"].to_dict(),
+        "space": "pixels" if pixels else "latents (pass --vae for pixels)"}, indent=2)
     print(f"{'run':<14}{'NFE':>5}{'s/img':>9}{'PSNR':>8}{'SSIM':>8}{'MSE':>10}")
     for r in rows:
         fmt = lambda v, spec: format(v, spec) if v is not None else "-"
@@ -332,7 +334,7 @@ def eval_main(argv):
     if pixels:
         grid = evaluation.grid([list(outputs[r["name"]]) for r in rows], [r["name"] for r in rows],
                                [f"{i // len(seeds)}:{s}" for i, s in enumerate(batch_seeds)], scale=5)
-        grid.save(os.path.join(args.workdir, "grid.png"))
+        safe_io.save_image(grid, os.path.join(args.workdir, "grid.png"), "PNG")
         print(f"wrote {args.workdir}/eval.json and {args.workdir}/grid.png")
     else:
         print(f"wrote {args.workdir}/eval.json (agreement in latent space; --vae gives pixels and a grid)")

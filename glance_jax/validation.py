@@ -100,11 +100,21 @@ def _writable_folder(folder, what):
         raise GlanceError(f"{what}: cannot write in {folder} ({e.strerror})") from None
 
 
+def _link_rule(path, overwrite, what):
+    """A symbolic link at an output's name (dangling or not) is refused unless `overwrite`; with it the
+    writers (`safe_io.atomic_file`) replace the link itself, never the file it points to."""
+    if os.path.islink(path) and not overwrite:
+        raise GlanceError(f"{what} {path} is a symbolic link (to {os.readlink(path)}); outputs are not written "
+                          "through links: pass --overwrite to replace the link itself, or choose another name")
+
+
 def output_file(path, overwrite=False, what="output"):
     """A file about to be written: its folder exists and is writable; it is no folder; an existing file
-    is replaced only with `overwrite` (the same rule in every command)."""
+    (or a symbolic link, even a dangling one) is replaced only with `overwrite` (the same rule in every
+    command)."""
     path = os.path.abspath(os.path.expanduser(os.fspath(path)))
-    if os.path.isdir(path):
+    _link_rule(path, overwrite, what)
+    if os.path.isdir(path) and not os.path.islink(path):
         raise GlanceError(f"{what} {path} is a folder; give a file name")
     if os.path.exists(path) and not overwrite:
         raise GlanceError(f"{what} {path} already exists (pass --overwrite to replace it)")
@@ -116,9 +126,10 @@ def new_folder(path, overwrite=False, what="output"):
     """A folder a command creates whole (convert's DST): refused if it exists, unless `overwrite`; its
     parent must be a writable folder."""
     path = os.path.abspath(os.path.expanduser(os.fspath(path)))
+    _link_rule(path, overwrite, what)
     if os.path.exists(path) and not overwrite:
         raise GlanceError(f"{what} {path} already exists (pass --overwrite to replace it)")
-    if os.path.isfile(path):
+    if os.path.isfile(path) and not os.path.islink(path):
         raise GlanceError(f"{what} {path} is a file; the output is a folder")
     _writable_folder(os.path.dirname(path), what)
     return path
@@ -139,7 +150,9 @@ def output_folder(path, what="--workdir"):
 
 def fresh_outputs(folder, names, overwrite, what="--workdir"):
     """Refuses to replace the files `names` of `folder` that exist, unless `overwrite`."""
-    present = [n for n in names if os.path.exists(os.path.join(folder, n))]
+    for name in names:
+        _link_rule(os.path.join(folder, name), overwrite, what)
+    present = [n for n in names if os.path.lexists(os.path.join(folder, n))]
     if present and not overwrite:
         raise GlanceError(f"{what} {folder} already holds {', '.join(present)} (pass --overwrite to replace "
                           "them, or choose another folder)")
@@ -152,6 +165,90 @@ def out_extension(path, allowed):
         raise GlanceError(f"--out {path}: the extension {ext or '(none)'!r} does not match anything written here; "
                           f"use {', '.join(allowed)}")
     return ext
+
+
+# ---- files that must not run code ----
+
+REMOTE_CODE_FILES = ("config.json", "tokenizer_config.json", "preprocessor_config.json", "processor_config.json")
+
+
+def no_remote_code(folder):
+    """Refuses a tokenizer or model folder whose configs ask transformers to import Python code from the
+    folder (an `auto_map` entry): glance_jax loads with trust_remote_code=False and says so in one line,
+    where transformers would prompt on the terminal or fail with a traceback. A pipeline folder's parts
+    (its sub-folders) are checked too, so the refusal comes before any encoder loads."""
+    import json
+    folders = [folder] + sorted(os.path.join(folder, n) for n in os.listdir(folder)
+                                if os.path.isdir(os.path.join(folder, n)) and not n.startswith("."))
+    for path in (os.path.join(f, name) for f in folders for name in REMOTE_CODE_FILES):
+        if not os.path.isfile(path):
+            continue
+        try:
+            with open(path, encoding="utf-8") as f:
+                config = json.load(f)
+        except (OSError, ValueError) as e:
+            raise GlanceError(f"{path}: cannot read JSON ({e})") from None
+        if not isinstance(config, dict):
+            raise GlanceError(f"{path}: not a JSON object")
+        if "auto_map" in config:
+            raise GlanceError(f"{path} asks to run Python code from its folder (auto_map: "
+                              f"{json.dumps(config['auto_map'])[:120]}); glance_jax never runs code from a model "
+                              "folder (trust_remote_code=False): use a folder with a built-in tokenizer class")
+
+
+# ---- a LoRA file's metadata: data, never code ----
+
+MAX_PATTERN = 1000  # characters of one rank/alpha pattern key
+_PATTERN_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
+
+
+def lora_config(config, where):
+    """A LoraConfig dict from a file's metadata or adapter_config.json, every field glance_jax reads checked:
+    r and lora_alpha numbers, rank_pattern / alpha_pattern objects of module names to numbers.
+
+    Pattern keys must be module names (`transformer_blocks.0.attn.to_q`, or a suffix such as `to_q`):
+    PEFT reads them as regular expressions, which a file could make backtrack for hours, so a key with
+    any other character is refused in one line instead of being run.
+    """
+    if not isinstance(config, dict):
+        raise GlanceError(f"{where}: its LoRA config is not a JSON object")
+    for key in ("r", "lora_alpha"):
+        if key in config and config[key] is not None and (not _is_number(config[key])
+                                                          or not math.isfinite(config[key])):
+            raise GlanceError(f"{where}: its LoRA config's {key} {config[key]!r} is not a finite number")
+    for key in ("rank_pattern", "alpha_pattern"):
+        patterns = config.get(key)
+        if patterns is None:
+            continue
+        if not isinstance(patterns, dict):
+            raise GlanceError(f"{where}: its LoRA config's {key} is not an object of module names to numbers")
+        for pattern, value in patterns.items():
+            if len(pattern) > MAX_PATTERN or not pattern or not set(pattern) <= _PATTERN_CHARS:
+                raise GlanceError(f"{where}: its LoRA config's {key} key {pattern[:80]!r} is not a module name; "
+                                  "glance_jax matches module names (exact, or a suffix after a dot), never "
+                                  "regular expressions from a file")
+            if not _is_number(value) or not math.isfinite(value):
+                raise GlanceError(f"{where}: its LoRA config's {key}[{pattern!r}] {value!r} is not a finite number")
+    return config
+
+
+def pattern_value(config, key, name, default):
+    """A per-module value of a checked LoRA config: the `key` (rank_pattern / alpha_pattern) entry whose
+    module name is `name` or a suffix of it after a dot (PEFT's rule on plain names), else `default`."""
+    for pattern, value in (config.get(key) or {}).items():
+        if name == pattern or name.endswith("." + pattern):
+            return value
+    return default
+
+
+def finite_arrays(arrays, where):
+    """Refuses arrays ({name: array}) holding NaN or inf, naming the first such one."""
+    import numpy as np
+    for name, value in arrays.items():
+        value = np.asarray(value)
+        if value.dtype.kind in "fc" and not np.isfinite(value).all():
+            bad = int((~np.isfinite(value)).sum())
+            raise GlanceError(f"{where}: {name} holds {bad} NaN or infinite value(s); refused before any use")
 
 
 # ---- the training config ----

@@ -24,7 +24,6 @@
 
 import argparse
 import concurrent.futures
-import json
 import os
 import shutil
 import time
@@ -34,6 +33,7 @@ import numpy as np
 from PIL import Image
 
 from glance_jax import checkpoints, evaluation, pipelines, validation
+from glance_jax import safe_io
 from glance_jax.checkpoints import safetensors_io
 from glance_jax.lora import load_lora
 from glance_jax.pipelines import FluxGlancePipeline, unpack_flux_latents
@@ -358,12 +358,11 @@ def main(argv):
               "recipe": RECIPE, "guided_recipe": {**GUIDED_RECIPE, "captions": guided_captions()},
               "guidance": GUIDANCE, "quick": args.quick, "by_template": by_template,
               "closing": closing}
-    with open(os.path.join(workdir, "metrics.json"), "w") as f:
-        json.dump(report, f, indent=2)
+    safe_io.write_json(os.path.join(workdir, "metrics.json"), report, indent=2)
     columns = [i * seeds_per_prompt for i in range(10)]
     grid = evaluation.grid([[images[m["name"]][i] for i in columns] for m in results], [m["name"] for m in results],
                            [str(labels[i]) for i in columns], scale=5)
-    grid.save(os.path.join(workdir, "grid.png"))
+    safe_io.save_image(grid, os.path.join(workdir, "grid.png"), "PNG")
 
     which = "validation" if args.validation else "held-out"
     print(f"\nGlance demo: {len(batch_captions)} {which} images per method (seed {args.seed}); LoRAs from one "
