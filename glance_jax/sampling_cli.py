@@ -144,6 +144,8 @@ def _check_common(args):
         scheduler = os.path.join(parts.get("scheduler", ""), "scheduler_config.json")
         if not args.scheduler and parts.get("scheduler") and os.path.isfile(scheduler):
             args.scheduler = scheduler
+    if args.scheduler and os.path.isfile(args.scheduler):
+        validation.scheduler_file(args.scheduler)
     elif args.vae:
         args.vae = families.vae_path(args.vae, what="--vae")
     if args.text_encoders:
@@ -157,6 +159,7 @@ def _check_common(args):
     for flag in ("height", "width"):
         if getattr(args, flag) is not None:
             validation.multiple_of(f"--{flag}", getattr(args, flag), 2 if pixels else 16)
+    validation.image_size(*_sizes(args, pixels)[:2], validation.positive_int("--max_pixels", args.max_pixels))
     if args.schedule not in (None, "official"):
         _schedule_steps(args.schedule)
     if getattr(args, "steps", None):
@@ -194,6 +197,8 @@ def _common_flags(p):
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--overwrite", action="store_true", help="replace outputs that exist")
+    p.add_argument("--max_pixels", type=int, default=validation.MAX_PIXELS,
+                   help="largest height x width sampled (default: 4096 x 4096); larger sizes are refused first")
 
 
 def sample_main(argv):
@@ -209,6 +214,7 @@ def sample_main(argv):
     p.add_argument("--steps", type=int, default=None, help="plain sampling with this many steps instead of Glance")
     _common_flags(p)
     args = p.parse_args(argv)
+    validation.seed("--seed", args.seed)
     image_out = validation.out_extension(args.out, [*validation.IMAGE_FORMATS, ".safetensors"]) != ".safetensors"
     validation.output_file(args.out, args.overwrite, "--out")
     if args.steps is not None:
@@ -259,14 +265,16 @@ def eval_main(argv):
     validation.fresh_outputs(args.workdir, ("eval.json", "grid.png"), args.overwrite)
     if not os.path.isfile(args.prompts):
         raise GlanceError(f"{args.prompts}: no such prompt file")
-    with open(args.prompts) as f:
-        captions = [line.strip() for line in f if line.strip()]
+    captions = [line.strip() for line in validation.read_text(args.prompts, "prompt file").splitlines()
+                if line.strip()]
     if not captions:
         raise GlanceError(f"{args.prompts}: no prompts in it")
     try:
         seeds = [int(s) for s in args.seeds.split(",")]
     except ValueError:
         raise GlanceError(f"--seeds {args.seeds!r}: use comma-separated integers") from None
+    for s in seeds:
+        validation.seed("--seeds", s)
     _, schedule = _check_common(args)
     pipe, family, pixels = _pipeline(args.model, args.scheduler, args.vae)
     height, width, _ = _sizes(args, pixels)

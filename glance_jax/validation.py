@@ -68,6 +68,42 @@ def fraction(name, value, closed_top=False):
     return value
 
 
+def seed(name, value):
+    """A PRNG seed: an integer in [0, 2**32) (what jax.random.PRNGKey takes without wrapping around)."""
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 2 ** 32:
+        raise GlanceError(f"{name} {value!r}: must be an integer in [0, 4294967295]")
+    return value
+
+
+MAX_PIXELS = 4096 * 4096  # the default cap of sample / eval sizes (--max_pixels): 16 times FLUX.1's 1024 x 1024
+
+
+def image_size(height, width, max_pixels=MAX_PIXELS):
+    """Refuses, before anything loads, a size whose pixel count exceeds `max_pixels` (its latents, schedule
+    and attention would not fit any device's memory or time)."""
+    if height * width > max_pixels:
+        raise GlanceError(f"--height {height} x --width {width} = {height * width} pixels: more than "
+                          f"--max_pixels {max_pixels}; pass a larger --max_pixels if the device really holds it")
+
+
+def scheduler_file(path):
+    """A scheduler_config.json, read and checked (types, ranges, no division by zero) before any model loads."""
+    import json
+    from glance_jax.schedules import FlowMatchEulerScheduler
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, ValueError) as e:
+        raise GlanceError(f"{path}: cannot read JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise GlanceError(f"{path}: not a JSON object")
+    try:
+        FlowMatchEulerScheduler.from_config(config)
+    except GlanceError as e:
+        raise GlanceError(f"{path}: {e}") from None
+    return config
+
+
 def one_of(name, value, choices):
     if value not in choices:
         raise GlanceError(f"{name} {value!r}: use one of {', '.join(map(str, choices))}")
@@ -165,6 +201,25 @@ def out_extension(path, allowed):
         raise GlanceError(f"--out {path}: the extension {ext or '(none)'!r} does not match anything written here; "
                           f"use {', '.join(allowed)}")
     return ext
+
+
+# ---- text files ----
+
+def read_text(path, what="text file"):
+    """The text of a caption or prompt file: UTF-8 (a byte-order mark is dropped); any other encoding is
+    refused in one line that names it where it can be told (UTF-16 / UTF-32 by their marks)."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    for mark, name in ((b"\xff\xfe\x00\x00", "UTF-32"), (b"\x00\x00\xfe\xff", "UTF-32"), (b"\xff\xfe", "UTF-16"),
+                       (b"\xfe\xff", "UTF-16")):
+        if raw.startswith(mark):
+            raise GlanceError(f"{path}: the {what} is {name}-encoded; save it as UTF-8")
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        guess = "probably Latin-1 / Windows-1252" if b"\x00" not in raw else "probably UTF-16 without a mark"
+        raise GlanceError(f"{path}: the {what} is not UTF-8 (byte 0x{raw[e.start]:02x} at position {e.start}; "
+                          f"{guess}); save it as UTF-8") from None
 
 
 # ---- files that must not run code ----
