@@ -52,10 +52,12 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 def refuse_pickle(path, head):
     """Raises if the first bytes of `path` are those of a pickle (protocol 2+) or a torch.save zip archive
     (asked only of a file whose first 8 bytes are no possible safetensors header length)."""
-    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05") or head[:4] == b"PK\x03\x04":
-        raise GlanceError(f"{path} is a pickle (a torch.save / .bin / .pt / .ckpt file), not safetensors: a pickle "
-                          "can run any code when it is loaded, so glance_jax never reads one; convert it to "
-                          ".safetensors with a tool you trust")
+    kind = ("a pickle" if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05") else
+            "a zip archive, torch.save's format with a pickle inside" if head[:4] == b"PK\x03\x04" else None)
+    if kind:
+        raise GlanceError(f"{path} is not a safetensors file but {kind} (.bin / .pt / .ckpt): a pickle can run any "
+                          "code when it is loaded, so glance_jax never reads one; convert it to .safetensors with "
+                          "a tool you trust")
 
 
 def _int(value):
