@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from glance_jax import families
+from glance_jax import families, validation
 from glance_jax.errors import GlanceError
 from glance_jax.lora import check_shapes, check_values, merged_params
 from glance_jax.models.tiling import tiled_decode
@@ -41,6 +41,8 @@ INTEGRATIONS = ("consistent", "official")
 
 def flux_latent_grid(height, width, vae_scale_factor=8):
     """(rows, columns) of packed FLUX tokens for an image: latents are 1/8 size, packed in 2 x 2 patches."""
+    if not all(isinstance(n, (int, np.integer)) and not isinstance(n, bool) and n > 0 for n in (height, width)):
+        raise GlanceError(f"height and width must be positive integers, got {height!r}x{width!r}")
     if height % (2 * vae_scale_factor) or width % (2 * vae_scale_factor):
         raise GlanceError(f"height and width must be multiples of {2 * vae_scale_factor}, got {height}x{width}")
     return height // (2 * vae_scale_factor), width // (2 * vae_scale_factor)
@@ -77,6 +79,8 @@ def phase_steps(scheduler_config, image_seq_len, schedule=None, num_inference_st
     if integration not in INTEGRATIONS:
         raise GlanceError(f"unknown integration {integration!r}: use one of {', '.join(INTEGRATIONS)}")
     scheduler = FlowMatchEulerScheduler.from_config(scheduler_config)
+    if schedule is not None and num_inference_steps is not None:
+        raise GlanceError("pass num_inference_steps (plain sampling) or schedule=GlanceSchedule(...), not both")
     if schedule is None:
         if not num_inference_steps:
             raise GlanceError("pass num_inference_steps or schedule=GlanceSchedule(...)")
@@ -339,6 +343,11 @@ class FluxGlancePipeline(GlancePipeline):
             negative_pooled_prompt_embeds = encoded["pooled_prompt_embeds"]
         if (negative_prompt_embeds is None) != (negative_pooled_prompt_embeds is None):
             raise GlanceError("pass both negative_prompt_embeds and negative_pooled_prompt_embeds, or neither")
+        validation.pipeline_inputs(batch, {
+            "prompt_embeds": prompt_embeds, "pooled_prompt_embeds": pooled_prompt_embeds, "latents": latents,
+            "negative_prompt_embeds": negative_prompt_embeds,
+            "negative_pooled_prompt_embeds": negative_pooled_prompt_embeds},
+            {"guidance_scale": guidance_scale, "true_cfg_scale": true_cfg_scale, "lora_scale": lora_scale})
         rows, cols = flux_latent_grid(height, width, self.vae_scale_factor)
         cond = lambda embeds, pooled: self.model.conditioning(
             {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}, rows, cols, guidance_scale)[0]
@@ -376,6 +385,10 @@ class QwenImageGlancePipeline(GlancePipeline):
             encoded = self._encode([negative_prompt] * batch if isinstance(negative_prompt, str) else negative_prompt)
             negative_prompt_embeds, negative_prompt_embeds_mask = (encoded["prompt_embeds"],
                                                                    encoded.get("prompt_embeds_mask"))
+        validation.pipeline_inputs(batch, {
+            "prompt_embeds": prompt_embeds, "prompt_embeds_mask": prompt_embeds_mask, "latents": latents,
+            "negative_prompt_embeds": negative_prompt_embeds, "negative_prompt_embeds_mask": negative_prompt_embeds_mask},
+            {"true_cfg_scale": true_cfg_scale, "lora_scale": lora_scale})
         rows, cols = flux_latent_grid(height, width, self.vae_scale_factor)
         cond = lambda embeds, mask: self.model.conditioning(
             {"prompt_embeds": embeds, "prompt_embeds_mask": mask}, rows, cols)

@@ -296,6 +296,23 @@ def pattern_value(config, key, name, default):
     return default
 
 
+def pipeline_inputs(batch, arrays, numbers):
+    """The Python pipelines' inputs: each array of `arrays` ({name: array or None}) has `batch` rows and
+    finite values (checked on its device), each of `numbers` ({name: value}) is a finite number."""
+    import jax.numpy as jnp
+    for name, value in numbers.items():
+        finite_number(name, value)
+    for name, value in arrays.items():
+        if value is None:
+            continue
+        if getattr(value, "ndim", 0) < 1 or value.shape[0] != batch:
+            raise GlanceError(f"{name} has shape {tuple(getattr(value, 'shape', ()))}: {batch} rows needed, one "
+                              "per prompt (nothing is broadcast)")
+        if jnp.issubdtype(value.dtype, jnp.floating) and getattr(value, "is_fully_addressable", True) and not bool(
+                jnp.isfinite(value).all()):
+            raise GlanceError(f"{name} holds NaN or infinite values; refused before sampling")
+
+
 def finite_arrays(arrays, where):
     """Refuses arrays ({name: array}) holding NaN or inf, naming the first such one."""
     import numpy as np

@@ -550,3 +550,30 @@ def test_a_prompt_file_in_another_encoding_is_one_line(no_heavy_work, tmp_path, 
     code = main(["eval", "--prompts", str(tmp_path / "prompts.txt"), "--workdir", str(tmp_path / "eval")])
     one_line(capsys, code, "prompts.txt: the prompt file is UTF-16-encoded")
     assert not (tmp_path / "eval").exists()
+
+
+# ---- the Python API ----
+
+@pytest.fixture(scope="module")
+def pipe(base):
+    from glance_jax.pipelines import FluxGlancePipeline
+    model, params = base
+    return FluxGlancePipeline(model, jax.tree_util.tree_map(jnp.array, params), teacher.SCHEDULER,
+                              latent_channels=1, vae_scale_factor=1)
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"pooled_prompt_embeds": jnp.zeros((1, 384))}, "pooled_prompt_embeds has shape (1, 384): 2 rows needed"),
+    ({"height": 0}, "height and width must be positive integers, got 0x8"),
+    ({"guidance_scale": float("nan")}, "guidance_scale nan: must be a finite number"),
+    ({"prompt_embeds": jnp.full((2, 4, 384), jnp.inf)}, "prompt_embeds holds NaN or infinite values"),
+    ({"schedule": schedules.GlanceSchedule.from_steps(teacher.SCHEDULER, (1, 5), (16, 36), image_seq_len=16)},
+     "not both"),
+])
+def test_the_pipeline_refuses_what_it_would_broadcast_or_ignore(pipe, change, message):
+    good = dict(prompt_embeds=jnp.zeros((2, 4, 384)), pooled_prompt_embeds=jnp.zeros((2, 384)), height=8, width=8,
+                num_inference_steps=2)
+    assert pipe(**good).shape == (2, 16, 4)
+    with pytest.raises(GlanceError, match=None) as e:
+        pipe(**{**good, **change})
+    assert message in str(e.value)
