@@ -199,6 +199,7 @@ class PrecomputedEncoder:
             raise GlanceError(f"{path}: missing arrays {', '.join(missing)}")
         wanted = lambda k: self.with_latents if k == "latents" else self.with_text
         arrays = {k: f.read(k).astype(np.int32 if k.endswith("_mask") else np.float32) for k in f.keys() if wanted(k)}
+        validation.finite_arrays(arrays, path)
         want = {"latents": (sample.height // self.vae_scale_factor, sample.width // self.vae_scale_factor,
                             self.latent_channels)} if self.with_latents else {}
         if self.pooled_dim and self.with_text:

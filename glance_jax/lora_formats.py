@@ -336,6 +336,8 @@ def save_lora(tree, path, format="diffusers", model_type=None, schedule=None):
     entries = _entries(tree)
     if not entries:
         raise GlanceError("the LoRA tree adapts no layer")
+    validation.finite_arrays({f"{name} {part}": v for name, a, b, _ in entries for part, v in (("A", a), ("B", b))},
+                             f"LoRA for {path}")  # a trained LoRA gone non-finite is never written
     if format == "diffusers":
         tensors = {}
         for name, a, b, _ in entries:

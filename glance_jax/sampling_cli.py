@@ -61,6 +61,8 @@ def _embeddings(path, captions, text_encoders=None, family=families.FLUX):
         stored = json.loads(f.metadata["captions"])
     except (KeyError, ValueError):
         raise GlanceError(f"{f.path}: no 'captions' list in its metadata") from None
+    if not isinstance(stored, list) or not all(isinstance(c, str) for c in stored):
+        raise GlanceError(f"{f.path}: its 'captions' metadata is not a JSON list of strings")
     missing = [c for c in captions if c not in stored]
     if missing:
         raise GlanceError(f"{f.path} has no embeddings for {missing[0]!r}; it has: "

@@ -421,19 +421,40 @@ def test_merge_and_unmerge_restore_the_base_within_the_stated_tolerance(base):
         assert 0 < error <= (1 + lora.MAX_CHANGE) * eps * np.max(np.abs(w)), path
 
 
-def test_a_pipeline_refuses_a_nan_lora_in_both_modes(base):
+@pytest.fixture(scope="module")
+def pipe(base):
     from glance_jax.pipelines import FluxGlancePipeline
-    from glance_jax.schedules import GlanceSchedule
     model, params = base
-    pipe = FluxGlancePipeline(model, jax.tree_util.tree_map(jnp.array, params), teacher.SCHEDULER,
+    return FluxGlancePipeline(model, jax.tree_util.tree_map(jnp.array, params), teacher.SCHEDULER,
                               latent_channels=1, vae_scale_factor=1)
-    tree = lora.init_lora(jax.random.PRNGKey(1), params, "flux", 2, 2.0)
+
+
+def test_a_pipeline_refuses_a_nan_lora_in_both_modes(base, pipe):
+    from glance_jax.schedules import GlanceSchedule
+    tree = lora.init_lora(jax.random.PRNGKey(1), base[1], "flux", 2, 2.0)
     nan_tree = jax.tree_util.tree_map_with_path(lambda p, x: x * jnp.nan if p[-1].key == "A" else x, tree)
     schedule = GlanceSchedule.from_steps(teacher.SCHEDULER, (1, 5), (16, 36), image_seq_len=16)
     embeds = {"prompt_embeds": jnp.zeros((1, 4, 384)), "pooled_prompt_embeds": jnp.zeros((1, 384))}
     for mode in ("merge", "unmerged"):
         with pytest.raises(GlanceError, match="slow_lora: layer .* holds NaN"):
             pipe(**embeds, height=8, width=8, schedule=schedule, slow_lora=nan_tree, fast_lora=tree, lora_mode=mode)
+
+
+def test_a_non_finite_lora_is_never_written(base, tmp_path):
+    tree = lora.init_lora(jax.random.PRNGKey(1), base[1], "flux", 2, 2.0)
+    tree = jax.tree_util.tree_map_with_path(lambda p, x: x * jnp.inf if p[-1].key == "A" else x, tree)
+    with pytest.raises(GlanceError, match="holds .* NaN or infinite value"):
+        lora.save_lora(tree, tmp_path / "lora.safetensors")
+    assert os.listdir(tmp_path) == []
+
+
+def test_precomputed_encodings_holding_nan_are_refused(tmp_path):
+    Image.fromarray(_gradient()).save(tmp_path / "a.png")
+    found, _ = _sample_of(tmp_path / "a.png", 32)
+    safetensors_io.save_file({"latents": np.full((found.height, found.width, 4), np.nan, np.float32),
+                              "prompt_embeds": np.zeros((3, 8), np.float32)}, tmp_path / "a.safetensors")
+    with pytest.raises(GlanceError, match="a.safetensors: latents holds .* NaN or infinite"):
+        data.PrecomputedEncoder(4, 8, None, 1).encode(found)
 
 
 def test_a_schedule_whose_shift_is_not_finite_is_refused():
@@ -553,14 +574,6 @@ def test_a_prompt_file_in_another_encoding_is_one_line(no_heavy_work, tmp_path, 
 
 
 # ---- the Python API ----
-
-@pytest.fixture(scope="module")
-def pipe(base):
-    from glance_jax.pipelines import FluxGlancePipeline
-    model, params = base
-    return FluxGlancePipeline(model, jax.tree_util.tree_map(jnp.array, params), teacher.SCHEDULER,
-                              latent_channels=1, vae_scale_factor=1)
-
 
 @pytest.mark.parametrize("change,message", [
     ({"pooled_prompt_embeds": jnp.zeros((1, 384))}, "pooled_prompt_embeds has shape (1, 384): 2 rows needed"),

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from glance_jax import models
+from glance_jax import models, safe_io
 from glance_jax import quantize as quant
 from glance_jax.checkpoints import bfl, safetensors_io
 from glance_jax.errors import GlanceError
@@ -603,8 +603,7 @@ def save_diffusers(model, params, directory):
         state[name] = value
     os.makedirs(directory, exist_ok=True)
     safetensors_io.save_file(state, os.path.join(directory, "diffusion_pytorch_model.safetensors"), {"format": "pt"})
-    with open(os.path.join(directory, "config.json"), "w") as f:
-        json.dump(model.to_config(), f, indent=2)
+    safe_io.write_json(os.path.join(directory, "config.json"), model.to_config(), indent=2)
 
 
 def convert_checkpoint(src, dst, dtype="bf16", overwrite=False, axes_dims_rope=None, progress=None,

@@ -103,8 +103,8 @@ def write_sample(folder, prompts):
     image = images[int(np.nonzero(labels == TRAIN_DIGIT)[0][0])]
     caption = TRAIN_TEMPLATE.format(word=WORDS[TRAIN_DIGIT])
     os.makedirs(folder, exist_ok=True)
-    Image.fromarray(evaluation.to_uint8(image)[..., 0]).save(os.path.join(folder, "seven.png"))
-    with open(os.path.join(folder, "seven.txt"), "w") as f:
+    safe_io.save_image(Image.fromarray(evaluation.to_uint8(image)[..., 0]), os.path.join(folder, "seven.png"), "PNG")
+    with safe_io.atomic_file(os.path.join(folder, "seven.txt"), "w") as f:
         f.write(caption)
     states, pooled = prompts[caption]
     empty_states, empty_pooled = prompts[""]
