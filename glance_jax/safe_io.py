@@ -97,7 +97,8 @@ def append_file(path):
 
 # ---- one run per workdir ----
 
-def _alive(pid):
+def process_alive(pid):
+    """Whether a process `pid` runs on this host (one of another user's counts as running)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -160,7 +161,7 @@ class WorkdirLock:
             if host == self.me["host"] and pid == self.me["pid"]:
                 self.held = True
                 return self
-            if host == self.me["host"] and isinstance(pid, int) and not _alive(pid):
+            if host == self.me["host"] and isinstance(pid, int) and not process_alive(pid):
                 log.warning("%s was left by process %d, which is gone; taking the workdir over", self.path, pid)
                 with contextlib.suppress(FileNotFoundError):
                     os.remove(self.path)

@@ -88,15 +88,8 @@ def image_size(height, width, max_pixels=MAX_PIXELS):
 
 def scheduler_file(path):
     """A scheduler_config.json, read and checked (types, ranges, no division by zero) before any model loads."""
-    import json
     from glance_jax.schedules import FlowMatchEulerScheduler
-    try:
-        with open(path, encoding="utf-8") as f:
-            config = json.load(f)
-    except (OSError, ValueError) as e:
-        raise GlanceError(f"{path}: cannot read JSON ({e})") from None
-    if not isinstance(config, dict):
-        raise GlanceError(f"{path}: not a JSON object")
+    config = checkpoints._read_json(path)  # a JSON object, or one GlanceError
     try:
         FlowMatchEulerScheduler.from_config(config)
     except GlanceError as e:
@@ -238,13 +231,7 @@ def no_remote_code(folder):
     for path in (os.path.join(f, name) for f in folders for name in REMOTE_CODE_FILES):
         if not os.path.isfile(path):
             continue
-        try:
-            with open(path, encoding="utf-8") as f:
-                config = json.load(f)
-        except (OSError, ValueError) as e:
-            raise GlanceError(f"{path}: cannot read JSON ({e})") from None
-        if not isinstance(config, dict):
-            raise GlanceError(f"{path}: not a JSON object")
+        config = checkpoints._read_json(path)
         if "auto_map" in config:
             raise GlanceError(f"{path} asks to run Python code from its folder (auto_map: "
                               f"{json.dumps(config['auto_map'])[:120]}); glance_jax never runs code from a model "
@@ -331,6 +318,7 @@ def train_config(config):
     one_of("config.phase", config.phase, ("slow", "fast", "both"))
     one_of("config.target", config.target, ("data", "teacher"))
     positive_int("config.steps", config.steps)
+    seed("config.seed", config.seed)
     if not config.model.path:
         raise GlanceError("config.model.path is not set (pass --config.model.path=...)")
     if not config.data.dir:

@@ -140,6 +140,7 @@ CASES = [
     ("train", {"--config.optim.lr": "-1e-4"}, "config.optim.lr -0.0001", "--workdir"),
     ("train", {"--config.optim.grad_clip": "inf"}, "config.optim.grad_clip inf", "--workdir"),
     ("train", {"--config.optim.warmup_steps": "-1"}, "config.optim.warmup_steps -1", "--workdir"),
+    ("train", {"--config.seed": "-1"}, "config.seed -1: must be an integer in [0, 4294967295]", "--workdir"),
     ("train", {"--config.batch_size": "2"}, "batch_size", "--workdir"),  # no such field: one sample
     ("train", {"--config.checkpoint.every": "0"}, "config.checkpoint.every 0", "--workdir"),
     ("train", {"--config.data.caption_dropout": "1.5"}, "config.data.caption_dropout 1.5", "--workdir"),

@@ -523,23 +523,13 @@ def load_model(path, dtype=jnp.float32, expected_class=None, axes_dims_rope=None
 
 # ---- conversion ----
 
-def _process_alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def remove_stale_partials(dst):
     """Removes `dst.partial-PID` / `dst.old-PID` folders left by killed conversions (whose PID is gone)."""
     import glob
     import logging
     for leftover in glob.glob(glob.escape(dst) + ".partial-*") + glob.glob(glob.escape(dst) + ".old-*"):
         pid = leftover.rsplit("-", 1)[-1]
-        if pid.isdigit() and int(pid) != os.getpid() and not _process_alive(int(pid)):
+        if pid.isdigit() and int(pid) != os.getpid() and not safe_io.process_alive(int(pid)):
             logging.getLogger(__name__).warning("removing %s, left by a conversion that was killed", leftover)
             shutil.rmtree(leftover, ignore_errors=True)
 
