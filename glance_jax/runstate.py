@@ -10,6 +10,7 @@
 """
 
 import atexit
+import functools
 import glob
 import hashlib
 import json
@@ -149,7 +150,7 @@ _LOCKS = {}  # workdir -> the WorkdirLock this process holds
 def lock_workdir(workdir):
     """Takes `workdir`'s lock for this process (one run per workdir; see `safe_io.WorkdirLock`), before
     anything is written there; released by `release_workdir`, or when the process ends."""
-    workdir = os.path.abspath(workdir)
+    workdir = _key(workdir)
     if workdir not in _LOCKS:
         if not _LOCKS:
             atexit.register(lambda: [release_workdir(w) for w in list(_LOCKS)])
@@ -158,9 +159,28 @@ def lock_workdir(workdir):
 
 
 def release_workdir(workdir):
-    lock = _LOCKS.pop(os.path.abspath(workdir), None)
+    lock = _LOCKS.pop(_key(workdir), None)
     if lock is not None:
         lock.release()
+
+
+def _key(workdir):
+    return os.path.abspath(os.path.expanduser(os.fspath(workdir)))
+
+
+def unlock_on_error(init):
+    """Decorates a run's `__init__(self, config, workdir, ...)`: if it fails after taking the workdir's lock,
+    the lock goes back at once (a caller that keeps the error, a notebook, would otherwise hold it)."""
+    @functools.wraps(init)
+    def wrapper(self, config, workdir, *args, **kwargs):
+        held_before = _key(workdir) in _LOCKS
+        try:
+            return init(self, config, workdir, *args, **kwargs)
+        except BaseException:
+            if not held_before:
+                release_workdir(workdir)
+            raise
+    return wrapper
 
 
 def latest_step_on_disk(workdir, phase):

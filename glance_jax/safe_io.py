@@ -82,15 +82,21 @@ def save_image(image, path, format=None):
         image.save(f, format=format)
 
 
+def own_file(path):
+    """Refuses a symbolic link at the name of a file a run appends to (and rewrites): it is never followed."""
+    if os.path.islink(path):
+        raise GlanceError(f"{path} is a symbolic link; a run appends only to a file of its own (remove the link)")
+    return path
+
+
 def append_file(path):
     """`path` opened for appending text, refusing a symbolic link at its name (O_NOFOLLOW) in one line."""
-    path = os.fspath(path)
+    path = own_file(os.fspath(path))
     try:
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
     except OSError as e:
-        if e.errno == errno.ELOOP or os.path.islink(path):
-            raise GlanceError(f"{path} is a symbolic link; the trainer appends only to a file of its own "
-                              "(remove the link)") from None
+        if e.errno == errno.ELOOP:  # a link put there since the look above
+            own_file(path)
         raise write_error(path, e) from None
     return os.fdopen(fd, "a", encoding="utf-8")
 

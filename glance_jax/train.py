@@ -390,6 +390,7 @@ def _train_step(model, settings, static):
 class Run:
     """One training run in `workdir`: loads the base and the sample once, then trains the phases."""
 
+    @runstate.unlock_on_error
     def __init__(self, config, workdir, fresh=False, base=None):
         """`base`: the `(model, params)` that `checkpoints.load_model` gives for this config, already loaded by
         the caller, so that several runs in one process share one copy of the frozen base (single device and
@@ -654,7 +655,7 @@ def _pad_points(x, axis=0, multiple=16):
 
 def _truncate_metrics(path, phase, step):
     """Drops this phase's metric lines after `step`, so that a resumed run does not log a step twice."""
-    if not os.path.exists(path):
+    if not os.path.exists(safe_io.own_file(path)):
         return
     with open(path) as f:
         lines = [line for line in f if line.strip()]

@@ -128,7 +128,7 @@ def test_a_full_disk_during_sample_leaves_no_file(tmp_path, monkeypatch, capsys)
 
 def test_appending_refuses_a_link_and_appends_to_a_file(tmp_path):
     (tmp_path / "metrics.jsonl").symlink_to(tmp_path / "elsewhere.jsonl")
-    with pytest.raises(GlanceError, match="metrics.jsonl is a symbolic link"):
+    with pytest.raises(GlanceError, match="metrics.jsonl is a symbolic link; a run appends only to a file of its own"):
         safe_io.append_file(tmp_path / "metrics.jsonl")
     assert not (tmp_path / "elsewhere.jsonl").exists()
     for line in ("a\n", "b\n"):
@@ -183,6 +183,17 @@ def test_a_lock_on_a_new_workdir_leaves_nothing_when_released(tmp_path):
     assert (tmp_path / "new" / safe_io.LOCK_FILE).exists()
     runstate.release_workdir(tmp_path / "new")
     assert not (tmp_path / "new").exists()
+
+
+def test_a_run_that_fails_to_start_gives_its_lock_back(tmp_path):
+    class Failing:
+        @runstate.unlock_on_error
+        def __init__(self, config, workdir):
+            runstate.lock_workdir(workdir)
+            raise GlanceError("a check after the lock failed")
+    with pytest.raises(GlanceError, match="after the lock failed"):
+        Failing(None, tmp_path / "work")
+    assert not (tmp_path / "work").exists()  # the lock file, and the folder it made, are gone
 
 
 def test_fresh_removes_only_the_trainers_files(tmp_path):
