@@ -126,6 +126,16 @@ def test_a_full_disk_during_sample_leaves_no_file(tmp_path, monkeypatch, capsys)
     assert os.listdir(tmp_path) == []  # no 0-byte PNG that a rerun would call "exists"
 
 
+def test_an_os_error_anywhere_in_a_command_is_one_line(tmp_path, monkeypatch, capsys):
+    """A folder made read-only (or a disk gone) under a running command: one line, not a traceback."""
+    import glance_jax.sampling_cli
+
+    def read_only(args):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(tmp_path / "x"))
+    monkeypatch.setattr(glance_jax.sampling_cli, "_check_common", read_only)
+    one_line(capsys, main(sample(tmp_path / "three.png")), f"{os.strerror(errno.EROFS)} ({tmp_path / 'x'})")
+
+
 def test_appending_refuses_a_link_and_appends_to_a_file(tmp_path):
     (tmp_path / "metrics.jsonl").symlink_to(tmp_path / "elsewhere.jsonl")
     with pytest.raises(GlanceError, match="metrics.jsonl is a symbolic link; a run appends only to a file of its own"):
