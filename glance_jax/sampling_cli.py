@@ -146,10 +146,10 @@ def _check_common(args):
         scheduler = os.path.join(parts.get("scheduler", ""), "scheduler_config.json")
         if not args.scheduler and parts.get("scheduler") and os.path.isfile(scheduler):
             args.scheduler = scheduler
-    if args.scheduler and os.path.isfile(args.scheduler):
-        validation.scheduler_file(args.scheduler)
     elif args.vae:
         args.vae = families.vae_path(args.vae, what="--vae")
+    if args.scheduler and os.path.isfile(args.scheduler):
+        validation.scheduler_file(args.scheduler)
     if args.text_encoders:
         validation.no_remote_code(args.text_encoders)  # tokenizers load with trust_remote_code=False
     config = checkpoints.open_checkpoint(args.model or teacher.TEACHER_DIR).config  # headers only

@@ -527,8 +527,8 @@ class Run:
         """Trains the configured phase(s); returns {phase: path of its LoRA file}."""
         phases = PHASES if self.config.phase == "both" else (self.config.phase,)
         teacher = self.teacher_inputs()
-        safe_io.write_json(os.path.join(self.workdir, "schedule.json"), self.schedule.to_dict(), indent=1)  # also
-        # in the LoRA files' metadata
+        # (the schedule is also in the LoRA files' metadata)
+        safe_io.write_json(os.path.join(self.workdir, "schedule.json"), self.schedule.to_dict(), indent=1)
         written = {phase: self.train_phase(phase, teacher) for phase in phases}
         runstate.release_workdir(self.workdir)
         return written
