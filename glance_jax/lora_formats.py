@@ -73,7 +73,9 @@ def _lora_file(source):
             if os.path.isfile(adapter_config):
                 config = validation.lora_config(_json_of(adapter_config), adapter_config)
             return os.path.join(path, name), config
-    raise GlanceError(f"{path}: no pytorch_lora_weights.safetensors or adapter_model.safetensors in it")
+    pickles = sorted(n for n in os.listdir(path) if n.endswith(safetensors_io.PICKLE_SUFFIXES))
+    raise GlanceError(f"{path}: no pytorch_lora_weights.safetensors or adapter_model.safetensors in it" + (
+        f" ({', '.join(pickles[:3])}: pickles, which can run any code when loaded, are never read)" if pickles else ""))
 
 
 def read_schedule(path):

@@ -76,8 +76,9 @@ def write_json(path, value, **kwargs):
         json.dump(value, f, **kwargs)
 
 
-def save_image(image, path, format=None):
-    """A PIL image saved to `path`, atomically (PIL writes into the open temporary file)."""
+def save_image(image, path, format):
+    """A PIL image saved to `path` in `format` ("PNG", "JPEG", "WEBP"), atomically (PIL writes into the open
+    temporary file, so it cannot tell the format from the name)."""
     with atomic_file(path) as f:
         image.save(f, format=format)
 

@@ -264,6 +264,13 @@ def test_a_pickle_lora_is_named_a_pickle_and_never_loaded(base, tmp_path, name):
     assert not (tmp_path / "marker").exists()
 
 
+def test_a_lora_folder_of_pickles_says_so(base, tmp_path):
+    (tmp_path / "adapter_model.bin").write_bytes(pickle.dumps(_Payload(str(tmp_path / "marker")), protocol=2))
+    with pytest.raises(GlanceError, match="adapter_model.bin: pickles, which can run any code when loaded, are never"):
+        lora.load_lora(tmp_path, base[1])
+    assert not (tmp_path / "marker").exists()
+
+
 def test_a_model_folder_of_pickles_says_so(tmp_path):
     (tmp_path / "config.json").write_text((open(os.path.join(teacher.TEACHER_DIR, "config.json")).read()))
     (tmp_path / "diffusion_pytorch_model.bin").write_bytes(pickle.dumps({}, protocol=2))
