@@ -104,6 +104,21 @@ def test_with_overwrite_the_link_itself_is_replaced(tmp_path, capsys):
     assert [n for n in os.listdir(tmp_path) if ".partial" in n] == []
 
 
+def test_export_lora_and_convert_refuse_a_linked_destination_and_replace_it_with_overwrite(base, tmp_path, capsys):
+    src = _lora_file(base, tmp_path / "lora.safetensors")
+    target = tmp_path / "victim.safetensors"
+    target.write_bytes(b"the user's file")
+    (tmp_path / "k.safetensors").symlink_to(target)
+    export = ["export-lora", str(src), str(tmp_path / "k.safetensors"), "--model", teacher.TEACHER_DIR]
+    one_line(capsys, main(export), "DST", "k.safetensors is a symbolic link")
+    assert main(export + ["--overwrite"]) == 0
+    capsys.readouterr()
+    assert target.read_bytes() == b"the user's file" and not (tmp_path / "k.safetensors").is_symlink()
+    (tmp_path / "flax").symlink_to(tmp_path / "elsewhere")
+    one_line(capsys, main(["convert", teacher.TEACHER_DIR, str(tmp_path / "flax")]), "flax is a symbolic link")
+    assert not (tmp_path / "elsewhere").exists()
+
+
 @pytest.mark.parametrize("failure", [errno.ENOSPC, errno.EACCES])
 def test_a_failed_write_is_one_line_and_keeps_the_previous_file(tmp_path, monkeypatch, failure):
     out = tmp_path / "metrics.json"
