@@ -45,6 +45,10 @@ def main(argv=None):
     except GlanceError as e:
         print(f"glance-jax {argv[0]}: error: {e}", file=sys.stderr)
         return 2 if isinstance(e, UsageError) else 1
+    except OSError as e:  # a full disk, a folder made read-only mid-run: one line, not a traceback
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"glance-jax {argv[0]}: error: {e.strerror or e}{where}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"glance-jax {argv[0]}: interrupted", file=sys.stderr)
         return 130

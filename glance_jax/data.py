@@ -25,17 +25,19 @@ For Qwen-Image: `latents` (H/8, W/8, 16) normalised as its pipeline does,
 `empty_prompt_embeds` (T', 3584) and optionally `empty_prompt_embeds_mask`.
 """
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import logging
 import os
+import warnings
 
 import jax
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
-from glance_jax import checkpoints
+from glance_jax import checkpoints, validation
 from glance_jax.checkpoints import safetensors_io
 from glance_jax.errors import GlanceError
 
@@ -72,15 +74,14 @@ def find_samples(folder, resolution, multiple=32):
         caption_path = os.path.splitext(path)[0] + ".txt"
         if not os.path.isfile(caption_path):
             raise GlanceError(f"{path}: no caption ({os.path.basename(caption_path)} is missing)")
-        with open(caption_path, encoding="utf-8") as f:
-            caption = f.read().strip()
+        caption = validation.read_text(caption_path, "caption").strip()
         if not caption:
             raise GlanceError(f"{caption_path}: the caption is empty")
         try:
-            with Image.open(path) as image:
+            with _opened(path) as image:
                 image.verify()
-            with Image.open(path) as image:
-                width, height = image.size
+            with _opened(path) as image:
+                width, height = ImageOps.exif_transpose(image).size  # the size as the user sees it
         except (UnidentifiedImageError, OSError, SyntaxError) as e:
             raise GlanceError(f"{path}: unreadable image ({e})") from None
         if max(width, height) < resolution:
@@ -93,10 +94,44 @@ def find_samples(folder, resolution, multiple=32):
     return samples
 
 
+@contextlib.contextmanager
+def _opened(path):
+    """`Image.open(path)` that refuses, in one line, an image whose header claims more than PIL's
+    `Image.MAX_IMAGE_PIXELS` (a decompression bomb: PIL itself only warns up to twice that)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            with Image.open(path) as image:
+                yield image
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+            raise GlanceError(f"{path}: the image claims more than {Image.MAX_IMAGE_PIXELS} pixels (a decompression "
+                              "bomb, or far larger than any training size); refused before decoding it") from None
+
+
+def as_rgb(image):
+    """An RGB image as a viewer shows it: EXIF orientation applied; 16-bit and 32-bit grey scaled to 8 bits
+    (not clipped); palette, grey and CMYK converted; transparency composited over white."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        top = 65535.0 if image.mode.startswith("I;16") or np.asarray(image).max() > 255 else 255.0
+        grey = np.clip(np.asarray(image, np.float64) / top * 255.0, 0, 255).round().astype(np.uint8)
+        return Image.fromarray(grey, "L").convert("RGB")
+    if image.mode == "F":
+        return Image.fromarray(np.clip(np.asarray(image) * 255.0, 0, 255).round().astype(np.uint8), "L").convert("RGB")
+    if image.mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    if image.mode in ("LA", "La", "PA", "RGBa") or (image.mode in ("L", "RGB") and "transparency" in image.info):
+        image = image.convert("RGBA")
+    if image.mode == "RGBA":
+        white = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, image).convert("RGB")
+    return image.convert("RGB")  # RGB, L, 1, CMYK, YCbCr, LAB, HSV
+
+
 def load_image(sample):
     """The sample's image resized and centre-cropped to its training size: (H, W, 3) float32 in [-1, 1]."""
-    with Image.open(sample.image_path) as image:
-        image = image.convert("RGB")
+    with _opened(sample.image_path) as image:
+        image = as_rgb(image)
         scale = max(sample.width, sample.height) / max(image.size)
         scale = max(scale, sample.width / image.size[0], sample.height / image.size[1])
         size = (max(sample.width, round(image.size[0] * scale)), max(sample.height, round(image.size[1] * scale)))
@@ -164,6 +199,7 @@ class PrecomputedEncoder:
             raise GlanceError(f"{path}: missing arrays {', '.join(missing)}")
         wanted = lambda k: self.with_latents if k == "latents" else self.with_text
         arrays = {k: f.read(k).astype(np.int32 if k.endswith("_mask") else np.float32) for k in f.keys() if wanted(k)}
+        validation.finite_arrays(arrays, path)
         want = {"latents": (sample.height // self.vae_scale_factor, sample.width // self.vae_scale_factor,
                             self.latent_channels)} if self.with_latents else {}
         if self.pooled_dim and self.with_text:
@@ -205,6 +241,7 @@ class FlaxTextEncoder:
 
     def __init__(self, family, path, dtype="fp32", prompts=()):
         self.family, self.path, self.dtype, self.prompts = family, path, dtype, tuple(prompts)
+        validation.no_remote_code(path)  # before any encoder loads
         folders = [os.path.join(path, sub) for sub in sorted(os.listdir(path))
                    if sub in family.text_encoders or sub.startswith("tokenizer")]
         self._identity = files_digest(f"text:{dtype}:{json.dumps(self.prompts)}", folders)

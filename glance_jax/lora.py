@@ -135,6 +135,50 @@ def _check_scale(scale):
         raise GlanceError(f"LoRA scale {scale!r}: must be a finite number")
 
 
+# A merge may change a kernel by at most this many times its largest weight: then merge + unmerge
+# restores every kernel within (1 + MAX_CHANGE) * eps(kernel dtype) * max|W| (one rounding of each sum).
+# A larger change (a LoRA scaled by 1e8) would leave the base visibly off after unmerging.
+MAX_CHANGE = 64.0
+
+
+@functools.partial(jax.jit, static_argnums=3)
+def _merge_report(params, tree, scale, merge):
+    """Per adapted layer (sorted): (tree finite, merged kernel finite, max|change| <= MAX_CHANGE max|W|);
+    without `merge` only the first is computed (the others are True)."""
+    flat, out = flatten_dict(params), []
+    for path, m in sorted(modules_of(tree).items()):
+        a, b, alpha = (m[k].astype(jnp.float32) for k in ("A", "B", "alpha"))
+        tree_ok = jnp.isfinite(a).all() & jnp.isfinite(b).all() & jnp.isfinite(alpha).all()
+        merged_ok = small = jnp.bool_(True)
+        if merge:
+            kernel = flat[path + ("kernel",)].astype(jnp.float32)
+            delta = jnp.matmul(a, b) * (scale * alpha / a.shape[-1])[..., None, None]
+            merged_ok = jnp.isfinite((kernel + delta).astype(flat[path + ("kernel",)].dtype)).all()
+            biggest = jnp.max(jnp.abs(kernel))
+            ratio = jnp.max(jnp.abs(delta)) / jnp.where(biggest > 0, biggest, jnp.finfo(jnp.float32).tiny)
+            small = jnp.isfinite(ratio) & (ratio <= MAX_CHANGE)
+        out.append(jnp.stack([tree_ok, merged_ok, small]))
+    return jnp.stack(out)
+
+
+def check_values(params, tree, scale=1.0, merge=True, name="LoRA"):
+    """Refuses, before any sampling or merge, a LoRA holding NaN or inf, and (`merge`) one whose merge would
+    make a kernel non-finite or change it by more than MAX_CHANGE times its largest weight (so that
+    unmerging could not restore it); the base is not touched."""
+    report = np.asarray(_merge_report(params, tree, jnp.float32(scale), bool(merge)))
+    for path, (tree_ok, merged_ok, small) in zip(sorted(modules_of(tree)), report):
+        layer = ".".join(path)
+        if not tree_ok:
+            raise GlanceError(f"{name}: layer {layer} holds NaN or infinite values; refused before any use")
+        if not merged_ok:
+            raise GlanceError(f"{name} at scale {scale:g}: merging would make layer {layer} non-finite; refused, "
+                              "the base is unchanged")
+        if not small:
+            raise GlanceError(f"{name} at scale {scale:g}: merging would change layer {layer} by more than "
+                              f"{MAX_CHANGE:g} times its largest weight, too much to unmerge exactly; refused (the "
+                              "base is unchanged): lower the scale, or use lora_mode='unmerged'")
+
+
 def merged_params(params, tree, scale=1.0):
     """params with `W + scale (alpha / r) A B` in each adapted kernel (fp32 math, W's dtype). Traceable.
 
@@ -170,6 +214,7 @@ def merge_lora(params, tree, scale=1.0, donate=True):
     refuse_merge(params)
     check_shapes(params, tree)  # before the buffers are donated: a bad LoRA leaves `params` intact
     _check_scale(scale)
+    check_values(params, tree, scale)
     return (_merge_in_place if donate else _merge)(params, tree, jnp.float32(scale))
 
 

@@ -14,14 +14,13 @@ import dataclasses
 import json
 import logging
 import os
-import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from glance_jax import families
+from glance_jax import families, validation
 from glance_jax.checkpoints import bfl, safetensors_io, weight_table
 from glance_jax.errors import GlanceError
 from glance_jax.schedules import GlanceSchedule
@@ -108,10 +107,11 @@ def _lora_file(source):
         if os.path.isfile(os.path.join(path, name)):
             adapter_config, config = os.path.join(path, "adapter_config.json"), None
             if os.path.isfile(adapter_config):
-                with open(adapter_config) as f:
-                    config = json.load(f)
+                config = validation.lora_config(_json_of(adapter_config), adapter_config)
             return os.path.join(path, name), config
-    raise GlanceError(f"{path}: no pytorch_lora_weights.safetensors or adapter_model.safetensors in it")
+    pickles = sorted(n for n in os.listdir(path) if n.endswith(safetensors_io.PICKLE_SUFFIXES))
+    raise GlanceError(f"{path}: no pytorch_lora_weights.safetensors or adapter_model.safetensors in it" + (
+        f" ({', '.join(pickles[:3])}: pickles, which can run any code when loaded, are never read)" if pickles else ""))
 
 
 def read_schedule(path):
@@ -168,8 +168,10 @@ def _read_state_dict(source):
     path, config = _lora_file(source)
     f = safetensors_io.SafetensorsFile(path)
     if config is None and METADATA_KEY in f.metadata:
-        packed = json.loads(f.metadata[METADATA_KEY])
+        packed = validation.lora_config(_json_of(f.metadata[METADATA_KEY], f"{path}: its {METADATA_KEY} metadata"),
+                                        path)
         config = {k[len("transformer."):]: v for k, v in packed.items() if k.startswith("transformer.")} or packed
+        config = validation.lora_config(config, path)
     if config is not None and FOLDED_KEY in f.metadata:
         config = dict(config, **{FOLDED_KEY: _folded_alphas(f.metadata[FOLDED_KEY], path)})
     return {name: f.read(name) for name in f.keys()}, config, path
@@ -184,6 +186,17 @@ def _folded_alphas(text, where):
     if not isinstance(alphas, dict) or not all(type(v) in (int, float) and v > 0 for v in alphas.values()):
         raise GlanceError(f"{where}: its {FOLDED_KEY} metadata is not a JSON object of positive alphas")
     return alphas
+
+
+def _json_of(path_or_text, what=None):
+    """JSON from a file (`what` None) or from text (`what` names it): one GlanceError if it is not JSON."""
+    try:
+        if what is None:
+            with open(path_or_text, encoding="utf-8") as f:
+                return json.load(f)
+        return json.loads(path_or_text)
+    except (OSError, ValueError) as e:
+        raise GlanceError(f"{what or path_or_text}: not JSON ({e})") from None
 
 
 def _split_key(key):
@@ -232,11 +245,8 @@ def _name_lookup(params):
 
 
 def _pattern_value(config, key, name, default):
-    """A per-module value from a LoraConfig dict: its rank_pattern/alpha_pattern (PEFT's regex rule) or default."""
-    for pattern, value in (config.get(key) or {}).items():
-        if re.match(rf"(.*\.)?({pattern})$", name):
-            return value
-    return default
+    """A per-module value from a LoraConfig dict: its rank_pattern/alpha_pattern (module names) or default."""
+    return validation.pattern_value(config, key, name, default)
 
 
 def load_lora(path_or_state_dict, params, strict=True):
@@ -250,6 +260,7 @@ def load_lora(path_or_state_dict, params, strict=True):
     out and listed in full on the log instead.
     """
     tensors, config, where = _read_state_dict(path_or_state_dict)
+    validation.finite_arrays(tensors, where)  # a NaN LoRA would sample black images, or poison a merged base
     lookup, hidden = _name_lookup(params)
     layers = dense_layers(params)
     found = collections.defaultdict(dict)  # diffusers module -> {"A", "B", "alpha"}
@@ -419,6 +430,8 @@ def save_lora(tree, path, format="diffusers", model_type=None, schedule=None, gu
     entries = _entries(tree)
     if not entries:
         raise GlanceError("the LoRA tree adapts no layer")
+    validation.finite_arrays({f"{name} {part}": v for name, a, b, _ in entries for part, v in (("A", a), ("B", b))},
+                             f"LoRA for {path}")  # a trained LoRA gone non-finite is never written
     family = families.get(model_type) if model_type else families.of_params(tree)
     if format == "diffusers":
         tensors, metadata = _diffusers_tensors(entries)

@@ -27,9 +27,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from glance_jax import families
+from glance_jax import families, validation
 from glance_jax.errors import GlanceError
-from glance_jax.lora import check_shapes, merged_params
+from glance_jax.lora import check_shapes, check_values, merged_params
 from glance_jax.lora_formats import GUIDANCE_EMBEDDER, guidance_embedder
 from glance_jax.models.tiling import tiled_decode
 from glance_jax.quantize import is_quantized, kind_of, quantize_params
@@ -42,6 +42,8 @@ INTEGRATIONS = ("consistent", "official")
 
 def flux_latent_grid(height, width, vae_scale_factor=8):
     """(rows, columns) of packed FLUX tokens for an image: latents are 1/8 size, packed in 2 x 2 patches."""
+    if not all(isinstance(n, (int, np.integer)) and not isinstance(n, bool) and n > 0 for n in (height, width)):
+        raise GlanceError(f"height and width must be positive integers, got {height!r}x{width!r}")
     if height % (2 * vae_scale_factor) or width % (2 * vae_scale_factor):
         raise GlanceError(f"height and width must be multiples of {2 * vae_scale_factor}, got {height}x{width}")
     return height // (2 * vae_scale_factor), width // (2 * vae_scale_factor)
@@ -78,6 +80,8 @@ def phase_steps(scheduler_config, image_seq_len, schedule=None, num_inference_st
     if integration not in INTEGRATIONS:
         raise GlanceError(f"unknown integration {integration!r}: use one of {', '.join(INTEGRATIONS)}")
     scheduler = FlowMatchEulerScheduler.from_config(scheduler_config)
+    if schedule is not None and num_inference_steps is not None:
+        raise GlanceError("pass num_inference_steps (plain sampling) or schedule=GlanceSchedule(...), not both")
     if schedule is None:
         if not num_inference_steps:
             raise GlanceError("pass num_inference_steps or schedule=GlanceSchedule(...)")
@@ -238,6 +242,9 @@ class GlancePipeline:
                 check_shapes(self.params, tree)
         if not np.isfinite(lora_scale):
             raise GlanceError(f"lora_scale {lora_scale!r}: must be a finite number")
+        for tree, name in ((slow_lora, "slow_lora"), (fast_lora, "fast_lora")):  # finite, and mergeable and back
+            if tree is not None:
+                check_values(self.params, tree, lora_scale, merge=lora_mode == "merge", name=name)
         rows, cols = flux_latent_grid(height, width, self.vae_scale_factor)
         if latents is None:
             latents = self.noise(seed, batch, height, width)
@@ -340,6 +347,11 @@ class FluxGlancePipeline(GlancePipeline):
             negative_pooled_prompt_embeds = encoded["pooled_prompt_embeds"]
         if (negative_prompt_embeds is None) != (negative_pooled_prompt_embeds is None):
             raise GlanceError("pass both negative_prompt_embeds and negative_pooled_prompt_embeds, or neither")
+        validation.pipeline_inputs(batch, {
+            "prompt_embeds": prompt_embeds, "pooled_prompt_embeds": pooled_prompt_embeds, "latents": latents,
+            "negative_prompt_embeds": negative_prompt_embeds,
+            "negative_pooled_prompt_embeds": negative_pooled_prompt_embeds},
+            {"guidance_scale": guidance_scale, "true_cfg_scale": true_cfg_scale, "lora_scale": lora_scale})
         rows, cols = flux_latent_grid(height, width, self.vae_scale_factor)
         trained_input = not self.model.guidance_embeds and any(
             tree is not None and guidance_embedder(tree) is not None for tree in (slow_lora, fast_lora))
@@ -384,6 +396,10 @@ class QwenImageGlancePipeline(GlancePipeline):
             encoded = self._encode([negative_prompt] * batch if isinstance(negative_prompt, str) else negative_prompt)
             negative_prompt_embeds, negative_prompt_embeds_mask = (encoded["prompt_embeds"],
                                                                    encoded.get("prompt_embeds_mask"))
+        validation.pipeline_inputs(batch, {
+            "prompt_embeds": prompt_embeds, "prompt_embeds_mask": prompt_embeds_mask, "latents": latents,
+            "negative_prompt_embeds": negative_prompt_embeds, "negative_prompt_embeds_mask": negative_prompt_embeds_mask},
+            {"true_cfg_scale": true_cfg_scale, "lora_scale": lora_scale})
         rows, cols = flux_latent_grid(height, width, self.vae_scale_factor)
         cond = lambda embeds, mask: self.model.conditioning(
             {"prompt_embeds": embeds, "prompt_embeds_mask": mask}, rows, cols)

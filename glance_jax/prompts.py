@@ -34,9 +34,12 @@ QWEN_MAX_TOKENS = 1024
 
 def _tokenizer(folder):
     from transformers import AutoTokenizer
+
+    from glance_jax import validation  # (validation imports families, which imports this module)
     if not os.path.isdir(folder):
         raise GlanceError(f"{folder}: no tokenizer folder")
-    return AutoTokenizer.from_pretrained(folder)
+    validation.no_remote_code(folder)
+    return AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
 
 
 def _tokenize(tokenizer, prompts, max_length, padding, what):

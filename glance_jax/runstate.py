@@ -9,6 +9,8 @@
   the LoRAs written at checkpoints carry their step in the name and sit under `checkpoints/`.
 """
 
+import atexit
+import functools
 import glob
 import hashlib
 import json
@@ -16,6 +18,7 @@ import logging
 import os
 import shutil
 
+from glance_jax import safe_io
 from glance_jax.errors import GlanceError
 
 log = logging.getLogger(__name__)
@@ -121,22 +124,63 @@ def write_fingerprint(workdir, value):
     path = os.path.join(workdir, FINGERPRINT_FILE)
     if os.path.exists(path):
         return
-    tmp = f"{path}.partial-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(value, f, indent=1, sort_keys=True, default=str)
-    os.replace(tmp, path)
+    safe_io.write_json(path, value, indent=1, sort_keys=True, default=str)
+
+
+RUN_FILES = (FINGERPRINT_FILE, "metrics.jsonl", "schedule.json", "slow_lora.safetensors", "fast_lora.safetensors")
 
 
 def clear_run(workdir):
-    """What `--fresh` removes: the fingerprint, checkpoints, metrics and LoRA files of a run (nothing else)."""
+    """What `--fresh` removes: the files the trainer writes (`RUN_FILES`) and its checkpoints/ folder; a
+    file of the user's beside them, even one named like a LoRA, stays."""
     if not os.path.isdir(workdir):
         return
-    for name in (FINGERPRINT_FILE, "metrics.jsonl"):
-        if os.path.exists(os.path.join(workdir, name)):
+    for name in RUN_FILES:
+        if os.path.lexists(os.path.join(workdir, name)):
             os.remove(os.path.join(workdir, name))
-    shutil.rmtree(os.path.join(workdir, "checkpoints"), ignore_errors=True)
-    for name in glob.glob(os.path.join(workdir, "*_lora.safetensors")):
-        os.remove(name)
+    checkpoints = os.path.join(workdir, "checkpoints")
+    if os.path.islink(checkpoints):
+        os.remove(checkpoints)  # the link only, never what it points to
+    shutil.rmtree(checkpoints, ignore_errors=True)
+
+
+_LOCKS = {}  # workdir -> the WorkdirLock this process holds
+
+
+def lock_workdir(workdir):
+    """Takes `workdir`'s lock for this process (one run per workdir; see `safe_io.WorkdirLock`), before
+    anything is written there; released by `release_workdir`, or when the process ends."""
+    workdir = _key(workdir)
+    if workdir not in _LOCKS:
+        if not _LOCKS:
+            atexit.register(lambda: [release_workdir(w) for w in list(_LOCKS)])
+        _LOCKS[workdir] = safe_io.WorkdirLock(workdir).acquire()
+    return _LOCKS[workdir]
+
+
+def release_workdir(workdir):
+    lock = _LOCKS.pop(_key(workdir), None)
+    if lock is not None:
+        lock.release()
+
+
+def _key(workdir):
+    return os.path.abspath(os.path.expanduser(os.fspath(workdir)))
+
+
+def unlock_on_error(init):
+    """Decorates a run's `__init__(self, config, workdir, ...)`: if it fails after taking the workdir's lock,
+    the lock goes back at once (a caller that keeps the error, a notebook, would otherwise hold it)."""
+    @functools.wraps(init)
+    def wrapper(self, config, workdir, *args, **kwargs):
+        held_before = _key(workdir) in _LOCKS
+        try:
+            return init(self, config, workdir, *args, **kwargs)
+        except BaseException:
+            if not held_before:
+                release_workdir(workdir)
+            raise
+    return wrapper
 
 
 def latest_step_on_disk(workdir, phase):

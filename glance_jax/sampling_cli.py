@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from glance_jax import checkpoints, evaluation, families, validation
+from glance_jax import checkpoints, evaluation, families, safe_io, validation
 from glance_jax.checkpoints import safetensors_io
 from glance_jax.errors import GlanceError
 from glance_jax.lora import load_lora, read_guidance, read_schedule
@@ -61,6 +61,8 @@ def _embeddings(path, captions, text_encoders=None, family=families.FLUX):
         stored = json.loads(f.metadata["captions"])
     except (KeyError, ValueError):
         raise GlanceError(f"{f.path}: no 'captions' list in its metadata") from None
+    if not isinstance(stored, list) or not all(isinstance(c, str) for c in stored):
+        raise GlanceError(f"{f.path}: its 'captions' metadata is not a JSON list of strings")
     missing = [c for c in captions if c not in stored]
     if missing:
         raise GlanceError(f"{f.path} has no embeddings for {missing[0]!r}; it has: "
@@ -177,8 +179,8 @@ def _sizes(args, pixels):
 
 def _save_images(images, path):
     pixels = evaluation.to_uint8(images)
-    Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels).save(
-        path, format=validation.IMAGE_FORMATS[os.path.splitext(path)[1].lower()])
+    safe_io.save_image(Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels), path,
+                       validation.IMAGE_FORMATS[os.path.splitext(path)[1].lower()])
 
 
 def _check_common(args):
@@ -202,6 +204,10 @@ def _check_common(args):
             args.scheduler = scheduler
     elif args.vae:
         args.vae = families.vae_path(args.vae, what="--vae")
+    if args.scheduler and os.path.isfile(args.scheduler):
+        validation.scheduler_file(args.scheduler)
+    if args.text_encoders:
+        validation.no_remote_code(args.text_encoders)  # tokenizers load with trust_remote_code=False
     config = checkpoints.open_checkpoint(args.model or teacher.TEACHER_DIR).config  # headers only
     pixels = config.get("in_channels", 64) // 4 in (1, 3)
     for flag in ("scheduler", "embeddings", "slow_lora", "fast_lora"):
@@ -211,6 +217,7 @@ def _check_common(args):
     for flag in ("height", "width"):
         if getattr(args, flag) is not None:
             validation.multiple_of(f"--{flag}", getattr(args, flag), 2 if pixels else 16)
+    validation.image_size(*_sizes(args, pixels)[:2], validation.positive_int("--max_pixels", args.max_pixels))
     if args.schedule not in (None, "official"):
         _schedule_steps(args.schedule)
     if getattr(args, "steps", None):
@@ -256,6 +263,8 @@ def _common_flags(p):
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--overwrite", action="store_true", help="replace outputs that exist")
+    p.add_argument("--max_pixels", type=int, default=validation.MAX_PIXELS,
+                   help="largest height x width sampled (default: 4096 x 4096); larger sizes are refused first")
 
 
 def sample_main(argv):
@@ -271,6 +280,7 @@ def sample_main(argv):
     p.add_argument("--steps", type=int, default=None, help="plain sampling with this many steps instead of Glance")
     _common_flags(p)
     args = p.parse_args(argv)
+    validation.seed("--seed", args.seed)
     image_out = validation.out_extension(args.out, [*validation.IMAGE_FORMATS, ".safetensors"]) != ".safetensors"
     validation.output_file(args.out, args.overwrite, "--out")
     if args.steps is not None:
@@ -298,8 +308,8 @@ def sample_main(argv):
         kw["slow_lora"] = load_lora(args.slow_lora, pipe.params) if args.slow_lora else None
         kw["fast_lora"] = load_lora(args.fast_lora, pipe.params) if args.fast_lora else None
     if image_out and not pixels:
-        _call(pipe, arrays, height=height, width=width, seed=args.seed, output_type="pil", **kw)[0].save(
-            args.out, format=validation.IMAGE_FORMATS[os.path.splitext(args.out)[1].lower()])
+        safe_io.save_image(_call(pipe, arrays, height=height, width=width, seed=args.seed, output_type="pil", **kw)[0],
+                           args.out, validation.IMAGE_FORMATS[os.path.splitext(args.out)[1].lower()])
         print(f"wrote {args.out} ({_describe_cost(pipe.last_nfe, cfg_scale, negative)})")
         return
     latents = _call(pipe, arrays, height=height, width=width, seed=args.seed, **kw)
@@ -328,14 +338,16 @@ def eval_main(argv):
     validation.fresh_outputs(args.workdir, ("eval.json", "grid.png"), args.overwrite)
     if not os.path.isfile(args.prompts):
         raise GlanceError(f"{args.prompts}: no such prompt file")
-    with open(args.prompts) as f:
-        captions = [line.strip() for line in f if line.strip()]
+    captions = [line.strip() for line in validation.read_text(args.prompts, "prompt file").splitlines()
+                if line.strip()]
     if not captions:
         raise GlanceError(f"{args.prompts}: no prompts in it")
     try:
         seeds = [int(s) for s in args.seeds.split(",")]
     except ValueError:
         raise GlanceError(f"--seeds {args.seeds!r}: use comma-separated integers") from None
+    for s in seeds:
+        validation.seed("--seeds", s)
     _, schedule = _check_common(args)
     cfg_scale, negative = _guidance(args)
     guidance_scale = _guidance_input(args)
@@ -396,10 +408,10 @@ def eval_main(argv):
         except ValueError:  # the base did not improve from N to 2N steps: no curve to read a cost from
             pass
     os.makedirs(args.workdir, exist_ok=True)
-    with open(os.path.join(args.workdir, "eval.json"), "w") as f:
-        json.dump({"runs": rows, "prompts": captions, "seeds": seeds, "schedule": glance["schedule"].to_dict(),
-                   "true_cfg_scale": cfg_scale, "negative_prompt": negative,
-                   "space": "pixels" if pixels else "latents (pass --vae for pixels)"}, f, indent=2)
+    safe_io.write_json(os.path.join(args.workdir, "eval.json"), {
+        "runs": rows, "prompts": captions, "seeds": seeds, "schedule": glance["schedule"].to_dict(),
+        "true_cfg_scale": cfg_scale, "negative_prompt": negative,
+        "space": "pixels" if pixels else "latents (pass --vae for pixels)"}, indent=2)
     print(f"{'run':<14}{'NFE':>5}{'s/img':>9}{'PSNR':>8}{'SSIM':>8}{'MSE':>10}")
     for r in rows:
         fmt = lambda v, spec: format(v, spec) if v is not None else "-"
@@ -412,7 +424,7 @@ def eval_main(argv):
     if pixels:
         grid = evaluation.grid([list(outputs[r["name"]]) for r in rows], [r["name"] for r in rows],
                                [f"{i // len(seeds)}:{s}" for i, s in enumerate(batch_seeds)], scale=5)
-        grid.save(os.path.join(args.workdir, "grid.png"))
+        safe_io.save_image(grid, os.path.join(args.workdir, "grid.png"), "PNG")
         print(f"wrote {args.workdir}/eval.json and {args.workdir}/grid.png")
     else:
         print(f"wrote {args.workdir}/eval.json (agreement in latent space; --vae gives pixels and a grid)")

@@ -46,7 +46,9 @@ class FlowMatchEulerScheduler:
                 raise GlanceError(f"scheduler option {flag}=True is not supported")
         names = {"num_train_timesteps", "shift", "use_dynamic_shifting", "base_shift", "max_shift",
                  "base_image_seq_len", "max_image_seq_len", "shift_terminal", "time_shift_type"}
-        return cls(**{k: v for k, v in config.items() if k in names and v is not None})
+        values = {k: v for k, v in config.items() if k in names and v is not None}
+        _check_values(values)
+        return cls(**values)
 
     def mu(self, image_seq_len):
         """The pipelines' `calculate_shift`: linear in the image sequence length between the two anchors."""
@@ -61,7 +63,9 @@ class FlowMatchEulerScheduler:
                 raise GlanceError("this scheduler shifts by resolution: pass image_seq_len")
             mu = self.mu(image_seq_len)
             if self.time_shift_type == "exponential":
-                sigmas = math.exp(mu) / (math.exp(mu) + (1 / sigmas - 1) ** 1.0)
+                shift = math.exp(min(mu, 709.0))  # (a Python float holds exp(709); float32 overflows before)
+                with np.errstate(over="ignore", invalid="ignore"):  # a non-finite result is refused below
+                    sigmas = shift / (shift + (1 / sigmas - 1) ** 1.0)
             else:
                 sigmas = mu / (mu + (1 / sigmas - 1) ** 1.0)
         else:
@@ -71,7 +75,12 @@ class FlowMatchEulerScheduler:
                 raise GlanceError("a schedule with shift_terminal needs at least 2 steps")
             one_minus = 1 - sigmas
             sigmas = 1 - one_minus / (one_minus[-1] / (1 - self.shift_terminal))
-        return np.asarray(sigmas, np.float32)
+        sigmas = np.asarray(sigmas, np.float32)
+        if not np.isfinite(sigmas).all():
+            raise GlanceError(f"the scheduler's time shift is not finite at image_seq_len={image_seq_len} (mu="
+                              f"{self.mu(image_seq_len) if self.use_dynamic_shifting else self.shift:g}): this "
+                              "size is far beyond what the scheduler was made for; sample a smaller size")
+        return sigmas
 
     def set_timesteps(self, num_inference_steps, image_seq_len=None, sigmas=None):
         """(timesteps, sigmas): N timesteps (1000 x sigma) and N + 1 sigmas ending with the terminal 0.
@@ -85,6 +94,28 @@ class FlowMatchEulerScheduler:
         sigmas = self.shifted(np.asarray(sigmas).astype(np.float32), image_seq_len)
         timesteps = sigmas * np.float32(self.num_train_timesteps)
         return timesteps, np.concatenate([sigmas, np.zeros(1, np.float32)])
+
+
+def _check_values(values):
+    """Refuses scheduler config values of the wrong type or range (also a zero-width shift interpolation)."""
+    integer = lambda v: isinstance(v, int) and not isinstance(v, bool)
+    number = lambda v: (integer(v) or isinstance(v, float)) and math.isfinite(v)
+    rules = {"num_train_timesteps": (lambda v: integer(v) and v > 0, "a positive integer"),
+             "shift": (lambda v: number(v) and v > 0, "a finite number > 0"),
+             "use_dynamic_shifting": (lambda v: isinstance(v, bool), "true or false"),
+             "base_shift": (number, "a finite number"), "max_shift": (number, "a finite number"),
+             "base_image_seq_len": (lambda v: integer(v) and v > 0, "a positive integer"),
+             "max_image_seq_len": (lambda v: integer(v) and v > 0, "a positive integer"),
+             "shift_terminal": (lambda v: number(v) and 0 <= v < 1, "a number in [0, 1)"),
+             "time_shift_type": (lambda v: v in ("exponential", "linear"), "'exponential' or 'linear'")}
+    for key, value in values.items():
+        ok, wanted = rules[key]
+        if not ok(value):
+            raise GlanceError(f"scheduler config {key}={value!r}: must be {wanted}")
+    if values.get("use_dynamic_shifting") and values.get("base_image_seq_len", 256) == values.get(
+            "max_image_seq_len", 4096):
+        raise GlanceError("scheduler config: base_image_seq_len equals max_image_seq_len, so the resolution "
+                          "shift divides by zero")
 
 
 def scheduler_config(scheduler):

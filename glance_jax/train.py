@@ -43,6 +43,7 @@ from tqdm import tqdm
 
 from glance_jax import checkpoints, data, families, lora, runstate, schedules, sharding, validation
 from glance_jax.checkpoints import safetensors_io
+from glance_jax import safe_io
 from glance_jax.errors import GlanceError
 from glance_jax.pipelines import euler_step, pack_flux_latents, velocity
 from glance_jax.schedules import GlanceSchedule
@@ -440,6 +441,7 @@ def _train_step(model, settings, static):
 class Run:
     """One training run in `workdir`: loads the base and the sample once, then trains the phases."""
 
+    @runstate.unlock_on_error
     def __init__(self, config, workdir, fresh=False, base=None):
         """`base`: the `(model, params)` that `checkpoints.load_model` gives for this config, already loaded by
         the caller, so that several runs in one process share one copy of the frozen base (single device and
@@ -454,6 +456,8 @@ class Run:
         if len(samples) != 1:
             raise GlanceError(f"{config.data.dir}: {len(samples)} image/caption pairs; Glance trains on exactly one")
         self.sample = samples[0]
+        if jax.process_index() == 0:
+            runstate.lock_workdir(self.workdir)  # one run per workdir: before --fresh clears anything
         if fresh and jax.process_index() == 0:
             runstate.clear_run(self.workdir)
         self.fingerprint = runstate.fingerprint(config, self.sample, transformer, vae, text_encoders)
@@ -582,9 +586,11 @@ class Run:
         """Trains the configured phase(s); returns {phase: path of its LoRA file}."""
         phases = PHASES if self.config.phase == "both" else (self.config.phase,)
         teacher = self.teacher_inputs()
-        with open(os.path.join(self.workdir, "schedule.json"), "w") as f:  # also in the LoRA files' metadata
-            json.dump(self.schedule.to_dict(), f, indent=1)
-        return {phase: self.train_phase(phase, teacher) for phase in phases}
+        # (the schedule is also in the LoRA files' metadata)
+        safe_io.write_json(os.path.join(self.workdir, "schedule.json"), self.schedule.to_dict(), indent=1)
+        written = {phase: self.train_phase(phase, teacher) for phase in phases}
+        runstate.release_workdir(self.workdir)
+        return written
 
     def initial_state(self, phase, teacher):
         """(LoRA, optimizer state, points, key) with which `phase` starts: `points` masks the phase's timesteps
@@ -656,7 +662,7 @@ class Run:
 
         bar = tqdm(range(start, config.steps), initial=start, total=config.steps, desc=f"{phase}-LoRA",
                    unit="step", dynamic_ncols=True, disable=not self.writer)
-        with open(metrics_path if self.writer else os.devnull, "a") as metrics:
+        with safe_io.append_file(metrics_path) if self.writer else open(os.devnull, "a") as metrics:
             for step in bar:
                 began = time.perf_counter()
                 adapter, opt_state, out = step_fn(adapter, opt_state, self.params, self.batch, teacher, points,
@@ -710,17 +716,20 @@ def _pad_points(x, axis=0, multiple=16):
 
 def _truncate_metrics(path, phase, step):
     """Drops this phase's metric lines after `step`, so that a resumed run does not log a step twice."""
-    if not os.path.exists(path):
+    if not os.path.exists(safe_io.own_file(path)):
         return
     with open(path) as f:
         lines = [line for line in f if line.strip()]
     keep = [line for line in lines if json.loads(line)["phase"] != phase or json.loads(line)["step"] <= step]
     if len(keep) != len(lines):
-        with open(path, "w") as f:
+        with safe_io.atomic_file(path, "w") as f:
             f.writelines(keep)
 
 
 def train(config, workdir, fresh=False):
     """Runs the trainer; returns {phase: LoRA file}. `fresh`: clear a previous run's files in `workdir` first."""
-    return Run(config, workdir, fresh).train()
+    try:
+        return Run(config, workdir, fresh).train()
+    finally:
+        runstate.release_workdir(workdir)
 

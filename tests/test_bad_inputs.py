@@ -12,6 +12,9 @@ import json
 import os
 import shutil
 import signal
+import socket
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -137,6 +140,7 @@ CASES = [
     ("train", {"--config.optim.lr": "-1e-4"}, "config.optim.lr -0.0001", "--workdir"),
     ("train", {"--config.optim.grad_clip": "inf"}, "config.optim.grad_clip inf", "--workdir"),
     ("train", {"--config.optim.warmup_steps": "-1"}, "config.optim.warmup_steps -1", "--workdir"),
+    ("train", {"--config.seed": "-1"}, "config.seed -1: must be an integer in [0, 4294967295]", "--workdir"),
     ("train", {"--config.batch_size": "2"}, "batch_size", "--workdir"),  # no such field: one sample
     ("train", {"--config.checkpoint.every": "0"}, "config.checkpoint.every 0", "--workdir"),
     ("train", {"--config.data.caption_dropout": "1.5"}, "config.data.caption_dropout 1.5", "--workdir"),
@@ -472,10 +476,30 @@ def test_a_longer_run_extends_a_shorter_one_and_a_shorter_is_refused(world, resu
 def test_fresh_starts_anew(world, resume, capsys):
     workdir = world / "resume" / "fresh"
     shutil.copytree(resume, workdir)
+    (workdir / "my_lora.safetensors").write_bytes(b"the user's own file")  # named like the trainer's
     assert main(resume_argv(world, workdir, "--config.optim.lr=1e-4", "--fresh")) == 0
     lrs = [json.loads(line)["lr"] for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert len(lrs) == 4 and lrs[-1] == pytest.approx(1e-4)
+    assert (workdir / "my_lora.safetensors").read_bytes() == b"the user's own file"
+    assert not (workdir / "train.lock").exists()  # released when the run ended
     assert main(resume_argv(world, workdir, "--config.optim.lr=1e-4")) == 0  # and resumes that run from then on
+
+
+def test_a_workdir_in_use_refuses_a_second_train_and_fresh(world, resume, no_heavy_work, capsys):
+    workdir = world / "resume" / "in_use"
+    shutil.copytree(resume, workdir)
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (workdir / "train.lock").write_text(json.dumps({"pid": holder.pid, "host": socket.gethostname()}))
+        before = _snapshot(workdir)
+        for extra in ((), ("--fresh",)):
+            code = main(resume_argv(world, workdir, *extra))
+            err = capsys.readouterr().err.strip().splitlines()
+            assert code == 1 and len(err) == 1 and f"is in use by process {holder.pid} on" in err[0], err
+            assert _snapshot(workdir) == before  # --fresh deleted nothing of the running run
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 def test_a_corrupt_latest_checkpoint_falls_back_to_the_one_before(world, resume, capsys):

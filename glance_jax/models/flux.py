@@ -182,6 +182,8 @@ class FluxTransformer2DModel(PretrainedModel, nn.Module):
     scan_unroll: bool = False  # unrolled blocks: slower to compile, but XLA's cost analysis counts every block
 
     quantizable = True  # a frozen base whose Dense kernels glance_jax.quantize may store in 8 bits
+    required_config_keys = ("in_channels", "num_layers", "num_single_layers", "attention_head_dim",
+                            "num_attention_heads", "joint_attention_dim", "pooled_projection_dim")
     config_keys = ("patch_size", "in_channels", "out_channels", "num_layers", "num_single_layers",
                    "attention_head_dim", "num_attention_heads", "joint_attention_dim", "pooled_projection_dim",
                    "guidance_embeds", "axes_dims_rope")

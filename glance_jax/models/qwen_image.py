@@ -112,6 +112,8 @@ class QwenImageTransformer2DModel(PretrainedModel, nn.Module):
     scan_unroll: bool = False
 
     quantizable = True  # a frozen base whose Dense kernels glance_jax.quantize may store in 8 bits
+    required_config_keys = ("in_channels", "num_layers", "attention_head_dim", "num_attention_heads",
+                            "joint_attention_dim")
     config_keys = ("patch_size", "in_channels", "out_channels", "num_layers", "attention_head_dim",
                    "num_attention_heads", "joint_attention_dim", "guidance_embeds", "axes_dims_rope")
     unsupported = {"zero_cond_t": False, "use_additional_t_cond": False, "use_layer3d_rope": False,
