@@ -14,6 +14,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 
 import jax
 import jax.numpy as jnp
