@@ -32,10 +32,11 @@ METADATA_KEY = "lora_adapter_metadata"  # where diffusers keeps the LoraConfig o
 FOLDED_KEY = "glance_lora_alpha"  # {module: trained alpha} of a diffusers export whose lora_B holds alpha / r
 SCHEDULE_KEY = "glance_schedule"  # the Glance timesteps a LoRA was trained for (JSON), so the pair never separates
 GUIDANCE_KEY = "glance_guidance"  # how the pair samples (JSON): true_cfg_scale, negative_prompt, passes_per_step
-# A trained guidance embedding (train: config.student.guidance_input) rides in a LoRA tree at this path, in the
-# shape of FLUX.1-dev's guidance embedder ({"linear_1", "linear_2"}: {"kernel", "bias"}); files hold it under
-# this prefix and FLUX.1-dev's own parameter names (torch layout), which diffusers and other tools ignore.
-GUIDANCE_EMBEDDER = ("time_text_embed", "guidance_embedder")
+# A trained guidance embedding (train: config.student.guidance_input) rides in a LoRA tree at this path (apart from
+# a LoRA on FLUX.1-dev's own guidance_embedder), in the shape of FLUX.1-dev's guidance embedder ({"linear_1",
+# "linear_2"}: {"kernel", "bias"}); files hold it under this prefix and the names of FLUX.1-dev's guidance embedder
+# (torch layout), which diffusers and other tools ignore.
+GUIDANCE_EMBEDDER = ("time_text_embed", "glance_guidance_embedder")
 EMBEDDER_PREFIX = "glance_guidance_embedder."
 PREFIXES = ("transformer.", "base_model.model.") + bfl.PREFIXES  # diffusers, PEFT, then BFL / ComfyUI
 KOHYA_PREFIXES = ("lora_unet_", "lora_transformer_")

@@ -55,9 +55,9 @@ class TimeTextEmbedding(nn.Module):
         temb = MLPEmbedder(self.dim, **kw, name="timestep_embedder")(timestep_sinusoid(timestep * 1000))
         if self.guidance_embeds:
             temb = temb + MLPEmbedder(self.dim, **kw, name="guidance_embedder")(timestep_sinusoid(guidance * 1000))
-        elif guidance is not None and self.has_variable("lora", "guidance_embedder"):
+        elif guidance is not None and self.has_variable("lora", "glance_guidance_embedder"):
             # a guidance embedding trained beside a LoRA for a model that has none (FLUX.1-dev's shape)
-            e = self.get_variable("lora", "guidance_embedder")
+            e = self.get_variable("lora", "glance_guidance_embedder")
             dense = lambda x, layer: jnp.dot(x, e[layer]["kernel"]) + e[layer]["bias"]
             x = timestep_sinusoid(guidance * 1000)
             temb = temb + dense(jax.nn.silu(dense(x, "linear_1")), "linear_2").astype(temb.dtype)
