@@ -33,6 +33,13 @@ def main(argv=None):
     package_log.addHandler(handler)
     package_log.setLevel(logging.INFO)
     package_log.propagate = False
+    try:
+        return _run(argv)
+    finally:  # main() may be called again in one process (tests, scripts): no handler on an old stderr stays
+        package_log.removeHandler(handler)
+
+
+def _run(argv):
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0

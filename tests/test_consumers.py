@@ -46,7 +46,7 @@ from glance_jax.errors import GlanceError
 from glance_jax.families import FLUX
 from glance_jax import lora_formats
 from glance_jax.lora_formats import dense_layers
-from glance_jax.lora import init_lora, load_lora, merge_lora, save_lora
+from glance_jax.lora import init_lora, load_lora, merge_lora, merged_params, save_lora
 from glance_jax.models import FluxTransformer2DModel, QwenImageTransformer2DModel
 from torch_peers import randomize_
 
@@ -354,7 +354,9 @@ def full_width():
     flat = flatten_dict(abstract)
     zeros = unflatten_dict({path + ("kernel",): jnp.zeros(flat[path + ("kernel",)].shape, jnp.float32)
                             for path in lora_formats.modules_of(tree)})
-    return tree, diffusers_state_dict(merge_lora(zeros, tree))  # W = 0: what merge_lora adds to each weight
+    # W = 0: what merge_lora adds to each weight (merged_params, its arithmetic: merge_lora itself refuses a merge
+    # that changes a weight by more than 64 times the largest, as onto zeros, since unmerging could not undo it)
+    return tree, diffusers_state_dict(merged_params(zeros, tree))
 
 
 def test_invokeai_reads_the_diffusers_layout_at_full_width(full_width, invokeai, tmp_path):

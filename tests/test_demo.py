@@ -68,7 +68,7 @@ def test_quick_demo_writes_the_table_and_the_grid(quick_demo, capsys):
         assert m["guidance"] == (3.0 if guided else 1.0) and m["reference"] in by_name
         assert (m["kind"] == "glance") == m["name"].startswith("glance-")
         assert m["target"] == (None if m["kind"] == "base" else "data" if m["name"] == "glance-data-10" else "teacher")
-        k = int(m["name"].split("-")[-1])
+        k = int(m["name"].replace("-cfg", "").split("-")[-1])
         # honest pass counting: a guided base step and a two-pass Glance step are two passes, a one-pass Glance
         # step one (guidance distilled)
         two_pass = guided and (m["kind"] == "base" or m["name"].startswith("glance-cfg2-"))

@@ -307,8 +307,9 @@ def _lora_file(base, path, config=None, raw_metadata=None, poison=None):
         tensors[key] = tensors[key].copy()
         tensors[key].flat[0] = poison
     metadata = dict(f.metadata)
-    if config is not None or raw_metadata is not None:
+    if config is not None or raw_metadata is not None:  # as another tool writes it: no record of a folded scale
         metadata[lora_formats.METADATA_KEY] = raw_metadata if raw_metadata is not None else json.dumps(config)
+        metadata.pop(lora_formats.FOLDED_KEY, None)
     safetensors_io.save_file(tensors, path, metadata)
     return path
 

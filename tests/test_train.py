@@ -17,9 +17,10 @@ from diffusers import AutoencoderKL
 from diffusers import FluxTransformer2DModel as TorchFlux
 from sklearn.datasets import load_sample_images
 
-from glance_jax import data, families, validation
+from glance_jax import data, families, lora, validation
 from glance_jax.checkpoints import safetensors_io
 from glance_jax.cli import main
+from glance_jax.models import FluxTransformer2DModel
 from glance_jax.train import Run, default_config, train
 from torch_peers import randomize_
 
@@ -100,7 +101,10 @@ def test_exported_lora_loads_into_diffusers(setup, tmp_path):
     reference = TorchFlux.from_pretrained(setup / "base")
     reference.load_lora_adapter(str(tmp_path), weight_name="slow_lora.safetensors", prefix="transformer")
     config = reference.peft_config["default_0"]
-    assert (config.r, config.lora_alpha) == (4, 16.0)
+    assert (config.r, config.lora_alpha) == (4, 4)  # the trained scale 16 / 4 is folded into lora_B
+    _, params = FluxTransformer2DModel.from_pretrained(setup / "base")
+    alpha = lora.load_lora(written["slow"], params)["transformer_blocks"]["attn"]["to_q"]["alpha"]
+    assert set(np.asarray(alpha).tolist()) == {16.0}  # and the trained alpha comes back here
     assert any("lora_B" in n and float(p.detach().abs().max()) > 0 for n, p in reference.named_parameters())
     assert os.path.exists(written["slow"])
 
