@@ -122,14 +122,20 @@ def torch_velocity(torch_model, x, t, inputs):
                            txt_ids=torch.zeros(7, 3), return_dict=False)[0]
 
 
-@pytest.mark.parametrize("steps", [8, 50])
-def test_plain_schedule_matches_diffusers_flux_pipeline(setup, steps):
-    torch_model, pipe, _, inputs = setup
-    torch_model.disable_adapters()
+def flux_pipeline(torch_model):
+    """diffusers' FluxPipeline around `torch_model`, without VAE or text encoders (embeddings in, latents out)."""
     reference = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler.from_config(FLUX_SCHEDULER), vae=None,
                              text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
                              transformer=torch_model)
     reference.set_progress_bar_config(disable=True)
+    return reference
+
+
+@pytest.mark.parametrize("steps", [8, 50])
+def test_plain_schedule_matches_diffusers_flux_pipeline(setup, steps):
+    torch_model, pipe, _, inputs = setup
+    torch_model.disable_adapters()
+    reference = flux_pipeline(torch_model)
     with torch.no_grad():
         want = reference(**{k: torch.from_numpy(v) for k, v in inputs.items()}, height=H, width=W,
                          num_inference_steps=steps, guidance_scale=3.5, output_type="latent").images.numpy()
@@ -214,10 +220,7 @@ def test_true_cfg_matches_diffusers_flux_pipeline(setup):
     rng = np.random.default_rng(7)
     negative = dict(negative_prompt_embeds=rng.standard_normal((B, 7, 24), dtype=np.float32),
                     negative_pooled_prompt_embeds=rng.standard_normal((B, 20), dtype=np.float32))
-    reference = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler.from_config(FLUX_SCHEDULER), vae=None,
-                             text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
-                             transformer=torch_model)
-    reference.set_progress_bar_config(disable=True)
+    reference = flux_pipeline(torch_model)
     with torch.no_grad():
         want = reference(**{k: torch.from_numpy(v) for k, v in {**inputs, **negative}.items()}, height=H, width=W,
                          num_inference_steps=6, guidance_scale=3.5, true_cfg_scale=4.0,
@@ -259,10 +262,7 @@ def test_two_pass_student_velocity_matches_diffusers_true_cfg_step(setup):
     rng = np.random.default_rng(8)
     negative = dict(negative_prompt_embeds=rng.standard_normal((B, 7, 24), dtype=np.float32),
                     negative_pooled_prompt_embeds=rng.standard_normal((B, 20), dtype=np.float32))
-    reference = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler.from_config(FLUX_SCHEDULER), vae=None,
-                             text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
-                             transformer=torch_model)
-    reference.set_progress_bar_config(disable=True)
+    reference = flux_pipeline(torch_model)
     calls = recorded_steps(reference)
     with torch.no_grad():
         reference(**{k: torch.from_numpy(v) for k, v in {**inputs, **negative}.items()}, height=H, width=W,

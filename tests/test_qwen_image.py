@@ -175,12 +175,18 @@ def test_other_qwen_lora_layouts_and_export(tiny, official_style_lora, tmp_path)
         assert err <= TOLERANCE
 
 
-def test_sampler_with_true_cfg_matches_diffusers(tiny):
-    torch_model, _, model, params = tiny
+def qwen_pipeline(torch_model):
+    """diffusers' QwenImagePipeline around `torch_model`, without VAE or text encoder (embeddings in, latents out)."""
     reference = QwenImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler.from_config(QWEN_IMAGE_SCHEDULER),
                                   vae=None, text_encoder=None, tokenizer=None, transformer=torch_model)
     reference.vae_scale_factor = 8
     reference.set_progress_bar_config(disable=True)
+    return reference
+
+
+def test_sampler_with_true_cfg_matches_diffusers(tiny):
+    torch_model, _, model, params = tiny
+    reference = qwen_pipeline(torch_model)
     rng = np.random.default_rng(6)
     H, W = 64, 96
     inputs = dict(prompt_embeds=rng.standard_normal((2, 9, 24), dtype=np.float32), prompt_embeds_mask=MASK_A,
@@ -208,10 +214,7 @@ def test_two_pass_student_velocity_matches_diffusers_true_cfg_step(tiny, officia
     from test_pipeline import recorded_steps
     _, _, model, params = tiny
     path, _, peft_model = official_style_lora
-    reference = QwenImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler.from_config(QWEN_IMAGE_SCHEDULER),
-                                  vae=None, text_encoder=None, tokenizer=None, transformer=peft_model)
-    reference.vae_scale_factor = 8
-    reference.set_progress_bar_config(disable=True)
+    reference = qwen_pipeline(peft_model)
     rng = np.random.default_rng(11)
     H, W = 64, 96
     inputs = dict(prompt_embeds=rng.standard_normal((2, 9, 24), dtype=np.float32), prompt_embeds_mask=MASK_A,

@@ -44,7 +44,7 @@ PROMPT_TEMPLATES = ("the numeral {word}, written by hand", "the number {word}") 
 # Validation prompts and seeds (`--validation`): everything the demo tunes was chosen on these, never on the
 # reported ones above. The third, like the held-out prompts' first, is a paraphrase the teacher never saw that fills
 # every text token; it was added after the recipes below were chosen (their figures are on the first two), because
-# the guided students fail on exactly such prompts (glance-cfg-6 14.2 dB there vs base-cfg-uniform-10 28.7, seed 0).
+# the guided students fail on exactly such prompts (glance-cfg1-6 14.2 dB there vs base-cfg-uniform-10 28.7, seed 0).
 VALIDATION_TEMPLATES, VALIDATION_SEED = ("the digit {digit}", "a {word}", "a drawing of the digit {word}"), 10000
 GUIDANCE = 3.0  # the guided regime: CFG on the empty prompt (the teacher was trained with 10 % empty captions)
 SIZE = 8  # pixels; the images are their own latents (no VAE)
@@ -53,8 +53,8 @@ UNGUIDED_K = (3, 4, 6, 10)
 # rank 16, alpha 64, lr 1e-4, 600 steps, 64 cached teacher trajectories, K points of the 50-step grid fitted to
 # them (validation, K = 6: 36.0 dB fitted vs 33.4 uniform; lr 3e-4 / 1e-3 and 1500 steps were no better).
 RECIPE = dict(targets="flux-all", rank=16, alpha=64.0, lr=1e-4, trajectories=64, schedule="fitted")
-# The guided students (chosen on the validation prompts, K = 6, against base-cfg-uniform-10's 32.7 dB): guidance
-# does not distil from one caption (19.7 dB: on other prompts they sample like the unguided base), so their guided
+# The one-pass guided students (glance-cfg1-K; chosen on the validation prompts, K = 6, against
+# base-cfg-uniform-10's 32.7 dB): guidance does not distil from one caption (19.7 dB: on other prompts they sample like the unguided base), so their guided
 # trajectories are drawn for the training caption's template with all ten digits (captions only, still one image:
 # 25.7 dB), 256 of them (26.5), averaged over 8 draws a step (minibatch; 28.6 at lr 4e-4 and 700 or 1000 steps,
 # 28.1 at lr 1e-3; 29.2 at 2000 steps, which the 5-minute budget does not allow).
