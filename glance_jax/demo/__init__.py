@@ -55,9 +55,10 @@ UNGUIDED_K = (3, 4, 6, 10)
 RECIPE = dict(targets="flux-all", rank=16, alpha=64.0, lr=1e-4, trajectories=64, schedule="fitted")
 # The one-pass guided students (glance-cfg1-K; chosen on the validation prompts, K = 6, against
 # base-cfg-uniform-10's 32.7 dB): guidance does not distil from one caption (19.7 dB: on other prompts they
-# sample like the unguided base), so their guided trajectories are drawn for the training caption's template with all ten digits (captions only, still one image:
-# 25.7 dB), 256 of them (26.5), averaged over 8 draws a step (minibatch; 28.6 at lr 4e-4 and 700 or 1000 steps,
-# 28.1 at lr 1e-3; 29.2 at 2000 steps, which the 5-minute budget does not allow).
+# sample like the unguided base), so their guided trajectories are drawn for the training caption's template
+# with all ten digits (captions only, still one image: 25.7 dB), 256 of them (26.5), averaged over 8 draws a
+# step (minibatch; 28.6 at lr 4e-4 and 700 or 1000 steps, 28.1 at lr 1e-3; 29.2 at 2000 steps, which the
+# 5-minute budget does not allow).
 GUIDED_TEMPLATE = TRAIN_TEMPLATE
 GUIDED_RECIPE = dict(trajectories=256, minibatch=8, lr=4e-4, steps=700)
 # The two-pass students (glance-cfg2-K): sampled with true CFG 3 on the empty prompt like the base, their
