@@ -109,12 +109,14 @@ def _glance_schedule(args, family, image_seq_len):
 
 
 def _guidance(args):
-    """(true-CFG scale, negative prompt or None): the flags if given, else the regime the LoRA files were trained
-    for (`glance_jax.lora.read_guidance`), else no CFG. A flag that contradicts the files, or a slow and a fast LoRA
-    trained for different regimes, are refused."""
+    """(true-CFG scale, negative prompt or None, FLUX guidance_scale or None for the pipeline's default): the flags
+    if given, else the regime the LoRA files were trained for (`glance_jax.lora.read_guidance`), else no CFG. A flag
+    that contradicts the files, a slow and a fast LoRA trained for different regimes, or a --guidance_scale outside
+    the range a trained guidance embedding was trained for, are refused."""
     read = [(flag, read_guidance(path)) for flag, path in (("--slow_lora", args.slow_lora),
                                                            ("--fast_lora", args.fast_lora)) if path]
-    carried = [(flag, (r["true_cfg_scale"], r["negative_prompt"])) for flag, r in read if r is not None]
+    read = [(flag, r) for flag, r in read if r is not None]
+    carried = [(flag, (r["true_cfg_scale"], r["negative_prompt"])) for flag, r in read]
     if len(carried) == 2 and carried[0][1] != carried[1][1]:
         raise GlanceError(f"--slow_lora and --fast_lora were trained for different guidance "
                           f"({_describe_cfg(*carried[0][1])}; {_describe_cfg(*carried[1][1])})")
@@ -129,23 +131,15 @@ def _guidance(args):
                          if getattr(args, f) is not None)
         raise GlanceError(f"{flags} is not the guidance {carried[0][0]} was trained for "
                           f"({_describe_cfg(*carried[0][1])}): leave the flag out to use the LoRAs' own")
-    return wanted
-
-
-def _guidance_input(args):
-    """FLUX's guidance_scale for the pipeline, or None for its default: --guidance_scale, else the default of the
-    guidance embedding the LoRA files carry (train: config.student.guidance_input), checked against its range."""
-    trained = [read_guidance(path).get("guidance_input") for path in (args.slow_lora, args.fast_lora)
-               if path and read_guidance(path)]
-    trained = [t for t in trained if t]
-    if not trained:
-        return args.guidance_scale
-    low, high = trained[0]["range"]
-    scale = trained[0]["default"] if args.guidance_scale is None else args.guidance_scale
-    if not low <= scale <= high:
-        raise GlanceError(f"--guidance_scale {scale:g}: the LoRAs' guidance embedding was trained for scales "
-                          f"{low:g} to {high:g}")
-    return scale
+    trained = [r["guidance_input"] for _, r in read if r.get("guidance_input")]
+    guidance_scale = args.guidance_scale
+    if trained:  # a guidance embedding trained beside the LoRAs (train: config.student.guidance_input)
+        (low, high), default = trained[0]["range"], trained[0]["default"]
+        guidance_scale = default if guidance_scale is None else guidance_scale
+        if not low <= guidance_scale <= high:
+            raise GlanceError(f"--guidance_scale {guidance_scale:g}: the LoRAs' guidance embedding was trained for "
+                              f"scales {low:g} to {high:g}")
+    return (*wanted, guidance_scale)
 
 
 def _describe_cfg(scale, negative):
@@ -289,8 +283,7 @@ def sample_main(argv):
             raise GlanceError("--steps samples the plain base, without LoRAs; Glance LoRAs need the Glance schedule: "
                               "leave out --steps, or the LoRA files")
     pixels, schedule = _check_common(args)
-    cfg_scale, negative = _guidance(args)
-    guidance_scale = _guidance_input(args)
+    cfg_scale, negative, guidance_scale = _guidance(args)
     if image_out and not pixels and not args.vae:
         raise GlanceError("image output of a latent model needs its VAE: pass --vae (or a pipeline folder as "
                           "--model), or use --out x.safetensors")
@@ -349,8 +342,7 @@ def eval_main(argv):
     for s in seeds:
         validation.seed("--seeds", s)
     _, schedule = _check_common(args)
-    cfg_scale, negative = _guidance(args)
-    guidance_scale = _guidance_input(args)
+    cfg_scale, negative, guidance_scale = _guidance(args)
     pipe, family, pixels = _pipeline(args.model, args.scheduler, args.vae)
     height, width, _ = _sizes(args, pixels)
     decode = not pixels and pipe.vae is not None

@@ -154,3 +154,30 @@ def test_a_lora_and_its_guidance_are_not_separated(guided_lora_files, tmp_path, 
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("glance-jax sample: error:") and message in err[0], err
     assert not out.exists()
+
+
+def test_a_trained_guidance_input_samples_at_its_scale_and_refuses_others(tmp_path, capsys):
+    """LoRAs that carry a trained guidance embedding sample at their default scale, take --guidance_scale inside
+    the range they were trained for, and refuse one outside it in one line, writing nothing."""
+    from glance_jax.lora import with_guidance_embedder
+    _, params = checkpoints.load_model(teacher.TEACHER_DIR)
+    schedule = GlanceSchedule.from_steps(teacher.SCHEDULER, (1, 5), (16, 36), image_seq_len=16)
+    regime = {"true_cfg_scale": 1.0, "negative_prompt": None, "passes_per_step": 1,
+              "guidance_input": {"range": [2.0, 4.0], "default": 3.0}}
+    for i, phase in enumerate(("slow", "fast")):
+        tree = with_guidance_embedder(jax.random.PRNGKey(i), random_lora(params, 10 * i), params)
+        embedder = tree["time_text_embed"]["glance_guidance_embedder"]
+        kernel = embedder["linear_2"]["kernel"]  # zero at its start: give it values so the scale matters
+        embedder["linear_2"]["kernel"] = 0.1 * jax.random.normal(jax.random.PRNGKey(7), kernel.shape)
+        save_lora(tree, tmp_path / f"{phase}.safetensors", schedule=schedule, guidance=regime)
+    out = lambda name: tmp_path / name
+    run = lambda name, *extra: main(["sample", "--prompt", PROMPT, "--out", str(out(name)), *lora_args(tmp_path),
+                                     *extra])
+    assert run("default.safetensors") == 0 and run("two.safetensors", "--guidance_scale", "2") == 0
+    read = lambda name: safetensors_io.SafetensorsFile(out(name)).read("latents")
+    assert np.abs(read("default.safetensors") - read("two.safetensors")).max() > 1e-4  # the scale is an input
+    capsys.readouterr()
+    assert run("five.safetensors", "--guidance_scale", "5") == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--guidance_scale 5: the LoRAs' guidance embedding was trained for scales 2 to 4" in err[0]
+    assert not out("five.safetensors").exists()
