@@ -116,33 +116,32 @@ def _lora_file(source):
         f" ({', '.join(pickles[:3])}: pickles, which can run any code when loaded, are never read)" if pickles else ""))
 
 
+def _glance_metadata(path, key):
+    """(the LoRA file's path, the JSON its metadata holds under `key`, or None where it holds none); one line if
+    that entry is not JSON."""
+    f = safetensors_io.SafetensorsFile(_lora_file(path)[0])
+    if key not in f.metadata:
+        return f.path, None
+    return f.path, _json_of(f.metadata[key], f"{f.path}: its {key} metadata")
+
+
 def read_schedule(path):
     """The GlanceSchedule a LoRA file was trained for (written by `save_lora(..., schedule=...)`), or None."""
-    f = safetensors_io.SafetensorsFile(_lora_file(path)[0])
-    if SCHEDULE_KEY not in f.metadata:
-        return None
-    try:
-        described = json.loads(f.metadata[SCHEDULE_KEY])
-    except ValueError:
-        raise GlanceError(f"{f.path}: its {SCHEDULE_KEY} metadata is not JSON") from None
-    return GlanceSchedule.from_dict(described)
+    _, described = _glance_metadata(path, SCHEDULE_KEY)
+    return None if described is None else GlanceSchedule.from_dict(described)
 
 
 def read_guidance(path):
     """The guidance regime a LoRA file was trained for (written by `save_lora(..., guidance=...)`): {"true_cfg_scale":
     float, "negative_prompt": str or None, "passes_per_step": 1 or 2}; None if the file does not say."""
-    f = safetensors_io.SafetensorsFile(_lora_file(path)[0])
-    if GUIDANCE_KEY not in f.metadata:
+    where, regime = _glance_metadata(path, GUIDANCE_KEY)
+    if regime is None:
         return None
-    try:
-        regime = json.loads(f.metadata[GUIDANCE_KEY])
-    except ValueError:
-        regime = None
     ok = (isinstance(regime, dict) and _finite_number(regime.get("true_cfg_scale"))
           and regime["true_cfg_scale"] > 0 and regime.get("passes_per_step") in (1, 2)
           and (regime.get("negative_prompt") is None or isinstance(regime["negative_prompt"], str)))
     if not ok or (regime["passes_per_step"] == 2) != (regime["true_cfg_scale"] > 1):
-        raise GlanceError(f"{f.path}: its {GUIDANCE_KEY} metadata is not a guidance regime "
+        raise GlanceError(f"{where}: its {GUIDANCE_KEY} metadata is not a guidance regime "
                           "(true_cfg_scale, negative_prompt, passes_per_step)")
     out = {"true_cfg_scale": float(regime["true_cfg_scale"]), "negative_prompt": regime.get("negative_prompt"),
            "passes_per_step": regime["passes_per_step"]}
@@ -152,7 +151,7 @@ def read_guidance(path):
         default = trained_input.get("default") if isinstance(trained_input, dict) else None
         if (not isinstance(scales, list) or len(scales) != 2 or not all(_finite_number(x) for x in scales + [default])
                 or not scales[0] <= default <= scales[1]):
-            raise GlanceError(f"{f.path}: its {GUIDANCE_KEY} metadata has no valid guidance_input "
+            raise GlanceError(f"{where}: its {GUIDANCE_KEY} metadata has no valid guidance_input "
                               "({'range': [low, high], 'default': scale})")
         out["guidance_input"] = {"range": [float(x) for x in scales], "default": float(default)}
     return out

@@ -26,14 +26,19 @@ def random_lora(params, seed):
         lambda p, x: 0.05 * jax.random.normal(jax.random.PRNGKey(seed + 1), x.shape) if p[-1].key == "B" else x, tree)
 
 
+def write_pair(folder, params, schedule, **kw):
+    """slow.safetensors and fast.safetensors in `folder`: random LoRAs written with `schedule` (and `kw`)."""
+    for i, phase in enumerate(("slow", "fast")):
+        save_lora(random_lora(params, 10 * i), folder / f"{phase}.safetensors", schedule=schedule, **kw)
+
+
 @pytest.fixture(scope="module")
 def lora_files(tmp_path_factory):
     """A slow and a fast LoRA for a 4-step schedule (2 + 2 steps of 50), written with that schedule."""
     folder = tmp_path_factory.mktemp("loras")
     _, params = checkpoints.load_model(teacher.TEACHER_DIR)
     schedule = GlanceSchedule.from_steps(teacher.SCHEDULER, (1, 5), (16, 36), image_seq_len=16)
-    for i, phase in enumerate(("slow", "fast")):
-        save_lora(random_lora(params, 10 * i), folder / f"{phase}.safetensors", schedule=schedule)
+    write_pair(folder, params, schedule)
     other = GlanceSchedule.from_steps(teacher.SCHEDULER, (1, 3), (11, 41), image_seq_len=16)
     save_lora(random_lora(params, 30), folder / "other_fast.safetensors", schedule=other)
     return folder, schedule
@@ -99,8 +104,7 @@ def guided_lora_files(tmp_path_factory):
     folder = tmp_path_factory.mktemp("guided_loras")
     _, params = checkpoints.load_model(teacher.TEACHER_DIR)
     schedule = GlanceSchedule.from_steps(teacher.SCHEDULER, (1, 5), (16, 36), image_seq_len=16)
-    for i, phase in enumerate(("slow", "fast")):
-        save_lora(random_lora(params, 10 * i), folder / f"{phase}.safetensors", schedule=schedule, guidance=GUIDED)
+    write_pair(folder, params, schedule, guidance=GUIDED)
     save_lora(random_lora(params, 30), folder / "unguided_fast.safetensors", schedule=schedule,
               guidance={"true_cfg_scale": 1.0, "negative_prompt": None, "passes_per_step": 1})
     return folder, schedule
