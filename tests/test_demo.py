@@ -52,7 +52,7 @@ def test_committed_teacher_is_a_diffusers_model():
 @pytest.fixture(scope="module")
 def quick_demo(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("demo")
-    assert main(["demo", "--quick", "--workdir", str(workdir)]) == 0
+    assert main(["demo", "--quick", "--all", "--workdir", str(workdir)]) == 0
     return workdir
 
 

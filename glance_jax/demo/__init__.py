@@ -65,10 +65,12 @@ GUIDED_RECIPE = dict(trajectories=256, minibatch=8, lr=4e-4, steps=700)
 # velocity over both LoRA'd passes trained to the guided teacher's jump, on the guided trajectories of the
 # one-pass students (the same cached 256, captions of the training template). Chosen on the validation prompts.
 CFG2_RECIPE = dict(minibatch=2, lr=1e-4, steps=600)
-CFG2_K, CFG1_K = (6, 5), (6,)  # two-pass students at 2K evaluations; one-pass students at K (the 5-minute budget)
+# two-pass students at 2K evaluations, one-pass students at K (the 5-minute budget; K = 5 only with --all)
+CFG2_K, CFG1_K = (6, 5), (6,)
 # The guidance-input student (glance-ginput-K): one pass a step, with a guidance embedding trained beside the LoRAs
 # (train: config.student.guidance_input) on 256 trajectories of the ten captions guided at scales spread over
-# `range`, sampled at GUIDANCE; the one-pass students' recipe otherwise. Chosen on the validation prompts.
+# `range`, sampled at GUIDANCE; the one-pass students' recipe otherwise. Chosen on the validation prompts. Only with
+# --all: its own guided trajectories and 700 steps a phase would take the demo past 5 minutes.
 GINPUT_RECIPE = dict(range=(2.0, 4.0), k=6)
 
 
@@ -86,6 +88,9 @@ def parser():
                    "guided 700; --quick 30)")
     p.add_argument("--schedule", choices=("uniform", "fitted"), default=RECIPE["schedule"],
                    help=f"the schedule of the glance-K rows (default {RECIPE['schedule']}, chosen on validation)")
+    p.add_argument("--all", action="store_true",
+                   help="also the rows the 5-minute budget leaves out: glance-cfg2-5 and glance-ginput-6 (the "
+                   "one-pass student with a trained guidance input, beyond the paper); about 140 s more")
     p.add_argument("--validation", action="store_true",
                    help="measure on the validation prompts and seeds (what the recipe was tuned on) instead")
     p.add_argument("--retrain-teacher", action="store_true",
@@ -264,10 +269,11 @@ def main(argv):
     pairs += [(f"glance-cfg1-{k}", config(k, "teacher", args.schedule, GUIDANCE, guided_steps,
                                           guided_trajectories)) for k in CFG1_K]
     pairs += [(f"glance-cfg2-{k}", config(k, "teacher", args.schedule, GUIDANCE, cfg2_steps, guided_trajectories,
-                                          passes=2)) for k in CFG2_K]
+                                          passes=2)) for k in (CFG2_K if args.all else CFG2_K[:1])]
     ginput = f"glance-ginput-{GINPUT_RECIPE['k']}"
-    pairs += [(ginput, config(GINPUT_RECIPE["k"], "teacher", args.schedule, GUIDANCE, guided_steps,
-                              guided_trajectories, guidance_input=True))]
+    if args.all:
+        pairs += [(ginput, config(GINPUT_RECIPE["k"], "teacher", args.schedule, GUIDANCE, guided_steps,
+                                  guided_trajectories, guidance_input=True))]
 
     templates, first_seed = ((VALIDATION_TEMPLATES, VALIDATION_SEED) if args.validation else
                              (PROMPT_TEMPLATES, args.seed * 1000))
@@ -294,23 +300,26 @@ def main(argv):
             sample(own, num_inference_steps=2, guided=guided).block_until_ready()
 
     print(f"distilling {len(pairs)} LoRA pairs from '{train_caption}'")
-    # Beside training, a second thread compiles the train steps that are new programs (the data target, the
-    # guided minibatch) and the base's sampler programs, and fits the digit classifier. Nothing there touches
-    # orbax (checkpoints), which is not safe from threads: those two pairs' runs are prepared here, compiled
-    # there, and trained here when their turn comes.
-    ahead = {name: prepare_run(c, os.path.join(loras_dir, name), base) for name, c in pairs
-             if name in ("glance-data-10", f"glance-cfg1-{CFG1_K[0]}", f"glance-cfg2-{CFG2_K[0]}", ginput)}
+    # Beside training, a second thread prepares the runs whose steps are new programs (the data target, the
+    # guided students: their guided trajectories are integrated there) and compiles those steps, while this
+    # thread trains the unguided pairs; then it compiles the base's sampler programs and fits the digit
+    # classifier. Nothing there touches orbax (checkpoints), which is not safe from threads: every run trains
+    # here, one after another.
+    def prepared(name, c):
+        run = prepare_run(c, os.path.join(loras_dir, name), base)
+        run.compile_step()
+        return run
+
     with concurrent.futures.ThreadPoolExecutor(1) as beside:
-        steps_compiled = [beside.submit(run.compile_step) for run in ahead.values()]
-        classifier = beside.submit(digit_classifier, args.seed)
+        ahead = {name: beside.submit(prepared, name, c) for name, c in pairs
+                 if name in ("glance-data-10", f"glance-cfg1-{CFG1_K[0]}", f"glance-cfg2-{CFG2_K[0]}", ginput)}
         warmed = beside.submit(warm_up_base_sampler)
+        classifier = beside.submit(digit_classifier, args.seed)
         trained = {}
         for name, c in pairs:
-            if name in ahead:
-                for future in steps_compiled:
-                    future.result()  # also raises what failed there
+            # a run prepared beside is waited for (and raises what failed there)
+            run = ahead.pop(name).result() if name in ahead else prepare_run(c, os.path.join(loras_dir, name), base)
             print(f"distilling {name}: {c.target} target, {c.steps} steps a phase")
-            run = ahead.pop(name, None) or prepare_run(c, os.path.join(loras_dir, name), base)
             trained[name] = run.train(), run.schedule
         predict, features, real_features = classifier.result()
         warmed.result()
@@ -340,9 +349,10 @@ def main(argv):
     methods += [method(f"base-cfg-uniform-{k}", "base", "uniform", None, GUIDANCE, "teacher-50-cfg", 2 * k,
                        num_inference_steps=k, guided=True) for k in (10, 6, 5, 4)]
     methods += [glance(f"glance-cfg2-{k}", args.schedule, "teacher", GUIDANCE, "teacher-50-cfg", passes=2)
-                for k in CFG2_K]
+                for k in (CFG2_K if args.all else CFG2_K[:1])]
     methods += [glance(f"glance-cfg1-{k}", args.schedule, "teacher", GUIDANCE, "teacher-50-cfg") for k in CFG1_K]
-    methods += [glance(ginput, args.schedule, "teacher", GUIDANCE, "teacher-50-cfg", guidance_scale=GUIDANCE)]
+    if args.all:
+        methods += [glance(ginput, args.schedule, "teacher", GUIDANCE, "teacher-50-cfg", guidance_scale=GUIDANCE)]
 
     n = len(batch_captions)
     results, images, caption_images = [], {}, {}
@@ -384,7 +394,7 @@ def main(argv):
               "images_per_method": len(batch_captions), "train_caption_images": train_seeds,
               "lora_steps": steps, "data_lora_steps": data_steps, "trajectories": trajectories,
               "recipe": RECIPE, "guided_recipe": {**GUIDED_RECIPE, "captions": guided_captions()},
-              "cfg2_recipe": CFG2_RECIPE, "ginput_recipe": GINPUT_RECIPE,
+              "cfg2_recipe": CFG2_RECIPE, "ginput_recipe": GINPUT_RECIPE if args.all else None,
               "guidance": GUIDANCE, "quick": args.quick, "by_template": by_template,
               "closing": closing}
     safe_io.write_json(os.path.join(workdir, "metrics.json"), report, indent=2)
