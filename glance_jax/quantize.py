@@ -68,11 +68,6 @@ def quantize_kernel(kernel, kind):
     return np.swapaxes(values, -1, -2), scale
 
 
-def dequantize_kernel(kernel, scale, dtype=jnp.float32):
-    """The float kernel a quantized one stands for (tests and measurements only; never on the training path)."""
-    return (jnp.asarray(kernel).astype(jnp.float32) * jnp.asarray(scale, jnp.float32)[..., None, :]).astype(dtype)
-
-
 def _dot(x, kernel, scale, dtype):
     return jnp.dot(x.astype(dtype), kernel.astype(dtype)) * scale.astype(dtype)
 
