@@ -37,7 +37,15 @@ import subprocess
 import sys
 import time
 
-from glance_jax import families, validation
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from glance_jax import analysis, families, quantize, sharding, validation
+from glance_jax.errors import GlanceError
+from glance_jax.lora import init_lora
+from glance_jax.models import attention
+from glance_jax.pipelines import euler_step
 
 CPU_FLAGS = "--xla_disable_hlo_passes=while-loop-invariant-code-motion"
 # TPU slices: (topology name, chips per host, HBM per chip that XLA's TPU compiler allows (GiB, from its
@@ -64,6 +72,7 @@ platform_name: "CUDA" dnn_version_info { major: 9 minor: 7 } runtime_version { m
 device_description_str: "NVIDIA H100 80GB HBM3"
 """
 GPU_TARGETS = {"h100": (H100_CONFIG, 84929347584, 989.0)}
+DEFAULT_PEAK_TFLOPS = GPU_TARGETS["h100"][2]  # the cpu target's: it stands for no chip, so assume an H100
 OOM = re.compile(r"required for [^(]*\(([\d.]+)G\) exceeds available HBM \(([\d.]+)G\)")
 
 
@@ -85,7 +94,7 @@ def parser():
     p.add_argument("--attention", default="auto", choices=["auto", "xla", "blocked", "splash", "cudnn"],
                    help="attention kernel (auto: splash on TPU targets, blocked on cpu)")
     p.add_argument("--peak_tflops", type=float, default=None,
-                   help="dense peak of the chip (default: the TPU target's; 989, an H100, for cpu)")
+                   help="dense peak of the chip (default: the target's; an H100's for cpu)")
     p.add_argument("--target_seconds", type=float, default=None,
                    help="wanted time per train step or per Glance image: prints the MFU that needs")
     p.add_argument("--glance_steps", type=int, default=10, help="model evaluations (x2 with CFG) per Glance image")
@@ -94,8 +103,6 @@ def parser():
 
 
 def build(name, dtype, remat, attention="auto"):
-    import jax.numpy as jnp
-
     family, overrides = families.of_variant(name)
     dt = {"bf16": jnp.bfloat16, "fp32": jnp.float32}[dtype]
     return family.transformer(**overrides, dtype=dt, param_dtype=dt, remat_policy=remat, attention_impl=attention)
@@ -103,7 +110,6 @@ def build(name, dtype, remat, attention="auto"):
 
 def tpu_devices(target):
     """The chips of a TPU slice as compile-only devices (XLA's TPU compiler from libtpu; no TPU needed)."""
-    from glance_jax.errors import GlanceError
     try:
         import libtpu  # noqa: F401
     except ImportError:
@@ -117,7 +123,6 @@ def tpu_devices(target):
 
 def gpu_devices(target):
     """One GPU as a compile-only device: XLA's GPU compiler from the CUDA PJRT plugin, no GPU or driver needed."""
-    from glance_jax.errors import GlanceError
     os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")  # no CUDA runtime here: only the compiler is used
     from jax.experimental import topologies
     try:
@@ -130,7 +135,6 @@ def gpu_devices(target):
 
 def compile_or_oom(lower):
     """`lower().compile()`, or None and the compiler's (needed, available) bytes when it does not fit in HBM."""
-    import jax
     try:
         return lower().compile(), None
     except jax.errors.JaxRuntimeError as e:
@@ -156,7 +160,6 @@ def first_fitting_remat(lower, budget_bytes, policies=REMAT_ORDER):
     `budget_bytes` (None: the first always fits): each is compiled in turn from `lower(policy)` (a
     `jax.jit(...).lower(...)`) and its peak read as the planner reads it. None fitting is a GlanceError
     naming the smallest need."""
-    from glance_jax.errors import GlanceError
 
     needs = {}
     for policy in policies:
@@ -173,12 +176,6 @@ def plan(args, model=None):
     """The planner's figures as a dict. On the cpu target it runs in a process whose devices match the mesh;
     on a TPU target in any process (the default backend stays what it was). `model` replaces the full-size
     model (tests plan tiny ones)."""
-    import jax
-
-    from glance_jax import sharding
-    from glance_jax.errors import GlanceError
-    from glance_jax.models import attention
-
     tpu, gpu = args.target in TARGETS, args.target in GPU_TARGETS
     devices = tpu_devices(args.target) if tpu else gpu_devices(args.target) if gpu else jax.devices()
     sizes = sharding.parse_mesh(args.mesh or f"fsdp={len(devices)}")
@@ -186,7 +183,8 @@ def plan(args, model=None):
     if (tpu or gpu) and n != len(devices):
         raise GlanceError(f"mesh {args.mesh} has {n} positions, {args.target} has {len(devices)} chips")
     mesh = sharding.make_mesh(sizes, devices[:n])
-    peak_tflops = args.peak_tflops or (TARGETS[args.target][3] if tpu else 989.0)
+    peak_tflops = args.peak_tflops or (TARGETS[args.target][3] if tpu else GPU_TARGETS[args.target][2] if gpu
+                                       else DEFAULT_PEAK_TFLOPS)
     platform = "tpu" if tpu else "gpu" if gpu else jax.default_backend()
     model = model or build(args.model, args.dtype, args.remat, args.attention)
     within = lambda: _context(mesh, attention.compiling_for(platform)) if tpu or gpu else contextlib.ExitStack()
@@ -234,11 +232,6 @@ def step_program(model, args, mesh):
     """The real train or sampling step of `model` on `mesh`, from abstract shapes: a dict with `lower` (-> the
     jit-lowered program), `flops` (-> XLA's FLOP count of the step, every block counted), the sampling `batch`,
     and the per-device bytes of the parameters and of the LoRA + Adam state."""
-    import jax
-    import jax.numpy as jnp
-
-    from glance_jax import analysis, quantize, sharding
-    from glance_jax.lora import init_lora
     from glance_jax.train import Optim, default_config, make_train_step, optimizer
 
     family = families.of(model)
@@ -273,10 +266,11 @@ def step_program(model, args, mesh):
         lora_sh, opt_sh = sharding.tree_shardings(adapter, mesh), sharding.tree_shardings(opt_state, mesh)
         batch_tree = {"x0": x_sds, "cond": cond}
         batch_sh = {"x0": sharding.batch_sharding(mesh, x_sds.shape), "cond": cond_sh}
-        teacher = {"sigmas": jax.ShapeDtypeStruct((11,), jnp.float32),
+        # as the run passes them: the official 10 points and 0, padded to 16; `points` masks the phase's among them
+        teacher = {"sigmas": jax.ShapeDtypeStruct((16,), jnp.float32),
                    "states": jax.ShapeDtypeStruct((1, 1, 1, 1), jnp.float32)}
         teacher_sh = jax.tree_util.tree_map(lambda _: rep, teacher)
-        points, key = jax.ShapeDtypeStruct((5,), jnp.int32), jax.eval_shape(lambda: jax.random.PRNGKey(0))
+        points, key = jax.ShapeDtypeStruct((16,), jnp.float32), jax.eval_shape(lambda: jax.random.PRNGKey(0))
         in_sh = (lora_sh, opt_sh, param_sh, batch_sh, teacher_sh, rep, rep)
         out_sh = (lora_sh, opt_sh, {"loss": rep, "timestep": rep, "grad_norm": rep})
         step = make_train_step(model, config, static, (in_sh, out_sh))
@@ -287,20 +281,19 @@ def step_program(model, args, mesh):
                                                   key)
         program["trainable"] = (sharding.bytes_per_device(adapter, lora_sh)
                                 + sharding.bytes_per_device(opt_state, opt_sh))
-    else:
-        passes = 1 if family.guidance_input else 2  # true CFG (Qwen-Image): two passes a step
+    else:  # one Euler step of the sampler; true CFG (Qwen-Image): two passes over caption and negative prompt
+        conds = [cond] * (1 if family.guidance_input else 2)
 
         def step(p, x, conds):
-            v = sum(model.apply({"params": p}, hidden_states=x, timestep=jnp.ones((batch,)), **dict(static), **c)
-                    for c in [conds] * passes)
-            return x + 0.1 * v.astype(x.dtype)
+            return euler_step(model, static, {"params": p}, x, 1.0, -0.1, conds, 4.0, family.cfg_rescale)
 
-        jitted = jax.jit(step, in_shardings=(param_sh, sharding.batch_sharding(mesh, x_sds.shape), cond_sh),
+        jitted = jax.jit(step, in_shardings=(param_sh, sharding.batch_sharding(mesh, x_sds.shape), [cond_sh] * len(conds)),
                          out_shardings=sharding.batch_sharding(mesh, x_sds.shape))
-        program["lower"] = lambda: jitted.lower(sds(params, param_sh), x_sds, cond)
+        program["lower"] = lambda: jitted.lower(sds(params, param_sh), x_sds, conds)
         counted = analysis.for_cost_analysis(model)
-        program["flops"] = lambda: passes * analysis.flops(lambda p, x, c: counted.apply(
-            {"params": p}, hidden_states=x, timestep=jnp.ones((batch,)), **dict(static), **c), params, x_sds, cond)
+        program["flops"] = lambda: analysis.flops(
+            lambda p, x, c: euler_step(counted, static, {"params": p}, x, 1.0, -0.1, c, 4.0, family.cfg_rescale),
+            params, x_sds, conds)
     return program
 
 
@@ -316,8 +309,6 @@ def compiler_estimate(model, args, mesh, within):
     unrolled copies of the model: one block per stack, then two blocks in one
     stack at a time; each extra block adds the difference (the blocks of a
     stack are the same program)."""
-    import numpy as np
-
     stacks = [name for name in ("num_layers", "num_single_layers") if getattr(model, name, 0)]
 
     def cost(**layers):
@@ -343,7 +334,6 @@ def compiler_estimate(model, args, mesh, within):
 def _context(mesh, compiling_for):
     """The mesh as JAX's context mesh (splash attention's `shard_map` reads it) and "auto" meaning the target's
     kernels."""
-    import jax
     with jax.set_mesh(mesh), compiling_for:
         yield
 
@@ -401,17 +391,14 @@ def check_args(args):
 def main(argv):
     args = parser().parse_args(argv)
     check_args(args)
-    from glance_jax import sharding
     n = math.prod(sharding.parse_mesh(args.mesh or "fsdp=1").values())
     if args.target == "cpu" and os.environ.get("GLANCE_PLAN_CHILD") != "1":
-        import jax
         if jax.default_backend() == "cpu":  # compile in a child with one host device per mesh position
             env = dict(os.environ, GLANCE_PLAN_CHILD="1",
                        XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} {CPU_FLAGS} "
                                  f"--xla_force_host_platform_device_count={n}")
             out = subprocess.run([sys.executable, "-m", "glance_jax.plan", *argv], env=env)
             if out.returncode:
-                from glance_jax.errors import GlanceError
                 raise GlanceError(f"the planner failed (exit {out.returncode})")
             return
     result = plan(args)
