@@ -44,7 +44,7 @@ import numpy as np
 from glance_jax import analysis, families, quantize, sharding, validation
 from glance_jax.errors import GlanceError
 from glance_jax.lora import init_lora
-from glance_jax.models import attention
+from glance_jax.models import attention, layers
 from glance_jax.pipelines import euler_step
 
 CPU_FLAGS = "--xla_disable_hlo_passes=while-loop-invariant-code-motion"
@@ -380,7 +380,7 @@ def fit_line(r):
 def check_args(args):
     """The planner's arguments, checked before anything is compiled (one GlanceError line each)."""
     validation.multiple_of("--resolution", args.resolution, 16)  # VAE factor 8 x 2 x 2 token patches
-    validation.one_of("--remat", args.remat, validation.remat_policies())
+    validation.one_of("--remat", args.remat, tuple(layers.REMAT_POLICIES))
     if args.peak_tflops is not None:  # default: the target's own
         validation.positive_number("--peak_tflops", args.peak_tflops)
     validation.positive_int("--glance_steps", args.glance_steps)

@@ -76,6 +76,18 @@ def write_json(path, value, **kwargs):
         json.dump(value, f, **kwargs)
 
 
+def read_json(path):
+    """A JSON object from `path` (config.json, model_index.json, an index): anything else is one GlanceError."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except (OSError, ValueError) as e:  # ValueError: not JSON, or not UTF-8
+        raise GlanceError(f"{path}: cannot read JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise GlanceError(f"{path}: not a JSON object (it holds a {type(value).__name__})")
+    return value
+
+
 def save_image(image, path, format):
     """A PIL image saved to `path` in `format` ("PNG", "JPEG", "WEBP"), atomically (PIL writes into the open
     temporary file, so it cannot tell the format from the name)."""

@@ -10,7 +10,7 @@ import math
 import os
 import tempfile
 
-from glance_jax import checkpoints, families
+from glance_jax import checkpoints, families, safe_io
 from glance_jax.errors import GlanceError, UsageError
 
 IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}  # extension -> PIL format
@@ -89,7 +89,7 @@ def image_size(height, width, max_pixels=MAX_PIXELS):
 def scheduler_file(path):
     """A scheduler_config.json, read and checked (types, ranges, no division by zero) before any model loads."""
     from glance_jax.schedules import FlowMatchEulerScheduler
-    config = checkpoints._read_json(path)  # a JSON object, or one GlanceError
+    config = safe_io.read_json(path)  # a JSON object, or one GlanceError
     try:
         FlowMatchEulerScheduler.from_config(config)
     except GlanceError as e:
@@ -231,7 +231,7 @@ def no_remote_code(folder):
     for path in (os.path.join(f, name) for f in folders for name in REMOTE_CODE_FILES):
         if not os.path.isfile(path):
             continue
-        config = checkpoints._read_json(path)
+        config = safe_io.read_json(path)
         if "auto_map" in config:
             raise GlanceError(f"{path} asks to run Python code from its folder (auto_map: "
                               f"{json.dumps(config['auto_map'])[:120]}); glance_jax never runs code from a model "

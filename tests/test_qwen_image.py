@@ -12,7 +12,7 @@ from diffusers import QwenImageTransformer2DModel as TorchQwen
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 
-from glance_jax import checkpoints
+from glance_jax import checkpoints, safe_io
 from glance_jax.checkpoints import safetensors_io
 from glance_jax.errors import GlanceError
 from glance_jax.families import QWEN_IMAGE
@@ -106,7 +106,7 @@ def test_converter_handles_qwen_image(tiny, tmp_path):
     again, converted = QwenImageTransformer2DModel.from_pretrained(tmp_path / "conv")
     assert again == model
     jax.tree_util.tree_map(np.testing.assert_array_equal, converted, params)
-    config = checkpoints._read_json(path / "config.json")
+    config = safe_io.read_json(path / "config.json")
     with pytest.raises(GlanceError, match="zero_cond_t=True is not supported"):
         checkpoints.model_from_config(dict(config, zero_cond_t=True), checkpoints.parse_dtype("fp32"))
     from glance_jax.models import FluxTransformer2DModel

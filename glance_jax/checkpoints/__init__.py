@@ -146,22 +146,10 @@ class Checkpoint:
     converted_dir: str | None = None
 
 
-def _read_json(path):
-    """A JSON object from `path` (config.json, model_index.json, an index): anything else is one GlanceError."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            value = json.load(f)
-    except (OSError, ValueError) as e:  # ValueError: not JSON, or not UTF-8
-        raise GlanceError(f"{path}: cannot read JSON ({e})") from None
-    if not isinstance(value, dict):
-        raise GlanceError(f"{path}: not a JSON object (it holds a {type(value).__name__})")
-    return value
-
-
 def _weight_map(folder, index_name):
     """The `weight_map` of a sharded checkpoint's index, type-checked, every file kept inside `folder`."""
     where = os.path.join(folder, index_name)
-    index = _read_json(where)
+    index = safe_io.read_json(where)
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str)
                                                    for k, v in weight_map.items()):
@@ -181,7 +169,7 @@ def _whole(f, name):
 
 
 def _open_diffusers_folder(path):
-    config = _read_json(os.path.join(path, "config.json"))
+    config = safe_io.read_json(os.path.join(path, "config.json"))
     index = [n for n in os.listdir(path) if n.endswith(".safetensors.index.json")]
     if index:
         weight_map = _weight_map(path, index[0])
@@ -241,7 +229,7 @@ def open_checkpoint(path, axes_dims_rope=None):
     if os.path.isfile(path):
         return _open_bfl_file(path, axes_dims_rope)
     if os.path.isfile(os.path.join(path, FORMAT_FILE)):
-        return Checkpoint(_read_json(os.path.join(path, "config.json")), {}, converted_dir=path)
+        return Checkpoint(safe_io.read_json(os.path.join(path, "config.json")), {}, converted_dir=path)
     if os.path.isfile(os.path.join(path, "config.json")):
         return _open_diffusers_folder(path)
     if os.path.isfile(os.path.join(path, "transformer", "config.json")):  # a whole pipeline folder
@@ -260,7 +248,7 @@ def pipeline_parts(path):
     index = os.path.join(path, PIPELINE_FILE)
     if not os.path.isfile(index):
         return None
-    spec = _read_json(index)
+    spec = safe_io.read_json(index)
     return {name: os.path.join(path, name) for name, value in spec.items()
             if not name.startswith("_") and os.path.isdir(os.path.join(path, name))}
 
@@ -273,9 +261,9 @@ def peek_class(path):
     if os.path.isfile(path):
         return class_name(_open_bfl_file(path).config) if path.endswith(".safetensors") else "not a checkpoint"
     if os.path.isfile(os.path.join(path, PIPELINE_FILE)):
-        return _read_json(os.path.join(path, PIPELINE_FILE)).get("_class_name", "a pipeline")
+        return safe_io.read_json(os.path.join(path, PIPELINE_FILE)).get("_class_name", "a pipeline")
     if os.path.isfile(os.path.join(path, "config.json")):
-        return class_name(_read_json(os.path.join(path, "config.json"))) or "unknown"
+        return class_name(safe_io.read_json(os.path.join(path, "config.json"))) or "unknown"
     return "not a checkpoint"
 
 
@@ -463,7 +451,7 @@ def _restore_converted(directory, target, shardings=None):
 
 def converted_quantization(directory):
     """"fp8", "int8" or None: how a converted folder stores its Dense kernels (from its format file)."""
-    return _read_json(os.path.join(directory, FORMAT_FILE)).get("quantize")
+    return safe_io.read_json(os.path.join(directory, FORMAT_FILE)).get("quantize")
 
 
 def _quantization(model, checkpoint, quantize, where):
