@@ -24,6 +24,7 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 from glance_jax import families, validation
 from glance_jax.checkpoints import bfl, safetensors_io, weight_table
 from glance_jax.errors import GlanceError
+from glance_jax.lora_tree import GUIDANCE_EMBEDDER, guidance_embedder, modules_of
 from glance_jax.schedules import GlanceSchedule
 
 log = logging.getLogger(__name__)
@@ -32,11 +33,6 @@ METADATA_KEY = "lora_adapter_metadata"  # where diffusers keeps the LoraConfig o
 FOLDED_KEY = "glance_lora_alpha"  # {module: trained alpha} of a diffusers export whose lora_B holds alpha / r
 SCHEDULE_KEY = "glance_schedule"  # the Glance timesteps a LoRA was trained for (JSON), so the pair never separates
 GUIDANCE_KEY = "glance_guidance"  # how the pair samples (JSON): true_cfg_scale, negative_prompt, passes_per_step
-# A trained guidance embedding (train: config.student.guidance_input) rides in a LoRA tree at this path (apart from
-# a LoRA on FLUX.1-dev's own guidance_embedder), in the shape of FLUX.1-dev's guidance embedder ({"linear_1",
-# "linear_2"}: {"kernel", "bias"}); files hold it under this prefix and the names of FLUX.1-dev's guidance embedder
-# (torch layout), which diffusers and other tools ignore.
-GUIDANCE_EMBEDDER = ("time_text_embed", "glance_guidance_embedder")
 EMBEDDER_PREFIX = "glance_guidance_embedder."
 PREFIXES = ("transformer.", "base_model.model.") + bfl.PREFIXES  # diffusers, PEFT, then BFL / ComfyUI
 KOHYA_PREFIXES = ("lora_unet_", "lora_transformer_")
@@ -59,23 +55,6 @@ def stack_size(params, path):
     """Blocks in the stack a Dense layer at `path` belongs to, or None for a layer outside the stacks."""
     kernel = flatten_dict(params)[path + ("kernel",)]
     return kernel.shape[0] if len(kernel.shape) == 3 else None
-
-
-def modules_of(tree):
-    """{module path: {"A", "B", "alpha"}} of a LoRA tree (its guidance embedder, if any, is not a LoRA module)."""
-    modules = collections.defaultdict(dict)
-    for path, leaf in flatten_dict(tree).items():
-        if path[:len(GUIDANCE_EMBEDDER)] != GUIDANCE_EMBEDDER:
-            modules[path[:-1]][path[-1]] = leaf
-    return modules
-
-
-def guidance_embedder(tree):
-    """The trained guidance embedding a LoRA tree carries ({"linear_1", "linear_2"}: {"kernel", "bias"}), or None."""
-    node = tree
-    for key in GUIDANCE_EMBEDDER:
-        node = node.get(key) if isinstance(node, dict) else None
-    return node
 
 
 def _embedder_tensors(embedder):

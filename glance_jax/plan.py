@@ -287,7 +287,8 @@ def step_program(model, args, mesh):
         def step(p, x, conds):
             return euler_step(model, static, {"params": p}, x, 1.0, -0.1, conds, 4.0, family.cfg_rescale)
 
-        jitted = jax.jit(step, in_shardings=(param_sh, sharding.batch_sharding(mesh, x_sds.shape), [cond_sh] * len(conds)),
+        x_sh = sharding.batch_sharding(mesh, x_sds.shape)
+        jitted = jax.jit(step, in_shardings=(param_sh, x_sh, [cond_sh] * len(conds)),
                          out_shardings=sharding.batch_sharding(mesh, x_sds.shape))
         program["lower"] = lambda: jitted.lower(sds(params, param_sh), x_sds, conds)
         counted = analysis.for_cost_analysis(model)

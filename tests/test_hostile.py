@@ -23,7 +23,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from glance_jax import checkpoints, data, lora, lora_formats, prompts, runstate, safe_io, schedules, validation
+from glance_jax import (checkpoints, data, lora, lora_formats, lora_tree, prompts, runstate, safe_io, schedules,
+                        validation)
 from glance_jax.checkpoints import safetensors_io
 from glance_jax.cli import main
 from glance_jax.demo import teacher
@@ -447,7 +448,7 @@ def test_merge_refuses_nan_and_unround_trippable_scales_and_leaves_the_base(base
 
 def test_merge_and_unmerge_restore_the_base_within_the_stated_tolerance(base):
     """A LoRA changing kernels by up to 60 times their largest weight (just under the cap) round-trips
-    within (1 + MAX_CHANGE) eps max|W| per kernel, the tolerance lora.MAX_CHANGE states."""
+    within (1 + MAX_CHANGE) eps max|W| per kernel, the tolerance lora_tree.MAX_CHANGE states."""
     from flax.traverse_util import flatten_dict
     _, params = base
     keep = flatten_dict(jax.tree_util.tree_map(np.array, params))
@@ -462,7 +463,7 @@ def test_merge_and_unmerge_restore_the_base_within_the_stated_tolerance(base):
     for path in modules:
         w = keep[path + ("kernel",)]
         error = np.max(np.abs(np.asarray(restored[path + ("kernel",)]) - w))
-        assert 0 < error <= (1 + lora.MAX_CHANGE) * eps * np.max(np.abs(w)), path
+        assert 0 < error <= (1 + lora_tree.MAX_CHANGE) * eps * np.max(np.abs(w)), path
 
 
 @pytest.fixture(scope="module")
