@@ -74,7 +74,8 @@ from glance_jax.pipelines import (FluxGlancePipeline, QwenImageGlancePipeline, d
                                   transformer_passes)
 from glance_jax.quantize import quantize_params  # noqa: E402
 from glance_jax.schedules import GlanceSchedule  # noqa: E402
-from glance_jax.train import Optim, default_config, make_train_step, optimizer  # noqa: E402
+from glance_jax.train import default_config  # noqa: E402
+from glance_jax.train_step import make_train_step, optimizer  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
@@ -373,7 +374,7 @@ def flux_train_batch(model, config, sizes):
 def jax_train(model, config, params, batch, teacher, points, repeats):
     """Figures of the compiled LoRA train step with the first remat policy whose peak fits the device."""
     adapter = init_lora(jax.random.PRNGKey(0), params, config.lora.targets, config.lora.rank, config.lora.alpha)
-    carry = [adapter, optimizer(Optim.of(config)).init(adapter)]
+    carry = [adapter, optimizer(config.optim).init(adapter)]
     key = jax.random.PRNGKey(1)
     lower = lambda policy: make_train_step(model.clone(remat_policy=policy), config).lower(
         *carry, params, batch, teacher, points, key)

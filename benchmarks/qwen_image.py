@@ -28,7 +28,8 @@ from torch_peers import randomize_, relative_error  # noqa: E402
 from glance_jax import analysis  # noqa: E402
 from glance_jax.lora import init_lora  # noqa: E402
 from glance_jax.models import QwenImageTransformer2DModel  # noqa: E402
-from glance_jax.train import Optim, default_config, make_train_step, optimizer  # noqa: E402
+from glance_jax.train import default_config  # noqa: E402
+from glance_jax.train_step import make_train_step, optimizer  # noqa: E402
 
 MID = dict(patch_size=2, in_channels=64, out_channels=16, num_layers=6, attention_head_dim=64, num_attention_heads=8,
            joint_attention_dim=512, axes_dims_rope=[8, 28, 28])
@@ -80,7 +81,7 @@ def full_size():
 
     config = default_config("qwen-image", "slow")
     adapter = jax.eval_shape(lambda p: init_lora(jax.random.PRNGKey(0), p, "qwen-image", 32, 128.0), params)
-    opt = optimizer(Optim.of(config))
+    opt = optimizer(config.optim)
     opt_state = jax.eval_shape(opt.init, adapter)
     batch = dict(x0=jax.ShapeDtypeStruct((1, rows * cols, 64), jnp.float32),
                  cond=dict(encoder_hidden_states=jax.ShapeDtypeStruct((1, text, 3584), jnp.bfloat16),

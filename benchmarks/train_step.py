@@ -34,7 +34,8 @@ from glance_jax.lora import init_lora  # noqa: E402
 from glance_jax.models import FluxTransformer2DModel  # noqa: E402
 from glance_jax.models.flux import image_ids as flux_image_ids  # noqa: E402
 from glance_jax.schedules import GlanceSchedule  # noqa: E402
-from glance_jax.train import Optim, default_config, make_train_step, optimizer  # noqa: E402
+from glance_jax.train import default_config  # noqa: E402
+from glance_jax.train_step import make_train_step, optimizer  # noqa: E402
 
 CONFIG, SIZE, TEXT = SMALL_FLUX, SMALL_SIZE, SMALL_TEXT
 
@@ -85,7 +86,7 @@ def cpu_speed():
     sigmas = np.float32(list(schedule.slow) + list(schedule.fast) + [0]) / 1000
 
     config = default_config("flux", "slow")
-    opt = optimizer(Optim.of(config))
+    opt = optimizer(config.optim)
     adapter = init_lora(jax.random.PRNGKey(0), params, "flux", 16, 64.0)
     state = {"adapter": adapter, "opt": opt.init(adapter)}
     batch = dict(x0=jnp.asarray(x0), cond=dict(
@@ -120,7 +121,7 @@ def full_size():
     model = FluxTransformer2DModel(guidance_embeds=True, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
     params = jax.eval_shape(model.init_params, jax.random.PRNGKey(0))
     adapter = jax.eval_shape(lambda p: init_lora(jax.random.PRNGKey(0), p, "flux", 16, 64.0), params)
-    opt = optimizer(Optim.of(config))
+    opt = optimizer(config.optim)
     opt_state = jax.eval_shape(opt.init, adapter)
     tokens, text = 4096, 512
     f32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)

@@ -232,7 +232,8 @@ def step_program(model, args, mesh):
     """The real train or sampling step of `model` on `mesh`, from abstract shapes: a dict with `lower` (-> the
     jit-lowered program), `flops` (-> XLA's FLOP count of the step, every block counted), the sampling `batch`,
     and the per-device bytes of the parameters and of the LoRA + Adam state."""
-    from glance_jax.train import Optim, default_config, make_train_step, optimizer
+    from glance_jax.train import default_config
+    from glance_jax.train_step import make_train_step, optimizer
 
     family = families.of(model)
     text = family.plan_text_tokens
@@ -261,7 +262,7 @@ def step_program(model, args, mesh):
         config.optim.state_dtype = args.state_dtype
         adapter = jax.eval_shape(lambda p: init_lora(jax.random.PRNGKey(0), p, family.name, config.lora.rank,
                                                      config.lora.alpha), params)
-        opt = optimizer(Optim.of(config))
+        opt = optimizer(config.optim)
         opt_state = jax.eval_shape(opt.init, adapter)
         lora_sh, opt_sh = sharding.tree_shardings(adapter, mesh), sharding.tree_shardings(opt_state, mesh)
         batch_tree = {"x0": x_sds, "cond": cond}

@@ -26,7 +26,6 @@ A run writes into its workdir:
   a restart with another fingerprint is refused.
 """
 
-import dataclasses
 import functools
 import hashlib
 import json
@@ -37,7 +36,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
@@ -45,8 +43,9 @@ from glance_jax import checkpoints, data, families, lora, runstate, schedules, s
 from glance_jax.checkpoints import safetensors_io
 from glance_jax import safe_io
 from glance_jax.errors import GlanceError
-from glance_jax.pipelines import euler_step, pack_flux_latents, velocity
+from glance_jax.pipelines import euler_step, pack_flux_latents
 from glance_jax.schedules import GlanceSchedule
+from glance_jax.train_step import caption_texts, conditioning, learning_rate, make_train_step, optimizer
 
 PHASES = ("slow", "fast")
 TEXT_INPUTS = ("encoder_hidden_states", "pooled_projections", "encoder_hidden_states_mask")  # per caption
@@ -142,62 +141,6 @@ def default_config(family, phase="both"):
     return c
 
 
-# ---- optimizer ----
-
-@dataclasses.dataclass(frozen=True)
-class Optim:
-    """`config.optim` as a frozen (hashable) value: the train step is compiled once per distinct optimizer."""
-
-    lr: float
-    warmup_steps: int = 0
-    b1: float = 0.9
-    b2: float = 0.999
-    eps: float = 1e-8
-    weight_decay: float = 0.01
-    grad_clip: float = 1.0
-    state_dtype: str = "fp32"
-
-    @classmethod
-    def of(cls, config):
-        """From a run config (its `optim` section)."""
-        return cls(**{f.name: config.optim[f.name] for f in dataclasses.fields(cls) if f.name in config.optim})
-
-
-def learning_rate(o):
-    """Linear warm-up from 0 over `warmup_steps`, then constant (diffusers' constant_with_warmup)."""
-    if o.warmup_steps <= 0:
-        return optax.constant_schedule(o.lr)
-    return optax.join_schedules([optax.linear_schedule(0.0, o.lr, o.warmup_steps), optax.constant_schedule(o.lr)],
-                                [o.warmup_steps])
-
-
-def optimizer(o):
-    """AdamW (an `Optim`) with global-norm clipping on the LoRA's A and B; alpha is not trained."""
-    adamw = optax.chain(optax.clip_by_global_norm(o.grad_clip),
-                        optax.adamw(learning_rate(o), b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay))
-    if o.state_dtype not in ("fp32", "float32"):
-        adamw = stored_in(adamw, checkpoints.parse_dtype(o.state_dtype))
-    labels = lambda tree: jax.tree_util.tree_map_with_path(
-        lambda path, _: "frozen" if path[-1].key == "alpha" else "trained", tree)
-    return optax.multi_transform({"trained": adamw, "frozen": optax.set_to_zero()}, labels)
-
-
-def stored_in(transform, dtype):
-    """`transform` whose float state (Adam's moments) is kept in `dtype` between steps and updated in float32.
-
-    bf16 moments stand in for the official Qwen-Image recipe's 8-bit Adam: half the state memory.
-    """
-    def cast(tree, to):
-        return jax.tree_util.tree_map(
-            lambda x: x.astype(to) if jnp.issubdtype(x.dtype, jnp.floating) and x.ndim else x, tree)
-
-    def update(updates, state, params=None):
-        updates, state = transform.update(updates, cast(state, jnp.float32), params)
-        return updates, cast(state, dtype)
-
-    return optax.GradientTransformation(lambda params: cast(transform.init(params), dtype), update)
-
-
 # ---- the training batch ----
 
 def _pad_text(embeds, mask, length):
@@ -247,14 +190,6 @@ def training_batch(model, arrays, guidance):
     return batch, static
 
 
-def conditioning(batch, drop_caption, texts=None):
-    """The model's keyword inputs besides hidden_states and timestep, with the text inputs `texts` instead of
-    the caption's if given; the empty prompt's if `drop_caption`."""
-    empty = batch.get("empty_cond", {})
-    cond = {**batch["cond"], **(texts or {})}
-    return {k: jnp.where(drop_caption, empty[k], v) if k in empty else v for k, v in cond.items()}
-
-
 # ---- the teacher target ----
 
 def teacher_grid(schedule, scheduler, substeps, image_seq_len):
@@ -266,13 +201,6 @@ def teacher_grid(schedule, scheduler, substeps, image_seq_len):
     points = schedule.sigmas()
     fine = np.unique(np.concatenate([grid, points]))[::-1].astype(np.float32)
     return fine[fine <= points[0]]
-
-
-def caption_texts(texts, k):
-    """The text inputs (of `batch["teacher_texts"]`) that trajectory k, an index or an array of them, is drawn
-    and trained with: caption k mod N."""
-    count = jax.tree_util.tree_leaves(texts)[0].shape[0]
-    return jax.tree_util.tree_map(lambda t: t[k % count], texts)
 
 
 def teacher_conditionings(model, batch, config):
@@ -357,83 +285,6 @@ def teacher_trajectories(model, static, params, batch, sigmas, config, key):
                         cond, neg, scales[i:i + chunk])
              for i in tqdm(range(0, len(noises), chunk), desc="teacher trajectories", unit="batch", leave=False)]
     return jnp.concatenate(parts)[:, :n]
-
-
-# ---- the train step ----
-
-def make_train_step(model, config, static=(), shardings=None):
-    """The jit-compiled step `(adapter, opt_state, params, batch, teacher, points, key) -> (adapter, opt_state,
-    metrics)`; the LoRA and optimizer state are donated. `points` is a mask over `teacher["sigmas"]` marking
-    the phase's timesteps (drawn uniformly among them). Steps that would compile to the same program are
-    shared (both phases, several runs). With `shardings=(in_shardings, out_shardings)` the step is compiled
-    for a device mesh.
-    """
-    settings = (Optim.of(config), config.target, float(config.data.caption_dropout),
-                int(config.teacher.get("minibatch", 1)), float(config.student.guidance_scale),
-                families.of(model).cfg_rescale, bool(config.student.guidance_input))
-    if shardings is None:
-        return _compiled_train_step(model, settings, tuple(static))
-    return jax.jit(_train_step(model, settings, tuple(static)), in_shardings=shardings[0],
-                   out_shardings=shardings[1], donate_argnums=(0, 1))
-
-
-@functools.lru_cache(maxsize=16)
-def _compiled_train_step(model, settings, static):
-    return jax.jit(_train_step(model, settings, static), donate_argnums=(0, 1))
-
-
-def student_velocity(model, static, params, adapter, x_t, sigma, conds, guidance_scale, rescale):
-    """The LoRA'd model's velocity at `x_t` (B, tokens, C), as the sampler computes it (pipelines.velocity): one
-    pass with one conditioning; with two (caption, negative prompt) true CFG at `guidance_scale`, with the
-    family's rescale."""
-    return velocity(model, static, {"params": params, "lora": adapter}, x_t.astype(model.dtype),
-                    jnp.full((x_t.shape[0],), sigma), conds, guidance_scale, rescale)
-
-
-def _train_step(model, settings, static):
-    optim, target_kind, dropout, minibatch, student_scale, rescale, guidance_input = settings
-    opt = optimizer(optim)
-
-    def loss_fn(adapter, params, batch, teacher, points, key):
-        k_t, k_noise, k_drop, k_traj = jax.random.split(key, 4)
-        index = jax.random.choice(k_t, points.shape[0], p=points / jnp.sum(points))
-        sigma = teacher["sigmas"][index]
-        drop = jax.random.uniform(k_drop) < dropout
-        if target_kind == "teacher":  # the velocity that carries the base's state here to its next point
-            k = jax.random.randint(k_traj, (), 0, teacher["states"].shape[0])
-            conds = [conditioning(batch, drop, caption_texts(teacher["texts"], k))]
-            if guidance_input:  # the trajectory's guidance scale, into the trained guidance embedding
-                conds[0]["guidance"] = jnp.full((1,), teacher["scales"][k])
-            if student_scale > 1:  # the student samples with true CFG: both LoRA'd passes, combined
-                conds.append(conditioning(batch, True))
-            x_t = teacher["states"][k, index][None]
-            target = (teacher["states"][k, index + 1][None] - x_t) / (teacher["sigmas"][index + 1] - sigma)
-        else:
-            x0 = batch["x0"]
-            noise = jax.random.normal(k_noise, x0.shape, jnp.float32)
-            x_t = (1 - sigma) * x0 + sigma * noise
-            target = noise - x0
-            conds = [conditioning(batch, drop)]
-        v = student_velocity(model, static, params, adapter, x_t, sigma, conds, student_scale, rescale)
-        return jnp.mean(jnp.square(v - target)), sigma * 1000
-
-    def mean_loss(adapter, params, batch, teacher, points, key):
-        """The loss averaged over `teacher.minibatch` draws (the teacher target: trajectories and points)."""
-        if minibatch == 1:
-            return loss_fn(adapter, params, batch, teacher, points, key)
-        keys = jax.random.split(key, minibatch)
-        losses, timesteps = jax.vmap(loss_fn, in_axes=(None, None, None, None, None, 0))(
-            adapter, params, batch, teacher, points, keys)
-        return jnp.mean(losses), jnp.mean(timesteps)
-
-    def step(adapter, opt_state, params, batch, teacher, points, key):
-        (loss, timestep), grads = jax.value_and_grad(mean_loss, has_aux=True)(adapter, params, batch, teacher,
-                                                                              points, key)
-        updates, opt_state = opt.update(grads, opt_state, adapter)
-        adapter = optax.apply_updates(adapter, updates)
-        return adapter, opt_state, {"loss": loss, "timestep": timestep, "grad_norm": optax.global_norm(grads)}
-
-    return step
 
 
 # ---- the run ----
@@ -606,7 +457,7 @@ class Run:
                                  float(config.lora.alpha))
         if config.student.guidance_input:
             adapter = lora.with_guidance_embedder(jax.random.fold_in(key, 2), adapter, self.params)
-        return adapter, optimizer(Optim.of(config)).init(adapter), points, key
+        return adapter, optimizer(config.optim).init(adapter), points, key
 
     def compile_step(self):
         """Compiles the train step of this run (one program for both phases) without taking a step, so that a
@@ -643,7 +494,7 @@ class Run:
         if self.writer:
             _truncate_metrics(metrics_path, phase, start)
         step_fn = make_train_step(self.model, config, self.static, step_shardings)
-        lr = learning_rate(Optim.of(config))
+        lr = learning_rate(config.optim)
         lora_path = runstate.final_lora_path(self.workdir, phase)
         if start < config.steps and self.writer and os.path.exists(lora_path):
             os.remove(lora_path)  # a shorter run's LoRA: while this one goes on, the final path holds none

@@ -253,9 +253,9 @@ def recorded_steps(pipeline):
 
 
 def test_two_pass_student_velocity_matches_diffusers_true_cfg_step(setup):
-    """The trainer's two-pass student velocity (train.student_velocity: true CFG over two LoRA'd passes) equals the
+    """The trainer's two-pass student velocity (train_step.student_velocity: true CFG over two LoRA'd passes) equals the
     CFG velocity diffusers' FluxPipeline(true_cfg_scale=4) steps with, the same LoRA loaded through peft (fp32)."""
-    from glance_jax import train
+    from glance_jax import train_step
     torch_model, pipe, loras, inputs = setup
     torch_model.enable_adapters()
     torch_model.set_adapter("slow")
@@ -275,12 +275,12 @@ def test_two_pass_student_velocity_matches_diffusers_true_cfg_step(setup):
              cond(negative["negative_prompt_embeds"], negative["negative_pooled_prompt_embeds"])]
     assert len(calls) == 3
     for want, timestep, x in calls:
-        got = train.student_velocity(model, (), pipe.params, loras["slow"], jnp.asarray(x), timestep / 1000, conds,
+        got = train_step.student_velocity(model, (), pipe.params, loras["slow"], jnp.asarray(x), timestep / 1000, conds,
                                      4.0, families.FLUX.cfg_rescale)
         err = relative_error(got, want)
         print(f"two-pass student velocity at t={timestep:.1f} vs FluxPipeline(true_cfg_scale=4) + peft: {err:.2e}")
         assert err <= TOLERANCE
-    one_pass = train.student_velocity(model, (), pipe.params, loras["slow"], jnp.asarray(calls[1][2]),
+    one_pass = train_step.student_velocity(model, (), pipe.params, loras["slow"], jnp.asarray(calls[1][2]),
                                       calls[1][1] / 1000, conds[:1], 4.0, False)
     assert relative_error(one_pass, calls[1][0]) > 10 * TOLERANCE  # the check can fail: one pass is not CFG
 

@@ -262,7 +262,8 @@ def test_full_width_qwen_image_matches_quanto(qwen_full, kind):
 def test_training_on_a_quantized_base_with_bf16_adam_moments(tmp_path):
     """config.model.quantize and config.optim.state_dtype through the trainer, on the demo's teacher."""
     from glance_jax.demo import teacher
-    from glance_jax.train import Optim, Run, default_config, optimizer
+    from glance_jax.train import Run, default_config
+    from glance_jax.train_step import optimizer
     sample = tmp_path / "sample"
     sample.mkdir()
     images, labels = teacher.digits()
@@ -283,5 +284,5 @@ def test_training_on_a_quantized_base_with_bf16_adam_moments(tmp_path):
     assert quant.kind_of(run.params) == "fp8"
     tree = load_lora(run.train()["slow"], run.params)
     assert float(jnp.abs(tree["transformer_blocks"]["attn"]["to_q"]["B"]).max()) > 0  # the LoRA learned
-    moments = [x for x in jax.tree_util.tree_leaves(optimizer(Optim.of(c)).init(tree)) if x.ndim]
+    moments = [x for x in jax.tree_util.tree_leaves(optimizer(c.optim).init(tree)) if x.ndim]
     assert moments and all(x.dtype == jnp.bfloat16 for x in moments)

@@ -207,10 +207,10 @@ def test_sampler_with_true_cfg_matches_diffusers(tiny):
 
 
 def test_two_pass_student_velocity_matches_diffusers_true_cfg_step(tiny, official_style_lora):
-    """The trainer's two-pass student velocity (train.student_velocity: true CFG over two LoRA'd passes with the norm
+    """The trainer's two-pass student velocity (train_step.student_velocity: true CFG over two LoRA'd passes with the norm
     rescale) equals the velocity diffusers' QwenImagePipeline(true_cfg_scale=5) steps with, the same LoRA loaded
     through peft (fp32)."""
-    from glance_jax import train
+    from glance_jax import train_step
     from test_pipeline import recorded_steps
     _, _, model, params = tiny
     path, _, peft_model = official_style_lora
@@ -232,11 +232,11 @@ def test_two_pass_student_velocity_matches_diffusers_true_cfg_step(tiny, officia
                                  "prompt_embeds_mask": inputs["negative_prompt_embeds_mask"]}, H // 16, W // 16)
     assert len(calls) == 3
     for want, timestep, x in calls:
-        got = train.student_velocity(model, static, params, tree, jax.numpy.asarray(x), timestep / 1000,
+        got = train_step.student_velocity(model, static, params, tree, jax.numpy.asarray(x), timestep / 1000,
                                      [cond, neg], 5.0, QWEN_IMAGE.cfg_rescale)
         err = relative_error(got, want)
         print(f"two-pass student velocity at t={timestep:.1f} vs QwenImagePipeline(true_cfg_scale=5) + peft: {err:.2e}")
         assert err <= TOLERANCE
-    unscaled = train.student_velocity(model, static, params, tree, jax.numpy.asarray(calls[1][2]),
+    unscaled = train_step.student_velocity(model, static, params, tree, jax.numpy.asarray(calls[1][2]),
                                       calls[1][1] / 1000, [cond, neg], 5.0, False)
     assert relative_error(unscaled, calls[1][0]) > 10 * TOLERANCE  # the check can fail: the rescale matters

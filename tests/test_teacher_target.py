@@ -201,7 +201,7 @@ def test_compile_step_compiles_the_program_that_training_runs(tmp_path, caplog):
     train step that train() then runs: training compiles no step program of its own."""
     run = demo_run(tmp_path, 3.0)  # the guided students' step: minibatch 8
     run.config.optim.lr = 1.2345e-4  # a program no other test compiles
-    step_compiles = lambda: [r for r in caplog.records if r.getMessage().startswith("Compiling jit(step)")]
+    step_compiles = lambda: [r for r in caplog.records if r.getMessage().startswith("Compiling jit(train_step)")]
     with caplog.at_level(logging.WARNING), jax.log_compiles():
         run.compile_step()
         assert len(step_compiles()) == 1

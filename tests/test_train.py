@@ -17,7 +17,7 @@ from diffusers import AutoencoderKL
 from diffusers import FluxTransformer2DModel as TorchFlux
 from sklearn.datasets import load_sample_images
 
-from glance_jax import data, families, lora, validation
+from glance_jax import data, families, lora, train_step, validation
 from glance_jax.checkpoints import safetensors_io
 from glance_jax.cli import main
 from glance_jax.models import FluxTransformer2DModel
@@ -78,6 +78,32 @@ def tiny_config(setup, **overrides):
 def metrics(workdir):
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f]
+
+
+def test_the_teacher_loss_is_zero_where_the_student_is_the_base():
+    """loss_fn on its own: with the LoRA's B = 0 the student is the base, so on states that the base's own Euler
+    step joins the teacher target's loss is 0; on a state off that step it is not (the check can fail)."""
+    import jax.numpy as jnp
+    model = FluxTransformer2DModel(**CONFIG, dtype=jnp.float32, param_dtype=jnp.float32)
+    params = model.init_params(jax.random.PRNGKey(0))
+    adapter = lora.init_lora(jax.random.PRNGKey(1), params, "flux", 4, 16.0)
+    rng = np.random.default_rng(0)
+    cond, static = model.conditioning({"prompt_embeds": rng.standard_normal((1, 6, 24), dtype=np.float32),
+                                       "pooled_prompt_embeds": rng.standard_normal((1, 20), dtype=np.float32)}, 2, 2)
+    batch = {"x0": jnp.zeros((1, 4, 64)), "cond": cond}
+    sigmas = jnp.asarray([0.8, 0.5, 0.0])
+    x = jnp.asarray(rng.standard_normal((1, 4, 64), dtype=np.float32))
+    v = model.apply({"params": params}, hidden_states=x, timestep=jnp.full((1,), 0.8), **cond)
+    settings = train_step.Settings(tuple(sorted(default_config("flux").optim.items())), "teacher", 0.0, 1, 1.0,
+                                   False, False)
+    texts = {"encoder_hidden_states": cond["encoder_hidden_states"][None],
+             "pooled_projections": cond["pooled_projections"][None]}
+    loss = lambda jump: train_step.loss_fn(model, static, settings, adapter, params, batch,
+                                           {"sigmas": sigmas, "states": jnp.stack([x, jump, x])[None, :, 0],
+                                            "texts": texts}, jnp.asarray([1.0, 0.0, 0.0]), jax.random.PRNGKey(2))
+    value, timestep = loss(x - 0.3 * v)
+    assert float(timestep) == pytest.approx(800) and float(value) < 1e-10
+    assert float(loss(x - 0.2 * v)[0]) > 1e-3
 
 
 def test_loss_falls_and_only_the_lora_changes(setup, tmp_path):
