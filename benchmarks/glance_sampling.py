@@ -27,7 +27,7 @@ from torch_peers import randomize_  # noqa: E402
 
 from glance_jax.lora import init_lora  # noqa: E402
 from glance_jax.models import FluxTransformer2DModel  # noqa: E402
-from glance_jax.models.flux import image_ids as flux_image_ids  # noqa: E402
+from glance_jax.flux.transformer import image_ids as flux_image_ids  # noqa: E402
 from glance_jax.pipelines import FluxGlancePipeline  # noqa: E402
 from glance_jax.schedules import FLUX_SCHEDULER, GlanceSchedule  # noqa: E402
 

@@ -69,7 +69,7 @@ from glance_jax.errors import GlanceError, UsageError  # noqa: E402
 from glance_jax.families import FLUX_SCHEDULER, QWEN_IMAGE_SCHEDULER  # noqa: E402
 from glance_jax.lora import init_lora  # noqa: E402
 from glance_jax.models import AutoencoderKL, FluxTransformer2DModel, QwenImageTransformer2DModel  # noqa: E402
-from glance_jax.models import attention  # noqa: E402
+from glance_jax.modules import attention  # noqa: E402
 from glance_jax.pipelines import (FluxGlancePipeline, QwenImageGlancePipeline, decode_latents, euler_step,  # noqa: E402
                                   transformer_passes)
 from glance_jax.quantize import quantize_params  # noqa: E402

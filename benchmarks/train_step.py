@@ -32,7 +32,7 @@ from glance_jax import analysis  # noqa: E402
 from glance_jax.families import FLUX  # noqa: E402
 from glance_jax.lora import init_lora  # noqa: E402
 from glance_jax.models import FluxTransformer2DModel  # noqa: E402
-from glance_jax.models.flux import image_ids as flux_image_ids  # noqa: E402
+from glance_jax.flux.transformer import image_ids as flux_image_ids  # noqa: E402
 from glance_jax.schedules import GlanceSchedule  # noqa: E402
 from glance_jax.train import default_config  # noqa: E402
 from glance_jax.train_step import make_train_step, optimizer  # noqa: E402

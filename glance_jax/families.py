@@ -18,7 +18,8 @@ from glance_jax import checkpoints
 from glance_jax.errors import GlanceError
 from glance_jax.models import (AutoencoderKL, AutoencoderKLQwenImage, FluxTransformer2DModel,
                                QwenImageTransformer2DModel)
-from glance_jax.prompts import FluxPromptEncoder, QwenImagePromptEncoder
+from glance_jax.flux.prompts import FluxPromptEncoder
+from glance_jax.qwen_image.prompts import QwenImagePromptEncoder
 
 # diffusers' scheduler_config.json of the two models Glance targets.
 FLUX_SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0,

@@ -22,7 +22,8 @@ import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from glance_jax import families, validation
-from glance_jax.checkpoints import bfl, safetensors_io, weight_table
+from glance_jax.checkpoints import safetensors_io, weight_table
+from glance_jax.flux import bfl
 from glance_jax.errors import GlanceError
 from glance_jax.lora_tree import GUIDANCE_EMBEDDER, guidance_embedder, modules_of
 from glance_jax.schedules import GlanceSchedule

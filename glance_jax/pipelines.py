@@ -31,7 +31,7 @@ from glance_jax import families, validation
 from glance_jax.errors import GlanceError
 from glance_jax.lora import check_shapes, check_values, merged_params
 from glance_jax.lora_formats import GUIDANCE_EMBEDDER, guidance_embedder
-from glance_jax.models.tiling import tiled_decode
+from glance_jax.modules.tiling import tiled_decode
 from glance_jax.quantize import is_quantized, kind_of, quantize_params
 from glance_jax.schedules import FlowMatchEulerScheduler, GlanceSchedule
 

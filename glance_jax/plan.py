@@ -44,7 +44,7 @@ import numpy as np
 from glance_jax import analysis, families, quantize, sharding, validation
 from glance_jax.errors import GlanceError
 from glance_jax.lora import init_lora
-from glance_jax.models import attention, layers
+from glance_jax.modules import attention, layers
 from glance_jax.pipelines import euler_step
 
 CPU_FLAGS = "--xla_disable_hlo_passes=while-loop-invariant-code-motion"

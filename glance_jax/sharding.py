@@ -16,7 +16,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from glance_jax.errors import GlanceError
-from glance_jax.models.layers import STACKED_BLOCKS
+from glance_jax.modules.layers import STACKED_BLOCKS
 
 MESH_AXES = ("data", "fsdp", "tensor")
 DEFAULT_RULES = (("batch", "data"), ("in", "fsdp"), ("out", "tensor"), ("layers", None), ("rank", None))

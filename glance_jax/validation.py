@@ -17,7 +17,7 @@ IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"
 
 
 def remat_policies():
-    from glance_jax.models.layers import REMAT_POLICIES
+    from glance_jax.modules.layers import REMAT_POLICIES
     return tuple(REMAT_POLICIES)
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from glance_jax.models import FluxTransformer2DModel, QwenImageTransformer2DModel
-from glance_jax.models import attention
+from glance_jax.modules import attention
 
 TOL = 1e-5  # relative to the largest magnitude of each compared tree
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -73,7 +73,7 @@ def test_splash_under_a_mesh_runs_per_device_in_shard_map():
     code = """
 import jax, jax.numpy as jnp, numpy as np
 from glance_jax import sharding
-from glance_jax.models import attention
+from glance_jax.modules import attention
 mesh = sharding.make_mesh("data=2,fsdp=2")
 rng = np.random.default_rng(0)
 q, k, v = (jnp.asarray(rng.standard_normal((2, 40, 4, 16)), jnp.float32) for _ in range(3))

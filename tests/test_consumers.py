@@ -41,7 +41,8 @@ from diffusers import QwenImageTransformer2DModel as TorchQwen
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from glance_jax import checkpoints
-from glance_jax.checkpoints import bfl, diffusers_state_dict, safetensors_io
+from glance_jax.checkpoints import diffusers_state_dict, safetensors_io
+from glance_jax.flux import bfl
 from glance_jax.errors import GlanceError
 from glance_jax.families import FLUX
 from glance_jax import lora_formats

@@ -245,10 +245,10 @@ def _evil_tokenizer(folder, marker):
 def test_a_tokenizer_asking_for_remote_code_is_refused(tmp_path):
     _evil_tokenizer(tmp_path / "tok", tmp_path / "marker")
     with pytest.raises(GlanceError, match=r"tokenizer_config.json asks to run Python code .*trust_remote_code=False"):
-        prompts._tokenizer(str(tmp_path / "tok"))
+        prompts.load_tokenizer(str(tmp_path / "tok"))
     assert not (tmp_path / "marker").exists()
     word_tokenizer(tmp_path / "plain", ["</s>"], "$A </s>", 16)  # without auto_map it loads
-    assert prompts._tokenizer(str(tmp_path / "plain"))("a photo")["input_ids"]
+    assert prompts.load_tokenizer(str(tmp_path / "plain"))("a photo")["input_ids"]
 
 
 def test_sample_refuses_remote_code_before_loading(no_heavy_work, tmp_path, capsys):

@@ -15,7 +15,7 @@ from glance_jax import families, pipelines
 from glance_jax.errors import GlanceError
 from glance_jax.lora import load_lora
 from glance_jax.models import FluxTransformer2DModel
-from glance_jax.models.flux import image_ids
+from glance_jax.flux.transformer import image_ids
 from glance_jax.pipelines import FluxGlancePipeline, pack_flux_latents, unpack_flux_latents
 from glance_jax.schedules import (FLUX_SCHEDULER, FlowMatchEulerScheduler,
                                   GlanceSchedule, snr)

@@ -16,7 +16,8 @@ from transformers import T5EncoderModel as TorchT5
 
 from glance_jax import checkpoints, data
 from glance_jax.checkpoints import safetensors_io
-from glance_jax.prompts import FluxPromptEncoder, QwenImagePromptEncoder
+from glance_jax.flux.prompts import FluxPromptEncoder
+from glance_jax.qwen_image.prompts import QwenImagePromptEncoder
 from glance_jax.models import CLIPTextModel, Qwen25VLTextModel, T5EncoderModel
 import real_tokenizers
 from torch_peers import randomize_, relative_error
@@ -71,7 +72,7 @@ def folders(tmp_path_factory):
 def test_the_real_tokenizers_give_the_official_ids(folders):
     from transformers import AutoTokenizer
 
-    from glance_jax.prompts import QWEN_TEMPLATE, QWEN_TEMPLATE_TOKENS
+    from glance_jax.qwen_image.prompts import QWEN_TEMPLATE, QWEN_TEMPLATE_TOKENS
     root, _ = folders
     clip, t5 = AutoTokenizer.from_pretrained(root / "tokenizer"), AutoTokenizer.from_pretrained(root / "tokenizer_2")
     qwen = AutoTokenizer.from_pretrained(root / "qwen" / "tokenizer")

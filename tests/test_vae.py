@@ -11,7 +11,7 @@ from sklearn.datasets import load_sample_images
 
 from glance_jax import checkpoints, data
 from glance_jax.models import AutoencoderKL, AutoencoderKLQwenImage, FluxTransformer2DModel
-from glance_jax.models.tiling import tiled_decode
+from glance_jax.modules.tiling import tiled_decode
 from glance_jax.pipelines import FluxGlancePipeline, decode_latents
 from glance_jax.schedules import FLUX_SCHEDULER
 from torch_peers import randomize_, relative_error

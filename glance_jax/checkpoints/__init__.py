@@ -24,9 +24,10 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 
 from glance_jax import models, safe_io
 from glance_jax import quantize as quant
-from glance_jax.checkpoints import bfl, hub, safetensors_io
+from glance_jax.checkpoints import hub, safetensors_io
+from glance_jax.flux import bfl
 from glance_jax.errors import GlanceError
-from glance_jax.models.layers import STACKED_BLOCKS
+from glance_jax.modules.layers import STACKED_BLOCKS
 
 FORMAT_FILE = "glance_jax.json"  # marks a folder written by `convert_checkpoint`
 PARAMS_DIR = "params"

@@ -29,7 +29,7 @@ from glance_jax import checkpoints
 from glance_jax.checkpoints import safetensors_io
 from glance_jax.errors import GlanceError
 from glance_jax.models import FluxTransformer2DModel
-from glance_jax.models.flux import image_ids as flux_image_ids
+from glance_jax.flux.transformer import image_ids as flux_image_ids
 from glance_jax.pipelines import pack_flux_latents
 
 ASSETS = os.path.join(os.path.dirname(__file__), "assets")

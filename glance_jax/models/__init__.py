@@ -4,11 +4,12 @@
 `_class_name` and, for the text encoders, transformers' `architectures` name.
 """
 
-from glance_jax.models.flux import FluxTransformer2DModel
-from glance_jax.models.qwen_image import QwenImageTransformer2DModel
-from glance_jax.models.qwen_vae import AutoencoderKLQwenImage
-from glance_jax.models.text_encoders import CLIPTextModel, Qwen25VLTextModel, T5EncoderModel
-from glance_jax.models.vae import AutoencoderKL
+from glance_jax.flux.text_encoders import CLIPTextModel, T5EncoderModel
+from glance_jax.flux.transformer import FluxTransformer2DModel
+from glance_jax.flux.vae import AutoencoderKL
+from glance_jax.qwen_image.text_encoder import Qwen25VLTextModel
+from glance_jax.qwen_image.transformer import QwenImageTransformer2DModel
+from glance_jax.qwen_image.vae import AutoencoderKLQwenImage
 
 __all__ = ["AutoencoderKL", "AutoencoderKLQwenImage", "CLIPTextModel", "FluxTransformer2DModel",
            "Qwen25VLTextModel", "QwenImageTransformer2DModel", "T5EncoderModel"]

@@ -19,8 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from glance_jax.errors import GlanceError
-from glance_jax.models.base import PretrainedModel
-from glance_jax.models.layers import (
+from glance_jax.modules.base import PretrainedModel
+from glance_jax.modules.layers import (
     Dense,
     DoubleStreamAttention,
     EmbedND,

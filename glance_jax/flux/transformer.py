@@ -21,8 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from glance_jax.models.base import PretrainedModel
-from glance_jax.models.layers import (
+from glance_jax.modules.base import PretrainedModel
+from glance_jax.modules.layers import (
     Dense,
     DoubleStreamAttention,
     EmbedND,
@@ -178,7 +178,7 @@ class FluxTransformer2DModel(PretrainedModel, nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     remat_policy: str = "none"
-    attention_impl: str = "auto"  # "auto", "xla", "blocked", "splash" or "cudnn" (see models.attention)
+    attention_impl: str = "auto"  # "auto", "xla", "blocked", "splash" or "cudnn" (see modules.attention)
     scan_unroll: bool = False  # unrolled blocks: slower to compile, but XLA's cost analysis counts every block
 
     quantizable = True  # a frozen base whose Dense kernels glance_jax.quantize may store in 8 bits

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from glance_jax.errors import GlanceError
-from glance_jax.models.base import PretrainedModel
+from glance_jax.modules.base import PretrainedModel
 
 Dtype = Any
 LATENTS_MEAN = (-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508, 0.4134, -0.0715, 0.5517,

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from glance_jax import quantize
-from glance_jax.models import attention as attention_kernels
+from glance_jax.modules import attention as attention_kernels
 
 Dtype = Any
 
@@ -144,7 +144,7 @@ def attention(q, k, v, mask=None, implementation="auto"):
     """Scaled dot-product attention on (B, S, heads, head_dim); softmax in float32; mask is (B, S_kv), True = attend.
 
     `implementation`: "xla", "blocked" (CPU), "splash" (TPU), "cudnn" (GPU) or
-    "auto" (by platform); the kernels are in `glance_jax.models.attention`.
+    "auto" (by platform); the kernels are in `glance_jax.modules.attention`.
     """
     return attention_kernels.attention(q, k, v, mask, implementation)
 

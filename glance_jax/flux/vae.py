@@ -15,8 +15,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from glance_jax.models.base import PretrainedModel
-from glance_jax.models.layers import Dense
+from glance_jax.modules.base import PretrainedModel
+from glance_jax.modules.layers import Dense
 
 Dtype = Any
 
