@@ -31,12 +31,12 @@ def status(key):
     for line in open("/proc/self/status"):
         if line.startswith(key):
             return int(line.split()[1]) * 1024
-from glance_jax import checkpoints
+from glance_jax import checkpoints, families
 import orbax.checkpoint, tqdm  # everything the command imports
 import jax, jax.numpy as jnp
 jax.jit(lambda x: x + 1)(jnp.ones(3)).block_until_ready()  # the JAX CPU runtime: ~0.25 GiB, whatever the model
 base = status("VmRSS")
-checkpoints.convert_checkpoint(sys.argv[1], sys.argv[2], dtype=sys.argv[3], quantize=sys.argv[4])
+checkpoints.convert_checkpoint(sys.argv[1], sys.argv[2], families.CLASSES, dtype=sys.argv[3], quantize=sys.argv[4])
 print(json.dumps({"baseline": base, "peak": status("VmHWM")}))
 """
 

@@ -29,7 +29,8 @@ from glance_jax.lora import init_lora  # noqa: E402
 from glance_jax.models import FluxTransformer2DModel  # noqa: E402
 from glance_jax.flux.transformer import image_ids as flux_image_ids  # noqa: E402
 from glance_jax.pipelines import FluxGlancePipeline  # noqa: E402
-from glance_jax.schedules import FLUX_SCHEDULER, GlanceSchedule  # noqa: E402
+from glance_jax.flux.adapter import SCHEDULER as FLUX_SCHEDULER  # noqa: E402
+from glance_jax.schedules import GlanceSchedule  # noqa: E402
 
 CONFIG, SIZE, TEXT = SMALL_FLUX, SMALL_SIZE, SMALL_TEXT
 
@@ -59,7 +60,7 @@ def main():
     slow = random_b(jax.random.PRNGKey(1), init_lora(jax.random.PRNGKey(0), params, "flux", 16, 64.0))
     fast = random_b(jax.random.PRNGKey(3), init_lora(jax.random.PRNGKey(2), params, "flux", 16, 64.0))
     pipe = FluxGlancePipeline(model, params, FLUX_SCHEDULER)
-    schedule = GlanceSchedule.official("flux", image_seq_len=tokens)
+    schedule = GlanceSchedule.official(FLUX_SCHEDULER, image_seq_len=tokens)
     common = dict(prompt_embeds=embeds, pooled_prompt_embeds=pooled, latents=latents, height=SIZE, width=SIZE)
 
     plain50 = lambda: pipe(**common, num_inference_steps=50).block_until_ready()

@@ -66,7 +66,8 @@ from vae import FLUX_VAE  # noqa: E402
 
 from glance_jax import analysis, plan, validation  # noqa: E402
 from glance_jax.errors import GlanceError, UsageError  # noqa: E402
-from glance_jax.families import FLUX_SCHEDULER, QWEN_IMAGE_SCHEDULER  # noqa: E402
+from glance_jax.flux.adapter import SCHEDULER as FLUX_SCHEDULER  # noqa: E402
+from glance_jax.qwen_image.adapter import SCHEDULER as QWEN_IMAGE_SCHEDULER  # noqa: E402
 from glance_jax.lora import init_lora  # noqa: E402
 from glance_jax.models import AutoencoderKL, FluxTransformer2DModel, QwenImageTransformer2DModel  # noqa: E402
 from glance_jax.modules import attention  # noqa: E402
@@ -315,7 +316,7 @@ def flux(sizes, results, state):
     jax_inputs = jax.device_put(bf16_inputs(inputs))
     state["flux_flops"] = flops = analysis.flops(analysis.for_cost_analysis(model).apply,
                                                  {"params": analysis.abstract(params)}, **jax_inputs)
-    schedule = GlanceSchedule.official("flux", image_seq_len=side * side)
+    schedule = GlanceSchedule.official(FLUX_SCHEDULER, image_seq_len=side * side)
     passes = transformer_passes(schedule)
     slow, fast = preset_loras(params, "flux")
     embeds = dict(prompt_embeds=inputs["encoder_hidden_states"], pooled_prompt_embeds=inputs["pooled_projections"])
@@ -364,7 +365,7 @@ def flux_train_batch(model, config, sizes):
     inputs, side = flux_case(sizes)
     encodings = {"prompt_embeds": inputs["encoder_hidden_states"], "pooled_prompt_embeds": inputs["pooled_projections"]}
     cond, _ = model.conditioning(encodings, side, side, config.model.guidance)
-    schedule = GlanceSchedule.official("flux", image_seq_len=side * side)
+    schedule = GlanceSchedule.official(FLUX_SCHEDULER, image_seq_len=side * side)
     sigmas = schedule.sigmas()
     teacher = {"sigmas": jnp.asarray(sigmas), "states": jnp.zeros((1, 1, 1, 1))}
     points = jnp.asarray(np.arange(len(sigmas)) < len(schedule.slow), jnp.float32)
@@ -410,7 +411,7 @@ def flux_train_torch(sizes, results, state):
     inputs, side = flux_case(sizes)
     t = torch_inputs(inputs)
     config = default_config("flux", "slow")
-    sigmas = GlanceSchedule.official("flux", image_seq_len=side * side).sigmas()
+    sigmas = GlanceSchedule.official(FLUX_SCHEDULER, image_seq_len=side * side).sigmas()
     step = peft_lora_step(model, t["hidden_states"], t["encoder_hidden_states"], t["pooled_projections"], sigmas,
                           side, rank=config.lora.rank, alpha=config.lora.alpha, lr=config.optim.lr)
     cuda = torch.cuda.is_available()
@@ -456,7 +457,7 @@ def qwen(sizes, results, state):
     first, *others = attention_impls()
     impl = first if cfg_step(first) else "xla"  # the loop with the platform's attention if its step ran
     side = sizes.resolution // 16
-    schedule = GlanceSchedule.official("qwen-image", image_seq_len=side * side)
+    schedule = GlanceSchedule.official(QWEN_IMAGE_SCHEDULER, image_seq_len=side * side)
     passes = transformer_passes(schedule, guided=True)
     slow, fast = preset_loras(params, "qwen-image")
     pipe = QwenImageGlancePipeline(model.clone(attention_impl=impl), params, QWEN_IMAGE_SCHEDULER)

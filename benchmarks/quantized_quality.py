@@ -26,11 +26,12 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from glance_jax import checkpoints, evaluation
+from glance_jax import data, evaluation, families
 from glance_jax.checkpoints import safetensors_io
 from glance_jax.demo import teacher
 from glance_jax.lora import load_lora
-from glance_jax.pipelines import FluxGlancePipeline, unpack_flux_latents
+from glance_jax.layout import unpack_latents
+from glance_jax.pipelines import FluxGlancePipeline
 from glance_jax.schedules import GlanceSchedule
 from glance_jax.train import Run, default_config
 
@@ -50,7 +51,7 @@ def write_sample(folder, prompts):
         f.write(TRAIN[1])
     states, pooled = prompts[TRAIN[1]]
     safetensors_io.save_file({"latents": image, "prompt_embeds": states, "pooled_prompt_embeds": pooled},
-                             os.path.join(folder, "seven.safetensors"))
+                             os.path.join(folder, "seven.safetensors"), {data.SCALE_KEY: "1"})  # the teacher's pixels
 
 
 def train(sample_dir, workdir, quantize, target):
@@ -92,12 +93,12 @@ def main():
         loras = {(q, t): train(os.path.join(work, "sample"), work, q, t) for q in BASES for t in TARGETS}
         pipes = {}
         for q in BASES:
-            model, params = checkpoints.load_model(teacher.TEACHER_DIR, quantize=q)
+            model, params = families.load_model(teacher.TEACHER_DIR, quantize=q)
             pipes[q] = FluxGlancePipeline(model, params, teacher.SCHEDULER, latent_channels=1, vae_scale_factor=1)
 
         def images(q, **kw):
             latents = pipes[q](embeds, pooled, height=SIZE, width=SIZE, seed=seeds, lora_mode="unmerged", **kw)
-            return np.clip(np.asarray(unpack_flux_latents(latents, SIZE, SIZE, 1)), -1, 1)
+            return np.clip(np.asarray(unpack_latents(latents, SIZE, SIZE, 1)), -1, 1)
 
         def lora(q, trained_on, target):
             files = loras[(trained_on, target)]

@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 from common import interleaved_medians, report  # noqa: E402
 from torch_peers import relative_error  # noqa: E402
 
-from glance_jax import checkpoints  # noqa: E402
+from glance_jax import families  # noqa: E402
 
 CASES = {
     "clip_l": (lambda: TorchCLIP(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
@@ -42,7 +42,7 @@ def main():
         torch_model = build().eval()
         with tempfile.TemporaryDirectory() as tmp:
             torch_model.save_pretrained(tmp)
-            model, params = checkpoints.load_model(tmp)
+            model, params = families.load_model(tmp)
         rng = np.random.default_rng(0)
         ids = rng.integers(5, 1000, (4, length)).astype(np.int64)
         mask = np.ones_like(ids)

@@ -33,6 +33,7 @@ from glance_jax.families import FLUX  # noqa: E402
 from glance_jax.lora import init_lora  # noqa: E402
 from glance_jax.models import FluxTransformer2DModel  # noqa: E402
 from glance_jax.flux.transformer import image_ids as flux_image_ids  # noqa: E402
+from glance_jax.flux.adapter import SCHEDULER as FLUX_SCHEDULER  # noqa: E402
 from glance_jax.schedules import GlanceSchedule  # noqa: E402
 from glance_jax.train import default_config  # noqa: E402
 from glance_jax.train_step import make_train_step, optimizer  # noqa: E402
@@ -82,7 +83,7 @@ def cpu_speed():
     x0 = rng.standard_normal((1, tokens, 64), dtype=np.float32)
     embeds = rng.standard_normal((1, TEXT, CONFIG["joint_attention_dim"]), dtype=np.float32)
     pooled = rng.standard_normal((1, CONFIG["pooled_projection_dim"]), dtype=np.float32)
-    schedule = GlanceSchedule.official("flux", image_seq_len=tokens)
+    schedule = GlanceSchedule.official(FLUX_SCHEDULER, image_seq_len=tokens)
     sigmas = np.float32(list(schedule.slow) + list(schedule.fast) + [0]) / 1000
 
     config = default_config("flux", "slow")

@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 from common import interleaved_medians, report  # noqa: E402
 from torch_peers import randomize_, relative_error  # noqa: E402
 
-from glance_jax import checkpoints  # noqa: E402
+from glance_jax import families  # noqa: E402
 from glance_jax.models import AutoencoderKL, AutoencoderKLQwenImage  # noqa: E402
 
 FLUX_VAE = dict(latent_channels=16, block_out_channels=(128, 256, 512, 512),
@@ -39,7 +39,7 @@ FLUX_VAE = dict(latent_channels=16, block_out_channels=(128, 256, 512, 512),
 def decode_speed(name, torch_vae, video):
     with tempfile.TemporaryDirectory() as tmp:
         torch_vae.save_pretrained(tmp)
-        vae, params = checkpoints.load_model(tmp)
+        vae, params = families.load_model(tmp)
     shape = (1, 1, 32, 32, 16) if video else (1, 32, 32, 16)
     z = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
     t_z = torch.from_numpy(np.ascontiguousarray(np.moveaxis(z, -1, 1)))

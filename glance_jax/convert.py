@@ -14,7 +14,7 @@ import time
 
 from tqdm import tqdm
 
-from glance_jax import checkpoints, validation
+from glance_jax import checkpoints, families, validation
 from glance_jax.errors import GlanceError
 
 EXAMPLE = """example:
@@ -61,7 +61,7 @@ def main(argv):
     bar = lambda names: tqdm(names, desc="converting", unit="tensor", leave=False)
     previous = _interrupt_on_sigterm()
     try:
-        model = checkpoints.convert_checkpoint(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite,
+        model = checkpoints.convert_checkpoint(args.src, args.dst, families.CLASSES, dtype=args.dtype, overwrite=args.overwrite,
                                                axes_dims_rope=axes, progress=bar, quantize=args.quantize)
     finally:
         if previous is not None:

@@ -23,6 +23,8 @@ For Qwen-Image: `latents` (H/8, W/8, 16) normalised as its pipeline does,
 `(mean - latents_mean) / latents_std`; `prompt_embeds` (T, 3584) and optionally
 `prompt_embeds_mask` (T,) (1 = real token); for caption dropout
 `empty_prompt_embeds` (T', 3584) and optionally `empty_prompt_embeds_mask`.
+Latents of another VAE scale (the demo teacher's are its pixels) say so in the
+file's metadata: `vae_scale_factor` (pixels per latent, default the family's).
 """
 
 import contextlib
@@ -37,7 +39,7 @@ import jax
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from glance_jax import checkpoints, validation
+from glance_jax import checkpoints, families, safe_io, validation
 from glance_jax.checkpoints import safetensors_io
 from glance_jax.errors import GlanceError
 
@@ -162,6 +164,24 @@ def files_digest(kind, folders):
     return f"{kind}:{digest.hexdigest()}"
 
 
+SCALE_KEY = "vae_scale_factor"  # a precomputed file's metadata: pixels per latent, if not its family VAE's
+
+
+def pixels_per_latent(sample, vae_path, family):
+    """Pixels per latent of the sample's latents, read before anything loads: the VAE's (from its config), else
+    the `vae_scale_factor` metadata of a precomputed file beside the image, else the family's VAE's."""
+    if vae_path:
+        config = safe_io.read_json(os.path.join(vae_path, "config.json"))
+        return checkpoints.model_from_config(config, np.float32, families.CLASSES).spatial_scale
+    path = os.path.splitext(sample.image_path)[0] + ".safetensors"
+    declared = safetensors_io.SafetensorsFile(path).metadata.get(SCALE_KEY) if os.path.isfile(path) else None
+    if declared is None:
+        return family.vae_scale_factor
+    if not declared.isdigit() or int(declared) < 1:
+        raise GlanceError(f"{path}: its {SCALE_KEY} metadata {declared!r} is not a positive integer")
+    return int(declared)
+
+
 class PrecomputedEncoder:
     """Reads `name.safetensors` beside each image (see the module docstring for its arrays).
 
@@ -225,7 +245,7 @@ class VAEEncoder:
         return self._identity
 
     def encode(self, sample):
-        vae, params = checkpoints.load_model(self.path)
+        vae, params = families.load_model(self.path)
         encode = jax.jit(lambda p, x: vae.apply({"params": p}, x, method="encode")[0])
         mean = vae.drop_frames(encode(params, vae.add_frames(load_image(sample)[None])))
         return {"latents": np.asarray(vae.normalize(mean)[0], np.float32)}
@@ -241,7 +261,7 @@ class FlaxTextEncoder:
 
     def __init__(self, family, path, dtype="fp32", prompts=()):
         self.family, self.path, self.dtype, self.prompts = family, path, dtype, tuple(prompts)
-        validation.no_remote_code(path)  # before any encoder loads
+        safe_io.no_remote_code(path)  # before any encoder loads
         folders = [os.path.join(path, sub) for sub in sorted(os.listdir(path))
                    if sub in family.text_encoders or sub.startswith("tokenizer")]
         self._identity = files_digest(f"text:{dtype}:{json.dumps(self.prompts)}", folders)

@@ -38,9 +38,10 @@ def main(argv):
         raise GlanceError(f"DST {args.dst}: LoRA files are written as .safetensors; name it *.safetensors")
     if not os.path.exists(args.src):
         raise GlanceError(f"{args.src}: no such file or folder")
-    checkpoint = checkpoints.open_checkpoint(checkpoints.hub.resolve(args.model, "--model", ("transformer",)))
-    model = checkpoints.model_from_config(checkpoint.config, checkpoints.parse_dtype("fp32"))
+    model_path = checkpoints.hub.resolve(args.model, "--model", ("transformer",))
+    model = checkpoints.model_from_config(checkpoints.open_checkpoint(model_path, families.CLASSES).config,
+                                          checkpoints.parse_dtype("fp32"), families.CLASSES)
     tree = lora.load_lora(args.src, checkpoints.abstract_params(model), strict=not args.non_strict)
-    lora.save_lora(tree, args.dst, format=args.format, model_type=families.of(model).name,
+    lora.save_lora(tree, args.dst, format=args.format, family=families.of(model),
                    schedule=lora.read_schedule(args.src), guidance=lora.read_guidance(args.src))
     print(f"wrote {lora.describe(tree)} to {args.dst} ({args.format} layout)")

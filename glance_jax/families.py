@@ -1,99 +1,32 @@
-"""The model families Glance accelerates, one record each: everything that differs between FLUX.1 and Qwen-Image.
+"""The registry of model families: every family glance_jax runs, and the questions asked of all of them.
 
-A `Family` names the family's Flax classes (transformer, VAE, prompt encoder,
-the text encoders a pipeline folder holds), its scheduler config, its LoRA
-presets, its official Glance recipe and how its base samples with guidance.
-The rest of glance_jax asks the record (`get(name)`, `of(model)`) instead of
-testing class names or parameter keys. The transformer's `conditioning(...)`
-method is the one function that turns prompt encodings and a latent grid into
-the model's keyword inputs; the prompt encoders of both families return the
-same structure (a dict of `prompt_embeds`, `pooled_prompt_embeds` and/or
-`prompt_embeds_mask`, the names diffusers' pipelines give these arrays).
+Each family is a folder (glance_jax/flux, glance_jax/qwen_image) whose
+`adapter.py` fills in one `glance_jax.family.Family` record; adding a family
+adds its folder and one entry to `FAMILIES` below. The rest of glance_jax
+asks the records (`get(name)`, `of(model)`) instead of testing class names,
+parameter keys or channel counts, and checks the parts of a pipeline folder
+here by the classes their configs name, before anything is loaded.
 """
 
-import dataclasses
 import os
 
-from glance_jax import checkpoints
+from glance_jax import checkpoints, families
 from glance_jax.errors import GlanceError
-from glance_jax.models import (AutoencoderKL, AutoencoderKLQwenImage, FluxTransformer2DModel,
-                               QwenImageTransformer2DModel)
-from glance_jax.flux.prompts import FluxPromptEncoder
-from glance_jax.qwen_image.prompts import QwenImagePromptEncoder
+from glance_jax.family import Family
+from glance_jax.flux.adapter import FLUX
+from glance_jax.modules.identity_vae import IdentityVAE
+from glance_jax.qwen_image.adapter import QWEN_IMAGE
 
-# diffusers' scheduler_config.json of the two models Glance targets.
-FLUX_SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0,
-                  "use_dynamic_shifting": True, "base_image_seq_len": 256, "max_image_seq_len": 4096,
-                  "base_shift": 0.5, "max_shift": 1.15}
-QWEN_IMAGE_SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 1.0,
-                        "use_dynamic_shifting": True, "base_image_seq_len": 256, "max_image_seq_len": 8192,
-                        "base_shift": 0.5, "max_shift": 0.9, "shift_terminal": 0.02,
-                        "time_shift_type": "exponential"}
-
-
-@dataclasses.dataclass(frozen=True)
-class Recipe:
-    """The official Glance training recipe's family-specific values (from the official configs)."""
-
-    rank: int
-    lr: float
-    caption_dropout: float
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class Family:
-    """One model family. `name` is what configs, schedules and LoRA presets call it. Records are compared (and
-    hashed) by identity: there is one of each."""
-
-    name: str
-    transformer: type
-    vae: type
-    prompt_encoder: type
-    text_encoders: dict  # pipeline sub-folder -> the config classes accepted there
-    scheduler: dict  # diffusers' scheduler_config.json
-    # diffusers module-name patterns (PEFT matching: a tuple names modules or dotted suffixes; a string is a
-    # regular expression the whole name must match): the official Glance targets, and every Dense layer inside
-    # the blocks (not the embedders nor the output layer), what the teacher target needs (README, the demo)
-    lora_targets: tuple
-    lora_targets_all: str
-    recipe: Recipe
-    guidance_input: bool  # the base takes guidance as an input, one pass a step (FLUX.1-dev); else true CFG, two
-    cfg_rescale: bool  # true CFG rescales to the conditional norm (diffusers' QwenImagePipeline) or not
-    masked_text: bool  # text of any length with a mask (padded to a common length) or fixed-length text
-    variants: dict  # planner model name -> transformer config overrides of the full-size model
-    plan_text_tokens: int  # text tokens the planner assumes
-    vae_scale_factor: int = 8  # pixels per latent
-    bfl_names: bool = False  # LoRA files may use Black Forest Labs' module names (kohya, ComfyUI)
-
-
-FLUX = Family(
-    name="flux", transformer=FluxTransformer2DModel, vae=AutoencoderKL, prompt_encoder=FluxPromptEncoder,
-    text_encoders={"text_encoder": ("CLIPTextModel",), "text_encoder_2": ("T5EncoderModel",)},
-    scheduler=FLUX_SCHEDULER,
-    lora_targets=("to_q", "to_k", "to_v", "to_out.0"),
-    lora_targets_all=(r"transformer_blocks\.\d+\.(attn\.(to_[qkv]|add_[qkv]_proj|to_out\.0|to_add_out)|"
-                      r"(ff|ff_context)\.net\.(0\.proj|2)|norm1(_context)?\.linear)|"
-                      r"single_transformer_blocks\.\d+\.(attn\.to_[qkv]|norm\.linear|proj_mlp|proj_out)"),
-    recipe=Recipe(rank=16, lr=5e-4, caption_dropout=0.0),
-    guidance_input=True, cfg_rescale=False, masked_text=False,
-    variants={"flux-dev": {"guidance_embeds": True}, "flux-schnell": {"guidance_embeds": False}},
-    plan_text_tokens=512, bfl_names=True)
-
-QWEN_IMAGE = Family(
-    name="qwen-image", transformer=QwenImageTransformer2DModel, vae=AutoencoderKLQwenImage,
-    prompt_encoder=QwenImagePromptEncoder,
-    text_encoders={"text_encoder": ("Qwen2_5_VLForConditionalGeneration", "Qwen25VLTextModel")},
-    scheduler=QWEN_IMAGE_SCHEDULER,
-    lora_targets=("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj", "to_out.0", "to_add_out",
-                  "img_mlp.net.2", "img_mod.1", "txt_mlp.net.2", "txt_mod.1"),
-    lora_targets_all=(r"transformer_blocks\.\d+\.(attn\.(to_[qkv]|add_[qkv]_proj|to_out\.0|to_add_out)|"
-                      r"(img|txt)_mlp\.net\.(0\.proj|2)|(img|txt)_mod\.1)"),
-    recipe=Recipe(rank=32, lr=3e-4, caption_dropout=0.1),
-    guidance_input=False, cfg_rescale=True, masked_text=True, variants={"qwen-image": {}}, plan_text_tokens=128)
-
-FAMILIES = (FLUX, QWEN_IMAGE)
+FAMILIES = (FLUX, QWEN_IMAGE)  # a new family: its adapter here
 NAMES = tuple(f.name for f in FAMILIES)
 VARIANTS = tuple(v for f in FAMILIES for v in f.variants)  # the planner's model names
+# every model class a checkpoint may hold (the identity VAE: a pixel-space model's "VAE" folder)
+CLASSES = checkpoints.class_table([cls for f in FAMILIES for cls in f.models] + [IdentityVAE])
+
+
+def load_model(path, dtype="fp32", **kwargs):
+    """`(model, params)` of whatever model the checkpoint at `path` holds (see `checkpoints.load_model`)."""
+    return checkpoints.load_model(path, dtype, classes=CLASSES, **kwargs)
 
 
 def get(name):
@@ -107,10 +40,10 @@ def get(name):
 
 
 def of(model):
-    """The family of a transformer (or VAE) instance or class."""
+    """The family of a model (transformer, VAE, text encoder) instance or class."""
     cls = model if isinstance(model, type) else type(model)
     for family in FAMILIES:
-        if issubclass(cls, (family.transformer, family.vae)):
+        if issubclass(cls, family.models):
             return family
     raise GlanceError(f"a {cls.__name__} belongs to no model family ({', '.join(NAMES)})")
 
@@ -129,27 +62,6 @@ def of_variant(name):
         if name in family.variants:
             return family, family.variants[name]
     raise GlanceError(f"unknown model {name!r}: use one of {', '.join(VARIANTS)}")
-
-
-
-def pixels_per_latent(model):
-    """Pixels per latent of a transformer: its family's VAE factor, or 1 for a model whose latents are pixels
-    (1 or 3 channels, packed 2 x 2: the demo's teacher)."""
-    return 1 if model.in_channels // 4 in (1, 3) else of(model).vae_scale_factor
-
-
-def of_params(tree):
-    """The family whose parameter (or LoRA) tree this is, told by the modules only it has; None if they do not tell.
-
-    FLUX is the only family with single-stream blocks and an `x_embedder`; Qwen-Image the only one with per-stream
-    modulation and MLPs (`img_mod`, `txt_mlp`, ...) inside its blocks.
-    """
-    if "x_embedder" in tree or "single_transformer_blocks" in tree:
-        return FLUX
-    blocks = tree.get("transformer_blocks", {})
-    if "img_in" in tree or {"img_mod.1", "txt_mod.1", "img_mlp", "txt_mlp"} & set(blocks):
-        return QWEN_IMAGE
-    return None
 
 
 def lora_preset(name):
@@ -179,7 +91,7 @@ def _component(path, component, wanted, what):
         path = parts[component]
     else:
         path = os.path.expanduser(os.fspath(path))
-    held = checkpoints.peek_class(path)
+    held = checkpoints.peek_class(path, families.CLASSES)
     if held not in wanted:
         raise GlanceError(f"{what} {path} holds {held}, not {' or '.join(wanted)}")
     return path
@@ -206,7 +118,7 @@ def text_encoders_path(path, family, what="the text encoder path"):
         if not os.path.isdir(sub):
             raise GlanceError(f"{what} {path}: no {folder}/ in it (give the pipeline folder that holds "
                               f"{', '.join(family.text_encoders)} and their tokenizers)")
-        held = checkpoints.peek_class(sub)
+        held = checkpoints.peek_class(sub, families.CLASSES)
         if held not in wanted:
             raise GlanceError(f"{what} {sub} holds {held}, not {wanted[0]}")
     return path
@@ -233,7 +145,7 @@ def model_paths(path, family=None, vae=None, text_encoders=None, what="the model
     parts = checkpoints.pipeline_parts(path) or {}
     transformer = transformer_path(path, family, what)
     if family is None:
-        family = of_class_name(checkpoints.peek_class(transformer))
+        family = of_class_name(checkpoints.peek_class(transformer, families.CLASSES))
     if vae:
         vae = vae_path(vae)
     elif "vae" in parts:

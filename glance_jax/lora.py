@@ -17,11 +17,12 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 
 from glance_jax import families
 from glance_jax.errors import GlanceError
+from glance_jax import lora_formats
 from glance_jax.lora_formats import (  # noqa: F401 (documented here)
-    dense_layers, describe, load_lora, read_guidance, read_schedule, save_lora)
+    dense_layers, describe, read_guidance, read_schedule, save_lora)
 from glance_jax.lora_tree import (  # noqa: F401 (documented here)
-    GUIDANCE_EMBEDDER, check_shapes, check_values, guidance_embedder, merge_lora, merged_params, modules_of,
-    unmerge_lora, with_guidance_embedder)
+    GUIDANCE_EMBEDDER, check_shapes, check_values, guidance_embedder, guidance_embedder_alone, merge_lora,
+    merged_params, modules_of, new_guidance_embedder, unmerge_lora, with_guidance_embedder)
 
 
 def matches(name, patterns):
@@ -30,6 +31,13 @@ def matches(name, patterns):
     if isinstance(patterns, str):
         return re.fullmatch(patterns, name) is not None
     return any(name == p or name.endswith("." + p) for p in patterns)
+
+
+def load_lora(path_or_state_dict, params, strict=True):
+    """A LoRA tree for `params` from a diffusers/PEFT, kohya or ComfyUI file (or folder, or state dict), with
+    module names as diffusers or any model family's own file names give them (`lora_formats.load_lora`)."""
+    names = tuple(f.lora_file_names for f in families.FAMILIES if f.lora_file_names is not None)
+    return lora_formats.load_lora(path_or_state_dict, params, strict, names)
 
 
 def _patterns(targets):

@@ -1,12 +1,14 @@
-"""LoRA files: diffusers / PEFT, kohya and ComfyUI import, diffusers and kohya export, FLUX's BFL names.
+"""LoRA files: diffusers / PEFT, kohya and ComfyUI import, diffusers and kohya export.
 
 Module names in files are diffusers' (`transformer_blocks.3.attn.to_q`), found
 through the same table that loads checkpoints (`checkpoints.weight_table`),
-so import and export are lookups; FLUX files may also use Black Forest Labs'
-names (`double_blocks.3.img_attn.qkv`), whose fused layers split onto
-diffusers' (`checkpoints.bfl`). The trees these functions read and write are
-described in `glance_jax.lora`; that module re-exports `load_lora`,
-`save_lora`, `read_schedule` and `describe`, where the README imports them.
+so import and export are lookups. A family may also name its modules as
+other tools do (FLUX.1: Black Forest Labs' `double_blocks.3.img_attn.qkv`,
+fused layers split onto diffusers'); the caller passes those tables (a
+family's `lora_file_names`, see glance_jax/flux/lora_names.py), and what
+each real consumer drops (a family's `consumer_gaps`). The trees these
+functions read and write are described in `glance_jax.lora_tree`;
+`glance_jax.lora` is the API, which gives them the families' tables.
 """
 
 import collections
@@ -21,11 +23,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from glance_jax import families, validation
+from glance_jax import validation
 from glance_jax.checkpoints import safetensors_io, weight_table
-from glance_jax.flux import bfl
 from glance_jax.errors import GlanceError
-from glance_jax.lora_tree import GUIDANCE_EMBEDDER, guidance_embedder, modules_of
+from glance_jax.lora_tree import GUIDANCE_EMBEDDER, guidance_embedder, modules_of, with_guidance_embedder
 from glance_jax.schedules import GlanceSchedule
 
 log = logging.getLogger(__name__)
@@ -34,8 +35,8 @@ METADATA_KEY = "lora_adapter_metadata"  # where diffusers keeps the LoraConfig o
 FOLDED_KEY = "glance_lora_alpha"  # {module: trained alpha} of a diffusers export whose lora_B holds alpha / r
 SCHEDULE_KEY = "glance_schedule"  # the Glance timesteps a LoRA was trained for (JSON), so the pair never separates
 GUIDANCE_KEY = "glance_guidance"  # how the pair samples (JSON): true_cfg_scale, negative_prompt, passes_per_step
-EMBEDDER_PREFIX = "glance_guidance_embedder."
-PREFIXES = ("transformer.", "base_model.model.") + bfl.PREFIXES  # diffusers, PEFT, then BFL / ComfyUI
+EMBEDDER_PREFIX = GUIDANCE_EMBEDDER + "."
+PREFIXES = ("transformer.", "base_model.model.")  # diffusers, PEFT (then a family's own, such as ComfyUI's)
 KOHYA_PREFIXES = ("lora_unet_", "lora_transformer_")
 SUFFIXES = {".lora_A.weight": "A", ".lora_B.weight": "B", ".lora_down.weight": "A", ".lora_up.weight": "B",
             ".lora_A.default.weight": "A", ".lora_B.default.weight": "B", ".alpha": "alpha"}
@@ -64,18 +65,24 @@ def _embedder_tensors(embedder):
             for layer in ("linear_1", "linear_2") for leaf, name in (("kernel", "weight"), ("bias", "bias"))}
 
 
-def _embedder_of(tensors, params, where):
-    """The guidance embedder stored in a file's tensors (EMBEDDER_PREFIX keys), checked against the model."""
-    dim = params["time_text_embed"]["timestep_embedder"]["linear_2"]["kernel"].shape[-1]
+def _with_embedder_of(tree, tensors, params, names, where):
+    """`tree` plus the guidance embedder stored in a file's tensors (EMBEDDER_PREFIX keys), checked against the
+    model, where the model's family puts one."""
+    layers = dense_layers(params)
+    at = next((table.guidance_embedder_at(params) for table in names if table.file_modules(params, layers)), None)
+    if at is None:
+        raise GlanceError(f"{where}: it holds a trained guidance embedder, which this model does not take")
+    at, dim = at
     want = {"linear_1.weight": (dim, 256), "linear_1.bias": (dim,), "linear_2.weight": (dim, dim),
             "linear_2.bias": (dim,)}
     got = {k[len(EMBEDDER_PREFIX):]: v for k, v in tensors.items() if k.startswith(EMBEDDER_PREFIX)}
     if set(got) != set(want) or any(tuple(got[k].shape) != shape for k, shape in want.items()):
         raise GlanceError(f"{where}: its guidance embedder holds {sorted((k, tuple(v.shape)) for k, v in got.items())}"
                           f"; this model needs {sorted(want.items())}")
-    return {layer: {"kernel": jnp.asarray(np.asarray(got[f"{layer}.weight"], np.float32).T),
-                    "bias": jnp.asarray(np.asarray(got[f"{layer}.bias"], np.float32))}
-            for layer in ("linear_1", "linear_2")}
+    embedder = {layer: {"kernel": jnp.asarray(np.asarray(got[f"{layer}.weight"], np.float32).T),
+                        "bias": jnp.asarray(np.asarray(got[f"{layer}.bias"], np.float32))}
+                for layer in ("linear_1", "linear_2")}
+    return with_guidance_embedder(tree, at, embedder)
 
 
 # ---- reading files ----
@@ -190,39 +197,28 @@ def _split_key(key):
 
 @dataclasses.dataclass(frozen=True)
 class FileModule:
-    """What a module name in a LoRA file stands for in this model: a diffusers module, or (FLUX) a BFL module
-    whose fused rows split onto several diffusers modules (q|k|v, q|k|v|mlp; sizes from the hidden width)."""
+    """A module name in a LoRA file that is a diffusers module of this model (a family's table may add names
+    whose LoRA goes to several modules: the same `targets` answer)."""
 
-    diffusers: str | None = None
-    bfl: str | None = None
+    diffusers: str
 
-    def targets(self, b_rows, hidden):
+    def targets(self, b_rows):
         """[(diffusers module, B row ranges or None)] this name's LoRA goes to."""
-        if self.bfl is None:
-            return [(self.diffusers, None)]
-        return [(t[:-len(".weight")], ranges) for t, ranges in bfl.to_diffusers(self.bfl + ".weight", b_rows, hidden)]
+        return [(self.diffusers, None)]
 
 
-def _name_lookup(params):
-    """How module names in files map to this model: ({name as written: FileModule}, hidden width or None).
+def _name_lookup(params, names):
+    """How module names in files map to this model: {name as written: FileModule or a family's own}.
 
-    Covers diffusers names and, for FLUX, BFL names (fused q|k|v and linear1
-    split onto their targets), each also with dots written as underscores (kohya).
-    """
+    Covers diffusers names and the names of the tables in `names` that apply to this model, each also with
+    dots written as underscores (kohya)."""
     layers = dense_layers(params)
-    lookup = {name: FileModule(diffusers=name) for name in layers}
-    hidden = None
-    family = families.of_params(params)
-    if family is not None and family.bfl_names:  # FLUX: BFL names too
-        depth = lambda stack: stack_size(params, (stack, "attn", "to_q")) if stack in params else 0
-        hidden = layers["x_embedder"][2][1]
-        for name, _, _ in bfl.module_rows(depth("transformer_blocks"), depth("single_transformer_blocks")):
-            first = bfl.to_diffusers(name + ".weight", 0, hidden)[0][0][:-len(".weight")]
-            if first in layers:
-                lookup[name] = FileModule(bfl=name)
+    lookup = {name: FileModule(name) for name in layers}
+    for table in names:
+        lookup.update(table.file_modules(params, layers))
     for name in list(lookup):
         lookup.setdefault(name.replace(".", "_"), lookup[name])
-    return lookup, hidden
+    return lookup
 
 
 def _pattern_value(config, key, name, default):
@@ -230,8 +226,11 @@ def _pattern_value(config, key, name, default):
     return validation.pattern_value(config, key, name, default)
 
 
-def load_lora(path_or_state_dict, params, strict=True):
+def load_lora(path_or_state_dict, params, strict=True, names=()):
     """A LoRA tree for `params` from a diffusers/PEFT, kohya or ComfyUI file (or folder, or state dict).
+
+    `names`: the LoRA file-name tables of the model families (`Family.lora_file_names`); those that apply
+    to this model name its modules too.
 
     Alpha comes from the file's `.alpha` tensors or its LoRA config (diffusers
     metadata, PEFT adapter_config.json); without either, the scale is 1.0
@@ -242,8 +241,9 @@ def load_lora(path_or_state_dict, params, strict=True):
     """
     tensors, config, where = _read_state_dict(path_or_state_dict)
     validation.finite_arrays(tensors, where)  # a NaN LoRA would sample black images, or poison a merged base
-    lookup, hidden = _name_lookup(params)
+    lookup = _name_lookup(params, names)
     layers = dense_layers(params)
+    prefixes = KOHYA_PREFIXES + PREFIXES + tuple(p for table in names for p in table.PREFIXES)
     found = collections.defaultdict(dict)  # diffusers module -> {"A", "B", "alpha"}
     unknown, unsupported = [], []
     lora_keys = 0
@@ -260,7 +260,7 @@ def load_lora(path_or_state_dict, params, strict=True):
         lora_keys += 1
         module_key, kind = split
         written = module_key
-        for prefix in KOHYA_PREFIXES + PREFIXES:
+        for prefix in prefixes:
             if written.startswith(prefix):
                 written = written[len(prefix):]
                 break
@@ -268,7 +268,7 @@ def load_lora(path_or_state_dict, params, strict=True):
             unknown.append(key)
             continue
         value = tensors[key]
-        for module, ranges in lookup[written].targets(_b_rows(tensors, module_key), hidden):
+        for module, ranges in lookup[written].targets(_b_rows(tensors, module_key)):
             if kind == "B" and ranges is not None:  # this target's rows of a fused lora_up
                 found[module][kind] = np.concatenate([value[start:stop] for start, stop in ranges], axis=0)
             else:
@@ -287,7 +287,7 @@ def load_lora(path_or_state_dict, params, strict=True):
         log.warning("left out of the LoRA: %s", message)
     tree = _build_tree(found, layers, params, config, where)
     if any(k.startswith(EMBEDDER_PREFIX) for k in tensors):
-        tree.setdefault(GUIDANCE_EMBEDDER[0], {})[GUIDANCE_EMBEDDER[1]] = _embedder_of(tensors, params, where)
+        tree = _with_embedder_of(tree, tensors, params, names, where)
     return tree
 
 
@@ -392,7 +392,7 @@ def _most_common(values):
     return collections.Counter(values).most_common(1)[0][0]
 
 
-def save_lora(tree, path, format="diffusers", model_type=None, schedule=None, guidance=None):
+def save_lora(tree, path, format="diffusers", family=None, schedule=None, guidance=None):
     """Writes a LoRA tree as .safetensors that diffusers, PEFT, ComfyUI and kohya-style tools load.
 
     `schedule` (a GlanceSchedule) goes into the file's metadata under `glance_schedule`, and `guidance` (the
@@ -402,10 +402,11 @@ def save_lora(tree, path, format="diffusers", model_type=None, schedule=None, gu
     - "diffusers": `transformer.<module>.lora_A.weight` (r, in) and `lora_B.weight` (out, r) with the
       scale alpha / r folded into lora_B and lora_alpha = r in the LoraConfig (`lora_adapter_metadata`),
       so diffusers, ComfyUI and InvokeAI (which ignore that entry) all apply the scale used here.
-    - "kohya": `lora_unet_<module>.lora_down.weight` / `lora_up.weight` / `.alpha`. FLUX modules use
-      BFL names (q, k, v LoRAs fused into one `qkv` / `linear1` LoRA of rank 3r with a block-diagonal
-      up matrix, exact); Qwen-Image uses diffusers names with underscores. `model_type` ("flux" or
-      "qwen-image") is read off the tree's layers when they tell, and must be given when they do not.
+    - "kohya": `lora_unet_<module>.lora_down.weight` / `lora_up.weight` / `.alpha`, under the names of the
+      `family`'s LoRA file-name table where it has one (FLUX.1: BFL names, q, k, v LoRAs fused into one
+      `qkv` / `linear1` LoRA of rank 3r with a block-diagonal up matrix, exact), else diffusers names with
+      underscores (Qwen-Image). The `family` (a `glance_jax.family.Family`) is needed for this format.
+    With a `family`, layers that real consumers drop or refuse are named in one warning.
     The file is written whole or not at all.
     """
     entries = _entries(tree)
@@ -413,14 +414,13 @@ def save_lora(tree, path, format="diffusers", model_type=None, schedule=None, gu
         raise GlanceError("the LoRA tree adapts no layer")
     validation.finite_arrays({f"{name} {part}": v for name, a, b, _ in entries for part, v in (("A", a), ("B", b))},
                              f"LoRA for {path}")  # a trained LoRA gone non-finite is never written
-    family = families.get(model_type) if model_type else families.of_params(tree)
     if format == "diffusers":
         tensors, metadata = _diffusers_tensors(entries)
     elif format == "kohya":
         if family is None:
-            raise GlanceError("cannot tell FLUX from Qwen-Image by this LoRA's layers: pass model_type")
-        if family.bfl_names:
-            tensors = _kohya_tensors(tree, entries)
+            raise GlanceError("format='kohya' names modules as the model's family does: pass family")
+        if family.lora_file_names is not None:
+            tensors = family.lora_file_names.kohya_tensors(tree, entries)
         else:
             tensors = {}
             for name, a, b, alpha in entries:
@@ -442,35 +442,18 @@ def save_lora(tree, path, format="diffusers", model_type=None, schedule=None, gu
     safetensors_io.save_file(tensors, path, metadata)
 
 
-# What the consumers checked in tests/test_consumers.py do with layers of a file they cannot apply as written:
-# (family, format, consumer, what it does, regular expression over diffusers module names).
-CONSUMER_GAPS = [
-    ("flux", "kohya", "diffusers 0.42", "drops",
-     r"x_embedder|context_embedder|time_text_embed\..*|proj_out|norm_out\.linear"),
-    ("flux", "kohya", "InvokeAI 6.14", "refuses the whole file for",
-     r"x_embedder|context_embedder|time_text_embed\..*|norm_out\.linear"),
-    ("flux", "kohya", "InvokeAI 6.14", "drops", r"proj_out"),
-    ("flux", "diffusers", "InvokeAI 6.14", "refuses the whole file for", r"norm_out\.linear"),
-    ("flux", "diffusers", "InvokeAI 6.14", "maps onto no weight", r"time_text_embed\.guidance_embedder\..*"),
-    ("qwen-image", "kohya", "InvokeAI 6.14", "drops", r"(?!transformer_blocks\.).*"),
-]
-# (family, format, consumer, layers it needs in a file to take it for that family's LoRA at all)
-CONSUMER_NEEDS = [("flux", "diffusers", "InvokeAI 6.14",
-                   ("single_transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.add_q_proj"))]
-
-
 def consumer_gaps(family, format, modules):
     """[one phrase per consumer that drops or refuses some of `modules` in a `format` file of `family`]."""
     if family is None:
         return []
     gaps = []
-    for name, layout, consumer, action, pattern in CONSUMER_GAPS:
+    for layout, consumer, action, pattern in family.consumer_gaps:
         hit = sorted(m for m in modules if re.fullmatch(pattern, m))
-        if name == family.name and layout == format and hit:
+        if layout == format and hit:
             gaps.append(f"{consumer} {action} {', '.join(hit)}")
-    for name, layout, consumer, needed in CONSUMER_NEEDS:
-        if name == family.name and layout == format and not set(needed) <= set(modules):
-            gaps.append(f"{consumer} does not take it for a {name} LoRA without {' and '.join(needed)} LoRAs "
+    for layout, consumer, needed in family.consumer_needs:
+        if layout == format and not set(needed) <= set(modules):
+            gaps.append(f"{consumer} does not take it for a {family.name} LoRA without {' and '.join(needed)} LoRAs "
                         f"(format='kohya' loads there)")
     return gaps
 
@@ -495,52 +478,3 @@ def _diffusers_tensors(entries):
                 METADATA_KEY: json.dumps({f"transformer.{k}": v for k, v in config.items()}, sort_keys=True),
                 FOLDED_KEY: json.dumps({name: alpha for name, _, _, alpha in entries}, sort_keys=True)}
     return tensors, metadata
-
-
-def _kohya_tensors(tree, entries):
-    """FLUX LoRA entries under kohya / sd-scripts names (BFL modules), fused where BFL fuses the layers."""
-    by_name = {name: (a, b, alpha) for name, a, b, alpha in entries}
-    depth = lambda stack: next(iter(modules_of(tree[stack]).values()))["A"].shape[0] if stack in tree else 0
-    tensors, used = {}, set()
-    for name, rule, targets in bfl.module_rows(depth("transformer_blocks"), depth("single_transformer_blocks")):
-        parts = targets if isinstance(targets, tuple) else (targets,)
-        present = [t for t in parts if t in by_name]
-        if not present:
-            continue
-        used.update(present)
-        if rule == "split":
-            down, up, alpha = _fuse(parts, by_name)
-        else:
-            a, b, alpha = by_name[parts[0]]
-            down, up = a.T, b.T
-            if rule == "swap":  # BFL stores the final modulation as shift | scale, diffusers as scale | shift
-                up = np.concatenate([up[len(up) // 2:], up[:len(up) // 2]], axis=0)
-        key = "lora_unet_" + name.replace(".", "_")
-        tensors[f"{key}.lora_down.weight"], tensors[f"{key}.lora_up.weight"] = down, up
-        tensors[f"{key}.alpha"] = np.asarray(alpha, np.float32)
-    left = sorted(set(by_name) - used)
-    if left:
-        raise GlanceError(f"no kohya (BFL) name for LoRA modules: {', '.join(left[:6])}; use format='diffusers'")
-    return tensors
-
-
-def _fuse(parts, by_name):
-    """One LoRA for a fused BFL layer (q|k|v or q|k|v|mlp) from the LoRAs of its parts, exactly.
-
-    down stacks the parts' A; up is block-diagonal with each part's scale alpha / r folded in, so the
-    fused LoRA has rank sum(r) and alpha = rank (scale 1). Parts without a LoRA get zero rows.
-    """
-    hidden = next(by_name[t][1].shape[1] // (4 if k == 3 else 1) for k, t in enumerate(parts) if t in by_name)
-    rows = [hidden, hidden, hidden, 4 * hidden][:len(parts)]  # FLUX's mlp_ratio is 4
-    present = [t for t in parts if t in by_name]
-    rank = sum(by_name[t][0].shape[1] for t in present)
-    down = np.concatenate([by_name[t][0].T for t in present], axis=0)
-    up = np.zeros((sum(rows), rank), np.float32)
-    col = 0
-    for k, t in enumerate(parts):
-        if t in by_name:
-            a, b, alpha = by_name[t]
-            r = a.shape[1]
-            up[sum(rows[:k]):sum(rows[:k + 1]), col:col + r] = b.T * (alpha / r)
-            col += r
-    return down, up, rank

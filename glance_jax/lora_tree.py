@@ -26,41 +26,66 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 from glance_jax.errors import GlanceError
 from glance_jax.quantize import refuse_merge
 
-# A trained guidance embedding (train: config.student.guidance_input) rides in a LoRA tree at this path (apart from
-# a LoRA on FLUX.1-dev's own guidance_embedder), in the shape of FLUX.1-dev's guidance embedder ({"linear_1",
-# "linear_2"}: {"kernel", "bias"}); files hold it under this prefix and the names of FLUX.1-dev's guidance embedder
-# (torch layout), which diffusers and other tools ignore.
-GUIDANCE_EMBEDDER = ("time_text_embed", "glance_guidance_embedder")
-GUIDANCE_EMBEDDER = ("time_text_embed", "glance_guidance_embedder")
+# A trained guidance embedding (train: config.student.guidance_input) rides in a LoRA tree as a module of this name,
+# where its family puts it (apart from a LoRA on FLUX.1-dev's own guidance_embedder), in the shape of FLUX.1-dev's
+# guidance embedder ({"linear_1", "linear_2"}: {"kernel", "bias"}); files hold it under this prefix and those layer
+# names (torch layout), which diffusers and other tools ignore.
+GUIDANCE_EMBEDDER = "glance_guidance_embedder"
+
+
+def _embedder_path(tree):
+    """The path of the guidance embedder in a LoRA tree, or None."""
+    for path in flatten_dict(tree):
+        if GUIDANCE_EMBEDDER in path:
+            return path[:path.index(GUIDANCE_EMBEDDER) + 1]
+    return None
 
 
 def modules_of(tree):
     """{module path: {"A", "B", "alpha"}} of a LoRA tree (its guidance embedder, if any, is not a LoRA module)."""
     modules = collections.defaultdict(dict)
     for path, leaf in flatten_dict(tree).items():
-        if path[:len(GUIDANCE_EMBEDDER)] != GUIDANCE_EMBEDDER:
+        if GUIDANCE_EMBEDDER not in path:
             modules[path[:-1]][path[-1]] = leaf
     return modules
 
 
 def guidance_embedder(tree):
     """The trained guidance embedding a LoRA tree carries ({"linear_1", "linear_2"}: {"kernel", "bias"}), or None."""
-    node = tree
-    for key in GUIDANCE_EMBEDDER:
-        node = node.get(key) if isinstance(node, dict) else None
+    path = _embedder_path(tree)
+    if path is None:
+        return None
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def guidance_embedder_alone(tree):
+    """The LoRA tree of the guidance embedder alone, at its place (a layer the model runs, never merged)."""
+    path = _embedder_path(tree)
+    node = guidance_embedder(tree)
+    for key in reversed(path):
+        node = {key: node}
     return node
 
 
-def with_guidance_embedder(key, tree, params):
-    """`tree` plus a new trainable guidance embedding (GUIDANCE_EMBEDDER) for a model that has none:
-    FLUX.1-dev's guidance embedder's shape (the scale's 256 sinusoids -> linear_1 -> silu -> linear_2, added to the
-    conditioning vector), linear_1 drawn as lecun-normal, linear_2 zero, so it starts by adding nothing."""
-    dim = params["time_text_embed"]["timestep_embedder"]["linear_2"]["kernel"].shape[-1]
-    embedder = {"linear_1": {"kernel": jax.random.normal(key, (256, dim), jnp.float32) / np.sqrt(256),
-                             "bias": jnp.zeros((dim,), jnp.float32)},
-                "linear_2": {"kernel": jnp.zeros((dim, dim), jnp.float32), "bias": jnp.zeros((dim,), jnp.float32)}}
-    outer, inner = GUIDANCE_EMBEDDER
-    return {**tree, outer: {**tree.get(outer, {}), inner: embedder}}
+def new_guidance_embedder(key, width):
+    """A trainable guidance embedding for a model of `width`: FLUX.1-dev's guidance embedder's shape (the scale's
+    256 sinusoids -> linear_1 -> silu -> linear_2, added to the conditioning vector), linear_1 drawn as
+    lecun-normal, linear_2 zero, so it starts by adding nothing."""
+    return {"linear_1": {"kernel": jax.random.normal(key, (256, width), jnp.float32) / np.sqrt(256),
+                         "bias": jnp.zeros((width,), jnp.float32)},
+            "linear_2": {"kernel": jnp.zeros((width, width), jnp.float32), "bias": jnp.zeros((width,), jnp.float32)}}
+
+
+def with_guidance_embedder(tree, at, embedder):
+    """A copy of `tree` with `embedder` as its guidance embedding, in the module at path `at` (its family's place;
+    dicts along the path copied, the rest shared)."""
+    def put(node, path):
+        if not path:
+            return {**node, GUIDANCE_EMBEDDER: embedder}
+        return {**node, path[0]: put(node.get(path[0], {}), path[1:])}
+    return put(tree, tuple(at))
 
 
 # ---- merging ----

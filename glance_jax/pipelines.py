@@ -27,41 +27,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from glance_jax import families, validation
+from glance_jax import families, layout, validation
 from glance_jax.errors import GlanceError
 from glance_jax.lora import check_shapes, check_values, merged_params
-from glance_jax.lora_formats import GUIDANCE_EMBEDDER, guidance_embedder
+from glance_jax.lora_tree import guidance_embedder, guidance_embedder_alone
 from glance_jax.modules.tiling import tiled_decode
 from glance_jax.quantize import is_quantized, kind_of, quantize_params
 from glance_jax.schedules import FlowMatchEulerScheduler, GlanceSchedule
 
 INTEGRATIONS = ("consistent", "official")
-
-
-# ---- FLUX latents: one packing function, shared by the sampler and the trainer ----
-
-def flux_latent_grid(height, width, vae_scale_factor=8):
-    """(rows, columns) of packed FLUX tokens for an image: latents are 1/8 size, packed in 2 x 2 patches."""
-    if not all(isinstance(n, (int, np.integer)) and not isinstance(n, bool) and n > 0 for n in (height, width)):
-        raise GlanceError(f"height and width must be positive integers, got {height!r}x{width!r}")
-    if height % (2 * vae_scale_factor) or width % (2 * vae_scale_factor):
-        raise GlanceError(f"height and width must be multiples of {2 * vae_scale_factor}, got {height}x{width}")
-    return height // (2 * vae_scale_factor), width // (2 * vae_scale_factor)
-
-
-def pack_flux_latents(latents):
-    """(B, H, W, C) VAE latents -> (B, H/2 * W/2, 4C) tokens, channels ordered (c, dy, dx) as diffusers packs them."""
-    b, h, w, c = latents.shape
-    x = latents.reshape(b, h // 2, 2, w // 2, 2, c).transpose(0, 1, 3, 5, 2, 4)
-    return x.reshape(b, (h // 2) * (w // 2), c * 4)
-
-
-def unpack_flux_latents(tokens, height, width, vae_scale_factor=8):
-    """Inverse of `pack_flux_latents` for an image of `height` x `width` pixels: (B, H/8, W/8, C)."""
-    rows, cols = flux_latent_grid(height, width, vae_scale_factor)
-    b, _, d = tokens.shape
-    x = tokens.reshape(b, rows, cols, d // 4, 2, 2).transpose(0, 1, 4, 2, 5, 3)
-    return x.reshape(b, rows * 2, cols * 2, d // 4)
 
 
 # ---- VAE latents to images ----
@@ -154,7 +128,7 @@ def _sample(model, lora_mode, static, cfg_rescale, params, loras, phases, latent
             variables["lora"] = jax.tree_util.tree_map_with_path(
                 lambda path, x: x * lora_scale if path[-1].key == "alpha" else x, lora)
         elif merge and guidance_embedder(lora) is not None:  # a trained guidance input is not merged: it is a layer
-            variables["lora"] = {GUIDANCE_EMBEDDER[0]: {GUIDANCE_EMBEDDER[1]: guidance_embedder(lora)}}
+            variables["lora"] = guidance_embedder_alone(lora)
 
         def step(i, x, variables=variables, timesteps=timesteps, step_sizes=step_sizes):
             return euler_step(model, static, variables, x, timesteps[i] / 1000, step_sizes[i], conds, cfg_scale,
@@ -188,7 +162,11 @@ def _check_lora(tree, name):
 
 
 class GlancePipeline:
-    """What the FLUX and Qwen-Image pipelines share: noise, schedule, phases, LoRAs, the compiled sampler.
+    """The Slow-Fast sampler of any model family: noise, schedule, phases, LoRAs, the compiled sampler.
+
+    `sample(encodings, negative, ...)` takes prompt encodings under diffusers' names (as every family's prompt
+    encoder returns them); `FluxGlancePipeline` and `QwenImageGlancePipeline` are thin entry points with
+    diffusers' FluxPipeline / QwenImagePipeline signatures over it.
 
     The pipeline owns `params`: a call with LoRAs merges them into the
     weights in place (and takes them out again), so keep using
@@ -207,26 +185,73 @@ class GlancePipeline:
     true-CFG step is two passes), so that cost comparisons count what was actually run.
     """
 
-    family = None  # the model family (glance_jax.families) the subclass samples
+    family = None  # the model family (glance_jax.families) an entry point samples; else the model's
     last_nfe = None
 
-    def __init__(self, model, params, scheduler_config, latent_channels=16, vae_scale_factor=8, vae=None,
+    def __init__(self, model, params, scheduler_config, latent_channels=None, vae_scale_factor=None, vae=None,
                  tiled_vae=False, mesh=None, prompt_encoder=None, quantize=None):
-        """`latent_channels` and `vae_scale_factor` describe the VAE (FLUX.1 and Qwen-Image: 16 and 8).
+        """`latent_channels` and `vae_scale_factor` describe the latents: by default the model's and the VAE's
+        (its family's VAE without one: FLUX.1 and Qwen-Image, 16 and 8).
 
         `vae=(vae_model, vae_params)` enables `output_type="np"` and `"pil"`; `tiled_vae=True` decodes in
         tiles (diffusers' tiling), so large images fit in less memory. With a `mesh` (and params loaded
         onto it, `from_pretrained(..., mesh=mesh)`), prompts are spread over its `data` axis. A
-        `prompt_encoder` (glance_jax.prompts) lets calls pass `prompt=` strings instead of embeddings.
+        `prompt_encoder` (the family's) lets calls pass `prompt=` strings instead of embeddings.
         `quantize="fp8"` or `"int8"` quantizes float `params` kernel by kernel, donating each float kernel
         (loading with `from_pretrained(..., quantize=...)` is cheaper: the float base never exists).
         """
+        self.family = self.family or families.of(model)
         self.mesh, self.prompt_encoder = mesh, prompt_encoder
         self.model, self.params = model, quantize_params(params, quantize)
         self.scheduler_config = dict(scheduler_config)
-        self.latent_channels, self.vae_scale_factor = latent_channels, vae_scale_factor
+        self.latent_channels = latent_channels or self.family.latent_channels(model)
+        self.vae_scale_factor = vae_scale_factor or (vae[0].spatial_scale if vae else self.family.vae_scale_factor)
         self.vae, self.tiled_vae = vae, tiled_vae
         FlowMatchEulerScheduler.from_config(self.scheduler_config)  # refuse unsupported configs now
+
+    def sample(self, encodings, negative=None, prompt=None, negative_prompt=None, latents=None, height=1024,
+               width=1024, num_inference_steps=None, schedule=None, guidance_scale=None, true_cfg_scale=1.0,
+               slow_lora=None, fast_lora=None, lora_scale=1.0, integration="consistent", seed=0,
+               output_type="latent", lora_mode=None):
+        """Samples packed latents (B, tokens, D) (or images, by `output_type`) for prompt `encodings`.
+
+        `encodings` / `negative`: dicts of arrays under diffusers' names (`prompt_embeds`,
+        `pooled_prompt_embeds`, `prompt_embeds_mask`), or `prompt` / `negative_prompt` strings through the
+        pipeline's prompt encoder. `seed` is an int or one int per prompt; `latents` (packed) overrides the
+        noise. With `schedule=GlanceSchedule(...)`, `slow_lora` and `fast_lora` adapt the two phases; with
+        `num_inference_steps` alone the base samples on the plain schedule. `guidance_scale` feeds a
+        guidance-distilled model's guidance input (FLUX.1-dev; default the family's), or the guidance
+        embedding that LoRAs trained with one carry (glance_jax.lora_tree.GUIDANCE_EMBEDDER). True CFG: with
+        a negative prompt and `true_cfg_scale > 1`, each step runs two passes and combines them as
+        `neg + true_cfg_scale * (cond - neg)` (with the family's norm rescale).
+        """
+        if prompt is not None:
+            encodings = self._encode(prompt)
+        batch = encodings["prompt_embeds"].shape[0]
+        if negative_prompt is not None:
+            negative = self._encode([negative_prompt] * batch if isinstance(negative_prompt, str) else
+                                    negative_prompt)
+        negative = {k: v for k, v in (negative or {}).items() if v is not None} or None
+        if guidance_scale is None:
+            guidance_scale = self.family.default_guidance_scale
+        numbers = {"true_cfg_scale": true_cfg_scale, "lora_scale": lora_scale}
+        if guidance_scale is not None:
+            numbers["guidance_scale"] = guidance_scale
+        validation.pipeline_inputs(batch, {**encodings, "latents": latents,
+                                           **{"negative_" + k: v for k, v in (negative or {}).items()}}, numbers)
+        rows, cols = self.family.latent_grid(height, width, self.vae_scale_factor)
+        trained_input = not self.family.takes_guidance(self.model) and any(
+            tree is not None and guidance_embedder(tree) is not None for tree in (slow_lora, fast_lora))
+
+        def cond(encoded):
+            c, static = self.family.conditioning(self.model, encoded, rows, cols, guidance_scale)
+            if trained_input:  # LoRAs trained with a guidance input (train: config.student.guidance_input)
+                c["guidance"] = jnp.full((encoded["prompt_embeds"].shape[0],), guidance_scale, jnp.float32)
+            return c, static
+        first, static = cond(encodings)
+        conds = [first] + ([cond(negative)[0]] if negative is not None and true_cfg_scale > 1 else [])
+        return self._run(batch, latents, height, width, schedule, num_inference_steps, integration, slow_lora,
+                         fast_lora, lora_scale, lora_mode, seed, output_type, static, conds, true_cfg_scale)
 
     def _run(self, batch, latents, height, width, schedule, num_inference_steps, integration, slow_lora,
              fast_lora, lora_scale, lora_mode, seed, output_type, static, conds, cfg_scale=1.0):
@@ -245,7 +270,7 @@ class GlancePipeline:
         for tree, name in ((slow_lora, "slow_lora"), (fast_lora, "fast_lora")):  # finite, and mergeable and back
             if tree is not None:
                 check_values(self.params, tree, lora_scale, merge=lora_mode == "merge", name=name)
-        rows, cols = flux_latent_grid(height, width, self.vae_scale_factor)
+        rows, cols = self.family.latent_grid(height, width, self.vae_scale_factor)
         if latents is None:
             latents = self.noise(seed, batch, height, width)
         latents = jnp.asarray(latents, self.model.dtype)
@@ -271,7 +296,7 @@ class GlancePipeline:
                                       phases, latents, conds, jnp.float32(cfg_scale), jnp.float32(lora_scale))
         if output_type == "latent":
             return latents
-        unpacked = unpack_flux_latents(latents, height, width, self.vae_scale_factor)
+        unpacked = self.family.unpack_latents(latents, height, width, self.vae_scale_factor)
         if output_type == "unpacked_latent":
             return unpacked
         images = np.asarray(decode_latents(*self.vae, unpacked, self.tiled_vae), np.float32)
@@ -296,7 +321,7 @@ class GlancePipeline:
     def _encode(self, prompt):
         if self.prompt_encoder is None:
             raise GlanceError("prompt strings need a prompt encoder: build the pipeline with prompt_encoder=... "
-                              "(glance_jax.prompts), or pass prompt_embeds")
+                              "(the family's), or pass prompt_embeds")
         return self.prompt_encoder(prompt)
 
     def noise(self, seed, batch, height, width):
@@ -304,14 +329,16 @@ class GlancePipeline:
         seeds = [seed + i for i in range(batch)] if np.isscalar(seed) else list(seed)
         if len(seeds) != batch:
             raise GlanceError(f"{len(seeds)} seeds for {batch} prompts")
-        rows, cols = flux_latent_grid(height, width, self.vae_scale_factor)
+        rows, cols = self.family.latent_grid(height, width, self.vae_scale_factor)
         return _packed_noise(jnp.asarray(seeds, jnp.uint32), rows * 2, cols * 2, self.latent_channels)
+
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2, 3))
 def _packed_noise(seeds, h, w, channels):
     draw = lambda s: jax.random.normal(jax.random.PRNGKey(s), (h, w, channels), jnp.float32)
-    return pack_flux_latents(jax.vmap(draw)(seeds))
+    return layout.pack_latents(jax.vmap(draw)(seeds))
+
 
 
 class FluxGlancePipeline(GlancePipeline):
@@ -324,49 +351,16 @@ class FluxGlancePipeline(GlancePipeline):
                  lora_scale=1.0, integration="consistent", seed=0, output_type="latent", lora_mode=None,
                  prompt=None, negative_prompt=None, negative_prompt_embeds=None, negative_pooled_prompt_embeds=None,
                  true_cfg_scale=1.0):
-        """Samples packed latents (B, tokens, 64); arguments carry diffusers' FluxPipeline names.
-
-        `seed` is an int or one int per prompt; `latents` (packed) overrides
-        the noise. With `schedule=GlanceSchedule(...)`, `slow_lora` and
-        `fast_lora` adapt the two phases; with `num_inference_steps` alone the
-        base samples on the plain schedule, as diffusers' FluxPipeline does.
-        `guidance_scale` feeds FLUX.1-dev's guidance embedding (no second pass), or the guidance
-        embedding that LoRAs trained with one carry (glance_jax.lora_formats.GUIDANCE_EMBEDDER).
-        True CFG, as diffusers' FluxPipeline: with a negative prompt (strings, or
-        `negative_prompt_embeds` + `negative_pooled_prompt_embeds`) and
-        `true_cfg_scale > 1`, each step runs two passes and combines them as
-        `neg + true_cfg_scale * (cond - neg)`.
-        """
-        if prompt is not None:
-            encoded = self._encode(prompt)
-            prompt_embeds, pooled_prompt_embeds = encoded["prompt_embeds"], encoded["pooled_prompt_embeds"]
-        batch = prompt_embeds.shape[0]
-        if negative_prompt is not None:
-            encoded = self._encode([negative_prompt] * batch if isinstance(negative_prompt, str) else negative_prompt)
-            negative_prompt_embeds = encoded["prompt_embeds"]
-            negative_pooled_prompt_embeds = encoded["pooled_prompt_embeds"]
+        """`sample` with diffusers' FluxPipeline argument names: true CFG runs with a negative prompt (strings,
+        or `negative_prompt_embeds` + `negative_pooled_prompt_embeds`) and `true_cfg_scale > 1`."""
         if (negative_prompt_embeds is None) != (negative_pooled_prompt_embeds is None):
             raise GlanceError("pass both negative_prompt_embeds and negative_pooled_prompt_embeds, or neither")
-        validation.pipeline_inputs(batch, {
-            "prompt_embeds": prompt_embeds, "pooled_prompt_embeds": pooled_prompt_embeds, "latents": latents,
-            "negative_prompt_embeds": negative_prompt_embeds,
-            "negative_pooled_prompt_embeds": negative_pooled_prompt_embeds},
-            {"guidance_scale": guidance_scale, "true_cfg_scale": true_cfg_scale, "lora_scale": lora_scale})
-        rows, cols = flux_latent_grid(height, width, self.vae_scale_factor)
-        trained_input = not self.model.guidance_embeds and any(
-            tree is not None and guidance_embedder(tree) is not None for tree in (slow_lora, fast_lora))
-
-        def cond(embeds, pooled):
-            c = self.model.conditioning({"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}, rows, cols,
-                                        guidance_scale)[0]
-            if trained_input:  # LoRAs trained with a guidance input (train: config.student.guidance_input)
-                c["guidance"] = jnp.full((embeds.shape[0],), guidance_scale, jnp.float32)
-            return c
-        conds = [cond(prompt_embeds, pooled_prompt_embeds)]
-        if negative_prompt_embeds is not None and true_cfg_scale > 1:
-            conds.append(cond(negative_prompt_embeds, negative_pooled_prompt_embeds))
-        return self._run(batch, latents, height, width, schedule, num_inference_steps, integration, slow_lora,
-                         fast_lora, lora_scale, lora_mode, seed, output_type, (), conds, true_cfg_scale)
+        return self.sample({"prompt_embeds": prompt_embeds, "pooled_prompt_embeds": pooled_prompt_embeds},
+                           {"prompt_embeds": negative_prompt_embeds,
+                            "pooled_prompt_embeds": negative_pooled_prompt_embeds},
+                           prompt, negative_prompt, latents, height, width, num_inference_steps, schedule,
+                           guidance_scale, true_cfg_scale, slow_lora, fast_lora, lora_scale, integration, seed,
+                           output_type, lora_mode)
 
 
 class QwenImageGlancePipeline(GlancePipeline):
@@ -379,38 +373,12 @@ class QwenImageGlancePipeline(GlancePipeline):
                  num_inference_steps=None, schedule=None, slow_lora=None, fast_lora=None, lora_scale=1.0,
                  integration="consistent", seed=0, output_type="latent", lora_mode=None, prompt=None,
                  negative_prompt=None):
-        """Samples packed latents (B, tokens, 64); arguments carry diffusers' QwenImagePipeline names.
-
-        True CFG (two transformer passes a step, norm rescale) runs when
-        `negative_prompt_embeds` is given and `true_cfg_scale > 1`, as in
-        diffusers; otherwise one pass. The official Glance pipeline uses
-        `true_cfg_scale=5` with the negative prompt " ". Masks are 1 for real
-        tokens and 0 for padding; None means no padding. `prompt` / `negative_prompt` strings go through
-        the pipeline's prompt encoder (the official Glance pipeline uses `negative_prompt=" "`).
-        """
-        if prompt is not None:
-            encoded = self._encode(prompt)
-            prompt_embeds, prompt_embeds_mask = encoded["prompt_embeds"], encoded.get("prompt_embeds_mask")
-        batch = prompt_embeds.shape[0]
-        if negative_prompt is not None:
-            encoded = self._encode([negative_prompt] * batch if isinstance(negative_prompt, str) else negative_prompt)
-            negative_prompt_embeds, negative_prompt_embeds_mask = (encoded["prompt_embeds"],
-                                                                   encoded.get("prompt_embeds_mask"))
-        validation.pipeline_inputs(batch, {
-            "prompt_embeds": prompt_embeds, "prompt_embeds_mask": prompt_embeds_mask, "latents": latents,
-            "negative_prompt_embeds": negative_prompt_embeds, "negative_prompt_embeds_mask": negative_prompt_embeds_mask},
-            {"true_cfg_scale": true_cfg_scale, "lora_scale": lora_scale})
-        rows, cols = flux_latent_grid(height, width, self.vae_scale_factor)
-        cond = lambda embeds, mask: self.model.conditioning(
-            {"prompt_embeds": embeds, "prompt_embeds_mask": mask}, rows, cols)
-        first, static = cond(prompt_embeds, prompt_embeds_mask)
-        conds = [first]
-        if negative_prompt_embeds is not None and true_cfg_scale > 1:
-            conds.append(cond(negative_prompt_embeds, negative_prompt_embeds_mask)[0])
-        return self._run(batch, latents, height, width, schedule, num_inference_steps, integration, slow_lora,
-                         fast_lora, lora_scale, lora_mode, seed, output_type, static, conds, true_cfg_scale)
-
-
-def pipeline_class(family):
-    """The pipeline class that samples `family` (a glance_jax.families record)."""
-    return next(cls for cls in (FluxGlancePipeline, QwenImageGlancePipeline) if cls.family is family)
+        """`sample` with diffusers' QwenImagePipeline argument names: true CFG (two passes a step, norm rescale)
+        runs when a negative prompt is given and `true_cfg_scale > 1`. The official Glance pipeline uses
+        `true_cfg_scale=5` with the negative prompt " ". Masks are 1 for real tokens and 0 for padding; None
+        means no padding."""
+        return self.sample({"prompt_embeds": prompt_embeds, "prompt_embeds_mask": prompt_embeds_mask},
+                           {"prompt_embeds": negative_prompt_embeds,
+                            "prompt_embeds_mask": negative_prompt_embeds_mask},
+                           prompt, negative_prompt, latents, height, width, num_inference_steps, schedule, None,
+                           true_cfg_scale, slow_lora, fast_lora, lora_scale, integration, seed, output_type, lora_mode)

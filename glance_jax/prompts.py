@@ -14,6 +14,7 @@ import os
 
 import numpy as np
 
+from glance_jax import safe_io
 from glance_jax.errors import GlanceError
 
 log = logging.getLogger(__name__)
@@ -23,10 +24,9 @@ def load_tokenizer(folder):
     """A transformers tokenizer from `folder`, refusing one that asks for remote code."""
     from transformers import AutoTokenizer
 
-    from glance_jax import validation  # (validation imports families, which imports this module)
     if not os.path.isdir(folder):
         raise GlanceError(f"{folder}: no tokenizer folder")
-    validation.no_remote_code(folder)
+    safe_io.no_remote_code(folder)
     return AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
 
 

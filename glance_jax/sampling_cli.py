@@ -5,10 +5,10 @@ Prompts are encoded by the Flax text encoders of a pipeline folder
 with `prompt_embeds` (N, T, D), for FLUX
 `pooled_prompt_embeds` (N, D), for Qwen-Image optionally `prompt_embeds_mask`
 (N, T), and the captions as a JSON list in its metadata under "captions" (the
-demo's glance_jax/demo/assets/prompts.safetensors is such a file). Models
-whose latents are pixels (1 or 3 channels, such as the demo teacher) write
-PNG images directly; latent models need `--vae` (their VAE folder) for PNGs
-and pixel-space metrics, and otherwise work on latents (.safetensors).
+demo's glance_jax/demo/assets/prompts.safetensors is such a file). Images
+come from the model's VAE: `--vae` (or a pipeline folder's vae/), or the
+demo teacher's identity VAE (its latents are pixels); without one, sampling
+and its metrics work on latents (.safetensors).
 """
 
 import argparse
@@ -24,33 +24,28 @@ from glance_jax import checkpoints, evaluation, families, safe_io, validation
 from glance_jax.checkpoints import safetensors_io
 from glance_jax.errors import GlanceError
 from glance_jax.lora import load_lora, read_guidance, read_schedule
-from glance_jax.pipelines import decode_latents, pipeline_class, unpack_flux_latents
+from glance_jax.pipelines import GlancePipeline, decode_latents
 from glance_jax.schedules import GlanceSchedule
 
 EMBEDDINGS_HELP = "text embeddings file (.safetensors with prompt_embeds and a 'captions' list in its metadata)"
 
 
 def _pipeline(model_path, scheduler_path=None, vae_path=None):
-    """(pipeline, family, pixel space?) for any model folder glance-jax loads; the demo teacher by default."""
+    """(pipeline, family) for any model folder glance-jax loads; the demo teacher (and its identity VAE) by
+    default. Images come from the VAE: without one the pipeline samples latents."""
     from glance_jax.demo import teacher
-    model, params = checkpoints.load_model(model_path or teacher.TEACHER_DIR)
+    model, params = families.load_model(model_path or teacher.TEACHER_DIR)
     family = families.of(model)
     if scheduler_path:
         with open(scheduler_path) as f:
             scheduler = json.load(f)
     else:
         scheduler = teacher.SCHEDULER if not model_path else family.scheduler
-    channels = model.in_channels // 4
-    factor = families.pixels_per_latent(model)
-    pixels = factor == 1
-    cls = pipeline_class(family)
-    vae = checkpoints.load_model(vae_path) if vae_path else None
-    pipe = cls(model, params, scheduler, latent_channels=channels, vae_scale_factor=factor, vae=vae,
-               tiled_vae=vae is not None)
-    return pipe, family, pixels
+    vae = families.load_model(vae_path) if vae_path else None if model_path else teacher.VAE
+    return GlancePipeline(model, params, scheduler, vae=vae, tiled_vae=vae is not None), family
 
 
-def _embeddings(path, captions, text_encoders=None, family=families.FLUX):
+def _embeddings(path, captions, text_encoders, family):
     """Arrays for `captions` (in order): encoded by the Flax text encoders, or read from an embeddings file."""
     if text_encoders:
         encoded = family.prompt_encoder.from_pretrained(text_encoders)(captions)
@@ -73,9 +68,9 @@ def _embeddings(path, captions, text_encoders=None, family=families.FLUX):
 
 def _parse_schedule(text, family, image_seq_len):
     if text == "official":
-        return GlanceSchedule.official(family.name, image_seq_len)
+        return GlanceSchedule.official(family.scheduler, image_seq_len)
     slow, fast = _schedule_steps(text)
-    return GlanceSchedule.from_steps(family.name, slow, fast, image_seq_len)
+    return GlanceSchedule.from_steps(family.scheduler, slow, fast, image_seq_len)
 
 
 def _same_timesteps(a, b):
@@ -100,7 +95,7 @@ def _glance_schedule(args, family, image_seq_len):
         raise GlanceError(f"--slow_lora and --fast_lora were trained for different schedules "
                           f"({_describe(carried[0][1])}; {_describe(carried[1][1])})")
     if args.schedule is None:
-        return carried[0][1] if carried else GlanceSchedule.official(family.name, image_seq_len)
+        return carried[0][1] if carried else GlanceSchedule.official(family.scheduler, image_seq_len)
     given = _parse_schedule(args.schedule, family, image_seq_len)
     if carried and not _same_timesteps(given, carried[0][1]):
         raise GlanceError(f"--schedule {args.schedule!r} is not the schedule {carried[0][0]} was trained for "
@@ -150,25 +145,12 @@ def _describe_cost(passes, scale, negative):
     return f"{passes} transformer passes; {_describe_cfg(scale, negative)}"
 
 
-def _negative_arrays(args, negative, count, family):
-    """The negative prompt's encodings, `count` times, under the pipelines' negative_* names."""
-    arrays = _embeddings(args.embeddings, [negative] * count, args.text_encoders, family)
-    return {"negative_" + k: v for k, v in arrays.items()}
-
-
-def _call(pipe, arrays, **kw):
-    """The pipeline on prompt encodings: arrays under diffusers' names, as both families' encoders return them."""
-    return pipe(**arrays, **kw)
-
-
-def _sizes(args, pixels):
-    """(height, width, packed tokens); pixel models default to 8 x 8 (the demo teacher), others to 1024.
-
-    Latents are packed 2 x 2 into tokens; a VAE has 8 pixels a latent, a pixel model 1.
-    """
-    default, factor = (8, 2) if pixels else (1024, 16)
+def _sizes(args, factor):
+    """(height, width, packed tokens) for a VAE of `factor` pixels a latent: by default 1024 x 1024, and for the
+    demo teacher (1 pixel a latent) its 8 x 8. Latents are packed 2 x 2 into tokens."""
+    default = 8 if factor == 1 else 1024
     height, width = args.height or default, args.width or default
-    return height, width, (height // factor) * (width // factor)
+    return height, width, (height // (2 * factor)) * (width // (2 * factor))
 
 
 def _save_images(images, path):
@@ -182,8 +164,8 @@ def _check_common(args):
 
     `--model` may be a diffusers pipeline folder (model_index.json): its transformer, its vae (unless
     --vae), its text encoders (unless --text_encoders or --embeddings) and its scheduler config (unless
-    --scheduler) are used. Returns (whether the model's latents are pixels, the Glance schedule: from
-    --schedule or the LoRA files, checked against each other; None with --steps).
+    --scheduler) are used. Returns (pixels per latent, the Glance schedule: from --schedule or the LoRA
+    files, checked against each other; None with --steps).
     """
     from glance_jax.demo import teacher
     if args.model:
@@ -201,23 +183,23 @@ def _check_common(args):
     if args.scheduler and os.path.isfile(args.scheduler):
         validation.scheduler_file(args.scheduler)
     if args.text_encoders:
-        validation.no_remote_code(args.text_encoders)  # tokenizers load with trust_remote_code=False
-    config = checkpoints.open_checkpoint(args.model or teacher.TEACHER_DIR).config  # headers only
-    pixels = config.get("in_channels", 64) // 4 in (1, 3)
+        safe_io.no_remote_code(args.text_encoders)  # tokenizers load with trust_remote_code=False
+    config = checkpoints.open_checkpoint(args.model or teacher.TEACHER_DIR, families.CLASSES).config  # headers only
+    family = families.of_class_name(checkpoints.class_name(config))
+    factor = teacher.VAE[0].spatial_scale if not args.model else family.vae_scale_factor
     for flag in ("scheduler", "embeddings", "slow_lora", "fast_lora"):
         path = getattr(args, flag)
         if path and not os.path.exists(os.path.expanduser(path)):
             raise GlanceError(f"--{flag} {path}: no such file or folder")
     for flag in ("height", "width"):
         if getattr(args, flag) is not None:
-            validation.multiple_of(f"--{flag}", getattr(args, flag), 2 if pixels else 16)
-    validation.image_size(*_sizes(args, pixels)[:2], validation.positive_int("--max_pixels", args.max_pixels))
+            validation.multiple_of(f"--{flag}", getattr(args, flag), 2 * factor)
+    validation.image_size(*_sizes(args, factor)[:2], validation.positive_int("--max_pixels", args.max_pixels))
     if args.schedule not in (None, "official"):
         _schedule_steps(args.schedule)
     if getattr(args, "steps", None):
-        return pixels, None
-    family = families.of_class_name(checkpoints.class_name(config))
-    return pixels, _glance_schedule(args, family, _sizes(args, pixels)[2])
+        return factor, None
+    return factor, _glance_schedule(args, family, _sizes(args, factor)[2])
 
 
 def _schedule_steps(text):
@@ -282,36 +264,34 @@ def sample_main(argv):
         if args.slow_lora or args.fast_lora:
             raise GlanceError("--steps samples the plain base, without LoRAs; Glance LoRAs need the Glance schedule: "
                               "leave out --steps, or the LoRA files")
-    pixels, schedule = _check_common(args)
+    _, schedule = _check_common(args)
     cfg_scale, negative, guidance_scale = _guidance(args)
-    if image_out and not pixels and not args.vae:
+    if image_out and not args.vae and args.model:
         raise GlanceError("image output of a latent model needs its VAE: pass --vae (or a pipeline folder as "
                           "--model), or use --out x.safetensors")
-    pipe, family, pixels = _pipeline(args.model, args.scheduler, args.vae)
-    height, width, _ = _sizes(args, pixels)
-    arrays = _embeddings(args.embeddings, [args.prompt], args.text_encoders, family)
-    if negative is not None:
-        arrays.update(_negative_arrays(args, negative, 1, family))
+    pipe, family = _pipeline(args.model, args.scheduler, args.vae)
+    height, width, _ = _sizes(args, pipe.vae_scale_factor)
+    prompts = _embeddings(args.embeddings, [args.prompt], args.text_encoders, family)
+    negatives = None if negative is None else _embeddings(args.embeddings, [negative], args.text_encoders, family)
     kw = dict(num_inference_steps=args.steps) if args.steps else dict(integration=args.integration,
                                                                        schedule=schedule)
-    kw["true_cfg_scale"] = cfg_scale
-    if guidance_scale is not None:
-        kw["guidance_scale"] = guidance_scale
     if not args.steps:
         kw["slow_lora"] = load_lora(args.slow_lora, pipe.params) if args.slow_lora else None
         kw["fast_lora"] = load_lora(args.fast_lora, pipe.params) if args.fast_lora else None
-    if image_out and not pixels:
-        safe_io.save_image(_call(pipe, arrays, height=height, width=width, seed=args.seed, output_type="pil", **kw)[0],
-                           args.out, validation.IMAGE_FORMATS[os.path.splitext(args.out)[1].lower()])
-        print(f"wrote {args.out} ({_describe_cost(pipe.last_nfe, cfg_scale, negative)})")
-        return
-    latents = _call(pipe, arrays, height=height, width=width, seed=args.seed, **kw)
-    images = np.asarray(unpack_flux_latents(latents, height, width, pipe.vae_scale_factor))
+    latents = pipe.sample(prompts, negatives, height=height, width=width, seed=args.seed, true_cfg_scale=cfg_scale,
+                          guidance_scale=guidance_scale, **kw)
     if image_out:
-        _save_images(np.clip(images[0], -1, 1), args.out)
+        _save_images(_images(pipe, latents, height, width)[0], args.out)
     else:
-        safetensors_io.save_file({"latents": images[0]}, args.out, {"prompt": args.prompt, "seed": args.seed})
+        unpacked = np.asarray(family.unpack_latents(latents, height, width, pipe.vae_scale_factor))
+        safetensors_io.save_file({"latents": unpacked[0]}, args.out, {"prompt": args.prompt, "seed": args.seed})
     print(f"wrote {args.out} ({_describe_cost(pipe.last_nfe, cfg_scale, negative)})")
+
+
+def _images(pipe, latents, height, width):
+    """Images (B, H, W, C) in [-1, 1] from packed latents, through the pipeline's VAE (tiled)."""
+    unpacked = pipe.family.unpack_latents(latents, height, width, pipe.vae_scale_factor)
+    return np.clip(np.asarray(decode_latents(*pipe.vae, unpacked, tiled=True)), -1, 1)
 
 
 def eval_main(argv):
@@ -326,6 +306,48 @@ def eval_main(argv):
     p.add_argument("--workdir", default="glance_eval", help="where eval.json and grid.png go")
     _common_flags(p)
     args = p.parse_args(argv)
+    captions, seeds = _eval_inputs(args)
+    _, schedule = _check_common(args)
+    cfg_scale, negative, guidance_scale = _guidance(args)
+    pipe, family = _pipeline(args.model, args.scheduler, args.vae)
+    height, width, _ = _sizes(args, pipe.vae_scale_factor)
+    batch_captions = [c for c in captions for _ in seeds]
+    encode = lambda texts: {k: jnp.asarray(v) for k, v in _embeddings(args.embeddings, texts, args.text_encoders,
+                                                                         family).items()}
+    prompts = encode(batch_captions)
+    negatives = None if negative is None else encode([negative] * len(batch_captions))
+    batch_seeds = [s for _ in captions for s in seeds]
+    glance = dict(integration=args.integration, schedule=schedule,
+                  slow_lora=load_lora(args.slow_lora, pipe.params) if args.slow_lora else None,
+                  fast_lora=load_lora(args.fast_lora, pipe.params) if args.fast_lora else None)
+    # every run samples with the same guidance (the base too); names count steps, NFE counts passes
+    cfg = "cfg-" if negative is not None else ""
+    reference = f"base-{cfg}{args.base_steps}"
+    steps = schedule.num_steps
+    # the reference, the Glance run, and the base at the Glance run's cost and twice it (same noise)
+    runs = [(reference, "base", dict(num_inference_steps=args.base_steps)), (f"glance-{cfg}{steps}", "glance", glance)]
+    runs += [(f"base-{cfg}{n}", "base", dict(num_inference_steps=n))
+             for n in sorted({steps, 2 * steps}) if n < args.base_steps]
+    sample = lambda kw: pipe.sample(prompts, negatives, height=height, width=width, seed=batch_seeds,
+                                    true_cfg_scale=cfg_scale, guidance_scale=guidance_scale, **kw)
+    rows, outputs = _eval_runs(pipe, runs, sample, reference, height, width)
+    os.makedirs(args.workdir, exist_ok=True)
+    safe_io.write_json(os.path.join(args.workdir, "eval.json"), {
+        "runs": rows, "prompts": captions, "seeds": seeds, "schedule": schedule.to_dict(),
+        "true_cfg_scale": cfg_scale, "negative_prompt": negative,
+        "space": "pixels" if pipe.vae is not None else "latents (pass --vae for pixels)"}, indent=2)
+    _print_eval(rows, reference)
+    if pipe.vae is not None:
+        grid = evaluation.grid([list(outputs[r["name"]]) for r in rows], [r["name"] for r in rows],
+                               [f"{i // len(seeds)}:{s}" for i, s in enumerate(batch_seeds)], scale=5)
+        safe_io.save_image(grid, os.path.join(args.workdir, "grid.png"), "PNG")
+        print(f"wrote {args.workdir}/eval.json and {args.workdir}/grid.png")
+    else:
+        print(f"wrote {args.workdir}/eval.json (agreement in latent space; --vae gives pixels and a grid)")
+
+
+def _eval_inputs(args):
+    """(captions, seeds) of `eval`, checked before anything loads; the workdir's outputs checked too."""
     validation.positive_int("--base_steps", args.base_steps)
     args.workdir = validation.output_folder(args.workdir)
     validation.fresh_outputs(args.workdir, ("eval.json", "grid.png"), args.overwrite)
@@ -341,55 +363,31 @@ def eval_main(argv):
         raise GlanceError(f"--seeds {args.seeds!r}: use comma-separated integers") from None
     for s in seeds:
         validation.seed("--seeds", s)
-    _, schedule = _check_common(args)
-    cfg_scale, negative, guidance_scale = _guidance(args)
-    pipe, family, pixels = _pipeline(args.model, args.scheduler, args.vae)
-    height, width, _ = _sizes(args, pixels)
-    decode = not pixels and pipe.vae is not None
-    pixels = pixels or decode
-    batch_captions = [c for c in captions for _ in seeds]
-    arrays = {k: jnp.asarray(v) for k, v in _embeddings(args.embeddings, batch_captions, args.text_encoders,
-                                                         family).items()}
-    if negative is not None:
-        arrays.update({k: jnp.asarray(v) for k, v in _negative_arrays(args, negative, len(batch_captions),
-                                                                       family).items()})
-    batch_seeds = [s for _ in captions for s in seeds]
-    glance = dict(integration=args.integration, schedule=schedule)
-    glance["slow_lora"] = load_lora(args.slow_lora, pipe.params) if args.slow_lora else None
-    glance["fast_lora"] = load_lora(args.fast_lora, pipe.params) if args.fast_lora else None
-    steps = schedule.num_steps
-    # every run samples with the same guidance (the base too); names count steps, NFE counts passes
-    cfg = "cfg-" if negative is not None else ""
-    reference = f"base-{cfg}{args.base_steps}"
-    # the reference, the Glance run, and the base at the Glance run's cost and twice it (same noise)
-    runs = [(reference, "base", dict(num_inference_steps=args.base_steps)),
-            (f"glance-{cfg}{steps}", "glance", glance)]
-    runs += [(f"base-{cfg}{n}", "base", dict(num_inference_steps=n))
-             for n in sorted({steps, 2 * steps}) if n < args.base_steps]
+    return captions, seeds
+
+
+def _eval_runs(pipe, runs, sample, reference, height, width):
+    """(one row of figures per run, {run: images or latents}): each run timed on its second call, compared with
+    the reference run (the first) in pixels where the pipeline has a VAE, else in latent space."""
+    pixels = pipe.vae is not None
     rows, outputs = [], {}
     for name, kind, kw in runs:
-        guide = {} if guidance_scale is None else dict(guidance_scale=guidance_scale)  # every run alike
-        run = lambda: _call(pipe, arrays, height=height, width=width, seed=batch_seeds, true_cfg_scale=cfg_scale,
-                            **guide, **kw).block_until_ready()
-        run()
+        sample(kw).block_until_ready()
         start = time.perf_counter()
-        latents = run()
+        latents = sample(kw).block_until_ready()
         seconds = time.perf_counter() - start
-        if decode:
-            out = np.asarray(decode_latents(*pipe.vae, unpack_flux_latents(latents, height, width), tiled=True))
-        else:
-            out = np.asarray(unpack_flux_latents(latents, height, width, pipe.vae_scale_factor))
-        outputs[name] = np.clip(out, -1, 1) if pixels else out
+        out = _images(pipe, latents, height, width) if pixels else np.asarray(
+            pipe.family.unpack_latents(latents, height, width, pipe.vae_scale_factor))
+        outputs[name] = out
         ref = outputs[reference]
-        mse = evaluation.mse(outputs[name], ref)
+        mse = evaluation.mse(out, ref)
         rows.append({"name": name, "kind": kind, "nfe": pipe.last_nfe, "reference": reference,
                      "sec_per_image": seconds / len(out),
-                     "psnr_vs_base": evaluation.psnr(outputs[name], ref) if pixels else None,
-                     "ssim_vs_base": evaluation.ssim(outputs[name], ref) if pixels else None,
+                     "psnr_vs_base": evaluation.psnr(out, ref) if pixels else None,
+                     "ssim_vs_base": evaluation.ssim(out, ref) if pixels else None,
                      "mse_vs_base": mse,
                      # agreement on one scale for pixels and latents: PSNR, or -10 log10(MSE) for latents
-                     "agreement_db": evaluation.psnr(outputs[name], ref) if pixels else
-                     -10 * np.log10(max(mse, 1e-20))})
+                     "agreement_db": evaluation.psnr(out, ref) if pixels else -10 * np.log10(max(mse, 1e-20))})
     base_rows = [r for r in rows if r["kind"] == "base" and r["name"] != reference]
     glance_row = rows[1]
     if len(base_rows) >= 2:
@@ -399,24 +397,18 @@ def eval_main(argv):
                 glance_row["nfe"])
         except ValueError:  # the base did not improve from N to 2N steps: no curve to read a cost from
             pass
-    os.makedirs(args.workdir, exist_ok=True)
-    safe_io.write_json(os.path.join(args.workdir, "eval.json"), {
-        "runs": rows, "prompts": captions, "seeds": seeds, "schedule": glance["schedule"].to_dict(),
-        "true_cfg_scale": cfg_scale, "negative_prompt": negative,
-        "space": "pixels" if pixels else "latents (pass --vae for pixels)"}, indent=2)
+    return rows, outputs
+
+
+def _print_eval(rows, reference):
     print(f"{'run':<14}{'NFE':>5}{'s/img':>9}{'PSNR':>8}{'SSIM':>8}{'MSE':>10}")
     for r in rows:
         fmt = lambda v, spec: format(v, spec) if v is not None else "-"
         print(f"{r['name']:<14}{r['nfe']:>5}{r['sec_per_image']:>9.4f}{fmt(r['psnr_vs_base'], '>8.2f')}"
               f"{fmt(r['ssim_vs_base'], '>8.3f')}{r['mse_vs_base']:>10.5f}")
+    glance_row = rows[1]
     if "speedup" in glance_row:
+        base_rows = [r for r in rows if r["kind"] == "base" and r["name"] != reference]
         print(f"{glance_row['name']}: the base needs {glance_row['equivalent_base_nfe']:.1f} evaluations for the same "
               f"agreement with {reference} ({'extrapolated beyond ' if glance_row['extrapolated'] else ''}"
               f"{', '.join(r['name'] for r in base_rows)}): {glance_row['speedup']:.2f}x fewer with Glance")
-    if pixels:
-        grid = evaluation.grid([list(outputs[r["name"]]) for r in rows], [r["name"] for r in rows],
-                               [f"{i // len(seeds)}:{s}" for i, s in enumerate(batch_seeds)], scale=5)
-        safe_io.save_image(grid, os.path.join(args.workdir, "grid.png"), "PNG")
-        print(f"wrote {args.workdir}/eval.json and {args.workdir}/grid.png")
-    else:
-        print(f"wrote {args.workdir}/eval.json (agreement in latent space; --vae gives pixels and a grid)")

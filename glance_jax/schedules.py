@@ -13,9 +13,7 @@ import math
 import ml_dtypes
 import numpy as np
 
-from glance_jax import families
 from glance_jax.errors import GlanceError
-from glance_jax.families import FLUX_SCHEDULER, QWEN_IMAGE_SCHEDULER  # noqa: F401 (documented here)
 
 # The official Glance phases: 1-based step indices of each model's 50-step schedule.
 OFFICIAL_SLOW_STEPS = (1, 3, 5, 7, 9)
@@ -118,15 +116,10 @@ def _check_values(values):
                           "shift divides by zero")
 
 
-def scheduler_config(scheduler):
-    """A scheduler config dict, given one or a family name ("flux", "qwen-image")."""
-    return families.get(scheduler).scheduler if isinstance(scheduler, str) else scheduler
-
-
 def base_schedule(scheduler, steps, image_seq_len):
     """(timesteps, sigmas) of the base's own `steps`-step schedule at this resolution (`scheduler`: a config
     dict or a family name)."""
-    return FlowMatchEulerScheduler.from_config(scheduler_config(scheduler)).set_timesteps(steps, image_seq_len)
+    return FlowMatchEulerScheduler.from_config(scheduler).set_timesteps(steps, image_seq_len)
 
 
 def snr(sigma):
@@ -172,7 +165,6 @@ class GlanceSchedule:
     @classmethod
     def from_steps(cls, scheduler, slow_steps, fast_steps, image_seq_len, base_steps=50, round_bf16=False):
         """Slow and fast steps picked by 1-based index on the `base_steps`-step schedule at this resolution."""
-        scheduler = scheduler_config(scheduler)  # the schedule records the config itself
         steps = list(slow_steps) + list(fast_steps)
         if not steps or min(steps) < 1 or max(steps) > base_steps or steps != sorted(set(steps)):
             raise GlanceError(f"Glance steps must be increasing indices in 1..{base_steps}, got {steps}")
@@ -185,14 +177,13 @@ class GlanceSchedule:
                    tuple(slow_steps), tuple(fast_steps), round_bf16)
 
     @classmethod
-    def official(cls, model, image_seq_len=4096, round_bf16=False):
-        """The official phases (steps 1, 3, 5, 7, 9 | 11, 21, 31, 41, 50 of 50) for "flux" or "qwen-image".
+    def official(cls, scheduler, image_seq_len=4096, round_bf16=False):
+        """The official phases (steps 1, 3, 5, 7, 9 | 11, 21, 31, 41, 50 of 50) of a model's scheduler config.
 
         `round_bf16=True` rounds the timesteps to bfloat16 as the official code
         stores them (Qwen-Image: 1000, 980, 956, 936, 912 | 888, 744, 564, 320, 20).
         """
-        families.get(model)  # an unknown name is refused here
-        return cls.from_steps(model, OFFICIAL_SLOW_STEPS, OFFICIAL_FAST_STEPS, image_seq_len, round_bf16=round_bf16)
+        return cls.from_steps(scheduler, OFFICIAL_SLOW_STEPS, OFFICIAL_FAST_STEPS, image_seq_len, round_bf16=round_bf16)
 
     @classmethod
     def from_timesteps(cls, slow, fast):

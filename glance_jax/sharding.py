@@ -16,7 +16,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from glance_jax.errors import GlanceError
-from glance_jax.modules.layers import STACKED_BLOCKS
+from glance_jax.layout import is_block_stack
 
 MESH_AXES = ("data", "fsdp", "tensor")
 DEFAULT_RULES = (("batch", "data"), ("in", "fsdp"), ("out", "tensor"), ("layers", None), ("rank", None))
@@ -57,7 +57,7 @@ def logical_axes(keys, ndim):
         names = (None,) * (ndim - 1) + ("out",)
     else:
         names = (None,) * ndim
-    if keys and keys[0] in STACKED_BLOCKS and ndim:
+    if keys and is_block_stack(keys[0]) and ndim:
         names = ("layers",) + names[1:]
     return names
 

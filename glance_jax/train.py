@@ -43,7 +43,8 @@ from glance_jax import checkpoints, data, families, lora, runstate, schedules, s
 from glance_jax.checkpoints import safetensors_io
 from glance_jax import safe_io
 from glance_jax.errors import GlanceError
-from glance_jax.pipelines import euler_step, pack_flux_latents
+from glance_jax.layout import pack_latents
+from glance_jax.pipelines import euler_step
 from glance_jax.schedules import GlanceSchedule
 from glance_jax.train_step import caption_texts, conditioning, learning_rate, make_train_step, optimizer
 
@@ -164,7 +165,7 @@ def training_batch(model, arrays, guidance):
     """
     latents = jnp.asarray(arrays["latents"])[None]
     rows, cols = latents.shape[1] // 2, latents.shape[2] // 2
-    batch = {"x0": pack_flux_latents(latents)}
+    batch = {"x0": pack_latents(latents)}
     prompts = [p for p in ("", "empty_", "teacher_") if p + "prompt_embeds" in arrays]
     # every group of encodings with a leading axis of captions: one for the caption and the empty prompt
     encodings = {p: {k[len(p):]: np.asarray(v) if p == "teacher_" else np.asarray(v)[None]
@@ -212,7 +213,7 @@ def teacher_conditionings(model, batch, config):
     """
     scale = float(config.teacher.guidance_scale)
     cond = dict(batch["cond"])
-    if getattr(model, "guidance_embeds", False):
+    if families.of(model).takes_guidance(model):
         cond["guidance"] = jnp.full((1,), scale if scale > 1 else config.model.guidance, jnp.float32)
         return cond, None, False
     if scale <= 1:
@@ -318,24 +319,24 @@ class Run:
                                        os.path.join(self.workdir, "checkpoints", phase))
         if jax.process_count() > 1 and not config.mesh:
             raise GlanceError(f"{jax.process_count()} processes: set config.mesh to spread the run over their devices")
-        header = checkpoints.open_checkpoint(transformer).config  # headers only
-        held = checkpoints.model_from_config(header, jnp.float32)
-        if families.of(held) is not families.get(config.family):
+        header = checkpoints.open_checkpoint(transformer, families.CLASSES).config  # headers only
+        held = checkpoints.model_from_config(header, jnp.float32, families.CLASSES)
+        family = families.of(held)
+        if family is not families.get(config.family):
             raise GlanceError(f"config.model.path holds a {type(held).__name__}, config.family is {config.family!r}")
-        if not held.guidance_embeds and config.model.guidance not in (None, 1.0):
+        if not family.takes_guidance(held) and config.model.guidance not in (None, 1.0):
             raise GlanceError("config.model.guidance: this model has no guidance embedding")
-        if config.student.guidance_input and (held.guidance_embeds or not families.of(held).guidance_input):
+        if config.student.guidance_input and (family.takes_guidance(held) or not family.guidance_input):
             raise GlanceError("config.student.guidance_input: for a model of a family with a guidance input (FLUX.1) "
                               "that has none; this one has one, or its family has none")
-        factor = families.pixels_per_latent(held)  # latents are packed 2 x 2 into tokens
+        factor = data.pixels_per_latent(self.sample, vae, family)  # latents are packed 2 x 2 into tokens
         validation.multiple_of("config.data.multiple", config.data.multiple, 2 * factor)
         self.mesh = sharding.make_mesh(config.mesh) if config.mesh else None
         self.writer = jax.process_index() == 0  # only one process writes LoRA files and metrics
         # The sample is encoded (or read from the cache) before the base loads: the VAE and text encoders are
         # released first, and a sample that does not fit the config is refused before the expensive load.
-        pooled = getattr(held, "pooled_projection_dim", None)  # FLUX's CLIP vector; Qwen-Image has none
-        precomputed = data.PrecomputedEncoder(held.in_channels // 4, held.joint_attention_dim, pooled,
-                                              factor, with_latents=not vae,
+        precomputed = data.PrecomputedEncoder(family.latent_channels(held), family.text_dim(held),
+                                              family.pooled_dim(held), factor, with_latents=not vae,
                                               with_text=not text_encoders)
         prompts = tuple(config.teacher.get("prompts", ()))
         encoder = data.SampleEncoder(data.VAEEncoder(vae) if vae else None,
@@ -352,7 +353,7 @@ class Run:
             raise GlanceError("config.student.guidance_scale > 1 needs empty_prompt_embeds in the encoded sample "
                               "(the negative prompt)")
         if base is None:
-            self.model, self.params = checkpoints.load_model(transformer, config.model.dtype,
+            self.model, self.params = families.load_model(transformer, config.model.dtype,
                                                              mesh=self.mesh, remat_policy=config.model.remat_policy,
                                                              quantize=config.model.get("quantize"))
         else:
@@ -371,16 +372,17 @@ class Run:
         "uniform" (the base's own K-step schedule split in two) or "fitted" (K points of the teacher.substeps
         grid fitted to the teacher's trajectories; integrates them first, or reads them from the cache)."""
         c, image_seq_len = self.config.schedule, self.batch["x0"].shape[1]
+        scheduler = families.get(self.config.family).scheduler
         kind = c.get("kind", "steps")
         if kind == "steps":
-            return GlanceSchedule.from_steps(self.config.family, c.slow_steps, c.fast_steps, image_seq_len,
+            return GlanceSchedule.from_steps(scheduler, c.slow_steps, c.fast_steps, image_seq_len,
                                              c.base_steps, c.round_bf16)
         if kind == "uniform":
-            return GlanceSchedule.uniform(self.config.family, c.num_slow, c.num_fast, image_seq_len)
+            return GlanceSchedule.uniform(scheduler, c.num_slow, c.num_fast, image_seq_len)
         if kind == "fitted":
             substeps = self.config.teacher.substeps
-            states = self.trajectories(teacher_grid(None, self.config.family, substeps, image_seq_len))
-            return GlanceSchedule.fitted(self.config.family, np.asarray(states), c.num_slow, c.num_fast,
+            states = self.trajectories(teacher_grid(None, scheduler, substeps, image_seq_len))
+            return GlanceSchedule.fitted(scheduler, np.asarray(states), c.num_slow, c.num_fast,
                                          image_seq_len, substeps, c.split)
         raise GlanceError(f"config.schedule.kind {kind!r}: use 'steps', 'uniform' or 'fitted'")
 
@@ -426,8 +428,8 @@ class Run:
         sigmas = self.schedule.sigmas()
         if self.config.target != "teacher":
             return {"sigmas": jnp.asarray(_pad_points(sigmas)), "states": jnp.zeros((1, 1, 1, 1))}
-        grid = teacher_grid(self.schedule, self.config.family, self.config.teacher.substeps,
-                            self.batch["x0"].shape[1])
+        scheduler = families.get(self.config.family).scheduler
+        grid = teacher_grid(self.schedule, scheduler, self.config.teacher.substeps, self.batch["x0"].shape[1])
         at = jnp.asarray([int(np.argmin(np.abs(grid - s))) for s in sigmas])
         states = self.trajectories(grid)[:, at]
         return {"sigmas": jnp.asarray(_pad_points(sigmas)), "states": _pad_points(states, axis=1),
@@ -456,7 +458,8 @@ class Run:
         adapter = lora.init_lora(jax.random.fold_in(key, 1), self.params, targets, config.lora.rank,
                                  float(config.lora.alpha))
         if config.student.guidance_input:
-            adapter = lora.with_guidance_embedder(jax.random.fold_in(key, 2), adapter, self.params)
+            adapter = families.get(config.family).add_guidance_embedder(jax.random.fold_in(key, 2), adapter,
+                                                                      self.params)
         return adapter, optimizer(config.optim).init(adapter), points, key
 
     def compile_step(self):
@@ -508,7 +511,8 @@ class Run:
             host_lora = multihost_utils.process_allgather(adapter, tiled=True)  # every process joins; one writes
             if self.writer:  # a checkpoint's LoRA carries its step; the final path only ever holds a finished one
                 lora.save_lora(host_lora, runstate.intermediate_lora_path(self.workdir, phase, step),
-                               schedule=self.schedule, guidance=guidance_regime(config))
+                               family=families.get(config.family), schedule=self.schedule,
+                               guidance=guidance_regime(config))
                 runstate.prune_intermediate(self.workdir, phase, config.checkpoint.keep)
 
         bar = tqdm(range(start, config.steps), initial=start, total=config.steps, desc=f"{phase}-LoRA",
@@ -536,7 +540,8 @@ class Run:
         # save_lora writes a temporary file and renames it, so the path holds a whole, finished LoRA or none.
         host_lora = multihost_utils.process_allgather(adapter, tiled=True)
         if self.writer:
-            lora.save_lora(host_lora, lora_path, schedule=self.schedule, guidance=guidance_regime(config))
+            lora.save_lora(host_lora, lora_path, family=families.get(config.family), schedule=self.schedule,
+                           guidance=guidance_regime(config))
         manager.close()
         return lora_path
 
@@ -548,7 +553,7 @@ def _checked_base(base, header, config, mesh):
     if mesh is not None or config.model.get("quantize") not in (None, "none"):
         raise GlanceError("Run(base=...): a shared base is for single-device, unquantized runs; leave it out")
     model, params = base
-    expected = checkpoints.model_from_config(header, checkpoints.parse_dtype(config.model.dtype),
+    expected = checkpoints.model_from_config(header, checkpoints.parse_dtype(config.model.dtype), families.CLASSES,
                                              remat_policy=config.model.remat_policy)
     shapes = lambda tree: jax.tree_util.tree_map(lambda x: (x.shape, x.dtype), tree)
     if model != expected or shapes(params) != shapes(checkpoints.abstract_params(expected)):

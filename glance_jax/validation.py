@@ -215,29 +215,6 @@ def read_text(path, what="text file"):
                           f"{guess}); save it as UTF-8") from None
 
 
-# ---- files that must not run code ----
-
-REMOTE_CODE_FILES = ("config.json", "tokenizer_config.json", "preprocessor_config.json", "processor_config.json")
-
-
-def no_remote_code(folder):
-    """Refuses a tokenizer or model folder whose configs ask transformers to import Python code from the
-    folder (an `auto_map` entry): glance_jax loads with trust_remote_code=False and says so in one line,
-    where transformers would prompt on the terminal or fail with a traceback. A pipeline folder's parts
-    (its sub-folders) are checked too, so the refusal comes before any encoder loads."""
-    import json
-    folders = [folder] + sorted(os.path.join(folder, n) for n in os.listdir(folder)
-                                if os.path.isdir(os.path.join(folder, n)) and not n.startswith("."))
-    for path in (os.path.join(f, name) for f in folders for name in REMOTE_CODE_FILES):
-        if not os.path.isfile(path):
-            continue
-        config = safe_io.read_json(path)
-        if "auto_map" in config:
-            raise GlanceError(f"{path} asks to run Python code from its folder (auto_map: "
-                              f"{json.dumps(config['auto_map'])[:120]}); glance_jax never runs code from a model "
-                              "folder (trust_remote_code=False): use a folder with a built-in tokenizer class")
-
-
 # ---- a LoRA file's metadata: data, never code ----
 
 MAX_PATTERN = 1000  # characters of one rank/alpha pattern key

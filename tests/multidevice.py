@@ -24,7 +24,8 @@ from glance_jax import sharding  # noqa: E402
 from glance_jax.checkpoints import safetensors_io  # noqa: E402
 from glance_jax.models import FluxTransformer2DModel  # noqa: E402
 from glance_jax.pipelines import FluxGlancePipeline  # noqa: E402
-from glance_jax.schedules import FLUX_SCHEDULER, GlanceSchedule  # noqa: E402
+from glance_jax.flux.adapter import SCHEDULER as FLUX_SCHEDULER  # noqa: E402
+from glance_jax.schedules import GlanceSchedule  # noqa: E402
 from glance_jax.train import Run, default_config  # noqa: E402
 
 
@@ -61,7 +62,7 @@ def mesh_checks(work):
     rng = np.random.default_rng(0)
     inputs = dict(prompt_embeds=rng.standard_normal((2, 6, 24), dtype=np.float32),
                   pooled_prompt_embeds=rng.standard_normal((2, 20), dtype=np.float32), height=64, width=96,
-                  seed=[1, 2], schedule=GlanceSchedule.official("flux", image_seq_len=24))
+                  seed=[1, 2], schedule=GlanceSchedule.official(FLUX_SCHEDULER, image_seq_len=24))
     single = np.asarray(FluxGlancePipeline(model, p1, FLUX_SCHEDULER)(**inputs))
     spread = FluxGlancePipeline(model, p8, FLUX_SCHEDULER, mesh=mesh)(**inputs)
     print(json.dumps({"lora_max_diff": max_diff(one, sharded), "lora_max": max(float(np.abs(v).max()) for v in

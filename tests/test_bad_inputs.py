@@ -29,7 +29,7 @@ from transformers import T5EncoderModel as TorchT5
 
 import glance_jax.plan
 import glance_jax.sampling_cli
-from glance_jax import checkpoints, data, lora
+from glance_jax import checkpoints, data, families, lora
 from glance_jax.checkpoints import safetensors_io
 from glance_jax.cli import main
 from glance_jax.demo import teacher
@@ -65,7 +65,7 @@ def world(tmp_path_factory):
     Image.open(load_sample_images().filenames[0]).resize((96, 64)).save(sample / "china.png")
     (sample / "china.txt").write_text(CAPTION)
     params = checkpoints.abstract_params(checkpoints.model_from_config(
-        json.loads((root / "pipe" / "transformer" / "config.json").read_text()), np.float32))
+        json.loads((root / "pipe" / "transformer" / "config.json").read_text()), np.float32, families.CLASSES))
     tree = lora.init_lora(jax.random.PRNGKey(0), params, "flux", 4, 16.0)
     tree = jax.tree_util.tree_map(lambda x: x + 0.01 if x.ndim > 1 else x, tree)
     for name in ("slow", "fast"):
@@ -311,7 +311,7 @@ def test_bad_input_is_one_line_before_any_work(world, done_folder, no_heavy_work
 
 @pytest.fixture(scope="module")
 def tiny_model(world):
-    return checkpoints.load_model(world / "pipe" / "transformer")
+    return families.load_model(world / "pipe" / "transformer")
 
 
 @pytest.mark.parametrize("rank,alpha,message", [(0, 16.0, "rank 0"), (-2, 16.0, "rank -2"), (2.5, 16.0, "rank 2.5"),
@@ -347,15 +347,16 @@ def test_merge_lora_refuses_a_non_finite_scale(tiny_model):
 @pytest.mark.parametrize("lora_mode", ["merge", "unmerged"])
 def test_pipeline_names_a_misfit_lora_in_both_modes(world, lora_mode):
     from glance_jax.pipelines import FluxGlancePipeline
-    from glance_jax.schedules import FLUX_SCHEDULER, GlanceSchedule
-    model, params = checkpoints.load_model(world / "pipe" / "transformer")
+    from glance_jax.flux.adapter import SCHEDULER as FLUX_SCHEDULER
+    from glance_jax.schedules import GlanceSchedule
+    model, params = families.load_model(world / "pipe" / "transformer")
     tree = lora.init_lora(jax.random.PRNGKey(0), params, "flux", 4, 16.0)
     tree["single_transformer_blocks"]["attn"]["to_k"]["B"] = np.zeros((1, 4, 48), np.float32)
     pipe = FluxGlancePipeline(model, params, FLUX_SCHEDULER)
     with pytest.raises(GlanceError, match=r"LoRA layer single_transformer_blocks\.attn\.to_k: A \(1, 32, 4\) and "
                                           r"B \(1, 4, 48\)"):
         pipe(np.zeros((1, 16, 32), np.float32), np.zeros((1, 32), np.float32), height=64, width=64,
-             schedule=GlanceSchedule.official("flux", 16), slow_lora=tree, lora_mode=lora_mode)
+             schedule=GlanceSchedule.official(FLUX_SCHEDULER, 16), slow_lora=tree, lora_mode=lora_mode)
 
 
 # ---- the user's path: a pipeline folder alone ----

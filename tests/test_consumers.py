@@ -40,7 +40,7 @@ from diffusers import QwenImageTransformer2DModel as TorchQwen
 
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from glance_jax import checkpoints
+from glance_jax import checkpoints, families
 from glance_jax.checkpoints import diffusers_state_dict, safetensors_io
 from glance_jax.flux import bfl
 from glance_jax.errors import GlanceError
@@ -308,7 +308,7 @@ def test_consumers_patch_what_merge_lora_merges(family, fmt, consumer, targets, 
     path, torch_state, params = bases[family]
     tree, modules = lora_for(params, family, targets)
     file = tmp_path / f"{fmt}.safetensors"
-    save_lora(tree, file, format=fmt)
+    save_lora(tree, file, format=fmt, family=families.get(family))
     if isinstance(outcome, str):
         with pytest.raises(Exception) as refused:
             apply_invokeai(invokeai, family, torch_state, file)
@@ -350,7 +350,7 @@ FULL_TARGETS = ["to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj"
 @pytest.fixture(scope="module")
 def full_width():
     """(a LoRA on a full-width FLUX.1 of 1 double + 1 single block, merge_lora's change of each weight)."""
-    abstract = checkpoints.abstract_params(checkpoints.model_from_config(FULL_WIDTH, np.float32))
+    abstract = checkpoints.abstract_params(checkpoints.model_from_config(FULL_WIDTH, np.float32, families.CLASSES))
     tree = trained_lora(abstract, FULL_TARGETS)
     flat = flatten_dict(abstract)
     zeros = unflatten_dict({path + ("kernel",): jnp.zeros(flat[path + ("kernel",)].shape, jnp.float32)
@@ -389,7 +389,7 @@ def test_invokeai_reads_the_diffusers_layout_at_full_width(full_width, invokeai,
 
 def test_diffusers_reads_the_kohya_layout_at_full_width(full_width, tmp_path):
     tree, deltas = full_width
-    save_lora(tree, tmp_path / "lora.safetensors", format="kohya")
+    save_lora(tree, tmp_path / "lora.safetensors", format="kohya", family=FLUX)
     sd = FluxPipeline.lora_state_dict(str(tmp_path / "lora.safetensors"))  # what load_lora_weights loads
     modules = {k[:-len(".lora_A.weight")] for k in sd if k.endswith(".lora_A.weight")}
     prefixed = {m[len("transformer."):] for m in modules if m.startswith("transformer.")}
@@ -415,7 +415,7 @@ def test_the_exporter_names_what_a_consumer_drops_or_refuses(family, fmt, target
     """One warning line when the file holds layers that a case above shows a consumer dropping or refusing."""
     tree, _ = lora_for(bases[family][2], family, targets)
     with caplog.at_level(logging.WARNING, logger="glance_jax"):
-        save_lora(tree, tmp_path / "lora.safetensors", format=fmt)
+        save_lora(tree, tmp_path / "lora.safetensors", format=fmt, family=families.get(family))
     warnings = [r.getMessage() for r in caplog.records if "LoRA export" in r.getMessage()]
     gaps = [c for c in CASES if c[:2] + c[3:4] == (family, fmt, targets) and c[4] is not None]
     if not gaps:

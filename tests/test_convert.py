@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from diffusers import FluxTransformer2DModel as TorchFlux
 
+from glance_jax import families
 from glance_jax.checkpoints import safetensors_io
 from glance_jax.cli import main
 from glance_jax.errors import GlanceError
@@ -137,7 +138,7 @@ def test_failure_during_write_leaves_nothing(good, tmp_path, monkeypatch):
         raise OSError("disk full")
     monkeypatch.setattr(checkpoints, "save_converted", crash)
     with pytest.raises(OSError, match="disk full"):
-        checkpoints.convert_checkpoint(good, tmp_path / "out")
+        checkpoints.convert_checkpoint(good, tmp_path / "out", families.CLASSES)
     assert os.listdir(tmp_path) == []
 
 

@@ -1,11 +1,13 @@
 """The family record: every family question has one answer, and nothing outside it tells the families apart
 by a class name or a parameter key."""
 
+import ast
 import pathlib
 import re
 
 import jax
 import pytest
+from flax.traverse_util import flatten_dict
 
 from glance_jax import families, lora
 from glance_jax.errors import GlanceError
@@ -31,14 +33,16 @@ def test_each_model_class_belongs_to_its_family():
         families.get("sdxl")
 
 
-@pytest.mark.parametrize("family", families.FAMILIES, ids=families.NAMES)
-def test_parameter_and_lora_trees_tell_their_family(family):
-    params = jax.eval_shape(TINY[family].init_params, jax.random.PRNGKey(0))
-    assert families.of_params(params) is family
-    for preset in (family.name, family.name + "-all"):
-        tree = jax.eval_shape(lambda p: lora.init_lora(jax.random.PRNGKey(0), p, preset, 2, 8.0), params)
-        assert families.of_params(tree) is family
-    assert families.of_params({"transformer_blocks": {"attn": {}}}) is None  # attention alone does not tell
+def test_only_flux_layouts_take_bfl_lora_names():
+    """A family's LoRA file-name table applies to the models laid out as that family's: BFL names to FLUX.1's
+    tree and to no other (a Qwen-Image tree shares diffusers' attention names, but not FLUX.1's layout)."""
+    names = families.FLUX.lora_file_names
+    for family, model in TINY.items():
+        params = jax.eval_shape(model.init_params, jax.random.PRNGKey(0))
+        found = names.file_modules(params, lora.dense_layers(params))
+        assert bool(found) == (family is families.FLUX)
+    flux = jax.eval_shape(TINY[families.FLUX].init_params, jax.random.PRNGKey(0))
+    assert "double_blocks.0.img_attn.qkv" in names.file_modules(flux, lora.dense_layers(flux))
 
 
 def test_conditioning_builds_the_inputs_the_model_takes():
@@ -59,9 +63,71 @@ def test_lora_presets_come_from_the_families():
 def test_no_family_is_told_apart_outside_the_record():
     """A class-name comparison or a test for a parameter key, anywhere in glance_jax but families.py."""
     sniffing = re.compile(r"__name__ ==|\.__name__ in|startswith\(\"(Flux|QwenImage)|\"(x_embedder|img_in|"
-                          r"single_transformer_blocks|txt_norm)\" in|== \"(flux|qwen-image)\"")
+                          r"single_transformer_blocks|txt_norm)\" in|== \"(flux|qwen-image)\"|in_channels ?// ?4")
     found = [f"{path.relative_to(PACKAGE)}:{n}: {line.strip()}"
              for path in sorted(PACKAGE.rglob("*.py")) if path.name != "families.py"
              for n, line in enumerate(path.read_text().splitlines(), 1)
              if sniffing.search(line) and "__main__" not in line]
+    assert not found, found
+
+
+def _family_names():
+    """{identifier: family folder} of what only one family has: the classes and functions its folder defines, and
+    the parameter keys of its transformer that no other family's has."""
+    owned = {}  # the functions a family folder implements under the names the shared code asks for are not its own
+    protocol = {"recognises", "strip_prefix", "config_from_shapes", "to_diffusers", "file_modules", "kohya_tensors",
+                "guidance_embedder_at"}
+    for family in families.FAMILIES:
+        folder = PACKAGE / family.transformer.__module__.split(".")[1]
+        for path in folder.glob("*.py"):
+            for node in ast.parse(path.read_text()).body:
+                if isinstance(node, (ast.ClassDef, ast.FunctionDef)) and not node.name.startswith("_") and \
+                        node.name not in protocol:
+                    owned[node.name] = folder.name
+    # diffusers' compound module names (x_embedder, img_mod.1); plain words such as norm or linear tell nothing
+    keys = {family: {k for path in flatten_dict(jax.eval_shape(model.init_params, jax.random.PRNGKey(0)))
+                     for k in path if "_" in k} for family, model in TINY.items()}
+    for family, mine in keys.items():
+        others = set().union(*(k for f, k in keys.items() if f is not family))
+        owned.update({k: family.transformer.__module__.split(".")[1] for k in mine - others})
+    return owned
+
+
+# Files outside the family folders that name family things by design: the public facade of the Flax classes
+# (`from glance_jax.models import FluxTransformer2DModel`), the registry's one line per family, and the thin
+# diffusers-shaped pipeline entry points (FluxGlancePipeline, QwenImageGlancePipeline).
+BY_DESIGN = {"models/__init__.py", "families.py", "pipelines.py"}
+
+
+def _names_in_code(source):
+    """(line, name) of every identifier, attribute and string literal of a module (docstrings and comments left
+    out: prose may speak of a family); a dotted string counts its parts too."""
+    tree = ast.parse(source)
+    docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                  if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef)) and node.body
+                  and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name):
+            yield node.lineno, node.id
+        elif isinstance(node, ast.Attribute):
+            yield node.lineno, node.attr
+        elif isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            yield node.lineno, node.name
+        elif isinstance(node, ast.alias):
+            yield node.lineno, node.name.split(".")[-1]
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
+            for token in re.findall(r"[A-Za-z_][A-Za-z0-9_.]*", node.value):
+                yield from ((node.lineno, name) for name in {token, *token.split(".")})
+
+
+def test_nothing_outside_a_family_folder_names_what_only_that_family_has():
+    owned = _family_names()
+    assert {"FluxTransformer2DModel", "QwenImagePromptEncoder", "x_embedder", "img_mod.1"} <= set(owned)
+    folders = set(owned.values())
+    found = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        relative = path.relative_to(PACKAGE)
+        if relative.parts[0] in folders or str(relative) in BY_DESIGN:
+            continue
+        found += sorted({f"{relative}:{n}: {name}" for n, name in _names_in_code(path.read_text()) if name in owned})
     assert not found, found

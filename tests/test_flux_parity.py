@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from diffusers import FluxTransformer2DModel as TorchFlux
 
-from glance_jax import checkpoints
+from glance_jax import checkpoints, families
 from glance_jax.models import FluxTransformer2DModel
 from torch_peers import flux_inputs, randomize_, relative_error, torch_forward
 
@@ -62,7 +62,7 @@ def test_sharded_folder_loads_the_same(saved, loaded):
 
 
 def test_converted_folder_round_trip(saved, loaded, tmp_path):
-    checkpoints.convert_checkpoint(saved["schnell"][1], tmp_path / "conv", dtype="fp32")
+    checkpoints.convert_checkpoint(saved["schnell"][1], tmp_path / "conv", families.CLASSES, dtype="fp32")
     model, params = FluxTransformer2DModel.from_pretrained(tmp_path / "conv")
     assert model == loaded["schnell"][0]
     jax.tree_util.tree_map(np.testing.assert_array_equal, params, loaded["schnell"][1])

@@ -23,12 +23,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from glance_jax import (checkpoints, data, lora, lora_formats, lora_tree, prompts, runstate, safe_io, schedules,
-                        validation)
+from glance_jax import (checkpoints, data, families, lora, lora_formats, lora_tree, prompts, runstate, safe_io,
+                        schedules, validation)
 from glance_jax.checkpoints import safetensors_io
 from glance_jax.cli import main
 from glance_jax.demo import teacher
 from glance_jax.errors import GlanceError
+from glance_jax.flux.adapter import SCHEDULER as FLUX_SCHEDULER
 from test_text import word_tokenizer
 
 PROMPT = "the numeral three, written by hand"
@@ -47,7 +48,7 @@ def no_heavy_work(monkeypatch):
 
 @pytest.fixture(scope="module")
 def base():
-    return checkpoints.load_model(teacher.TEACHER_DIR)
+    return families.load_model(teacher.TEACHER_DIR)
 
 
 def one_line(capsys, code, *words):
@@ -291,7 +292,7 @@ def test_a_model_folder_of_pickles_says_so(tmp_path):
     (tmp_path / "config.json").write_text((open(os.path.join(teacher.TEACHER_DIR, "config.json")).read()))
     (tmp_path / "diffusion_pytorch_model.bin").write_bytes(pickle.dumps({}, protocol=2))
     with pytest.raises(GlanceError, match="diffusion_pytorch_model.bin are pickles"):
-        checkpoints.open_checkpoint(tmp_path)
+        checkpoints.open_checkpoint(tmp_path, families.CLASSES)
 
 
 # ---- untrusted metadata is data ----
@@ -391,7 +392,7 @@ def test_an_index_may_only_name_files_in_its_folder(tmp_path, weight_map, messag
     safetensors_io.save_file({"x": np.zeros(2, np.float32)}, tmp_path / "outside.safetensors")
     (folder / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
     with pytest.raises(GlanceError, match=None) as e:
-        checkpoints.open_checkpoint(folder)
+        checkpoints.open_checkpoint(folder, families.CLASSES)
     assert message in str(e.value)
 
 
@@ -414,7 +415,7 @@ def test_a_model_config_names_the_missing_or_bad_field(tmp_path, change, message
         config = [config]
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(GlanceError, match=None) as e:
-        checkpoints.load_model(folder)
+        families.load_model(folder)
     assert message in str(e.value)
 
 
@@ -504,7 +505,7 @@ def test_precomputed_encodings_holding_nan_are_refused(tmp_path):
 
 def test_a_schedule_whose_shift_is_not_finite_is_refused():
     with pytest.raises(GlanceError, match="time shift is not finite at image_seq_len=541696"):
-        schedules.base_schedule("flux", 28, (11776 // 16) ** 2)
+        schedules.base_schedule(FLUX_SCHEDULER, 28, (11776 // 16) ** 2)
 
 
 @pytest.mark.parametrize("config,message", [

@@ -29,12 +29,13 @@ from transformers import Qwen2_5_VLForConditionalGeneration as TorchQwenVL
 from transformers import T5EncoderModel as TorchT5
 
 import real_tokenizers
-from glance_jax import checkpoints, families
+from glance_jax import families
 from glance_jax.checkpoints import hub
 from glance_jax.cli import main
 from glance_jax.errors import GlanceError
 from glance_jax.lora import init_lora, save_lora
-from glance_jax.schedules import FLUX_SCHEDULER, QWEN_IMAGE_SCHEDULER
+from glance_jax.flux.adapter import SCHEDULER as FLUX_SCHEDULER
+from glance_jax.qwen_image.adapter import SCHEDULER as QWEN_IMAGE_SCHEDULER
 from test_bad_inputs import FLUX, TINY
 from test_text import CLIP, QWEN, T5
 from test_vae import QWEN_TINY
@@ -111,7 +112,7 @@ def hub_cache(tmp_path_factory):
     sample.mkdir()
     Image.open(load_sample_images().filenames[0]).resize((96, 64)).save(sample / "china.png")
     (sample / "china.txt").write_text(CAPTION)
-    model, params = checkpoints.load_model(snapshot(root, REPO))
+    model, params = families.load_model(snapshot(root, REPO))
     tree = init_lora(jax.random.PRNGKey(0), params, "flux", 4, 16.0)
     save_lora(tree, root / "lora.safetensors")
     (root / "prompts.txt").write_text(CAPTION + "\n")
@@ -134,8 +135,8 @@ def test_the_python_loaders_take_a_hub_id(offline):
     encoded = families.FLUX.prompt_encoder.from_pretrained(REPO, max_sequence_length=16)([CAPTION])
     want = families.FLUX.prompt_encoder.from_pretrained(folder, max_sequence_length=16)([CAPTION])
     np.testing.assert_array_equal(encoded["prompt_embeds"], want["prompt_embeds"])
-    _, params = checkpoints.load_model(REPO)
-    _, want = checkpoints.load_model(folder / "transformer")
+    _, params = families.load_model(REPO)
+    _, want = families.load_model(folder / "transformer")
     jax.tree_util.tree_map(np.testing.assert_array_equal, params, want)
 
 
@@ -177,4 +178,4 @@ def test_an_id_not_in_the_cache_is_one_line(offline, capsys, command):
     assert "HF_HUB_OFFLINE is set" in err[0]
     assert list(out.iterdir()) == []
     with pytest.raises(GlanceError, match="no such local path"):
-        checkpoints.load_model(missing)
+        families.load_model(missing)

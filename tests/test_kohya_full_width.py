@@ -16,7 +16,7 @@ import torch
 from diffusers import FluxPipeline
 from diffusers import FluxTransformer2DModel as TorchFlux
 
-from glance_jax import checkpoints, lora
+from glance_jax import checkpoints, families, lora
 from glance_jax.checkpoints import safetensors_io
 from torch_peers import flux_inputs, randomize_, relative_error, torch_forward
 
@@ -35,7 +35,7 @@ TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_
 
 def random_lora(model_config, seed=0):
     """A rank-4 LoRA (alpha 8, scale 2) on TARGETS with random A and small random B, from abstract shapes only."""
-    abstract = checkpoints.abstract_params(checkpoints.model_from_config(model_config, np.float32))
+    abstract = checkpoints.abstract_params(checkpoints.model_from_config(model_config, np.float32, families.CLASSES))
     tree = lora.init_lora(jax.random.PRNGKey(seed), abstract, list(TARGETS), 4, 8.0)
     keys = iter(jax.random.split(jax.random.PRNGKey(seed + 1), 64))
     return jax.tree_util.tree_map_with_path(
@@ -46,7 +46,7 @@ def test_kohya_export_loads_in_diffusers_like_the_diffusers_layout(tmp_path):
     torch_model = randomize_(TorchFlux(**CONFIG), seed=0).eval()
     tree = random_lora({"_class_name": "FluxTransformer2DModel", **CONFIG})
     lora.save_lora(tree, tmp_path / "diffusers.safetensors")
-    lora.save_lora(tree, tmp_path / "kohya.safetensors", format="kohya")
+    lora.save_lora(tree, tmp_path / "kohya.safetensors", format="kohya", family=families.FLUX)
     del tree
     kohya = safetensors_io.SafetensorsFile(tmp_path / "kohya.safetensors")
     assert kohya.tensors["lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight"].shape == (12, 3072)  # fused

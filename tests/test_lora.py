@@ -18,6 +18,7 @@ from glance_jax.errors import GlanceError
 from glance_jax.families import FLUX
 from glance_jax.lora import (describe, init_lora, load_lora, merge_lora, read_schedule, save_lora,
                              unmerge_lora)
+from glance_jax.flux.adapter import SCHEDULER as FLUX_SCHEDULER
 from glance_jax.schedules import GlanceSchedule
 from glance_jax.models import FluxTransformer2DModel
 from torch_peers import flux_inputs, randomize_, relative_error, torch_forward
@@ -105,7 +106,7 @@ def test_lora_made_here_loads_into_diffusers(base, inputs, tmp_path):
     tree = init_lora(jax.random.PRNGKey(0), params, "flux", rank=RANK, alpha=ALPHA)
     tree = jax.tree_util.tree_map_with_path(  # B starts at zero: give it values so the check means something
         lambda p, x: jax.random.normal(jax.random.PRNGKey(1), x.shape) * 0.3 if p[-1].key == "B" else x, tree)
-    schedule = GlanceSchedule.from_steps("flux", (1, 3), (11, 31), image_seq_len=4096)
+    schedule = GlanceSchedule.from_steps(FLUX_SCHEDULER, (1, 3), (11, 31), image_seq_len=4096)
     save_lora(tree, tmp_path / "lora.safetensors", schedule=schedule)  # diffusers ignores the schedule metadata
     reference = TorchFlux.from_pretrained(base[0]).eval()
     reference.load_lora_adapter(str(tmp_path), weight_name="lora.safetensors", prefix="transformer")
@@ -172,7 +173,7 @@ def test_kohya_file_loads_like_its_diffusers_equivalent(base, inputs, peft_lora,
 def test_kohya_export_round_trip(base, inputs, peft_lora, tmp_path):
     _, model, params = base
     tree = load_lora(peft_lora[0], params)
-    save_lora(tree, tmp_path / "k.safetensors", format="kohya")
+    save_lora(tree, tmp_path / "k.safetensors", format="kohya", family=FLUX)
     keys = set(safetensors_io.SafetensorsFile(tmp_path / "k.safetensors").keys())
     assert "lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight" in keys
     assert "lora_unet_single_blocks_1_linear1.alpha" in keys
@@ -309,7 +310,7 @@ def test_schedule_travels_with_the_lora(base, peft_lora, tmp_path):
     from glance_jax.cli import main
     _, _, params = base
     tree = init_lora(jax.random.PRNGKey(0), params, "flux", rank=RANK, alpha=ALPHA)
-    for schedule in (GlanceSchedule.official("flux", image_seq_len=1024),
+    for schedule in (GlanceSchedule.official(FLUX_SCHEDULER, image_seq_len=1024),
                      GlanceSchedule.from_timesteps((1000.0, 951.25), (700.5, 123.0))):
         save_lora(tree, tmp_path / "slow.safetensors", schedule=schedule)
         assert read_schedule(tmp_path / "slow.safetensors") == schedule
@@ -319,7 +320,7 @@ def test_schedule_travels_with_the_lora(base, peft_lora, tmp_path):
                          "--format", layout, "--overwrite"]) == 0
             assert read_schedule(dst) == schedule
     assert read_schedule(peft_lora[0]) is None  # a file from elsewhere carries none
-    assert GlanceSchedule.official("flux", image_seq_len=1024).for_image_seq_len(4096) == \
-        GlanceSchedule.from_dict(GlanceSchedule.official("flux", image_seq_len=1024).to_dict()).for_image_seq_len(4096)
+    assert GlanceSchedule.official(FLUX_SCHEDULER, image_seq_len=1024).for_image_seq_len(4096) == \
+        GlanceSchedule.from_dict(GlanceSchedule.official(FLUX_SCHEDULER, image_seq_len=1024).to_dict()).for_image_seq_len(4096)
     with pytest.raises(GlanceError, match="decrease"):
         GlanceSchedule.from_dict({"slow": [900.0, 950.0], "fast": [100.0]})

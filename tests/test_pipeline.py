@@ -16,8 +16,11 @@ from glance_jax.errors import GlanceError
 from glance_jax.lora import load_lora
 from glance_jax.models import FluxTransformer2DModel
 from glance_jax.flux.transformer import image_ids
-from glance_jax.pipelines import FluxGlancePipeline, pack_flux_latents, unpack_flux_latents
-from glance_jax.schedules import (FLUX_SCHEDULER, FlowMatchEulerScheduler,
+from glance_jax.layout import pack_latents, unpack_latents
+from glance_jax.pipelines import FluxGlancePipeline
+from glance_jax.flux.adapter import SCHEDULER as FLUX_SCHEDULER
+from glance_jax.qwen_image.adapter import SCHEDULER as QWEN_IMAGE_SCHEDULER
+from glance_jax.schedules import (FlowMatchEulerScheduler,
                                   GlanceSchedule, snr)
 from torch_peers import randomize_, relative_error
 
@@ -49,30 +52,30 @@ def test_scheduler_matches_diffusers(model, height, width):
 
 
 def test_official_presets_equal_the_reference_lists():
-    flux = GlanceSchedule.official("flux", image_seq_len=4096)
+    flux = GlanceSchedule.official(FLUX_SCHEDULER, image_seq_len=4096)
     np.testing.assert_allclose(flux.slow, [1000.0000, 986.9786, 973.2042, 958.6094, 943.1188], atol=1e-3)
     np.testing.assert_allclose(flux.fast, [926.6473, 825.7017, 677.9868, 441.1997, 60.5503], atol=1e-3)
-    qwen = GlanceSchedule.official("qwen-image", image_seq_len=4096)
+    qwen = GlanceSchedule.official(QWEN_IMAGE_SCHEDULER, image_seq_len=4096)
     np.testing.assert_allclose(qwen.slow, [1000.0000, 979.1915, 957.5157, 934.9171, 911.3354], atol=1e-3)
     np.testing.assert_allclose(qwen.fast, [886.7053, 745.0728, 562.9505, 320.0802, 20.0000], atol=1e-3)
-    rounded = GlanceSchedule.official("qwen-image", image_seq_len=4096, round_bf16=True)
+    rounded = GlanceSchedule.official(QWEN_IMAGE_SCHEDULER, image_seq_len=4096, round_bf16=True)
     assert rounded.slow == (1000, 980, 956, 936, 912) and rounded.fast == (888, 744, 564, 320, 20)
     assert (flux.slow_steps, flux.fast_steps) == ((1, 3, 5, 7, 9), (11, 21, 31, 41, 50))
 
 
 def test_custom_schedules_and_resolution_changes():
-    six = GlanceSchedule.from_steps("flux", (1, 5, 9), (16, 31, 46), image_seq_len=4096)
+    six = GlanceSchedule.from_steps(FLUX_SCHEDULER, (1, 5, 9), (16, 31, 46), image_seq_len=4096)
     timesteps, _ = FlowMatchEulerScheduler.from_config(FLUX_SCHEDULER).set_timesteps(50, 4096)
     assert six.slow == tuple(float(t) for t in timesteps[[0, 4, 8]]) and six.num_steps == 6
     at_512 = six.for_image_seq_len(1024)  # a 512 x 512 image: recomputed, not reused
     assert at_512.image_seq_len == 1024 and at_512.slow_steps == six.slow_steps and at_512.fast != six.fast
     fixed = GlanceSchedule.from_timesteps((1000, 950), (800, 300))
     assert fixed.for_image_seq_len(1024) is fixed
-    by_snr = GlanceSchedule.from_snr("flux", 5, 5, snr_threshold=snr(0.9), image_seq_len=4096)
+    by_snr = GlanceSchedule.from_snr(FLUX_SCHEDULER, 5, 5, snr_threshold=snr(0.9), image_seq_len=4096)
     boundary_sigma = by_snr.boundary / 1000
     assert snr(boundary_sigma) >= snr(0.9) > snr(by_snr.slow[-1] / 1000)
     with pytest.raises(GlanceError, match="increasing indices"):
-        GlanceSchedule.from_steps("flux", (1, 5), (5, 9), image_seq_len=4096)
+        GlanceSchedule.from_steps(FLUX_SCHEDULER, (1, 5), (5, 9), image_seq_len=4096)
     with pytest.raises(GlanceError, match="decrease"):
         GlanceSchedule.from_timesteps((900, 950), (100,))
 
@@ -82,8 +85,8 @@ def test_packing_matches_diffusers():
     latents = rng.standard_normal((2, 16, 8, 12), dtype=np.float32)  # diffusers' NCHW latents
     want = FluxPipeline._pack_latents(torch.from_numpy(latents), 2, 16, 8, 12).numpy()
     nhwc = latents.transpose(0, 2, 3, 1)
-    np.testing.assert_array_equal(pack_flux_latents(nhwc), want)
-    np.testing.assert_array_equal(unpack_flux_latents(want, 64, 96), nhwc)
+    np.testing.assert_array_equal(pack_latents(nhwc), want)
+    np.testing.assert_array_equal(unpack_latents(want, 64, 96, 8), nhwc)
 
 
 @pytest.fixture(scope="module")
@@ -149,7 +152,7 @@ def test_official_integration_matches_the_official_stepping(setup):
     """The reference drives diffusers' scheduler as the official Glance pipelines do."""
     torch_model, pipe, loras, inputs = setup
     torch_model.enable_adapters()
-    schedule = GlanceSchedule.official("flux", image_seq_len=(H // 16) * (W // 16))
+    schedule = GlanceSchedule.official(FLUX_SCHEDULER, image_seq_len=(H // 16) * (W // 16))
     scheduler = FlowMatchEulerDiscreteScheduler.from_config(FLUX_SCHEDULER)
     mu = diffusers_mu(FLUX_SCHEDULER, schedule.image_seq_len)
     x = torch.from_numpy(inputs["latents"])
@@ -170,7 +173,7 @@ def test_official_integration_matches_the_official_stepping(setup):
 def test_consistent_integration_with_loras(setup):
     torch_model, pipe, loras, inputs = setup
     torch_model.enable_adapters()
-    schedule = GlanceSchedule.official("flux", image_seq_len=(H // 16) * (W // 16))
+    schedule = GlanceSchedule.official(FLUX_SCHEDULER, image_seq_len=(H // 16) * (W // 16))
     timesteps = list(schedule.slow) + list(schedule.fast)
     sigmas = np.float32(timesteps + [0.0]) / np.float32(1000)
     x = torch.from_numpy(inputs["latents"])
@@ -188,7 +191,7 @@ def test_consistent_integration_with_loras(setup):
 @pytest.mark.parametrize("lora_mode", ["unmerged", "merge"])
 def test_same_seed_same_image_and_no_recompilation(setup, lora_mode):
     _, pipe, loras, inputs = setup
-    schedule = GlanceSchedule.official("flux", image_seq_len=(H // 16) * (W // 16))
+    schedule = GlanceSchedule.official(FLUX_SCHEDULER, image_seq_len=(H // 16) * (W // 16))
     kw = dict(height=H, width=W, schedule=schedule, slow_lora=loras["slow"], fast_lora=loras["fast"],
               lora_mode=lora_mode)
     if lora_mode == "merge":  # merging modifies the base, so compare two pipelines over identical weights
@@ -204,7 +207,7 @@ def test_same_seed_same_image_and_no_recompilation(setup, lora_mode):
     other_prompt = inputs["prompt_embeds"][::-1] * 0.5
     different = np.asarray(pipe(other_prompt, inputs["pooled_prompt_embeds"], seed=[5, 6], integration="official",
                                 lora_scale=0.7, **{**kw, "slow_lora": loras["fast"], "fast_lora": loras["slow"]}))
-    fewer = GlanceSchedule.uniform("flux", 2, 3, image_seq_len=(H // 16) * (W // 16))
+    fewer = GlanceSchedule.uniform(FLUX_SCHEDULER, 2, 3, image_seq_len=(H // 16) * (W // 16))
     pipe(other_prompt, inputs["pooled_prompt_embeds"], seed=[5, 6], **{**kw, "schedule": fewer})
     assert pipe.last_nfe == 5
     # new prompts, seeds, LoRA values, scale, integration, step counts (up to 64 a phase): no compile
@@ -234,7 +237,7 @@ def test_true_cfg_matches_diffusers_flux_pipeline(setup):
     plain = pipe(**inputs, **negative, height=H, width=W, num_inference_steps=6, true_cfg_scale=1.0)
     assert pipe.last_nfe == 6  # scale 1: one pass a step, as diffusers (the negative prompt is unused)
     assert relative_error(plain, want) > 10 * TOLERANCE
-    schedule = GlanceSchedule.official("flux", image_seq_len=(H // 16) * (W // 16))
+    schedule = GlanceSchedule.official(FLUX_SCHEDULER, image_seq_len=(H // 16) * (W // 16))
     pipe(**inputs, height=H, width=W, schedule=schedule)
     assert pipe.last_nfe == 10 == pipelines.transformer_passes(schedule)
     with pytest.raises(GlanceError, match="negative_prompt_embeds and negative_pooled_prompt_embeds"):
@@ -287,7 +290,7 @@ def test_two_pass_student_velocity_matches_diffusers_true_cfg_step(setup):
 
 def test_merge_and_unmerged_modes_agree(setup):
     _, pipe, loras, inputs = setup
-    schedule = GlanceSchedule.official("flux", image_seq_len=(H // 16) * (W // 16))
+    schedule = GlanceSchedule.official(FLUX_SCHEDULER, image_seq_len=(H // 16) * (W // 16))
     kw = dict(height=H, width=W, schedule=schedule, slow_lora=loras["slow"], fast_lora=loras["fast"], seed=0)
     merged = pipe(inputs["prompt_embeds"], inputs["pooled_prompt_embeds"], lora_mode="merge", **kw)
     unmerged = pipe(inputs["prompt_embeds"], inputs["pooled_prompt_embeds"], lora_mode="unmerged", **kw)
@@ -297,7 +300,7 @@ def test_merge_and_unmerged_modes_agree(setup):
 def test_bad_arguments(setup):
     _, pipe, loras, inputs = setup
     with pytest.raises(GlanceError, match="unknown integration"):
-        pipe(**inputs, height=H, width=W, schedule=GlanceSchedule.official("flux"), integration="euler")
+        pipe(**inputs, height=H, width=W, schedule=GlanceSchedule.official(FLUX_SCHEDULER), integration="euler")
     with pytest.raises(GlanceError, match="need schedule"):
         pipe(**inputs, height=H, width=W, num_inference_steps=4, slow_lora=loras["slow"])
     with pytest.raises(GlanceError, match="needs a VAE: build the pipeline with vae="):

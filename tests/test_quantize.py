@@ -23,14 +23,15 @@ from optimum.quanto import freeze, qfloat8, qint8, quantize
 from peft import LoraConfig
 from PIL import Image
 
-from glance_jax import checkpoints, evaluation, sharding
+from glance_jax import checkpoints, data, evaluation, sharding
 from glance_jax.checkpoints import safetensors_io
 from glance_jax import quantize as quant
 from glance_jax.errors import GlanceError
 from glance_jax.lora import init_lora, load_lora, merge_lora
 from glance_jax.models import FluxTransformer2DModel, QwenImageTransformer2DModel
 from glance_jax.pipelines import FluxGlancePipeline
-from glance_jax.schedules import FLUX_SCHEDULER, GlanceSchedule
+from glance_jax.flux.adapter import SCHEDULER as FLUX_SCHEDULER
+from glance_jax.schedules import GlanceSchedule
 from test_qwen_image import TINY as QWEN_TINY
 from test_qwen_image import jax_qwen, qwen_inputs, torch_qwen
 from torch_peers import flux_inputs, randomize_, relative_error, torch_forward
@@ -118,7 +119,7 @@ def test_merging_into_a_quantized_base_is_refused(tiny):
     with pytest.raises(GlanceError, match=r"cannot merge a LoRA into a quantized \(int8\) base: apply it unmerged"):
         merge_lora(params, tree)
     pipe = FluxGlancePipeline(model, params, FLUX_SCHEDULER, latent_channels=4)
-    schedule = GlanceSchedule.from_steps("flux", (1, 5), (9,), image_seq_len=4)
+    schedule = GlanceSchedule.from_steps(FLUX_SCHEDULER, (1, 5), (9,), image_seq_len=4)
     kw = dict(prompt_embeds=inputs["encoder_hidden_states"][:1], pooled_prompt_embeds=inputs["pooled_projections"][:1],
               height=32, width=32, schedule=schedule, slow_lora=tree, fast_lora=tree)
     with pytest.raises(GlanceError, match="lora_mode='merge' needs a float base; this one is int8"):
@@ -270,7 +271,7 @@ def test_training_on_a_quantized_base_with_bf16_adam_moments(tmp_path):
     seven = images[int(np.argmax(labels == 7))]
     states, pooled = teacher.load_prompts()["a handwritten seven"]
     safetensors_io.save_file({"latents": seven, "prompt_embeds": states, "pooled_prompt_embeds": pooled},
-                             sample / "seven.safetensors")
+                             sample / "seven.safetensors", {data.SCALE_KEY: "1"})  # the teacher's pixels
     Image.fromarray(evaluation.to_uint8(seven)[..., 0]).save(sample / "seven.png")
     (sample / "seven.txt").write_text("a handwritten seven")
     c = default_config("flux", "slow")

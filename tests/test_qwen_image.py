@@ -12,14 +12,15 @@ from diffusers import QwenImageTransformer2DModel as TorchQwen
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 
-from glance_jax import checkpoints, safe_io
+from glance_jax import checkpoints, families, safe_io
 from glance_jax.checkpoints import safetensors_io
 from glance_jax.errors import GlanceError
 from glance_jax.families import QWEN_IMAGE
 from glance_jax.lora import load_lora, merge_lora, save_lora
 from glance_jax.models import QwenImageTransformer2DModel
 from glance_jax.pipelines import QwenImageGlancePipeline
-from glance_jax.schedules import QWEN_IMAGE_SCHEDULER, GlanceSchedule
+from glance_jax.qwen_image.adapter import SCHEDULER as QWEN_IMAGE_SCHEDULER
+from glance_jax.schedules import GlanceSchedule
 from torch_peers import randomize_, relative_error
 
 TOLERANCE = 1e-4
@@ -102,13 +103,13 @@ def test_full_width_one_block_matches_diffusers(tmp_path):
 
 def test_converter_handles_qwen_image(tiny, tmp_path):
     _, path, model, params = tiny
-    checkpoints.convert_checkpoint(path, tmp_path / "conv", dtype="fp32")
+    checkpoints.convert_checkpoint(path, tmp_path / "conv", families.CLASSES, dtype="fp32")
     again, converted = QwenImageTransformer2DModel.from_pretrained(tmp_path / "conv")
     assert again == model
     jax.tree_util.tree_map(np.testing.assert_array_equal, converted, params)
     config = safe_io.read_json(path / "config.json")
     with pytest.raises(GlanceError, match="zero_cond_t=True is not supported"):
-        checkpoints.model_from_config(dict(config, zero_cond_t=True), checkpoints.parse_dtype("fp32"))
+        checkpoints.model_from_config(dict(config, zero_cond_t=True), checkpoints.parse_dtype("fp32"), families.CLASSES)
     from glance_jax.models import FluxTransformer2DModel
     with pytest.raises(GlanceError, match="holds a QwenImageTransformer2DModel, not a FluxTransformer2DModel"):
         FluxTransformer2DModel.from_pretrained(path)
@@ -166,7 +167,7 @@ def test_other_qwen_lora_layouts_and_export(tiny, official_style_lora, tmp_path)
     inputs = qwen_inputs(TINY, 1, (2, 3), 5, None, seed=5)
     want = torch_qwen(reference, inputs, (2, 3))
     for fmt in ("diffusers", "kohya"):
-        save_lora(want_tree, tmp_path / f"out_{fmt}.safetensors", format=fmt)
+        save_lora(want_tree, tmp_path / f"out_{fmt}.safetensors", format=fmt, family=families.QWEN_IMAGE)
         back = TorchQwen.from_pretrained(base_path).eval()
         sd = QwenImagePipeline.lora_state_dict(str(tmp_path / f"out_{fmt}.safetensors"))
         back.load_lora_adapter(sd, prefix="transformer")
@@ -201,7 +202,7 @@ def test_sampler_with_true_cfg_matches_diffusers(tiny):
     err = relative_error(got, want)
     print(f"Qwen-Image 8 steps with true CFG vs diffusers QwenImagePipeline: {err:.2e}")
     assert err <= TOLERANCE
-    glance = pipe(**inputs, height=H, width=W, schedule=GlanceSchedule.official("qwen-image", round_bf16=True),
+    glance = pipe(**inputs, height=H, width=W, schedule=GlanceSchedule.official(QWEN_IMAGE_SCHEDULER, round_bf16=True),
                   true_cfg_scale=5.0, integration="official")
     assert glance.shape == got.shape and np.isfinite(np.asarray(glance)).all()
 

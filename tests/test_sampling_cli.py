@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from glance_jax import checkpoints, evaluation
+from glance_jax import evaluation, families
 from glance_jax.checkpoints import safetensors_io
 from glance_jax.cli import main
 from glance_jax.demo import teacher
@@ -36,7 +36,7 @@ def write_pair(folder, params, schedule, **kw):
 def lora_files(tmp_path_factory):
     """A slow and a fast LoRA for a 4-step schedule (2 + 2 steps of 50), written with that schedule."""
     folder = tmp_path_factory.mktemp("loras")
-    _, params = checkpoints.load_model(teacher.TEACHER_DIR)
+    _, params = families.load_model(teacher.TEACHER_DIR)
     schedule = GlanceSchedule.from_steps(teacher.SCHEDULER, (1, 5), (16, 36), image_seq_len=16)
     write_pair(folder, params, schedule)
     other = GlanceSchedule.from_steps(teacher.SCHEDULER, (1, 3), (11, 41), image_seq_len=16)
@@ -53,7 +53,7 @@ def test_sample_uses_the_schedule_the_loras_carry(lora_files, tmp_path):
     out = tmp_path / "three.safetensors"
     assert main(["sample", "--prompt", PROMPT, "--out", str(out), "--seed", "3", *lora_args(folder)]) == 0
     got = safetensors_io.SafetensorsFile(out).read("latents")
-    model, params = checkpoints.load_model(teacher.TEACHER_DIR)
+    model, params = families.load_model(teacher.TEACHER_DIR)
     pipe = FluxGlancePipeline(model, params, teacher.SCHEDULER, latent_channels=1, vae_scale_factor=1)
     states, pooled = teacher.load_prompts()[PROMPT]
     want = pipe(states[None], pooled[None], height=8, width=8, schedule=schedule, seed=3, output_type="unpacked_latent",
@@ -102,7 +102,7 @@ GUIDED = {"true_cfg_scale": 3.0, "negative_prompt": "", "passes_per_step": 2}
 def guided_lora_files(tmp_path_factory):
     """The slow and fast LoRAs of `lora_files`, written as a pair trained for true CFG 3 on the empty prompt."""
     folder = tmp_path_factory.mktemp("guided_loras")
-    _, params = checkpoints.load_model(teacher.TEACHER_DIR)
+    _, params = families.load_model(teacher.TEACHER_DIR)
     schedule = GlanceSchedule.from_steps(teacher.SCHEDULER, (1, 5), (16, 36), image_seq_len=16)
     write_pair(folder, params, schedule, guidance=GUIDED)
     save_lora(random_lora(params, 30), folder / "unguided_fast.safetensors", schedule=schedule,
@@ -118,7 +118,7 @@ def test_sample_uses_the_guidance_the_loras_carry(guided_lora_files, tmp_path, c
     assert main(["sample", "--prompt", PROMPT, "--out", str(out), "--seed", "3", *lora_args(folder)]) == 0
     assert "(8 transformer passes; true CFG 3 on '', 2 passes a step)" in capsys.readouterr().out
     got = safetensors_io.SafetensorsFile(out).read("latents")
-    model, params = checkpoints.load_model(teacher.TEACHER_DIR)
+    model, params = families.load_model(teacher.TEACHER_DIR)
     pipe = FluxGlancePipeline(model, params, teacher.SCHEDULER, latent_channels=1, vae_scale_factor=1)
     prompts = teacher.load_prompts()
     loras = dict(slow_lora=load_lora(folder / "slow.safetensors", pipe.params),
@@ -163,13 +163,12 @@ def test_a_lora_and_its_guidance_are_not_separated(guided_lora_files, tmp_path, 
 def test_a_trained_guidance_input_samples_at_its_scale_and_refuses_others(tmp_path, capsys):
     """LoRAs that carry a trained guidance embedding sample at their default scale, take --guidance_scale inside
     the range they were trained for, and refuse one outside it in one line, writing nothing."""
-    from glance_jax.lora import with_guidance_embedder
-    _, params = checkpoints.load_model(teacher.TEACHER_DIR)
+    _, params = families.load_model(teacher.TEACHER_DIR)
     schedule = GlanceSchedule.from_steps(teacher.SCHEDULER, (1, 5), (16, 36), image_seq_len=16)
     regime = {"true_cfg_scale": 1.0, "negative_prompt": None, "passes_per_step": 1,
               "guidance_input": {"range": [2.0, 4.0], "default": 3.0}}
     for i, phase in enumerate(("slow", "fast")):
-        tree = with_guidance_embedder(jax.random.PRNGKey(i), random_lora(params, 10 * i), params)
+        tree = families.FLUX.add_guidance_embedder(jax.random.PRNGKey(i), random_lora(params, 10 * i), params)
         embedder = tree["time_text_embed"]["glance_guidance_embedder"]
         kernel = embedder["linear_2"]["kernel"]  # zero at its start: give it values so the scale matters
         embedder["linear_2"]["kernel"] = 0.1 * jax.random.normal(jax.random.PRNGKey(7), kernel.shape)

@@ -16,7 +16,7 @@ from glance_jax.demo import lora_config, teacher, write_sample
 from glance_jax.errors import GlanceError
 from glance_jax.models import FluxTransformer2DModel, QwenImageTransformer2DModel
 from glance_jax.pipelines import FluxGlancePipeline
-from glance_jax.families import FLUX_SCHEDULER
+from glance_jax.flux.adapter import SCHEDULER as FLUX_SCHEDULER
 from glance_jax.schedules import FlowMatchEulerScheduler, GlanceSchedule, best_jumps, jump_errors
 from glance_jax.train import Run, teacher_grid
 
@@ -46,7 +46,7 @@ def test_all_dense_presets_cover_every_block_layer_and_nothing_outside():
 
 def test_uniform_schedule_is_the_bases_own_k_step_schedule():
     timesteps, _ = FlowMatchEulerScheduler.from_config(FLUX_SCHEDULER).set_timesteps(6, 16)
-    s = GlanceSchedule.uniform("flux", 3, 3, 16)
+    s = GlanceSchedule.uniform(FLUX_SCHEDULER, 3, 3, 16)
     np.testing.assert_array_equal(np.float32(s.slow + s.fast), timesteps)
     assert len(s.slow) == 3 and s.for_image_seq_len(4096).num_steps == 6
 
@@ -74,7 +74,7 @@ def test_jump_errors_measure_one_euler_step():
     assert errors[0, 1] == errors[1, 2] == 0  # single fine steps are exact
     assert errors[0, 2] == pytest.approx(abs(x0 + (0 - 1) * v[0] - x2)[0])  # one jump with v at sigma 1
     states = np.random.default_rng(1).standard_normal((2, 11, 3))
-    fitted = GlanceSchedule.fitted("flux", states, 5, 5, 16, base_steps=10)  # K = the grid: every step
+    fitted = GlanceSchedule.fitted(FLUX_SCHEDULER, states, 5, 5, 16, base_steps=10)  # K = the grid: every step
     assert fitted.slow_steps == (1, 2, 3, 4, 5) and fitted.fast_steps == (6, 7, 8, 9, 10)
 
 
@@ -215,7 +215,7 @@ def test_runs_can_share_one_loaded_base(tmp_path):
     """Run(base=...) trains on the caller's arrays (no second copy of the base) and gives the LoRAs of a run that
     loads its own; a base that config.model does not describe is refused in one line before anything is written."""
     own = demo_run(tmp_path, 1.0)
-    base = checkpoints.load_model(teacher.TEACHER_DIR)
+    base = families.load_model(teacher.TEACHER_DIR)
     shared = Run(own.config, tmp_path / "shared", base=base)
     assert shared.params is base[1]
     mine, theirs = own.train(), shared.train()

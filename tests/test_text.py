@@ -14,7 +14,7 @@ from transformers import CLIPTextModel as TorchCLIP
 from transformers import Qwen2_5_VLForConditionalGeneration as TorchQwenVL
 from transformers import T5EncoderModel as TorchT5
 
-from glance_jax import checkpoints, data
+from glance_jax import checkpoints, data, families
 from glance_jax.checkpoints import safetensors_io
 from glance_jax.flux.prompts import FluxPromptEncoder
 from glance_jax.qwen_image.prompts import QwenImagePromptEncoder
@@ -131,9 +131,9 @@ def test_hub_layouts_and_conversion(folders, tmp_path):
     _, want = CLIPTextModel.from_pretrained(root / "text_encoder")
     np.testing.assert_array_equal(params["final_layer_norm"]["scale"], want["final_layer_norm"]["scale"])
     for name in ("text_encoder", "text_encoder_2", "qwen/text_encoder"):
-        checkpoints.convert_checkpoint(root / name, tmp_path / name.replace("/", "_"), dtype="fp32")
-        again, converted = checkpoints.load_model(tmp_path / name.replace("/", "_"))
-        original_model, original = checkpoints.load_model(root / name)
+        checkpoints.convert_checkpoint(root / name, tmp_path / name.replace("/", "_"), families.CLASSES, dtype="fp32")
+        again, converted = families.load_model(tmp_path / name.replace("/", "_"))
+        original_model, original = families.load_model(root / name)
         assert again == original_model
         jax.tree_util.tree_map(np.testing.assert_array_equal, converted, original)
 
@@ -189,7 +189,7 @@ def test_pipeline_prompts_and_trainer_captions_without_pytorch(folders, tmp_path
 
     from glance_jax.models import FluxTransformer2DModel
     from glance_jax.pipelines import FluxGlancePipeline
-    from glance_jax.schedules import FLUX_SCHEDULER
+    from glance_jax.flux.adapter import SCHEDULER as FLUX_SCHEDULER
     from glance_jax.train import Run, default_config
     root, _ = folders
     config = dict(in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
@@ -233,7 +233,7 @@ def test_qwen_pipeline_takes_prompt_strings(folders, tmp_path):
 
     from glance_jax.models import QwenImageTransformer2DModel
     from glance_jax.pipelines import QwenImageGlancePipeline
-    from glance_jax.schedules import QWEN_IMAGE_SCHEDULER
+    from glance_jax.qwen_image.adapter import SCHEDULER as QWEN_IMAGE_SCHEDULER
     root, _ = folders
     randomize_(TorchQwen(patch_size=2, in_channels=64, out_channels=16, num_layers=1, attention_head_dim=16,
                          num_attention_heads=2, joint_attention_dim=32, axes_dims_rope=[4, 6, 6]), seed=0

@@ -9,11 +9,11 @@ from diffusers import AutoencoderKLQwenImage as TorchQwenVAE
 from diffusers import FluxTransformer2DModel as TorchFlux
 from sklearn.datasets import load_sample_images
 
-from glance_jax import checkpoints, data
+from glance_jax import checkpoints, data, families
 from glance_jax.models import AutoencoderKL, AutoencoderKLQwenImage, FluxTransformer2DModel
 from glance_jax.modules.tiling import tiled_decode
 from glance_jax.pipelines import FluxGlancePipeline, decode_latents
-from glance_jax.schedules import FLUX_SCHEDULER
+from glance_jax.flux.adapter import SCHEDULER as FLUX_SCHEDULER
 from torch_peers import randomize_, relative_error
 
 TOLERANCE = 1e-4
@@ -90,7 +90,7 @@ def test_real_channel_configuration_at_a_small_size(kind, tmp_path):
                                     use_quant_conv=False, use_post_quant_conv=False) if kind == "flux"
                            else TorchQwenVAE(), seed=2).eval()
     torch_vae.save_pretrained(tmp_path)
-    vae, params = checkpoints.load_model(tmp_path)
+    vae, params = families.load_model(tmp_path)
     rng = np.random.default_rng(4)
     shape = (1, 64, 64, 3) if kind == "flux" else (1, 1, 64, 64, 3)
     latent_shape = (1, 8, 8, 16) if kind == "flux" else (1, 1, 8, 8, 16)
@@ -129,8 +129,8 @@ def test_latent_normalisation_round_trips(flux_vae, qwen_vae):
 
 def test_converter_handles_both_vaes(flux_vae, qwen_vae, tmp_path):
     for i, (_, path, vae, params) in enumerate((flux_vae, qwen_vae)):
-        checkpoints.convert_checkpoint(path, tmp_path / f"vae{i}", dtype="fp32")
-        again, converted = checkpoints.load_model(tmp_path / f"vae{i}")
+        checkpoints.convert_checkpoint(path, tmp_path / f"vae{i}", families.CLASSES, dtype="fp32")
+        again, converted = families.load_model(tmp_path / f"vae{i}")
         assert again == vae
         np.testing.assert_array_equal(converted["decoder"]["conv_out"]["kernel"],
                                       params["decoder"]["conv_out"]["kernel"])
@@ -182,8 +182,8 @@ def test_trainer_encodes_the_photo_with_the_flax_vae_and_caches_it(flux_vae, tmp
     with torch.no_grad():
         mean = torch_vae.encode(nchw(data.load_image(s)[None])).latent_dist.mean
     want = (nhwc(mean)[0] - 0.1159) * 0.3611
-    from glance_jax.pipelines import pack_flux_latents
-    assert relative_error(np.asarray(first.batch["x0"]), np.asarray(pack_flux_latents(want[None]))) <= TOLERANCE
+    from glance_jax.layout import pack_latents
+    assert relative_error(np.asarray(first.batch["x0"]), np.asarray(pack_latents(want[None]))) <= TOLERANCE
     second = Run(c, tmp_path / "run")
     assert second.cache_hit  # the VAE did not run again
     np.testing.assert_array_equal(second.batch["x0"], first.batch["x0"])

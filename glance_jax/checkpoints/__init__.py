@@ -22,12 +22,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from glance_jax import models, safe_io
+from glance_jax import safe_io
 from glance_jax import quantize as quant
 from glance_jax.checkpoints import hub, safetensors_io
-from glance_jax.flux import bfl
 from glance_jax.errors import GlanceError
-from glance_jax.modules.layers import STACKED_BLOCKS
+from glance_jax.layout import is_block_stack
 
 FORMAT_FILE = "glance_jax.json"  # marks a folder written by `convert_checkpoint`
 PARAMS_DIR = "params"
@@ -91,7 +90,7 @@ def weight_table(params):
             continue
         transpose = leaf_name == "kernel"
         torch_leaf = _TORCH_LEAF[leaf_name]
-        if modules[0] in STACKED_BLOCKS:
+        if is_block_stack(modules[0]):
             for i in range(leaf.shape[0]):
                 name = ".".join([modules[0], str(i), *modules[1:], torch_leaf])
                 table[name] = Slot(path, i, transpose, _torch_shape(leaf.shape[1:], transpose))
@@ -194,23 +193,30 @@ def _open_diffusers_folder(path):
     return Checkpoint(config, tensors)
 
 
-def _open_bfl_file(path, axes_dims_rope=None):
+def single_file_layouts(classes):
+    """The single-file layouts the classes of a class table read (a class's `single_file_layout`: a module
+    with `DESCRIPTION`, `recognises(names)`, `strip_prefix`, `config_from_shapes` and `to_diffusers`)."""
+    layouts = [getattr(cls, "single_file_layout", None) for cls in dict.fromkeys(classes.values())]
+    return tuple(dict.fromkeys(layout for layout in layouts if layout is not None))
+
+
+def _open_single_file(path, layouts, axes_dims_rope=None):
     f = safetensors_io.SafetensorsFile(path)
-    if not bfl.is_bfl(f.keys()):
-        raise GlanceError(
-            f"{path}: not a Black Forest Labs FLUX checkpoint (no double_blocks.* / single_blocks.* keys); "
-            "for diffusers weights pass the folder that holds config.json")
-    shapes = {bfl.strip_prefix(n): info.shape for n, info in f.tensors.items()}
+    layout = next((layout for layout in layouts if layout.recognises(f.keys())), None)
+    if layout is None:
+        known = " or ".join(layout.DESCRIPTION for layout in layouts) or "a single-file checkpoint this model reads"
+        raise GlanceError(f"{path}: not {known}; for diffusers weights pass the folder that holds config.json")
+    shapes = {layout.strip_prefix(n): info.shape for n, info in f.tensors.items()}
     try:
-        config = bfl.config_from_shapes(shapes, axes_dims_rope)
+        config = layout.config_from_shapes(shapes, axes_dims_rope)
     except KeyError as e:
-        raise GlanceError(f"{path}: BFL checkpoint lacks {e.args[0]!r}") from None
+        raise GlanceError(f"{path}: {layout.NAME} checkpoint lacks {e.args[0]!r}") from None
     except ValueError as e:
         raise GlanceError(f"{path}: {e}") from None
     hidden = config["attention_head_dim"] * config["num_attention_heads"]
     tensors, unknown = {}, []
     for name, info in f.tensors.items():
-        targets = bfl.to_diffusers(name, info.shape[0] if info.shape else 0, hidden)
+        targets = layout.to_diffusers(name, info.shape[0] if info.shape else 0, hidden)
         if targets is None:
             unknown.append(name)
             continue
@@ -218,23 +224,24 @@ def _open_bfl_file(path, axes_dims_rope=None):
             rows = sum(stop - start for start, stop in row_ranges)
             tensors[target] = Tensor((rows, *info.shape[1:]), [(f, name, r) for r in row_ranges])
     if unknown:
-        raise GlanceError(f"{path}: {len(unknown)} unexpected BFL keys: {', '.join(sorted(unknown)[:8])}")
+        raise GlanceError(f"{path}: {len(unknown)} unexpected {layout.NAME} keys: {', '.join(sorted(unknown)[:8])}")
     return Checkpoint(config, tensors)
 
 
-def open_checkpoint(path, axes_dims_rope=None):
-    """Recognises the format at `path` and returns its Checkpoint (headers only; no tensor data is read)."""
+def open_checkpoint(path, classes, axes_dims_rope=None):
+    """Recognises the format at `path` and returns its Checkpoint (headers only; no tensor data is read).
+    `classes` (a `class_table`) says which single-file layouts a file may be in."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise GlanceError(f"{path}: no such file or folder")
     if os.path.isfile(path):
-        return _open_bfl_file(path, axes_dims_rope)
+        return _open_single_file(path, single_file_layouts(classes), axes_dims_rope)
     if os.path.isfile(os.path.join(path, FORMAT_FILE)):
         return Checkpoint(safe_io.read_json(os.path.join(path, "config.json")), {}, converted_dir=path)
     if os.path.isfile(os.path.join(path, "config.json")):
         return _open_diffusers_folder(path)
     if os.path.isfile(os.path.join(path, "transformer", "config.json")):  # a whole pipeline folder
-        return open_checkpoint(os.path.join(path, "transformer"), axes_dims_rope)
+        return open_checkpoint(os.path.join(path, "transformer"), classes, axes_dims_rope)
     raise GlanceError(f"{path}: neither a diffusers model folder (config.json + safetensors), "
                       "a converted glance_jax folder, nor a .safetensors file")
 
@@ -254,13 +261,15 @@ def pipeline_parts(path):
             if not name.startswith("_") and os.path.isdir(os.path.join(path, name))}
 
 
-def peek_class(path):
-    """The class name a checkpoint at `path` holds, from its config.json (BFL files: their key names) alone."""
+def peek_class(path, classes):
+    """The class name a checkpoint at `path` holds, from its config.json (single files: their key names) alone."""
     path = os.path.expanduser(os.fspath(path))
     if not os.path.exists(path):
         raise GlanceError(f"{path}: no such file or folder")
     if os.path.isfile(path):
-        return class_name(_open_bfl_file(path).config) if path.endswith(".safetensors") else "not a checkpoint"
+        if not path.endswith(".safetensors"):
+            return "not a checkpoint"
+        return class_name(_open_single_file(path, single_file_layouts(classes)).config)
     if os.path.isfile(os.path.join(path, PIPELINE_FILE)):
         return safe_io.read_json(os.path.join(path, PIPELINE_FILE)).get("_class_name", "a pipeline")
     if os.path.isfile(os.path.join(path, "config.json")):
@@ -275,18 +284,25 @@ def component_of_class(path, cls):
         return path
     names = {cls.__name__, getattr(cls, "architecture", None)}
     for folder in parts.values():
-        if os.path.isfile(os.path.join(folder, "config.json")) and peek_class(folder) in names:
+        if os.path.isfile(os.path.join(folder, "config.json")) and peek_class(folder, {}) in names:
             return folder
     raise GlanceError(f"{path}: no part of this pipeline folder holds a {cls.__name__}")
 
 
-def model_from_config(config, dtype, expected_class=None, **overrides):
-    classes = models.CLASSES
+def class_table(classes):
+    """{name: class} of model classes, under diffusers' `_class_name` and transformers' `architectures` name."""
+    table = {cls.__name__: cls for cls in classes}
+    table.update({cls.architecture: cls for cls in classes if hasattr(cls, "architecture")})
+    return table
+
+
+def model_from_config(config, dtype, classes, expected_class=None, **overrides):
+    """The model a config.json describes, of a class in `classes` (a `class_table`)."""
     name = class_name(config)
+    if expected_class is not None and classes.get(name) is not expected_class:
+        raise GlanceError(f"the checkpoint holds a {name}, not a {expected_class.__name__}")
     if name not in classes:
         raise GlanceError(f"config.json: unknown _class_name {name!r}; supported: {', '.join(sorted(classes))}")
-    if expected_class is not None and classes[name] is not expected_class:
-        raise GlanceError(f"the checkpoint holds a {name}, not a {expected_class.__name__}")
     return classes[name].from_config(config, dtype=dtype, **overrides)
 
 
@@ -463,29 +479,32 @@ def _quantization(model, checkpoint, quantize, where):
         raise GlanceError(f"{where} holds a {stored} base; it cannot be loaded as {quantize}")
     kind = quantize or stored
     if kind and not getattr(model, "quantizable", False):
-        raise GlanceError(f"quantize={kind}: only the FLUX.1 and Qwen-Image transformers are quantized, "
+        raise GlanceError(f"quantize={kind}: only the diffusion transformers are quantized, "
                           f"not a {type(model).__name__}")
     return kind, stored
 
 
 def load_model(path, dtype=jnp.float32, expected_class=None, axes_dims_rope=None, mesh=None, rules=None,
-               quantize=None, **overrides):
+               quantize=None, classes=None, **overrides):
     """`(model, params)` from any supported checkpoint at `path`, parameters in `dtype`.
 
     Without `mesh` the parameters go to the default device. With a `jax.sharding.Mesh` each one is
     sharded by `glance_jax.sharding` (with `rules`, default its DEFAULT_RULES) and every device's block
     is read from disk on its own: no full copy on any device or host. A pipeline folder gives its
     transformer, or with `expected_class` the part that holds that class (its VAE, a text encoder).
+    `classes` (a `class_table`; `glance_jax.families.CLASSES` holds every model) are the classes the
+    checkpoint may hold; by default `expected_class` alone.
 
     `quantize="fp8"` or `"int8"` stores every Dense kernel of a transformer as 8-bit values with one
     scale per output channel (glance_jax.quantize), quantized while reading; `dtype` is then the compute
     dtype and that of the other leaves. A folder written by `convert --quantize` loads as it is stored.
     """
     dtype = parse_dtype(dtype)
+    classes = classes if classes is not None else class_table([expected_class])
     path = hub.resolve(path, parts=hub.PIPELINE_PARTS if expected_class else ("transformer",))
     path = component_of_class(path, expected_class)
-    checkpoint = open_checkpoint(path, axes_dims_rope)
-    model = model_from_config(checkpoint.config, dtype, expected_class, **overrides)
+    checkpoint = open_checkpoint(path, classes, axes_dims_rope)
+    model = model_from_config(checkpoint.config, dtype, classes, expected_class, **overrides)
     adapt_names(model, checkpoint)
     kind, stored = _quantization(model, checkpoint, quantize, os.fspath(path))
     abstract = abstract_params(model)
@@ -592,7 +611,7 @@ def save_diffusers(model, params, directory):
     safe_io.write_json(os.path.join(directory, "config.json"), model.to_config(), indent=2)
 
 
-def convert_checkpoint(src, dst, dtype="bf16", overwrite=False, axes_dims_rope=None, progress=None,
+def convert_checkpoint(src, dst, classes, dtype="bf16", overwrite=False, axes_dims_rope=None, progress=None,
                        quantize=None):
     """Converts a PyTorch checkpoint (diffusers folder or BFL file) to a Flax (orbax) folder at `dst`.
 
@@ -601,10 +620,10 @@ def convert_checkpoint(src, dst, dtype="bf16", overwrite=False, axes_dims_rope=N
     stored quantized (about half the bf16 size) and load as they are, without quantizing again.
     """
     dtype = parse_dtype(dtype)
-    checkpoint = open_checkpoint(src, axes_dims_rope)
+    checkpoint = open_checkpoint(src, classes, axes_dims_rope)
     if checkpoint.converted_dir:
         raise GlanceError(f"{src} is already a converted glance_jax folder")
-    model = model_from_config(checkpoint.config, dtype)
+    model = model_from_config(checkpoint.config, dtype, classes)
     adapt_names(model, checkpoint)
     kind, _ = _quantization(model, checkpoint, quantize, os.fspath(src))
     check_names_and_shapes(weight_table(abstract_params(model)), checkpoint.tensors, os.fspath(src))

@@ -32,11 +32,12 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from glance_jax import checkpoints, evaluation, pipelines, validation
+from glance_jax import checkpoints, data, evaluation, families, pipelines, validation
 from glance_jax import safe_io
 from glance_jax.checkpoints import safetensors_io
 from glance_jax.lora import load_lora
-from glance_jax.pipelines import FluxGlancePipeline, unpack_flux_latents
+from glance_jax.layout import unpack_latents
+from glance_jax.pipelines import FluxGlancePipeline
 from glance_jax.train import default_config
 
 TRAIN_DIGIT, TRAIN_TEMPLATE = 7, "a handwritten {word}"
@@ -128,7 +129,7 @@ def write_sample(folder, prompts):
                               "empty_prompt_embeds": empty_states, "empty_pooled_prompt_embeds": empty_pooled,
                               "teacher_prompt_embeds": np.stack([prompts[c][0] for c in guided]),
                               "teacher_pooled_prompt_embeds": np.stack([prompts[c][1] for c in guided])},
-                             os.path.join(folder, "seven.safetensors"))
+                             os.path.join(folder, "seven.safetensors"), {data.SCALE_KEY: "1"})  # latents: pixels
     return caption
 
 
@@ -253,8 +254,8 @@ def main(argv):
 
     model_dir = os.path.join(workdir, "teacher_flax")
     if args.retrain_teacher or not os.path.isdir(model_dir):  # kept between runs: its trajectories stay cached
-        checkpoints.convert_checkpoint(teacher.TEACHER_DIR, model_dir, dtype="fp32", overwrite=True)
-    model, params = base = checkpoints.load_model(model_dir)  # the one copy: every run and the sampler share it
+        checkpoints.convert_checkpoint(teacher.TEACHER_DIR, model_dir, families.CLASSES, dtype="fp32", overwrite=True)
+    model, params = base = families.load_model(model_dir)  # the one copy: every run and the sampler share it
     prompts = teacher.load_prompts()
     sample_dir = os.path.join(workdir, "sample")
     train_caption = write_sample(sample_dir, prompts)
@@ -365,7 +366,7 @@ def main(argv):
             start = time.perf_counter()
             latents = run()
         seconds = time.perf_counter() - start
-        both = np.clip(np.asarray(unpack_flux_latents(latents, SIZE, SIZE, 1)), -1, 1)
+        both = np.clip(np.asarray(unpack_latents(latents, SIZE, SIZE, 1)), -1, 1)
         out, own = both[:n], both[n:]
         images[m["name"]], caption_images[m["name"]] = out, own
         reference, caption_reference = images[m["reference"]], caption_images[m["reference"]]

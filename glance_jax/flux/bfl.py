@@ -48,6 +48,8 @@ BFL_MODULES = [
     ("final_layer.linear", "copy", "proj_out"),
     ("final_layer.adaLN_modulation.1", "swap", "norm_out.linear"),
 ]
+NAME = "BFL"
+DESCRIPTION = "a Black Forest Labs FLUX checkpoint (no double_blocks.* / single_blocks.* keys)"
 PARAM_NAMES = {"weight": "weight", "bias": "bias", "scale": "weight"}  # BFL leaf -> diffusers leaf
 PREFIXES = ("model.diffusion_model.", "diffusion_model.")
 
@@ -66,7 +68,8 @@ def strip_prefix(name):
     return name
 
 
-def is_bfl(names):
+def recognises(names):
+    """Whether tensor names are in this layout (the loader's question to a single file)."""
     return any(strip_prefix(n).startswith(("double_blocks.", "single_blocks.")) for n in names)
 
 

@@ -7,7 +7,8 @@ import os
 import jax
 import jax.numpy as jnp
 
-from glance_jax.checkpoints import hub, load_model
+from glance_jax.checkpoints import hub
+from glance_jax.flux.text_encoders import CLIPTextModel, T5EncoderModel
 from glance_jax.prompts import load_tokenizer, subfolder, tokenize
 
 
@@ -27,9 +28,10 @@ class FluxPromptEncoder:
         """From a FLUX pipeline folder (or hub id): text_encoder, text_encoder_2, tokenizer, tokenizer_2."""
         path = hub.resolve(path, "the text encoder path",
                            ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"))
-        return cls(load_model(os.path.join(path, "text_encoder"), dtype), load_model(os.path.join(path,
-                   "text_encoder_2"), dtype), load_tokenizer(subfolder(path, "tokenizer")),
-                   load_tokenizer(subfolder(path, "tokenizer_2")), max_sequence_length)
+        return cls(CLIPTextModel.from_pretrained(os.path.join(path, "text_encoder"), dtype),
+                   T5EncoderModel.from_pretrained(os.path.join(path, "text_encoder_2"), dtype),
+                   load_tokenizer(subfolder(path, "tokenizer")), load_tokenizer(subfolder(path, "tokenizer_2")),
+                   max_sequence_length)
 
     def __call__(self, prompts):
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)

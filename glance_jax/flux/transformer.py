@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from glance_jax.flux import bfl
 from glance_jax.modules.base import PretrainedModel
 from glance_jax.modules.layers import (
     Dense,
@@ -184,6 +185,7 @@ class FluxTransformer2DModel(PretrainedModel, nn.Module):
     quantizable = True  # a frozen base whose Dense kernels glance_jax.quantize may store in 8 bits
     required_config_keys = ("in_channels", "num_layers", "num_single_layers", "attention_head_dim",
                             "num_attention_heads", "joint_attention_dim", "pooled_projection_dim")
+    single_file_layout = bfl  # Black Forest Labs' own checkpoint files load too
     config_keys = ("patch_size", "in_channels", "out_channels", "num_layers", "num_single_layers",
                    "attention_head_dim", "num_attention_heads", "joint_attention_dim", "pooled_projection_dim",
                    "guidance_embeds", "axes_dims_rope")

@@ -201,18 +201,9 @@ class AutoencoderKL(PretrainedModel, nn.Module):
         return {"x": jnp.zeros((1, 16, 16, self.in_channels), jnp.float32)}
 
     def to_config(self):
-        config = {k: getattr(self, k) for k in self.config_keys}
-        config["block_out_channels"] = list(config["block_out_channels"])
-        n = len(config["block_out_channels"])
-        return {"_class_name": "AutoencoderKL", "down_block_types": ["DownEncoderBlock2D"] * n,
-                "up_block_types": ["UpDecoderBlock2D"] * n, "act_fn": "silu", **config}
-
-    @classmethod
-    def from_config(cls, config, dtype=jnp.float32, **overrides):
-        config = dict(config)
-        if "block_out_channels" in config:
-            config["block_out_channels"] = tuple(config["block_out_channels"])
-        return super().from_config(config, dtype, **overrides)
+        n = len(self.block_out_channels)
+        return {**super().to_config(), "down_block_types": ["DownEncoderBlock2D"] * n,
+                "up_block_types": ["UpDecoderBlock2D"] * n, "act_fn": "silu"}
 
     @property
     def spatial_scale(self):

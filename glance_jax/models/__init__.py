@@ -1,7 +1,6 @@
-"""Flax ports of every model Glance uses: the diffusion transformers, their VAEs and their text encoders.
-
-`CLASSES` is the registry the checkpoint loader builds models from: each class under diffusers'
-`_class_name` and, for the text encoders, transformers' `architectures` name.
+"""Every Flax model glance_jax ports, under the names diffusers and transformers give them: the public API
+(`from glance_jax.models import FluxTransformer2DModel`). The models live in their families' folders
+(glance_jax/flux, glance_jax/qwen_image); `glance_jax.families.load_model` loads a checkpoint of any of them.
 """
 
 from glance_jax.flux.text_encoders import CLIPTextModel, T5EncoderModel
@@ -13,8 +12,3 @@ from glance_jax.qwen_image.vae import AutoencoderKLQwenImage
 
 __all__ = ["AutoencoderKL", "AutoencoderKLQwenImage", "CLIPTextModel", "FluxTransformer2DModel",
            "Qwen25VLTextModel", "QwenImageTransformer2DModel", "T5EncoderModel"]
-
-_MODELS = (FluxTransformer2DModel, QwenImageTransformer2DModel, AutoencoderKL, AutoencoderKLQwenImage,
-           CLIPTextModel, T5EncoderModel, Qwen25VLTextModel)
-CLASSES = {**{cls.__name__: cls for cls in _MODELS},
-           **{cls.architecture: cls for cls in _MODELS if hasattr(cls, "architecture")}}

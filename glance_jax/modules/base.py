@@ -1,8 +1,12 @@
 """What every ported transformer shares: construction from a diffusers config, loading, random init."""
 
 import dataclasses
+import math
 
 import jax.numpy as jnp
+
+from glance_jax import checkpoints
+from glance_jax.errors import GlanceError
 
 
 class PretrainedModel:
@@ -19,8 +23,6 @@ class PretrainedModel:
     @classmethod
     def check_config(cls, config):
         """Raises one GlanceError naming a missing size field or a field of the wrong type or range."""
-        from glance_jax.errors import GlanceError
-
         where = f"config.json ({cls.__name__})"
         if not isinstance(config, dict):
             raise GlanceError(f"{where}: not a JSON object")
@@ -40,22 +42,19 @@ class PretrainedModel:
     @classmethod
     def from_config(cls, config, dtype=jnp.float32, **overrides):
         """Builds the module from a diffusers config.json dict (other keys, such as `_class_name`, are ignored)."""
-        from glance_jax.errors import GlanceError
-
         cls.check_config(config)
         for key, supported in cls.unsupported.items():
             if config.get(key, supported) != supported:
                 raise GlanceError(f"config.json: {key}={config[key]!r} is not supported ({cls.__name__})")
         fields = {f.name for f in dataclasses.fields(cls)}
-        kwargs = {k: v for k, v in config.items() if k in cls.config_keys and k in fields}
-        if "axes_dims_rope" in kwargs:
-            kwargs["axes_dims_rope"] = tuple(kwargs["axes_dims_rope"])
+        kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in config.items()
+                  if k in cls.config_keys and k in fields}  # lists as tuples: a module's fields are hashable
         return cls(**kwargs, dtype=dtype, param_dtype=dtype, **overrides)
 
     def to_config(self):
-        """The diffusers config.json dict of this model."""
-        config = {k: getattr(self, k) for k in self.config_keys}
-        config["axes_dims_rope"] = list(config["axes_dims_rope"])
+        """The diffusers config.json dict of this model (tuples written as JSON lists)."""
+        config = {k: list(v) if isinstance(v, tuple) else v for k, v in ((k, getattr(self, k)) for k in
+                                                                          self.config_keys)}
         return {"_class_name": type(self).__name__, **config}
 
     def init_params(self, rng):
@@ -68,13 +67,11 @@ class PretrainedModel:
 
         `quantize="fp8"` or `"int8"` loads an 8-bit frozen base (see glance_jax.quantize).
         """
-        from glance_jax import checkpoints
         return checkpoints.load_model(path, dtype=dtype, expected_class=cls, **overrides)
 
 
 def _type_problem(annotation, value):
     """Why `value` does not fit a field annotated `annotation` (int: > 0, float: finite), or None."""
-    import math
     integer = lambda v: isinstance(v, int) and not isinstance(v, bool)
     number = lambda v: integer(v) or isinstance(v, float) and math.isfinite(v)
     if value is None:

@@ -20,9 +20,6 @@ from glance_jax.modules import attention as attention_kernels
 
 Dtype = Any
 
-# Top-level parameter names that hold a stack of blocks (leading axis = block index), in every model.
-STACKED_BLOCKS = ("transformer_blocks", "single_transformer_blocks")
-
 # Remat (gradient checkpointing) policies for the scanned blocks, by name.
 REMAT_POLICIES = {
     "none": None,

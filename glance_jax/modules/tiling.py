@@ -12,8 +12,8 @@ def tiled_decode(vae, params, z, tile_sample_size=None, tile_sample_stride=None)
     of tile_sample_size / 8 step by tile_sample_stride / 8; each decoded tile
     is cross-faded into its upper and left neighbours over
     (size - stride) pixels and cropped to the stride. Defaults are diffusers':
-    AutoencoderKL: size = sample_size (1024 for FLUX), stride = 3/4 of it;
-    AutoencoderKLQwenImage: 256 and 192, decoded without the final clip, as
+    FLUX.1's VAE: size = sample_size (1024), stride = 3/4 of it;
+    Qwen-Image's VAE: 256 and 192, decoded without the final clip, as
     diffusers' tiled path does. Latents no larger than a tile are decoded whole.
     """
     size, stride, method = vae.tiling()

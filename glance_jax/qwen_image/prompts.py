@@ -8,8 +8,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from glance_jax.checkpoints import hub, load_model
+from glance_jax.checkpoints import hub
 from glance_jax.prompts import load_tokenizer, subfolder, tokenize
+from glance_jax.qwen_image.text_encoder import Qwen25VLTextModel
 
 QWEN_TEMPLATE = ("<|im_start|>system\nDescribe the image by detailing the color, shape, size, texture, quantity, "
                  "text, spatial relationships of the objects and background:<|im_end|>\n<|im_start|>user\n{}"
@@ -30,7 +31,7 @@ class QwenImagePromptEncoder:
     def from_pretrained(cls, path, dtype=jnp.float32, max_sequence_length=QWEN_MAX_TOKENS):
         """From a Qwen-Image pipeline folder (or hub id): text_encoder and tokenizer."""
         path = hub.resolve(path, "the text encoder path", ("text_encoder", "tokenizer"))
-        return cls(load_model(os.path.join(path, "text_encoder"), dtype),
+        return cls(Qwen25VLTextModel.from_pretrained(os.path.join(path, "text_encoder"), dtype),
                    load_tokenizer(subfolder(path, "tokenizer")), max_sequence_length)
 
     def __call__(self, prompts):

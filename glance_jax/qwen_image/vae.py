@@ -271,12 +271,5 @@ class AutoencoderKLQwenImage(PretrainedModel, nn.Module):
     def example_inputs(self):
         return {"x": jnp.zeros((1, 1, 16, 16, self.input_channels), jnp.float32)}
 
-    @classmethod
-    def from_config(cls, config, dtype=jnp.float32, **overrides):
-        config = {k: tuple(v) if isinstance(v, list) and k != "attn_scales" else v for k, v in config.items()}
-        return super().from_config(config, dtype, **overrides)
-
     def to_config(self):
-        config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in
-                  ((k, getattr(self, k)) for k in self.config_keys)}
-        return {"_class_name": "AutoencoderKLQwenImage", "attn_scales": [], "dropout": 0.0, **config}
+        return {**super().to_config(), "attn_scales": [], "dropout": 0.0}
