@@ -253,6 +253,7 @@ class Budget(NamedTuple):
 
 
 def budget(args):
+    """The budget of these flags (--steps overrides every teacher-target pair's steps)."""
     quick = args.quick
     return Budget(steps=args.steps or (30 if quick else 600),
                   guided_steps=args.steps or (30 if quick else GUIDED_RECIPE["steps"]),
@@ -291,6 +292,7 @@ def pair_config(demo, k, target, schedule, guidance=1.0, steps=None, trajectorie
 
 
 def cfg2_ks(args):
+    """The K of the two-pass students: K = 5 only with --all."""
     return CFG2_K if args.all else CFG2_K[:1]
 
 
@@ -324,6 +326,7 @@ class EvalBatch(NamedTuple):
 
 
 def eval_batch(args, teacher, prompts, b, train_caption):
+    """The EvalBatch of these flags: held-out prompts and seeds (or --validation's), `b.seeds_per_prompt` each."""
     templates, first_seed = ((VALIDATION_TEMPLATES, VALIDATION_SEED) if args.validation else
                              (PROMPT_TEMPLATES, args.seed * 1000))
     _, captions, labels, template_of, seeds = prompt_set(teacher, templates, b.seeds_per_prompt, first_seed,
