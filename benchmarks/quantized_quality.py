@@ -33,7 +33,7 @@ from glance_jax.lora import load_lora
 from glance_jax.layout import unpack_latents
 from glance_jax.pipelines import FluxGlancePipeline
 from glance_jax.schedules import GlanceSchedule
-from glance_jax.train import Run, default_config
+from glance_jax.train import default_config, prepare, train_phases
 
 SIZE, SLOW, FAST = 8, (1, 3, 5, 7, 9), (11, 21, 31, 41, 50)
 TRAIN = (7, "a handwritten seven")
@@ -65,7 +65,7 @@ def train(sample_dir, workdir, quantize, target):
     c.schedule.slow_steps, c.schedule.fast_steps = SLOW, FAST
     c.teacher.trajectories = 8
     c.checkpoint.every = c.steps
-    return Run(c, os.path.join(workdir, f"loras-{quantize}-{target}")).train()
+    return train_phases(prepare(c, os.path.join(workdir, f"loras-{quantize}-{target}")))
 
 
 def classifier():

@@ -22,32 +22,19 @@ from glance_jax.train import default_config
 
 
 def get_config(arg="both"):
-    phase = arg if arg in ("slow", "fast", "both") else "both"
     if arg not in ("slow", "fast", "both", "teacher", "tiny"):
         raise ValueError(f"configs/flux.py:{arg}: use slow, fast, both, teacher or tiny")
-    c = default_config("flux", phase)
-    # The official recipe (the official Glance FLUX config).
-    c.target = "data"  # the sample's straight-line velocity, as the paper trains
-    c.steps = 60  # steps a phase
-    c.lora.targets = "flux"  # to_q, to_k, to_v, to_out.0 of every block: the official targets
-    c.lora.rank, c.lora.alpha = 16, 64.0  # alpha = 4 x rank: the official scale alpha / r = 4
-    c.optim.lr = 5e-4  # AdamW
-    c.optim.warmup_steps = 10  # linear from 0, then constant (diffusers' constant_with_warmup)
-    c.optim.weight_decay, c.optim.grad_clip = 0.01, 1.0  # diffusers' training defaults
-    c.data.caption_dropout = 0.0  # the official FLUX config never drops the caption
-    c.model.guidance = 1.0  # FLUX.1-dev's guidance input during training, as the official code passes it
+    # The defaults are the official recipe (glance_jax.train_config, glance_jax.families: the paper's data
+    # target on the official four targets, rank 16, alpha 64, lr 5e-4, 60 steps a phase on the paper's steps).
+    c = default_config("flux", arg if arg in ("slow", "fast", "both") else "both")
     c.model.quantize = "fp8"  # as the official code trains: a qfloat8 base (--config.model.quantize=none: bf16)
-    c.schedule.kind = "steps"  # the paper's phases by step index ...
-    c.schedule.slow_steps = (1, 3, 5, 7, 9)  # ... the five slow steps (high noise) ...
-    c.schedule.fast_steps = (11, 21, 31, 41, 50)  # ... and the five fast ones ...
-    c.schedule.base_steps = 50  # ... of the 50-step schedule at the sample's size
     if arg == "teacher":
         c.target = "teacher"  # the base's own trajectory: the data target copies the one image (README)
         c.lora.targets = "flux-all"  # every Dense layer inside the blocks; the four attention layers are too few
         c.optim.lr = 1e-4  # higher rates are worse: each step is a one-sample estimate
         c.steps = 600  # gains stop at about 1000 steps
-        c.schedule.kind = "fitted"  # fitted beat uniform, which beat the paper's split (half its steps near sigma 1)
-        c.schedule.num_slow, c.schedule.num_fast = 5, 5  # 10 points of the 50-step grid, first half slow
+        c.schedule.kind = "fitted"  # fitted beat uniform, which beat the paper's split (half its steps near sigma 1);
+        # 5 + 5 points (num_slow, num_fast) of the 50-step grid (teacher.substeps), first half slow
         c.teacher.trajectories = 64  # 8 -> 64 trajectories was the largest single gain
         c.teacher.batch = 4  # noises per compiled call (activation memory at 1024 x 1024)
         c.teacher.guidance_scale = 3.5  # FLUX.1-dev's guidance input, its pipeline's default: one pass a step
@@ -59,5 +46,4 @@ def get_config(arg="both"):
         c.lora.rank, c.lora.alpha = 4, 16.0  # alpha = 4 x rank, as the official recipe
         c.optim.warmup_steps = 2  # a short run
         c.checkpoint.every, c.checkpoint.keep = 4, 2  # several checkpoints to resume from
-        c.data.cache_dir = ""  # the default cache
     return c

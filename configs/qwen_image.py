@@ -26,32 +26,21 @@ from glance_jax.train import default_config
 
 
 def get_config(arg="both"):
-    phase = arg if arg in ("slow", "fast", "both") else "both"
     if arg not in ("slow", "fast", "both", "teacher", "teacher_onepass"):
         raise ValueError(f"configs/qwen_image.py:{arg}: use slow, fast, both, teacher or teacher_onepass")
-    c = default_config("qwen-image", phase)
-    # The official recipe (the official Glance Qwen-Image config).
-    c.target = "data"  # the sample's straight-line velocity, as the paper trains
-    c.steps = 60  # steps a phase
-    c.lora.targets = "qwen-image"  # the twelve official targets (attention, img/txt modulation and MLP outputs)
-    c.lora.rank, c.lora.alpha = 32, 128.0  # alpha = 4 x rank: the official scale alpha / r = 4
-    c.optim.lr = 3e-4  # AdamW
-    c.optim.warmup_steps = 10  # linear from 0, then constant (diffusers' constant_with_warmup)
-    c.optim.weight_decay, c.optim.grad_clip = 0.01, 1.0  # diffusers' training defaults
-    c.optim.state_dtype = "fp32"  # the official config uses 8-bit Adam; "bf16" halves the moments (2.6 GiB here)
-    c.data.caption_dropout = 0.1  # the official config trains on the empty prompt " " one step in ten
+    # The defaults are the official recipe (glance_jax.train_config, glance_jax.families: the paper's data
+    # target on the twelve official targets, rank 32, alpha 128, lr 3e-4, caption dropout 0.1 on the empty prompt
+    # " ", 60 steps a phase on the paper's steps). Adam's moments stay fp32 where the official config uses 8-bit
+    # Adam: --config.optim.state_dtype=bf16 halves them (2.6 GiB here).
+    c = default_config("qwen-image", arg if arg in ("slow", "fast", "both") else "both")
     c.model.quantize = "fp8"  # as the official code trains: a qfloat8 base (--config.model.quantize=none: bf16)
-    c.schedule.kind = "steps"  # the paper's phases by step index ...
-    c.schedule.slow_steps = (1, 3, 5, 7, 9)  # ... the five slow steps (high noise) ...
-    c.schedule.fast_steps = (11, 21, 31, 41, 50)  # ... and the five fast ones ...
-    c.schedule.base_steps = 50  # ... of the 50-step schedule at the sample's size
     if arg in ("teacher", "teacher_onepass"):
         c.target = "teacher"  # the base's own trajectory: the data target copies the one image (README)
         c.lora.targets = "qwen-image-all"  # every Dense layer inside the blocks
         c.optim.lr = 1e-4  # higher rates are worse: each step is a one-sample estimate
         c.steps = 600  # gains stop at about 1000 steps
-        c.schedule.kind = "fitted"  # fitted beat uniform, which beat the paper's split
-        c.schedule.num_slow, c.schedule.num_fast = 5, 5  # 10 points of the 50-step grid, first half slow
+        c.schedule.kind = "fitted"  # fitted beat uniform, which beat the paper's split; 5 + 5 points (num_slow,
+        # num_fast) of the 50-step grid (teacher.substeps), first half slow
         c.teacher.trajectories = 64  # 8 -> 64 trajectories was the largest single gain
         c.teacher.batch = 4  # noises per compiled call (activation memory at 1024 x 1024)
         c.teacher.guidance_scale = 5.0  # true CFG on the empty prompt with the norm rescale, as the official
@@ -59,6 +48,6 @@ def get_config(arg="both"):
         c.data.caption_dropout = 0.0  # the teacher target learns the guided trajectory of its caption
     if arg == "teacher":
         c.student.guidance_scale = 5.0  # the pair samples as the official pipeline does, true CFG 5 (two passes
-        # a step): its velocity over both LoRA'd passes is trained to the guided teacher's jump
-        c.student.negative_prompt = " "  # the official negative prompt (the sample's empty_prompt_embeds)
+        # a step), on the default negative prompt " " (the sample's empty_prompt_embeds): its velocity over both
+        # LoRA'd passes is trained to the guided teacher's jump
     return c

@@ -41,6 +41,7 @@ class Family:
     # the blocks (not the embedders nor the output layer), what the teacher target needs
     lora_targets: tuple
     lora_targets_all: str
+    text_inputs: tuple  # the model's keyword inputs that carry the prompt (one set per caption)
     recipe: Recipe
     guidance_input: bool  # the base takes guidance as an input, one pass a step (FLUX.1-dev); else true CFG, two
     cfg_rescale: bool  # true CFG rescales to the conditional norm (diffusers' QwenImagePipeline) or not
@@ -69,6 +70,10 @@ class Family:
     def unpack_latents(self, tokens, height, width, vae_scale_factor):
         """(B, tokens, D) -> (B, H, W, C) latents of an image of `height` x `width` pixels."""
         return layout.unpack_latents(tokens, height, width, vae_scale_factor)
+
+    def token_grid(self, latents):
+        """(rows, columns) of the tokens `pack_latents(latents)` gives."""
+        return latents.shape[-3] // layout.PATCH, latents.shape[-2] // layout.PATCH
 
     def latent_channels(self, model):
         """Channels of the latents (before packing) that `model` denoises."""

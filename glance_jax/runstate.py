@@ -1,8 +1,8 @@
 """What keeps a resumed training run honest: its fingerprint, checkpoint fallback, and where LoRA files go.
 
-- `fingerprint` records everything that shapes a run's result (the config without its cosmetic fields,
-  the sample's content, the identity of the base and encoders); `check_fingerprint` refuses to resume a
-  workdir whose run had another one, naming what changed.
+- `fingerprint` records everything that shapes a run's result (the config fields that do, as
+  glance_jax.train_config marks them, the sample's content, the identity of the base and encoders);
+  `check_fingerprint` refuses to resume a workdir whose run had another one, naming what changed.
 - `restore_latest` restores the newest checkpoint that reads back, moving a damaged one aside with a
   warning and falling back to the one before.
 - The final LoRA file (`<phase>_lora.safetensors`) is written only from the final state, atomically;
@@ -13,6 +13,7 @@ import atexit
 import functools
 import glob
 import hashlib
+import inspect
 import json
 import logging
 import os
@@ -24,25 +25,7 @@ from glance_jax.errors import GlanceError
 log = logging.getLogger(__name__)
 
 FINGERPRINT_FILE = "run.json"
-# Fields that do not change what a run computes: where things are written, how often checkpoints are
-# kept, how the work is spread over devices, which phase this invocation trains (each phase has its own
-# checkpoints), the paths whose contents the fingerprint records by identity instead, and the number of
-# steps (the learning rate does not depend on it, so a longer run extends a shorter one step for step;
-# a checkpoint beyond config.steps is refused by `check_resume_step`).
-COSMETIC = ("phase", "mesh", "steps", "checkpoint.every", "checkpoint.keep", "data.cache_dir", "data.dir",
-            "model.path", "model.vae_path", "model.text_encoder_path")
 _SAMPLED_BYTES = 1 << 16
-
-
-def _flat_config(config, prefix=""):
-    out = {}
-    for key, value in config.items():
-        name = prefix + key
-        if hasattr(value, "items"):
-            out.update(_flat_config(value, name + "."))
-        elif name not in COSMETIC:
-            out[name] = list(value) if isinstance(value, tuple) else value
-    return out
 
 
 def path_identity(path):
@@ -80,9 +63,10 @@ def sample_identity(sample):
     return digest.hexdigest()
 
 
-def fingerprint(config, sample, transformer, vae=None, text_encoders=None):
-    """{part: value} of everything that shapes a run's LoRAs; config fields are listed one by one."""
-    return {"config": _flat_config(config), "sample": sample_identity(sample), "base": path_identity(transformer),
+def fingerprint(config_fields, sample, transformer, vae=None, text_encoders=None):
+    """{part: value} of everything that shapes a run's LoRAs; `config_fields`: {dotted name: value} of the config
+    fields that do (train_config.fingerprinted)."""
+    return {"config": dict(config_fields), "sample": sample_identity(sample), "base": path_identity(transformer),
             "vae": path_identity(vae), "text_encoders": path_identity(text_encoders)}
 
 
@@ -168,14 +152,18 @@ def _key(workdir):
     return os.path.abspath(os.path.expanduser(os.fspath(workdir)))
 
 
-def unlock_on_error(init):
-    """Decorates a run's `__init__(self, config, workdir, ...)`: if it fails after taking the workdir's lock,
-    the lock goes back at once (a caller that keeps the error, a notebook, would otherwise hold it)."""
-    @functools.wraps(init)
-    def wrapper(self, config, workdir, *args, **kwargs):
+def unlock_on_error(start):
+    """Decorates a function (or method) that starts a run in its `workdir` argument: if it fails after taking
+    the workdir's lock, the lock goes back at once (a caller that keeps the error, a notebook, would otherwise
+    hold it)."""
+    signature = inspect.signature(start)
+
+    @functools.wraps(start)
+    def wrapper(*args, **kwargs):
+        workdir = signature.bind(*args, **kwargs).arguments["workdir"]
         held_before = _key(workdir) in _LOCKS
         try:
-            return init(self, config, workdir, *args, **kwargs)
+            return start(*args, **kwargs)
         except BaseException:
             if not held_before:
                 release_workdir(workdir)

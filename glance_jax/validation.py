@@ -10,15 +10,10 @@ import math
 import os
 import tempfile
 
-from glance_jax import checkpoints, families, safe_io
+from glance_jax import safe_io
 from glance_jax.errors import GlanceError, UsageError
 
 IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}  # extension -> PIL format
-
-
-def remat_policies():
-    from glance_jax.modules.layers import REMAT_POLICIES
-    return tuple(REMAT_POLICIES)
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -285,86 +280,3 @@ def finite_arrays(arrays, where):
         if value.dtype.kind in "fc" and not np.isfinite(value).all():
             bad = int((~np.isfinite(value)).sum())
             raise GlanceError(f"{where}: {name} holds {bad} NaN or infinite value(s); refused before any use")
-
-
-# ---- the training config ----
-
-def train_config(config):
-    """Every value of a training config that can be checked without loading anything."""
-    one_of("config.family", config.family, families.NAMES)
-    one_of("config.phase", config.phase, ("slow", "fast", "both"))
-    one_of("config.target", config.target, ("data", "teacher"))
-    positive_int("config.steps", config.steps)
-    seed("config.seed", config.seed)
-    if not config.model.path:
-        raise GlanceError("config.model.path is not set (pass --config.model.path=...)")
-    if not config.data.dir:
-        raise GlanceError("config.data.dir is not set (pass --config.data.dir=...)")
-    one_of("config.model.dtype", config.model.dtype, tuple(checkpoints.DTYPES))
-    one_of("config.model.remat_policy", config.model.remat_policy, remat_policies())
-    if config.model.guidance is not None:
-        finite_number("config.model.guidance", config.model.guidance)
-    positive_int("config.data.multiple", config.data.multiple)  # and of the model's 2 x 2 patch, once loaded
-    multiple_of("config.data.resolution", config.data.resolution, config.data.multiple)
-    fraction("config.data.caption_dropout", config.data.caption_dropout)
-    positive_int("config.lora.rank", config.lora.rank)
-    positive_number("config.lora.alpha", config.lora.alpha)
-    positive_number("config.optim.lr", config.optim.lr)
-    non_negative_int("config.optim.warmup_steps", config.optim.warmup_steps)
-    fraction("config.optim.b1", config.optim.b1)
-    fraction("config.optim.b2", config.optim.b2)
-    positive_number("config.optim.eps", config.optim.eps)
-    finite_number("config.optim.weight_decay", config.optim.weight_decay)
-    if config.optim.weight_decay < 0:
-        raise GlanceError(f"config.optim.weight_decay {config.optim.weight_decay!r}: must be >= 0")
-    positive_number("config.optim.grad_clip", config.optim.grad_clip)
-    positive_int("config.schedule.base_steps", config.schedule.base_steps)
-    for name in ("slow_steps", "fast_steps"):
-        steps = tuple(config.schedule[name])
-        if not steps or any(not isinstance(s, int) or not 1 <= s <= config.schedule.base_steps for s in steps):
-            raise GlanceError(f"config.schedule.{name} {steps!r}: 1-based steps of the "
-                              f"{config.schedule.base_steps}-step schedule")
-    one_of("config.model.quantize", config.model.get("quantize", "none"), ("none", "fp8", "int8"))
-    one_of("config.optim.state_dtype", config.optim.get("state_dtype", "fp32"), ("fp32", "bf16"))
-    kind = config.schedule.get("kind", "steps")
-    one_of("config.schedule.kind", kind, ("steps", "uniform", "fitted"))
-    if kind != "steps":
-        positive_int("config.schedule.num_slow", config.schedule.num_slow)
-        positive_int("config.schedule.num_fast", config.schedule.num_fast)
-    if config.target == "teacher" or kind == "fitted":  # both integrate the base's trajectories
-        positive_int("config.teacher.trajectories", config.teacher.trajectories)
-        positive_int("config.teacher.substeps", config.teacher.substeps)
-        positive_int("config.teacher.batch", config.teacher.get("batch", 1))
-        positive_number("config.teacher.guidance_scale", config.teacher.get("guidance_scale", 1.0))
-        positive_int("config.teacher.minibatch", config.teacher.get("minibatch", 1))
-        prompts = config.teacher.get("prompts", ())
-        if isinstance(prompts, str) or any(not isinstance(p, str) or not p.strip() for p in prompts):
-            raise GlanceError(f"config.teacher.prompts {prompts!r}: a list of non-empty captions")
-    student_scale = config.student.guidance_scale
-    positive_number("config.student.guidance_scale", student_scale)
-    if student_scale > 1:
-        if not isinstance(config.student.negative_prompt, str) or config.student.negative_prompt.strip():
-            raise GlanceError(f"config.student.negative_prompt {config.student.negative_prompt!r}: only the empty "
-                              "prompt is supported (the sample's empty_prompt_embeds)")
-        if config.target == "teacher" and config.data.caption_dropout > 0:
-            raise GlanceError(f"config.data.caption_dropout {config.data.caption_dropout!r} with "
-                              "config.student.guidance_scale > 1: the teacher target's negative pass already trains "
-                              "the empty prompt; set it to 0")
-    guidance_range = tuple(config.teacher.guidance_range)
-    if config.student.guidance_input:
-        scale = config.teacher.guidance_scale
-        if config.target != "teacher" or student_scale != 1:
-            raise GlanceError("config.student.guidance_input: a one-pass student of the teacher target "
-                              "(config.target=teacher, config.student.guidance_scale=1)")
-        numbers = all(isinstance(x, (int, float)) and math.isfinite(x) for x in guidance_range)
-        if (len(guidance_range) != 2 or not numbers or not 1 <= guidance_range[0] < guidance_range[1]
-                or not guidance_range[0] <= scale <= guidance_range[1] or scale <= 1):
-            raise GlanceError(f"config.teacher.guidance_range {guidance_range!r}: two scales 1 <= low < high around "
-                              f"config.teacher.guidance_scale ({scale!r}, > 1), for config.student.guidance_input")
-    elif guidance_range:
-        raise GlanceError(f"config.teacher.guidance_range {guidance_range!r}: only for config.student.guidance_input")
-    positive_int("config.checkpoint.every", config.checkpoint.every)
-    positive_int("config.checkpoint.keep", config.checkpoint.keep)
-    if config.mesh:
-        from glance_jax import sharding
-        sharding.parse_mesh(config.mesh)

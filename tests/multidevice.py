@@ -26,7 +26,7 @@ from glance_jax.models import FluxTransformer2DModel  # noqa: E402
 from glance_jax.pipelines import FluxGlancePipeline  # noqa: E402
 from glance_jax.flux.adapter import SCHEDULER as FLUX_SCHEDULER  # noqa: E402
 from glance_jax.schedules import GlanceSchedule  # noqa: E402
-from glance_jax.train import Run, default_config  # noqa: E402
+from glance_jax.train import default_config, prepare, train_phases  # noqa: E402
 
 
 def config(work, mesh, steps=5, every=5):
@@ -48,10 +48,10 @@ def max_diff(a, b):
 
 
 def mesh_checks(work):
-    one = lora_file(os.path.dirname(Run(config(work, ""), os.path.join(work, "one")).train()["slow"]))
-    sharded_run = Run(config(work, "data=2,fsdp=4"), os.path.join(work, "sharded"))
+    one = lora_file(os.path.dirname(train_phases(prepare(config(work, ""), os.path.join(work, "one")))["slow"]))
+    sharded_run = prepare(config(work, "data=2,fsdp=4"), os.path.join(work, "sharded"))
     spec = str(sharded_run.params["transformer_blocks"]["attn"]["to_q"]["kernel"].sharding.spec)
-    sharded = lora_file(os.path.dirname(sharded_run.train()["slow"]))
+    sharded = lora_file(os.path.dirname(train_phases(sharded_run)["slow"]))
     params = sharded_run.params
     per_device = sharding.bytes_per_device(params, jax.tree_util.tree_map(lambda x: x.sharding, params))
     total = sum(x.nbytes for x in jax.tree_util.tree_leaves(params))
@@ -74,9 +74,9 @@ def mesh_checks(work):
 
 def process_checks(work):
     workdir = os.path.join(work, "multiprocess")
-    Run(config(work, "fsdp=2", steps=2, every=2), workdir).train()  # writes a checkpoint at step 2
-    run = Run(config(work, "fsdp=2", steps=4, every=2), workdir)    # restores it and goes on
-    run.train()
+    train_phases(prepare(config(work, "fsdp=2", steps=2, every=2), workdir))  # writes a checkpoint at step 2
+    run = prepare(config(work, "fsdp=2", steps=4, every=2), workdir)    # restores it and goes on
+    train_phases(run)
     print(json.dumps({"process": jax.process_index(), "processes": jax.process_count(),
                       "devices": jax.device_count(), "lora_written": os.path.exists(
                           os.path.join(workdir, "slow_lora.safetensors"))}))

@@ -34,7 +34,7 @@ from glance_jax.checkpoints import safetensors_io
 from glance_jax.cli import main
 from glance_jax.demo import teacher
 from glance_jax.errors import GlanceError
-from glance_jax.train import Run, default_config
+from glance_jax.train import default_config, prepare
 from test_text import CLIP, T5, word_tokenizer
 from torch_peers import randomize_
 
@@ -538,12 +538,12 @@ def test_a_corrupt_cache_entry_is_recomputed(world, resume):
     config.model.path, config.model.dtype = str(world / "pipe" / "transformer"), "fp32"
     config.data.dir, config.data.resolution, config.data.cache_dir = str(world / "resume_sample"), 64, str(cache)
     config.lora.rank, config.lora.alpha = 4, 16.0
-    run = Run(config, world / "resume" / "cache_run")
+    run = prepare(config, world / "resume" / "cache_run")
     assert not run.cache_hit
     f = safetensors_io.SafetensorsFile(path)
     for k in good_arrays:
         np.testing.assert_array_equal(f.read(k), good_arrays[k])
-    assert Run(config, world / "resume" / "cache_run").cache_hit
+    assert prepare(config, world / "resume" / "cache_run").cache_hit
 
 
 # ---- the converter's leftovers ----

@@ -263,7 +263,7 @@ def test_full_width_qwen_image_matches_quanto(qwen_full, kind):
 def test_training_on_a_quantized_base_with_bf16_adam_moments(tmp_path):
     """config.model.quantize and config.optim.state_dtype through the trainer, on the demo's teacher."""
     from glance_jax.demo import teacher
-    from glance_jax.train import Run, default_config
+    from glance_jax.train import default_config, prepare, train_phases
     from glance_jax.train_step import optimizer
     sample = tmp_path / "sample"
     sample.mkdir()
@@ -281,9 +281,9 @@ def test_training_on_a_quantized_base_with_bf16_adam_moments(tmp_path):
     c.lora.rank, c.lora.alpha, c.steps, c.checkpoint.every, c.optim.warmup_steps = 4, 16.0, 3, 3, 1
     c.optim.state_dtype = "bf16"
     c.schedule.slow_steps, c.schedule.fast_steps = (1, 3, 5, 7, 9), (11, 21, 31, 41, 50)
-    run = Run(c, tmp_path / "run")
+    run = prepare(c, tmp_path / "run")
     assert quant.kind_of(run.params) == "fp8"
-    tree = load_lora(run.train()["slow"], run.params)
+    tree = load_lora(train_phases(run)["slow"], run.params)
     assert float(jnp.abs(tree["transformer_blocks"]["attn"]["to_q"]["B"]).max()) > 0  # the LoRA learned
     moments = [x for x in jax.tree_util.tree_leaves(optimizer(c.optim).init(tree)) if x.ndim]
     assert moments and all(x.dtype == jnp.bfloat16 for x in moments)

@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from glance_jax import checkpoints, families, lora, validation
+from glance_jax import checkpoints, families, lora, train_config, trajectories
 from glance_jax.checkpoints import safetensors_io
 from glance_jax.demo import lora_config, teacher, write_sample
 from glance_jax.errors import GlanceError
@@ -18,7 +18,8 @@ from glance_jax.models import FluxTransformer2DModel, QwenImageTransformer2DMode
 from glance_jax.pipelines import FluxGlancePipeline
 from glance_jax.flux.adapter import SCHEDULER as FLUX_SCHEDULER
 from glance_jax.schedules import FlowMatchEulerScheduler, GlanceSchedule, best_jumps, jump_errors
-from glance_jax.train import Run, teacher_grid
+from glance_jax.train import choose_schedule, compile_step, prepare, teacher_inputs, train_phases
+from glance_jax.trajectories import teacher_grid
 
 
 # ---- presets ----
@@ -86,7 +87,7 @@ def demo_run(tmp_path, guidance, passes=1):
     c = lora_config(teacher.TEACHER_DIR, str(sample), str(tmp_path), 4, "teacher", "uniform", 2, 3, guidance, 0,
                     passes=passes)
     c.teacher.substeps, c.teacher.batch = 4, 2  # the uniform 4-step schedule is the whole grid; two calls
-    return Run(c, tmp_path / "run")
+    return prepare(c, tmp_path / "run")
 
 
 @pytest.mark.parametrize("guidance", [1.0, 3.0])
@@ -98,7 +99,7 @@ def test_trajectories_are_what_the_sampler_computes(tmp_path, guidance):
     grid = teacher_grid(run.schedule, FLUX_SCHEDULER, 4, 16)
     np.testing.assert_array_equal(grid, FlowMatchEulerScheduler.from_config(FLUX_SCHEDULER).set_timesteps(
         4, 16)[1])
-    states = np.asarray(run.trajectories(grid))
+    states = np.asarray(trajectories.cached(run, grid))
     noises = jax.random.normal(jax.random.fold_in(jax.random.PRNGKey(0), 10 ** 6), (3, 1, 16, 4))
     assert states.shape == (3, 5, 16, 4)
     np.testing.assert_array_equal(states[:, 0], np.asarray(noises[:, 0]))
@@ -116,8 +117,8 @@ def test_trajectories_are_what_the_sampler_computes(tmp_path, guidance):
     np.testing.assert_allclose(states[:, -1], np.asarray(final), rtol=1e-4, atol=1e-5)
     cached = [f for f in os.listdir(tmp_path / "cache") if f.startswith("teacher-")]
     assert len(cached) == 1
-    np.testing.assert_array_equal(np.asarray(run.trajectories(grid)), states)  # read back, not recomputed
-    trained_on = run.teacher_inputs()  # what the train step reads: the states at the Glance points, then 0
+    np.testing.assert_array_equal(np.asarray(trajectories.cached(run, grid)), states)  # read back, not recomputed
+    trained_on = teacher_inputs(run)  # what the train step reads: the states at the Glance points, then 0
     np.testing.assert_array_equal(np.asarray(trained_on["sigmas"])[:5], grid)
     np.testing.assert_array_equal(np.asarray(trained_on["states"])[:, :5], states)
 
@@ -129,7 +130,7 @@ def test_a_two_pass_student_starts_where_the_guided_teacher_steps(tmp_path):
     first_loss, regimes = {}, {}
     for passes in (1, 2):
         run = demo_run(tmp_path / str(passes), 3.0, passes)
-        files = run.train()
+        files = train_phases(run)
         with open(tmp_path / str(passes) / "run" / "metrics.jsonl") as f:
             first_loss[passes] = json.loads(f.readline())["loss"]
         regimes[passes] = lora.read_guidance(files["fast"])
@@ -147,11 +148,11 @@ def test_a_two_pass_student_starts_where_the_guided_teacher_steps(tmp_path):
 def test_student_guidance_is_checked_before_loading(tmp_path, key, value, message):
     config = lora_config(teacher.TEACHER_DIR, str(tmp_path / "sample"), str(tmp_path), 4, "teacher", "uniform", 2, 3,
                          3.0, 0, passes=2)
-    validation.train_config(config)  # the working config passes
+    train_config.check(config)  # the working config passes
     section, field = key.split(".")
     config[section][field] = value
     with pytest.raises(GlanceError, match=re.escape(message)):
-        validation.train_config(config)
+        train_config.check(config)
 
 
 def test_a_guidance_input_student_is_flux_dev_shaped(tmp_path):
@@ -168,9 +169,9 @@ def test_a_guidance_input_student_is_flux_dev_shaped(tmp_path):
     c.teacher.substeps, c.teacher.batch = 4, 2
     c.student.guidance_input, c.teacher.guidance_range = True, (1.0, 5.0)
     c.optim.lr = 1e-2  # three steps that move the embedder and the LoRA visibly
-    run = Run(c, tmp_path / "run")
-    np.testing.assert_allclose(np.asarray(run.teacher_inputs()["scales"]), [1, 7 / 3, 11 / 3, 5], rtol=1e-6)
-    files = run.train()
+    run = prepare(c, tmp_path / "run")
+    np.testing.assert_allclose(np.asarray(teacher_inputs(run)["scales"]), [1, 7 / 3, 11 / 3, 5], rtol=1e-6)
+    files = train_phases(run)
     regime = lora.read_guidance(files["slow"])
     assert regime["passes_per_step"] == 1 and regime["guidance_input"] == {"range": [1.0, 5.0], "default": 3.0}
     tensors = safetensors_io.SafetensorsFile(files["slow"])
@@ -197,28 +198,28 @@ def test_a_guidance_input_student_is_flux_dev_shaped(tmp_path):
 
 
 def test_compile_step_compiles_the_program_that_training_runs(tmp_path, caplog):
-    """Run.compile_step (the demo calls it on a second thread while other pairs train) compiles the very
+    """compile_step (the demo calls it on a second thread while other pairs train) compiles the very
     train step that train() then runs: training compiles no step program of its own."""
     run = demo_run(tmp_path, 3.0)  # the guided students' step: minibatch 8
     run.config.optim.lr = 1.2345e-4  # a program no other test compiles
     step_compiles = lambda: [r for r in caplog.records if r.getMessage().startswith("Compiling jit(train_step)")]
     with caplog.at_level(logging.WARNING), jax.log_compiles():
-        run.compile_step()
+        compile_step(run)
         assert len(step_compiles()) == 1
         caplog.clear()
-        files = run.train()
+        files = train_phases(run)
         assert step_compiles() == []
     assert sorted(files) == ["fast", "slow"] and all(os.path.isfile(f) for f in files.values())
 
 
 def test_runs_can_share_one_loaded_base(tmp_path):
-    """Run(base=...) trains on the caller's arrays (no second copy of the base) and gives the LoRAs of a run that
+    """prepare(base=...) trains on the caller's arrays (no second copy of the base) and gives the LoRAs of a run that
     loads its own; a base that config.model does not describe is refused in one line before anything is written."""
     own = demo_run(tmp_path, 1.0)
     base = families.load_model(teacher.TEACHER_DIR)
-    shared = Run(own.config, tmp_path / "shared", base=base)
+    shared = prepare(own.config, tmp_path / "shared", base=base)
     assert shared.params is base[1]
-    mine, theirs = own.train(), shared.train()
+    mine, theirs = train_phases(own), train_phases(shared)
     for phase in ("slow", "fast"):
         a, b = (safetensors_io.SafetensorsFile(files[phase]) for files in (mine, theirs))
         assert sorted(a.keys()) == sorted(b.keys()) and len(a.keys()) > 0
@@ -226,17 +227,17 @@ def test_runs_can_share_one_loaded_base(tmp_path):
             np.testing.assert_array_equal(a.read(name), b.read(name))
     config = own.config.copy_and_resolve_references()
     config.model.dtype = "bf16"  # a working run on its own (it would load a bf16 base); not the fp32 base given
-    with pytest.raises(GlanceError, match=re.escape("Run(base=...): not the base config.model describes")):
-        Run(config, tmp_path / "refused", base=base)
+    with pytest.raises(GlanceError, match=re.escape("prepare(base=...): not the base config.model describes")):
+        prepare(config, tmp_path / "refused", base=base)
     assert not (tmp_path / "refused").exists()
 
 
 def test_fitted_schedule_is_chosen_on_the_cached_trajectories(tmp_path):
     run = demo_run(tmp_path, 1.0)
     run.config.schedule.kind, run.config.teacher.substeps = "fitted", 12
-    schedule = run.choose_schedule()
+    schedule = choose_schedule(run)
     grid = teacher_grid(None, FLUX_SCHEDULER, 12, 16)
-    states = np.asarray(run.trajectories(grid))
+    states = np.asarray(trajectories.cached(run, grid))
     path = best_jumps(jump_errors(states, grid), 4)
     assert schedule.slow_steps + schedule.fast_steps == tuple(i + 1 for i in path[:-1])
     assert schedule.base_steps == 12 and len(schedule.slow) == 2
@@ -246,10 +247,10 @@ def test_a_quantized_base_gets_its_own_cached_trajectories(tmp_path):
     """The cache key covers the base's quantization: an int8 run beside an fp32 one integrates anew."""
     run = demo_run(tmp_path, 1.0)
     grid = teacher_grid(run.schedule, FLUX_SCHEDULER, 4, 16)
-    plain = np.asarray(run.trajectories(grid))
+    plain = np.asarray(trajectories.cached(run, grid))
     config = run.config.copy_and_resolve_references()
     config.model.quantize = "int8"
-    quantized = np.asarray(Run(config, tmp_path / "run_int8").trajectories(grid))
+    quantized = np.asarray(trajectories.cached(prepare(config, tmp_path / "run_int8"), grid))
     assert len([f for f in os.listdir(tmp_path / "cache") if f.startswith("teacher-")]) == 2
     assert not np.array_equal(quantized, plain)
 
@@ -261,10 +262,10 @@ def test_a_quantized_base_gets_its_own_cached_trajectories(tmp_path):
 def test_teacher_settings_are_checked_before_loading(tmp_path, key, value, message):
     config = lora_config(teacher.TEACHER_DIR, str(tmp_path / "sample"), str(tmp_path), 4, "teacher", "uniform", 2, 3,
                          3.0, 0)
-    validation.train_config(config)  # the working config passes
+    train_config.check(config)  # the working config passes
     config.teacher[key] = value
     with pytest.raises(GlanceError, match=re.escape(message)):
-        validation.train_config(config)
+        train_config.check(config)
 
 
 def test_extra_captions_must_match_the_encoded_sample(tmp_path, monkeypatch):
@@ -276,8 +277,8 @@ def test_extra_captions_must_match_the_encoded_sample(tmp_path, monkeypatch):
     loads = []
     real_load = checkpoints.load_model
     monkeypatch.setattr(checkpoints, "load_model", lambda *a, **kw: loads.append(a) or real_load(*a, **kw))
-    assert Run(config, tmp_path / "good").params and len(loads) == 1  # the working config loads the base
+    assert prepare(config, tmp_path / "good").params and len(loads) == 1  # the working config loads the base
     config.teacher.prompts = config.teacher.prompts[:3]
     with pytest.raises(GlanceError, match="names 3 prompts, the encoded sample has 9 teacher_prompt_embeds"):
-        Run(config, tmp_path / "run")
+        prepare(config, tmp_path / "run")
     assert len(loads) == 1 and not (tmp_path / "run").exists()

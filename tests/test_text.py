@@ -190,7 +190,7 @@ def test_pipeline_prompts_and_trainer_captions_without_pytorch(folders, tmp_path
     from glance_jax.models import FluxTransformer2DModel
     from glance_jax.pipelines import FluxGlancePipeline
     from glance_jax.flux.adapter import SCHEDULER as FLUX_SCHEDULER
-    from glance_jax.train import Run, default_config
+    from glance_jax.train import default_config, prepare, train_phases
     root, _ = folders
     config = dict(in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
                   joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=[4, 6, 6])
@@ -215,7 +215,7 @@ def test_pipeline_prompts_and_trainer_captions_without_pytorch(folders, tmp_path
     c.data.dir, c.data.resolution, c.data.cache_dir = str(sample), 128, str(tmp_path / "cache")
     c.steps, c.lora.rank, c.lora.alpha = 2, 4, 16.0
     c.teacher.prompts = ("a grey wolf", "a cat")  # extra captions for the teacher's trajectories
-    run = Run(c, tmp_path / "run")
+    run = prepare(c, tmp_path / "run")
     want = FluxPromptEncoder.from_pretrained(root)(["a red fox sitting in snow", "a grey wolf", "a cat"])
     want, want_pooled = want["prompt_embeds"], want["pooled_prompt_embeds"]
     assert relative_error(run.batch["cond"]["encoder_hidden_states"][0], np.asarray(want[0])) <= TOLERANCE
@@ -224,8 +224,8 @@ def test_pipeline_prompts_and_trainer_captions_without_pytorch(folders, tmp_path
     assert relative_error(texts["encoder_hidden_states"][:, 0], np.asarray(want)) <= TOLERANCE
     assert relative_error(texts["pooled_projections"][:, 0], np.asarray(want_pooled)) <= TOLERANCE
     assert "empty_cond" in run.batch  # the empty prompt " " is encoded too, for caption dropout
-    run.train()
-    assert Run(c, tmp_path / "run").cache_hit
+    train_phases(run)
+    assert prepare(c, tmp_path / "run").cache_hit
 
 
 def test_qwen_pipeline_takes_prompt_strings(folders, tmp_path):

@@ -17,11 +17,11 @@ from diffusers import AutoencoderKL
 from diffusers import FluxTransformer2DModel as TorchFlux
 from sklearn.datasets import load_sample_images
 
-from glance_jax import data, families, lora, train_step, validation
+from glance_jax import data, families, lora, train_config, train_step
 from glance_jax.checkpoints import safetensors_io
 from glance_jax.cli import main
 from glance_jax.models import FluxTransformer2DModel
-from glance_jax.train import Run, default_config, train
+from glance_jax.train import default_config, prepare, train, train_phases
 from torch_peers import randomize_
 
 CONFIG = dict(in_channels=64, num_layers=1, num_single_layers=2, attention_head_dim=16, num_attention_heads=2,
@@ -108,9 +108,9 @@ def test_the_teacher_loss_is_zero_where_the_student_is_the_base():
 
 def test_loss_falls_and_only_the_lora_changes(setup, tmp_path):
     config = tiny_config(setup, steps=30, **{"checkpoint.every": 30})
-    run = Run(config, tmp_path)
+    run = prepare(config, tmp_path)
     base = jax.tree_util.tree_map(np.array, run.params)
-    written = run.train()
+    written = train_phases(run)
     losses = [m["loss"] for m in metrics(tmp_path)]
     print("loss curve:", " ".join(f"{x:.2f}" for x in losses))
     assert len(losses) == 30 and np.mean(losses[-10:]) < 0.8 * np.mean(losses[:10])
@@ -139,10 +139,10 @@ def test_both_phases_and_the_teacher_target(setup, tmp_path):
     config = tiny_config(setup, phase="both", target="teacher", steps=6, **{"teacher.trajectories": 2,
                                                                              "teacher.substeps": 10})
     config.data.cache_dir = str(tmp_path / "cache")
-    assert not Run(config, tmp_path).cache_hit
-    run = Run(config, tmp_path)
+    assert not prepare(config, tmp_path).cache_hit
+    run = prepare(config, tmp_path)
     assert run.cache_hit  # the encoded sample was cached by the first run: no encoder ran
-    written = run.train()
+    written = train_phases(run)
     assert set(written) == {"slow", "fast"}
     by_phase = {p: [m for m in metrics(tmp_path) if m["phase"] == p] for p in ("slow", "fast")}
     assert len(by_phase["slow"]) == len(by_phase["fast"]) == 6
@@ -256,7 +256,7 @@ def test_every_config_file_loads():
         for arg in args:
             config = module.get_config(arg)
             config.model.path, config.data.dir = "/base", "/sample"
-            validation.train_config(config)
+            train_config.check(config)
             assert config.lora.alpha == 4 * config.lora.rank
             assert config.phase == (arg if arg in ("slow", "fast") else "both")
             recipe = families.get(config.family).recipe
@@ -294,11 +294,11 @@ def test_qwen_image_trains_with_caption_dropout(tmp_path):
     c.data.dir, c.data.resolution, c.data.cache_dir = str(sample), 256, str(tmp_path / "cache")
     c.lora.rank, c.lora.alpha = 4, 16.0
     c.steps, c.checkpoint.every, c.data.caption_dropout = 8, 8, 0.5
-    run = Run(c, tmp_path / "run")
+    run = prepare(c, tmp_path / "run")
     assert run.batch["cond"]["encoder_hidden_states"].shape == (1, 5, 24) == run.batch["empty_cond"][
         "encoder_hidden_states"].shape
     assert run.schedule.slow_steps == (1, 3, 5, 7, 9)
-    written = run.train()
+    written = train_phases(run)
     losses = [m["loss"] for m in metrics(tmp_path / "run")]
     assert len(losses) == 16 and all(np.isfinite(losses))
     keys = set(safetensors_io.SafetensorsFile(written["slow"]).keys())

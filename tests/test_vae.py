@@ -159,7 +159,7 @@ def test_trainer_encodes_the_photo_with_the_flax_vae_and_caches_it(flux_vae, tmp
     import shutil
 
     from glance_jax.checkpoints import safetensors_io
-    from glance_jax.train import Run, default_config
+    from glance_jax.train import default_config, prepare, train_phases
     torch_vae, vae_path, vae, vae_params = flux_vae
     config = dict(in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
                   joint_attention_dim=24, pooled_projection_dim=20, guidance_embeds=True, axes_dims_rope=[4, 6, 6])
@@ -176,7 +176,7 @@ def test_trainer_encodes_the_photo_with_the_flax_vae_and_caches_it(flux_vae, tmp
     c.model.path, c.model.vae_path, c.model.dtype = str(tmp_path / "base"), str(vae_path), "fp32"
     c.data.dir, c.data.resolution, c.data.cache_dir = str(sample), 128, str(tmp_path / "cache")
     c.steps, c.lora.rank, c.lora.alpha = 2, 4, 16.0
-    first = Run(c, tmp_path / "run")
+    first = prepare(c, tmp_path / "run")
     assert not first.cache_hit
     [s] = data.find_samples(str(sample), 128)
     with torch.no_grad():
@@ -184,10 +184,10 @@ def test_trainer_encodes_the_photo_with_the_flax_vae_and_caches_it(flux_vae, tmp
     want = (nhwc(mean)[0] - 0.1159) * 0.3611
     from glance_jax.layout import pack_latents
     assert relative_error(np.asarray(first.batch["x0"]), np.asarray(pack_latents(want[None]))) <= TOLERANCE
-    second = Run(c, tmp_path / "run")
+    second = prepare(c, tmp_path / "run")
     assert second.cache_hit  # the VAE did not run again
     np.testing.assert_array_equal(second.batch["x0"], first.batch["x0"])
-    second.train()
+    train_phases(second)
 
 
 def test_sample_command_writes_png_through_the_vae(flux_vae, tmp_path):

@@ -27,18 +27,17 @@ import concurrent.futures
 import os
 import shutil
 import time
+from typing import NamedTuple
 
 import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from glance_jax import checkpoints, data, evaluation, families, pipelines, validation
-from glance_jax import safe_io
+from glance_jax import checkpoints, data, evaluation, families, pipelines, safe_io, train, validation
 from glance_jax.checkpoints import safetensors_io
-from glance_jax.lora import load_lora
 from glance_jax.layout import unpack_latents
+from glance_jax.lora import load_lora
 from glance_jax.pipelines import FluxGlancePipeline
-from glance_jax.train import default_config
 
 TRAIN_DIGIT, TRAIN_TEMPLATE = 7, "a handwritten {word}"
 PROMPT_TEMPLATES = ("the numeral {word}, written by hand", "the number {word}")  # the first: unseen by the teacher
@@ -73,7 +72,10 @@ CFG2_K, CFG1_K = (6, 5), (6,)
 # `range`, sampled at GUIDANCE; the one-pass students' recipe otherwise. Chosen on the validation prompts. Only with
 # --all: its own guided trajectories and 700 steps a phase would take the demo past 5 minutes.
 GINPUT_RECIPE = dict(range=(2.0, 4.0), k=6)
-
+GINPUT = f"glance-ginput-{GINPUT_RECIPE['k']}"
+# The pairs whose train steps are new programs (the data target, the guided students): prepared (their guided
+# trajectories integrated) and compiled on a second thread while the unguided pairs train.
+AHEAD = ("glance-data-10", f"glance-cfg1-{CFG1_K[0]}", f"glance-cfg2-{CFG2_K[0]}", GINPUT)
 
 
 def parser():
@@ -148,7 +150,7 @@ def lora_config(model_dir, sample_dir, workdir, k, target, schedule, steps, traj
     trajectories guided with true CFG on the empty prompt; `passes` 2: a student that samples with it too;
     `guidance_input`: a one-pass student with a trained guidance embedding (GINPUT_RECIPE).
     """
-    c = default_config("flux", "both")
+    c = train.default_config("flux", "both")
     c.seed, c.target, c.steps = seed, target, steps
     c.model.path, c.model.dtype = model_dir, "fp32"
     c.data.dir, c.data.resolution, c.data.multiple = sample_dir, SIZE, 2
@@ -179,9 +181,8 @@ def lora_config(model_dir, sample_dir, workdir, k, target, schedule, steps, traj
 
 def prepare_run(config, out, base):
     """A fresh training run in `out` on the demo's one loaded base: the sample encoded, the schedule chosen."""
-    from glance_jax.train import Run
     shutil.rmtree(out, ignore_errors=True)
-    return Run(config, out, base=base)
+    return train.prepare(config, out, base=base)
 
 
 def prompt_set(teacher, templates, seeds_per_prompt, first_seed, exclude):
@@ -236,100 +237,165 @@ def template_line(results, row, reference_row):
         f"'{t}' {mine[t]:.2f} vs {theirs[t]:.2f}" for t in mine)
 
 
-def main(argv):
-    args = parser().parse_args(argv)
-    workdir = validation.output_folder(args.workdir)
-    validation.fresh_outputs(workdir, ("metrics.json", "grid.png"), args.overwrite)
-    from glance_jax.demo import teacher
-    if args.retrain_teacher:
-        teacher.train_teacher(seed=args.seed)
-    os.makedirs(workdir, exist_ok=True)
-    started = time.perf_counter()
-    steps = args.steps or (30 if args.quick else 600)
-    guided_steps = args.steps or (30 if args.quick else GUIDED_RECIPE["steps"])
-    cfg2_steps = args.steps or (30 if args.quick else CFG2_RECIPE["steps"])
-    data_steps, trajectories = (10, 16) if args.quick else (60, RECIPE["trajectories"])
-    guided_trajectories = 32 if args.quick else GUIDED_RECIPE["trajectories"]
-    seeds_per_prompt, train_seeds = (1, 4) if args.quick else (5, 20)
+# ---- the demo, step by step ----
 
+class Budget(NamedTuple):
+    """How much the demo trains and samples: the full demo's, or --quick's."""
+
+    steps: int  # teacher-target LoRA steps a phase
+    guided_steps: int  # the one-pass guided students'
+    cfg2_steps: int  # the two-pass students'
+    data_steps: int  # the data target's
+    trajectories: int  # cached teacher trajectories of the unguided pairs
+    guided_trajectories: int  # of the guided ones
+    seeds_per_prompt: int  # held-out images per prompt
+    train_seeds: int  # images of the training caption
+    substeps: int  # the teacher's grid
+
+
+def budget(args):
+    """The budget of these flags (--steps overrides every teacher-target pair's steps)."""
+    quick = args.quick
+    return Budget(steps=args.steps or (30 if quick else 600),
+                  guided_steps=args.steps or (30 if quick else GUIDED_RECIPE["steps"]),
+                  cfg2_steps=args.steps or (30 if quick else CFG2_RECIPE["steps"]),
+                  data_steps=10 if quick else 60, trajectories=16 if quick else RECIPE["trajectories"],
+                  guided_trajectories=32 if quick else GUIDED_RECIPE["trajectories"],
+                  seeds_per_prompt=1 if quick else 5, train_seeds=4 if quick else 20, substeps=25 if quick else 50)
+
+
+class Demo(NamedTuple):
+    """One run of the demo: its flags, its budget and its folders."""
+
+    args: argparse.Namespace
+    budget: Budget
+    workdir: str
+    model_dir: str  # the converted teacher
+    sample_dir: str  # the one training sample
+    loras_dir: str  # one training run per pair
+
+
+def converted_teacher(workdir, teacher, again):
+    """The embedded teacher converted by the converter into workdir/teacher_flax: kept between runs (its
+    trajectories stay cached), converted `again` after a retraining."""
     model_dir = os.path.join(workdir, "teacher_flax")
-    if args.retrain_teacher or not os.path.isdir(model_dir):  # kept between runs: its trajectories stay cached
+    if again or not os.path.isdir(model_dir):
         checkpoints.convert_checkpoint(teacher.TEACHER_DIR, model_dir, families.CLASSES, dtype="fp32", overwrite=True)
-    model, params = base = families.load_model(model_dir)  # the one copy: every run and the sampler share it
-    prompts = teacher.load_prompts()
-    sample_dir = os.path.join(workdir, "sample")
-    train_caption = write_sample(sample_dir, prompts)
-    loras_dir = os.path.join(workdir, "loras")
-    config = lambda k, target, schedule, guidance=1.0, n=steps, m=trajectories, passes=1, guidance_input=False: (
-        lora_config(model_dir, sample_dir, workdir, k, target, schedule, n, m, guidance, args.seed,
-                    25 if args.quick else 50, passes, guidance_input))
+    return model_dir
 
-    pairs = [(f"glance-{k}", config(k, "teacher", args.schedule)) for k in UNGUIDED_K]
-    pairs += [("glance-official-10", config(10, "teacher", "official")),
-              ("glance-data-10", config(10, "data", "official", n=data_steps))]
-    pairs += [(f"glance-cfg1-{k}", config(k, "teacher", args.schedule, GUIDANCE, guided_steps,
-                                          guided_trajectories)) for k in CFG1_K]
-    pairs += [(f"glance-cfg2-{k}", config(k, "teacher", args.schedule, GUIDANCE, cfg2_steps, guided_trajectories,
-                                          passes=2)) for k in (CFG2_K if args.all else CFG2_K[:1])]
-    ginput = f"glance-ginput-{GINPUT_RECIPE['k']}"
+
+def pair_config(demo, k, target, schedule, guidance=1.0, steps=None, trajectories=None, passes=1,
+                guidance_input=False):
+    """`lora_config` for one pair of this demo (its budget's steps and trajectories unless given)."""
+    b = demo.budget
+    return lora_config(demo.model_dir, demo.sample_dir, demo.workdir, k, target, schedule, steps or b.steps,
+                       trajectories or b.trajectories, guidance, demo.args.seed, b.substeps, passes, guidance_input)
+
+
+def cfg2_ks(args):
+    """The K of the two-pass students: K = 5 only with --all."""
+    return CFG2_K if args.all else CFG2_K[:1]
+
+
+def lora_pairs(demo):
+    """[(name, config)] of the LoRA pairs the demo distils, in the order they train."""
+    args, b = demo.args, demo.budget
+    pairs = [(f"glance-{k}", pair_config(demo, k, "teacher", args.schedule)) for k in UNGUIDED_K]
+    pairs += [("glance-official-10", pair_config(demo, 10, "teacher", "official")),
+              ("glance-data-10", pair_config(demo, 10, "data", "official", steps=b.data_steps))]
+    pairs += [(f"glance-cfg1-{k}", pair_config(demo, k, "teacher", args.schedule, GUIDANCE, b.guided_steps,
+                                               b.guided_trajectories)) for k in CFG1_K]
+    pairs += [(f"glance-cfg2-{k}", pair_config(demo, k, "teacher", args.schedule, GUIDANCE, b.cfg2_steps,
+                                               b.guided_trajectories, passes=2)) for k in cfg2_ks(args)]
     if args.all:
-        pairs += [(ginput, config(GINPUT_RECIPE["k"], "teacher", args.schedule, GUIDANCE, guided_steps,
-                                  guided_trajectories, guidance_input=True))]
+        pairs += [(GINPUT, pair_config(demo, GINPUT_RECIPE["k"], "teacher", args.schedule, GUIDANCE, b.guided_steps,
+                                       b.guided_trajectories, guidance_input=True))]
+    return pairs
 
+
+class EvalBatch(NamedTuple):
+    """What every method samples, in one batch (one compiled sampler per method): the held-out (or validation)
+    images, then the training caption's."""
+
+    templates: tuple  # the prompt templates of the held-out images
+    held_out: int  # how many images come first
+    labels: np.ndarray  # each held-out image's prompted digit
+    template_of: np.ndarray  # each held-out image's template, an index
+    seeds: list  # every image's
+    embeds: tuple  # (states, pooled) of every image's caption
+    empty: tuple  # the empty prompt's, the guided regime's negative
+
+
+def eval_batch(args, teacher, prompts, b, train_caption):
+    """The EvalBatch of these flags: held-out prompts and seeds (or --validation's), `b.seeds_per_prompt` each."""
     templates, first_seed = ((VALIDATION_TEMPLATES, VALIDATION_SEED) if args.validation else
                              (PROMPT_TEMPLATES, args.seed * 1000))
-    captions, batch_captions, labels, template_of, seeds = prompt_set(teacher, templates, seeds_per_prompt,
-                                                                      first_seed, train_caption)
+    _, captions, labels, template_of, seeds = prompt_set(teacher, templates, b.seeds_per_prompt, first_seed,
+                                                         train_caption)
     embed = lambda cs: (jnp.asarray(np.stack([prompts[c][0] for c in cs])),
                         jnp.asarray(np.stack([prompts[c][1] for c in cs])))
-    # one batch: the held-out images, then the training caption's (one compiled sampler per method)
-    all_seeds = seeds + [first_seed + 500 + i for i in range(train_seeds)]
-    embeds = embed(batch_captions + [train_caption] * train_seeds)
-    empty = embed([""] * len(all_seeds))
+    seeds = seeds + [first_seed + 500 + i for i in range(b.train_seeds)]
+    return EvalBatch(templates, len(captions), labels, template_of, seeds,
+                     embed(captions + [train_caption] * b.train_seeds), embed([""] * len(seeds)))
 
-    def sample(pipe, guided=False, **kwargs):
-        """The batch's images by `pipe`; `guided`: true CFG on the empty prompt."""
-        extra = dict(negative_prompt_embeds=empty[0], negative_pooled_prompt_embeds=empty[1],
-                     true_cfg_scale=GUIDANCE) if guided else {}
-        return pipe(*embeds, height=SIZE, width=SIZE, seed=all_seeds, **kwargs, **extra)
 
-    def warm_up_base_sampler():
-        """Compiles the base's sampler programs, unguided and guided, with two steps of a pipeline of its own
-        (without LoRAs nothing is donated, so it may share the base's arrays)."""
-        own = FluxGlancePipeline(model, params, teacher.SCHEDULER, latent_channels=1, vae_scale_factor=1)
-        for guided in (False, True):
-            sample(own, num_inference_steps=2, guided=guided).block_until_ready()
+def sample_batch(pipe, batch, guided=False, **kwargs):
+    """The batch's images by `pipe`; `guided`: true CFG on the empty prompt."""
+    extra = dict(negative_prompt_embeds=batch.empty[0], negative_pooled_prompt_embeds=batch.empty[1],
+                 true_cfg_scale=GUIDANCE) if guided else {}
+    return pipe(*batch.embeds, height=SIZE, width=SIZE, seed=batch.seeds, **kwargs, **extra)
 
-    print(f"distilling {len(pairs)} LoRA pairs from '{train_caption}'")
-    # Beside training, a second thread prepares the runs whose steps are new programs (the data target, the
-    # guided students: their guided trajectories are integrated there) and compiles those steps, while this
-    # thread trains the unguided pairs; then it compiles the base's sampler programs and fits the digit
-    # classifier. Nothing there touches orbax (checkpoints), which is not safe from threads: every run trains
-    # here, one after another.
-    def prepared(name, c):
-        run = prepare_run(c, os.path.join(loras_dir, name), base)
-        run.compile_step()
-        return run
 
+def warm_up_base_sampler(teacher, base, batch):
+    """Compiles the base's sampler programs, unguided and guided, with two steps of a pipeline of its own
+    (without LoRAs nothing is donated, so it may share the base's arrays)."""
+    own = FluxGlancePipeline(*base, teacher.SCHEDULER, latent_channels=1, vae_scale_factor=1)
+    for guided in (False, True):
+        sample_batch(own, batch, num_inference_steps=2, guided=guided).block_until_ready()
+
+
+def prepared(demo, name, config, base):
+    """The pair's run prepared on the shared base, its train step compiled (train.compile_step)."""
+    run = prepare_run(config, os.path.join(demo.loras_dir, name), base)
+    train.compile_step(run)
+    return run
+
+
+def distil(demo, pairs, base, warm_up):
+    """Trains every pair on the one base: ({name: (LoRA files, schedule)}, the digit classifier).
+
+    Beside training, a second thread prepares the runs whose steps are new programs (AHEAD: their guided
+    trajectories are integrated there) and compiles those steps, while this thread trains the unguided pairs;
+    then it runs `warm_up` (the base's sampler programs) and fits the digit classifier. Nothing there touches
+    orbax (checkpoints), which is not safe from threads: every run trains here, one after another.
+    """
     with concurrent.futures.ThreadPoolExecutor(1) as beside:
-        ahead = {name: beside.submit(prepared, name, c) for name, c in pairs
-                 if name in ("glance-data-10", f"glance-cfg1-{CFG1_K[0]}", f"glance-cfg2-{CFG2_K[0]}", ginput)}
-        warmed = beside.submit(warm_up_base_sampler)
-        classifier = beside.submit(digit_classifier, args.seed)
+        ahead = {name: beside.submit(prepared, demo, name, c, base) for name, c in pairs if name in AHEAD}
+        warmed = beside.submit(warm_up)
+        classifier = beside.submit(digit_classifier, demo.args.seed)
         trained = {}
         for name, c in pairs:
             # a run prepared beside is waited for (and raises what failed there)
-            run = ahead.pop(name).result() if name in ahead else prepare_run(c, os.path.join(loras_dir, name), base)
+            run = (ahead.pop(name).result() if name in ahead else
+                   prepare_run(c, os.path.join(demo.loras_dir, name), base))
             print(f"distilling {name}: {c.target} target, {c.steps} steps a phase")
-            trained[name] = run.train(), run.schedule
-        predict, features, real_features = classifier.result()
+            trained[name] = train.train_phases(run), run.schedule
+        classifier = classifier.result()
         warmed.result()
-    fitted = {k: trained[f"glance-{k}"][1] if args.schedule == "fitted" else
-              prepare_run(config(k, "teacher", "fitted"), os.path.join(loras_dir, f"fitted-{k}"), base).schedule
-              for k in (4, 6)}
+    return trained, classifier
 
-    pipe = FluxGlancePipeline(model, params, teacher.SCHEDULER, latent_channels=1, vae_scale_factor=1)
 
+def fitted_schedules(demo, trained, base):
+    """{K: the fitted K-point schedule} of the base-fitted rows: the glance-K pairs' own when they were fitted,
+    else fitted here on the same cached trajectories."""
+    if demo.args.schedule == "fitted":
+        return {k: trained[f"glance-{k}"][1] for k in (4, 6)}
+    return {k: prepare_run(pair_config(demo, k, "teacher", "fitted"), os.path.join(demo.loras_dir, f"fitted-{k}"),
+                           base).schedule for k in (4, 6)}
+
+
+def table_methods(args, trained, fitted, pipe):
+    """Every row of the table, in order: the teacher, the base and the Glance pairs, unguided then guided."""
     def glance(name, schedule_kind, target, guidance, reference, passes=1, **kwargs):
         files, schedule = trained[name]
         return method(name, "glance", schedule_kind, target, guidance, reference, passes * schedule.num_steps,
@@ -350,16 +416,22 @@ def main(argv):
     methods += [method(f"base-cfg-uniform-{k}", "base", "uniform", None, GUIDANCE, "teacher-50-cfg", 2 * k,
                        num_inference_steps=k, guided=True) for k in (10, 6, 5, 4)]
     methods += [glance(f"glance-cfg2-{k}", args.schedule, "teacher", GUIDANCE, "teacher-50-cfg", passes=2)
-                for k in (CFG2_K if args.all else CFG2_K[:1])]
+                for k in cfg2_ks(args)]
     methods += [glance(f"glance-cfg1-{k}", args.schedule, "teacher", GUIDANCE, "teacher-50-cfg") for k in CFG1_K]
     if args.all:
-        methods += [glance(ginput, args.schedule, "teacher", GUIDANCE, "teacher-50-cfg", guidance_scale=GUIDANCE)]
+        methods += [glance(GINPUT, args.schedule, "teacher", GUIDANCE, "teacher-50-cfg", guidance_scale=GUIDANCE)]
+    return methods
 
-    n = len(batch_captions)
+
+def evaluate(methods, pipe, batch, classifier):
+    """(rows, {name: held-out images}): each method's images of the batch, timed (a second call where the first
+    compiled), against its reference row's from the same noise, by the digit classifier and its features."""
+    predict, features, real_features = classifier
+    n = batch.held_out
     results, images, caption_images = [], {}, {}
     for m in methods:
         kwargs = dict(m.pop("kwargs"))
-        run = lambda: sample(pipe, **kwargs).block_until_ready()
+        run = lambda: sample_batch(pipe, batch, **kwargs).block_until_ready()
         compiled, start = pipelines.compile_count(), time.perf_counter()
         latents = run()
         if pipelines.compile_count() > compiled:  # the first call compiled a new program: time a second one
@@ -375,51 +447,86 @@ def main(argv):
         if "schedule" in kwargs:
             m["timesteps"] = list(kwargs["schedule"].slow + kwargs["schedule"].fast)
         steps_taken = m["nfe"] // (2 if kwargs.get("guided") else 1)
+        by_template = {t: evaluation.psnr(out[batch.template_of == i], reference[batch.template_of == i])
+                       for i, t in enumerate(batch.templates)}
         results.append({**m, "steps": steps_taken, "sec_per_image": seconds / len(both),
                         "psnr_vs_teacher": evaluation.psnr(out, reference),
                         "psnr_train_caption": evaluation.psnr(own, caption_reference),
-                        "psnr_by_template": {t: evaluation.psnr(out[template_of == i], reference[template_of == i])
-                                             for i, t in enumerate(templates)},
-                        "mse_vs_teacher": evaluation.mse(out, reference),
-                        "fidelity": float(np.mean(predict(out) == labels)),
+                        "psnr_by_template": by_template, "mse_vs_teacher": evaluation.mse(out, reference),
+                        "fidelity": float(np.mean(predict(out) == batch.labels)),
                         "fd": evaluation.frechet_distance(features(out), real_features)})
     add_speedups(results)
+    return results, images
+
+
+def write_report(demo, results, images, batch, train_caption):
+    """Writes metrics.json and grid.png (rows: methods; columns: the ten digits, first seed); returns the
+    report."""
+    args, b = demo.args, demo.budget
     closing = [closing_line(results, "unguided", "base-uniform-10", "glance-"),
                closing_line(results, "guided", "base-cfg-uniform-10", ("glance-cfg", "glance-ginput"))]
     by_template = [template_line(results, row, reference_row) for row, reference_row in
                    (("glance-6", "base-uniform-10"), ("glance-cfg2-6", "base-cfg-uniform-10"),
                     ("glance-cfg1-6", "base-cfg-uniform-10"))]
-
     report = {"methods": results, "seed": args.seed, "validation": args.validation,
-              "train_sample": {"caption": train_caption, "image": os.path.join(sample_dir, "seven.png")},
-              "images_per_method": len(batch_captions), "train_caption_images": train_seeds,
-              "lora_steps": steps, "data_lora_steps": data_steps, "trajectories": trajectories,
+              "train_sample": {"caption": train_caption, "image": os.path.join(demo.sample_dir, "seven.png")},
+              "images_per_method": batch.held_out, "train_caption_images": b.train_seeds,
+              "lora_steps": b.steps, "data_lora_steps": b.data_steps, "trajectories": b.trajectories,
               "recipe": RECIPE, "guided_recipe": {**GUIDED_RECIPE, "captions": guided_captions()},
               "cfg2_recipe": CFG2_RECIPE, "ginput_recipe": GINPUT_RECIPE if args.all else None,
               "guidance": GUIDANCE, "quick": args.quick, "by_template": by_template,
               "closing": closing}
-    safe_io.write_json(os.path.join(workdir, "metrics.json"), report, indent=2)
-    columns = [i * seeds_per_prompt for i in range(10)]
+    safe_io.write_json(os.path.join(demo.workdir, "metrics.json"), report, indent=2)
+    columns = [i * b.seeds_per_prompt for i in range(10)]
     grid = evaluation.grid([[images[m["name"]][i] for i in columns] for m in results], [m["name"] for m in results],
-                           [str(labels[i]) for i in columns], scale=5)
-    safe_io.save_image(grid, os.path.join(workdir, "grid.png"), "PNG")
+                           [str(batch.labels[i]) for i in columns], scale=5)
+    safe_io.save_image(grid, os.path.join(demo.workdir, "grid.png"), "PNG")
+    return report
 
+
+def print_table(demo, report, seconds):
+    """The table of every row, the by-template lines and the closing lines."""
+    args, b, workdir = demo.args, demo.budget, demo.workdir
     which = "validation" if args.validation else "held-out"
-    print(f"\nGlance demo: {len(batch_captions)} {which} images per method (seed {args.seed}); LoRAs from one "
-          f"image, '{train_caption}', {steps} steps a phase (data target {data_steps}, guided one-pass "
-          f"{guided_steps}, two-pass {cfg2_steps})")
+    print(f"\nGlance demo: {report['images_per_method']} {which} images per method (seed {args.seed}); LoRAs from "
+          f"one image, '{report['train_sample']['caption']}', {b.steps} steps a phase (data target {b.data_steps}, "
+          f"guided one-pass {b.guided_steps}, two-pass {b.cfg2_steps})")
     print(f"{'method':<22}{'NFE':>5}{'ms/img':>8}{'PSNR dB':>9}{'caption':>9}{'fidelity':>10}{'FD':>7}"
           f"{'eq. NFE':>9}{'speed-up':>10}")
-    for m in results:
+    for m in report["methods"]:
         if m["name"] == "teacher-50-cfg":
             print("guided (CFG 3 on the empty prompt), against teacher-50-cfg:")
         eq = (f"{m['equivalent_base_nfe']:>8.1f}{'*' if m['extrapolated'] else ' '}{m['speedup']:>9.2f}x"
               if m["kind"] == "glance" else "")
         print(f"{m['name']:<22}{m['nfe']:>5}{1e3 * m['sec_per_image']:>8.2f}{m['psnr_vs_teacher']:>9.2f}"
               f"{m['psnr_train_caption']:>9.2f}{m['fidelity']:>10.2f}{m['fd']:>7.2f}{eq}")
-    print("\n".join(by_template + closing))
+    print("\n".join(report["by_template"] + report["closing"]))
     print(f"(PSNR against the row's reference from the same noise, on {which} prompts and on the training caption; "
           f"fidelity: accuracy of a digit classifier on the prompted digit; FD: Frechet distance of its features to "
           f"real digits; eq. NFE: base-uniform evaluations giving the same PSNR, log-interpolated; *: extrapolated "
-          f"beyond the base rows)\nwrote {workdir}/metrics.json and {workdir}/grid.png in "
-          f"{time.perf_counter() - started:.0f} s")
+          f"beyond the base rows)\nwrote {workdir}/metrics.json and {workdir}/grid.png in {seconds:.0f} s")
+
+
+def main(argv):
+    args = parser().parse_args(argv)
+    workdir = validation.output_folder(args.workdir)
+    validation.fresh_outputs(workdir, ("metrics.json", "grid.png"), args.overwrite)
+    from glance_jax.demo import teacher
+    if args.retrain_teacher:
+        teacher.train_teacher(seed=args.seed)
+    os.makedirs(workdir, exist_ok=True)
+    started = time.perf_counter()
+    demo = Demo(args, budget(args), workdir, converted_teacher(workdir, teacher, args.retrain_teacher),
+                os.path.join(workdir, "sample"), os.path.join(workdir, "loras"))
+    prompts = teacher.load_prompts()
+    train_caption = write_sample(demo.sample_dir, prompts)
+    pairs = lora_pairs(demo)
+    base = train.load_base(pairs[0][1])  # the one copy: every run and the sampler share it
+    batch = eval_batch(args, teacher, prompts, demo.budget, train_caption)
+    print(f"distilling {len(pairs)} LoRA pairs from '{train_caption}'")
+    trained, classifier = distil(demo, pairs, base, lambda: warm_up_base_sampler(teacher, base, batch))
+    fitted = fitted_schedules(demo, trained, base)
+    pipe = FluxGlancePipeline(*base, teacher.SCHEDULER, latent_channels=1, vae_scale_factor=1)
+    results, images = evaluate(table_methods(args, trained, fitted, pipe), pipe, batch, classifier)
+    report = write_report(demo, results, images, batch, train_caption)
+    print_table(demo, report, time.perf_counter() - started)

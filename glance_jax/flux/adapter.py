@@ -32,6 +32,7 @@ FLUX = FluxFamily(
     lora_targets_all=(r"transformer_blocks\.\d+\.(attn\.(to_[qkv]|add_[qkv]_proj|to_out\.0|to_add_out)|"
                       r"(ff|ff_context)\.net\.(0\.proj|2)|norm1(_context)?\.linear)|"
                       r"single_transformer_blocks\.\d+\.(attn\.to_[qkv]|norm\.linear|proj_mlp|proj_out)"),
+    text_inputs=("encoder_hidden_states", "pooled_projections"),
     recipe=Recipe(rank=16, lr=5e-4, caption_dropout=0.0),
     guidance_input=True, cfg_rescale=False, masked_text=False,
     variants={"flux-dev": {"guidance_embeds": True}, "flux-schnell": {"guidance_embeds": False}},

@@ -21,6 +21,7 @@ QWEN_IMAGE = Family(
                   "img_mlp.net.2", "img_mod.1", "txt_mlp.net.2", "txt_mod.1"),
     lora_targets_all=(r"transformer_blocks\.\d+\.(attn\.(to_[qkv]|add_[qkv]_proj|to_out\.0|to_add_out)|"
                       r"(img|txt)_mlp\.net\.(0\.proj|2)|(img|txt)_mod\.1)"),
+    text_inputs=("encoder_hidden_states", "encoder_hidden_states_mask"),
     recipe=Recipe(rank=32, lr=3e-4, caption_dropout=0.1),
     guidance_input=False, cfg_rescale=True, masked_text=True, variants={"qwen-image": {}}, plan_text_tokens=128,
     consumer_gaps=(("kohya", "InvokeAI 6.14", "drops", r"(?!transformer_blocks\.).*"),))
