@@ -72,8 +72,9 @@ class Family:
         return layout.unpack_latents(tokens, height, width, vae_scale_factor)
 
     def token_grid(self, latents):
-        """(rows, columns) of the tokens `pack_latents(latents)` gives."""
-        return latents.shape[-3] // layout.PATCH, latents.shape[-2] // layout.PATCH
+        """(rows, columns) of the tokens `pack_latents(latents)` gives (`latents`: an array or its shape)."""
+        shape = getattr(latents, "shape", latents)
+        return shape[-3] // layout.PATCH, shape[-2] // layout.PATCH
 
     def latent_channels(self, model):
         """Channels of the latents (before packing) that `model` denoises."""
@@ -99,10 +100,13 @@ class Family:
         return model.conditioning(encodings, rows, cols, guidance)
 
     def example_encodings(self, model, batch, text_tokens):
-        """Zero prompt encodings of `batch` prompts of `text_tokens` tokens, in `model`'s dtype."""
+        """Zero prompt encodings of `batch` prompts of `text_tokens` tokens, in `model`'s dtype (with an all-ones
+        mask where text comes masked): what the planner traces the model with."""
         encodings = {"prompt_embeds": jnp.zeros((batch, text_tokens, self.text_dim(model)), model.dtype)}
         if self.pooled_dim(model):
             encodings["pooled_prompt_embeds"] = jnp.zeros((batch, self.pooled_dim(model)), model.dtype)
+        if self.masked_text:
+            encodings["prompt_embeds_mask"] = jnp.ones((batch, text_tokens), jnp.int32)
         return encodings
 
     def add_guidance_embedder(self, key, tree, params):

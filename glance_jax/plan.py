@@ -46,6 +46,8 @@ from glance_jax.errors import GlanceError
 from glance_jax.lora import init_lora
 from glance_jax.modules import attention, layers
 from glance_jax.pipelines import euler_step
+from glance_jax.train import default_config
+from glance_jax.train_step import make_train_step, optimizer
 
 CPU_FLAGS = "--xla_disable_hlo_passes=while-loop-invariant-code-motion"
 # TPU slices: (topology name, chips per host, HBM per chip that XLA's TPU compiler allows (GiB, from its
@@ -232,14 +234,9 @@ def step_program(model, args, mesh):
     """The real train or sampling step of `model` on `mesh`, from abstract shapes: a dict with `lower` (-> the
     jit-lowered program), `flops` (-> XLA's FLOP count of the step, every block counted), the sampling `batch`,
     and the per-device bytes of the parameters and of the LoRA + Adam state."""
-    from glance_jax.train import default_config
-    from glance_jax.train_step import make_train_step, optimizer
-
     family = families.of(model)
     text = family.plan_text_tokens
     sizes = dict(mesh.shape)
-    side = args.resolution // 16
-    tokens = side * side
     sds = lambda tree, shardings: jax.tree_util.tree_map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
     params = jax.eval_shape(model.init_params, jax.random.PRNGKey(0))
@@ -247,14 +244,15 @@ def step_program(model, args, mesh):
         params = quantize.abstract(params, args.quantize)
     param_sh = sharding.tree_shardings(params, mesh)
     batch = max(1, sizes.get("data", 1)) if args.task == "sample" else 1
-    encodings = {"prompt_embeds": jnp.zeros((batch, text, model.joint_attention_dim), model.dtype),
-                 "pooled_prompt_embeds": jnp.zeros((batch, getattr(model, "pooled_projection_dim", 1)), model.dtype),
-                 "prompt_embeds_mask": jnp.ones((batch, text), jnp.int32)}
-    _, static = model.conditioning(encodings, side, side)
-    cond = jax.eval_shape(lambda e: model.conditioning(e, side, side)[0], encodings)
+    side = args.resolution // family.vae_scale_factor
+    x_sds = jax.eval_shape(family.pack_latents, jax.ShapeDtypeStruct(
+        (batch, side, side, family.latent_channels(model)), jnp.float32))
+    rows, cols = family.token_grid(x_sds.shape[:1] + (side, side, 1))
+    encodings = family.example_encodings(model, batch, text)
+    _, static = family.conditioning(model, encodings, rows, cols)
+    cond = jax.eval_shape(lambda e: family.conditioning(model, e, rows, cols)[0], encodings)
     cond_sh = jax.tree_util.tree_map(lambda x: sharding.batch_sharding(mesh, x.shape) if x.shape[0] == batch else
                                      sharding.replicated(mesh), cond)
-    x_sds = jax.ShapeDtypeStruct((batch, tokens, 64), jnp.float32)
     rep = sharding.replicated(mesh)
     program = {"batch": batch, "params_bytes": sharding.bytes_per_device(params, param_sh), "trainable": 0}
     if args.task == "train":
