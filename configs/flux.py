@@ -9,13 +9,10 @@
         --config.model.path=/path/to/FLUX.1-dev --config.data.dir=/path/to/one_sample
 
 Writes runs/flux/slow_lora.safetensors (`both` and `teacher`: and fast_lora.safetensors), with the schedule in
-each file's metadata. Run time, not measured here (no accelerator): XLA counts 165 TFLOP per train step at
-1024 x 1024 (benchmarks/train_step.py), so the 60 official steps are about 10 s of H100 bf16 peak, under a
-minute at realistic utilisation, plus compilation (13 s on CPU). The fp8 base is 11.1 GiB instead of 22.2 in
-bf16; with --config.model.remat_policy=full the planner puts the step at 18.1 GiB on one device (a 24 GB card).
-`teacher`: 64 trajectories x 50 steps = 3,200 forward passes of the base (about 74 TFLOP each at 1024 x 1024:
-about 4 minutes of H100 bf16 peak), once, cached beside the encoded sample; then 2 x 600 train steps (about
-3.5 minutes of peak). `tiny`: under a minute on 2 CPU cores (mostly compilation).
+each file's metadata. Cost in transformer passes: the official recipe is 2 x 60 train steps; `teacher`
+integrates 64 trajectories x 50 steps = 3,200 forward passes of the base once (cached beside the encoded
+sample), then 2 x 600 train steps. What a step costs in FLOPs and memory at 1024 x 1024, on an fp8 or bf16
+base, is measured in docs/results.md ("Quantized bases", "Parity, speed and memory").
 """
 
 from glance_jax.train import default_config

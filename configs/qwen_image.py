@@ -15,11 +15,10 @@ the schedule and the guidance regime (true CFG scale, negative prompt, passes a 
 where `glance-jax sample` and `eval` find them. The sample needs Qwen-Image encodings (glance_jax/data.py), the
 teacher recipes also the empty prompt's (`empty_prompt_embeds`).
 
-Cost, counted in transformer passes at 1024 x 1024 (XLA counts about 71 TFLOP a forward pass and 157 TFLOP a
-LoRA train step through one pass, benchmarks/qwen_image.py): `teacher` integrates 64 trajectories x 50 steps x 2
-passes = 6,400 forward passes of the base once (cached), then 2 x 600 train steps of two passes each (caption
-and negative prompt: about twice 157 TFLOP a step); `teacher_onepass` has the same trajectories and train steps
-of one pass. The official recipe is 2 x 60 one-pass steps.
+Cost, counted in transformer passes: `teacher` integrates 64 trajectories x 50 steps x 2 passes = 6,400 forward
+passes of the base once (cached), then 2 x 600 train steps of two passes each (caption and negative prompt);
+`teacher_onepass` has the same trajectories and train steps of one pass. The official recipe is 2 x 60 one-pass
+steps. FLOPs and memory a pass and a step at 1024 x 1024: docs/results.md.
 """
 
 from glance_jax.train import default_config

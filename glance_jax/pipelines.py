@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from glance_jax import families, layout, validation
+from glance_jax import families, layout, sharding, validation
 from glance_jax.errors import GlanceError
 from glance_jax.lora import check_shapes, check_values, merged_params
 from glance_jax.lora_tree import guidance_embedder, guidance_embedder_alone
@@ -285,7 +285,6 @@ class GlancePipeline:
         self.last_nfe = sum(len(t) for t, _ in phases) * len(conds)
         phases = [(jnp.asarray(_padded(t)), jnp.asarray(_padded(dt)), jnp.int32(len(t))) for t, dt in phases]
         if self.mesh is not None:  # prompts over `data`; everything without a batch axis replicated
-            from glance_jax import sharding
             put = lambda x: jax.device_put(x, sharding.batch_sharding(self.mesh, x.shape) if x.ndim and
                                            x.shape[0] == batch else sharding.replicated(self.mesh))
             latents, conds = put(latents), jax.tree_util.tree_map(put, conds)

@@ -22,6 +22,7 @@ from PIL import Image
 
 from glance_jax import checkpoints, evaluation, families, safe_io, validation
 from glance_jax.checkpoints import safetensors_io
+from glance_jax.demo import teacher
 from glance_jax.errors import GlanceError
 from glance_jax.lora import load_lora, read_guidance, read_schedule
 from glance_jax.pipelines import GlancePipeline, decode_latents
@@ -33,7 +34,6 @@ EMBEDDINGS_HELP = "text embeddings file (.safetensors with prompt_embeds and a '
 def _pipeline(model_path, scheduler_path=None, vae_path=None):
     """(pipeline, family) for any model folder glance-jax loads; the demo teacher (and its identity VAE) by
     default. Images come from the VAE: without one the pipeline samples latents."""
-    from glance_jax.demo import teacher
     model, params = families.load_model(model_path or teacher.TEACHER_DIR)
     family = families.of(model)
     if scheduler_path:
@@ -50,7 +50,6 @@ def _embeddings(path, captions, text_encoders, family):
     if text_encoders:
         encoded = family.prompt_encoder.from_pretrained(text_encoders)(captions)
         return {k: np.asarray(v) for k, v in encoded.items()}
-    from glance_jax.demo import teacher
     f = safetensors_io.SafetensorsFile(path or teacher.PROMPTS_FILE)
     try:
         stored = json.loads(f.metadata["captions"])
@@ -167,7 +166,6 @@ def _check_common(args):
     --scheduler) are used. Returns (pixels per latent, the Glance schedule: from --schedule or the LoRA
     files, checked against each other; None with --steps).
     """
-    from glance_jax.demo import teacher
     if args.model:
         args.model = families.local_model_path(args.model, "--model", None, args.vae,
                                                args.text_encoders or args.embeddings)

@@ -10,8 +10,12 @@ import math
 import os
 import tempfile
 
+import jax.numpy as jnp
+import numpy as np
+
 from glance_jax import safe_io
 from glance_jax.errors import GlanceError, UsageError
+from glance_jax.schedules import FlowMatchEulerScheduler
 
 IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}  # extension -> PIL format
 
@@ -83,7 +87,6 @@ def image_size(height, width, max_pixels=MAX_PIXELS):
 
 def scheduler_file(path):
     """A scheduler_config.json, read and checked (types, ranges, no division by zero) before any model loads."""
-    from glance_jax.schedules import FlowMatchEulerScheduler
     config = safe_io.read_json(path)  # a JSON object, or one GlanceError
     try:
         FlowMatchEulerScheduler.from_config(config)
@@ -258,7 +261,6 @@ def pattern_value(config, key, name, default):
 def pipeline_inputs(batch, arrays, numbers):
     """The Python pipelines' inputs: each array of `arrays` ({name: array or None}) has `batch` rows and
     finite values (checked on its device), each of `numbers` ({name: value}) is a finite number."""
-    import jax.numpy as jnp
     for name, value in numbers.items():
         finite_number(name, value)
     for name, value in arrays.items():
@@ -274,7 +276,6 @@ def pipeline_inputs(batch, arrays, numbers):
 
 def finite_arrays(arrays, where):
     """Refuses arrays ({name: array}) holding NaN or inf, naming the first such one."""
-    import numpy as np
     for name, value in arrays.items():
         value = np.asarray(value)
         if value.dtype.kind in "fc" and not np.isfinite(value).all():

@@ -13,7 +13,9 @@ size of the output. LoRA import/export uses the same table.
 
 import contextlib
 import dataclasses
+import glob
 import json
+import logging
 import os
 import shutil
 
@@ -22,8 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from glance_jax import safe_io
 from glance_jax import quantize as quant
+from glance_jax import safe_io, sharding
 from glance_jax.checkpoints import hub, safetensors_io
 from glance_jax.errors import GlanceError
 from glance_jax.layout import is_block_stack
@@ -390,7 +392,6 @@ def _read_sharded(model, checkpoint, dtype, mesh, rules, where, quantize=None):
 
     A quantized kernel's block is quantized from whole output channels (their scale needs every input).
     """
-    from glance_jax import sharding
     abstract = abstract_params(model)
     table = weight_table(abstract)
     check_names_and_shapes(table, checkpoint.tensors, where)
@@ -510,7 +511,6 @@ def load_model(path, dtype=jnp.float32, expected_class=None, axes_dims_rope=None
     abstract = abstract_params(model)
     stored_tree = quant.abstract(abstract, stored) if stored else abstract  # what a converted folder holds
     if mesh is not None:
-        from glance_jax import sharding
         rules = rules or sharding.DEFAULT_RULES
         if checkpoint.converted_dir:
             params = _restore_converted(checkpoint.converted_dir, stored_tree,
@@ -534,8 +534,6 @@ def load_model(path, dtype=jnp.float32, expected_class=None, axes_dims_rope=None
 
 def remove_stale_partials(dst):
     """Removes `dst.partial-PID` / `dst.old-PID` folders left by killed conversions (whose PID is gone)."""
-    import glob
-    import logging
     for leftover in glob.glob(glob.escape(dst) + ".partial-*") + glob.glob(glob.escape(dst) + ".old-*"):
         pid = leftover.rsplit("-", 1)[-1]
         if pid.isdigit() and int(pid) != os.getpid() and not safe_io.process_alive(int(pid)):

@@ -35,6 +35,8 @@ from PIL import Image
 
 from glance_jax import checkpoints, data, evaluation, families, pipelines, safe_io, train, validation
 from glance_jax.checkpoints import safetensors_io
+from glance_jax.demo import teacher
+from glance_jax.demo.teacher import WORDS, digits
 from glance_jax.layout import unpack_latents
 from glance_jax.lora import load_lora
 from glance_jax.pipelines import FluxGlancePipeline
@@ -105,7 +107,6 @@ def digit_classifier(seed):
     """An MLP digit classifier on the real data; returns (predict, features, real features)."""
     from sklearn.neural_network import MLPClassifier
 
-    from glance_jax.demo.teacher import digits
     images, labels = digits()
     flat = images.reshape(len(images), -1)
     clf = MLPClassifier(hidden_layer_sizes=(64,), max_iter=400, random_state=seed).fit(flat, labels)
@@ -116,7 +117,6 @@ def digit_classifier(seed):
 def write_sample(folder, prompts):
     """The one training sample: the first seven of the data set, its caption and its encodings (and the empty
     prompt's, the negative of the guided teacher)."""
-    from glance_jax.demo.teacher import WORDS, digits
     images, labels = digits()
     image = images[int(np.nonzero(labels == TRAIN_DIGIT)[0][0])]
     caption = TRAIN_TEMPLATE.format(word=WORDS[TRAIN_DIGIT])
@@ -137,7 +137,6 @@ def write_sample(folder, prompts):
 
 def guided_captions():
     """The captions besides the training one whose guided trajectories teach the glance-cfg students."""
-    from glance_jax.demo.teacher import WORDS
     return tuple(GUIDED_TEMPLATE.format(word=w) for d, w in enumerate(WORDS) if d != TRAIN_DIGIT)
 
 
@@ -511,7 +510,6 @@ def main(argv):
     args = parser().parse_args(argv)
     workdir = validation.output_folder(args.workdir)
     validation.fresh_outputs(workdir, ("metrics.json", "grid.png"), args.overwrite)
-    from glance_jax.demo import teacher
     if args.retrain_teacher:
         teacher.train_teacher(seed=args.seed)
     os.makedirs(workdir, exist_ok=True)
