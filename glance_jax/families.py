@@ -10,7 +10,7 @@ here by the classes their configs name, before anything is loaded.
 
 import os
 
-from glance_jax import checkpoints, families
+from glance_jax import checkpoints
 from glance_jax.errors import GlanceError
 from glance_jax.family import Family
 from glance_jax.flux.adapter import FLUX
@@ -91,7 +91,7 @@ def _component(path, component, wanted, what):
         path = parts[component]
     else:
         path = os.path.expanduser(os.fspath(path))
-    held = checkpoints.peek_class(path, families.CLASSES)
+    held = checkpoints.peek_class(path, CLASSES)
     if held not in wanted:
         raise GlanceError(f"{what} {path} holds {held}, not {' or '.join(wanted)}")
     return path
@@ -118,7 +118,7 @@ def text_encoders_path(path, family, what="the text encoder path"):
         if not os.path.isdir(sub):
             raise GlanceError(f"{what} {path}: no {folder}/ in it (give the pipeline folder that holds "
                               f"{', '.join(family.text_encoders)} and their tokenizers)")
-        held = checkpoints.peek_class(sub, families.CLASSES)
+        held = checkpoints.peek_class(sub, CLASSES)
         if held not in wanted:
             raise GlanceError(f"{what} {sub} holds {held}, not {wanted[0]}")
     return path
@@ -145,7 +145,7 @@ def model_paths(path, family=None, vae=None, text_encoders=None, what="the model
     parts = checkpoints.pipeline_parts(path) or {}
     transformer = transformer_path(path, family, what)
     if family is None:
-        family = of_class_name(checkpoints.peek_class(transformer, families.CLASSES))
+        family = of_class_name(checkpoints.peek_class(transformer, CLASSES))
     if vae:
         vae = vae_path(vae)
     elif "vae" in parts:

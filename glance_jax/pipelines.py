@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from glance_jax import families, layout, sharding, validation
+from glance_jax import families, sharding, validation
 from glance_jax.errors import GlanceError
 from glance_jax.lora import check_shapes, check_values, merged_params
 from glance_jax.lora_tree import guidance_embedder, guidance_embedder_alone
@@ -328,16 +328,16 @@ class GlancePipeline:
         seeds = [seed + i for i in range(batch)] if np.isscalar(seed) else list(seed)
         if len(seeds) != batch:
             raise GlanceError(f"{len(seeds)} seeds for {batch} prompts")
-        rows, cols = self.family.latent_grid(height, width, self.vae_scale_factor)
-        return _packed_noise(jnp.asarray(seeds, jnp.uint32), rows * 2, cols * 2, self.latent_channels)
+        self.family.latent_grid(height, width, self.vae_scale_factor)  # refuses a size that makes no grid
+        shape = (height // self.vae_scale_factor, width // self.vae_scale_factor, self.latent_channels)
+        return _packed_noise(jnp.asarray(seeds, jnp.uint32), shape, self.family)
 
 
-
-@functools.partial(jax.jit, static_argnums=(1, 2, 3))
-def _packed_noise(seeds, h, w, channels):
-    draw = lambda s: jax.random.normal(jax.random.PRNGKey(s), (h, w, channels), jnp.float32)
-    return layout.pack_latents(jax.vmap(draw)(seeds))
-
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _packed_noise(seeds, shape, family):
+    """Noise latents of `shape` (H, W, C), one per seed, packed as `family` packs them."""
+    draw = lambda s: jax.random.normal(jax.random.PRNGKey(s), shape, jnp.float32)
+    return family.pack_latents(jax.vmap(draw)(seeds))
 
 
 class FluxGlancePipeline(GlancePipeline):

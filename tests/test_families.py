@@ -93,10 +93,9 @@ def _family_names():
     return owned
 
 
-# Files outside the family folders that name family things by design: the public facade of the Flax classes
-# (`from glance_jax.models import FluxTransformer2DModel`), the registry's one line per family, and the thin
-# diffusers-shaped pipeline entry points (FluxGlancePipeline, QwenImageGlancePipeline).
-BY_DESIGN = {"models/__init__.py", "families.py", "pipelines.py"}
+# The one file outside the family folders that names family classes by design: the public facade of the Flax
+# classes (`from glance_jax.models import FluxTransformer2DModel`, the names the API has always had).
+BY_DESIGN = {"models/__init__.py"}
 
 
 def _names_in_code(source):
