@@ -65,10 +65,9 @@ def _embedder_tensors(embedder):
             for layer in ("linear_1", "linear_2") for leaf, name in (("kernel", "weight"), ("bias", "bias"))}
 
 
-def _with_embedder_of(tree, tensors, params, names, where):
+def _with_embedder_of(tree, tensors, params, layers, names, where):
     """`tree` plus the guidance embedder stored in a file's tensors (EMBEDDER_PREFIX keys), checked against the
-    model, where the model's family puts one."""
-    layers = dense_layers(params)
+    model, where the model's family puts one (`layers`: dense_layers(params))."""
     at = next((table.guidance_embedder_at(params) for table in names if table.file_modules(params, layers)), None)
     if at is None:
         raise GlanceError(f"{where}: it holds a trained guidance embedder, which this model does not take")
@@ -207,12 +206,11 @@ class FileModule:
         return [(self.diffusers, None)]
 
 
-def _name_lookup(params, names):
+def _name_lookup(params, layers, names):
     """How module names in files map to this model: {name as written: FileModule or a family's own}.
 
     Covers diffusers names and the names of the tables in `names` that apply to this model, each also with
     dots written as underscores (kohya)."""
-    layers = dense_layers(params)
     lookup = {name: FileModule(name) for name in layers}
     for table in names:
         lookup.update(table.file_modules(params, layers))
@@ -241,8 +239,8 @@ def load_lora(path_or_state_dict, params, strict=True, names=()):
     """
     tensors, config, where = _read_state_dict(path_or_state_dict)
     validation.finite_arrays(tensors, where)  # a NaN LoRA would sample black images, or poison a merged base
-    lookup = _name_lookup(params, names)
     layers = dense_layers(params)
+    lookup = _name_lookup(params, layers, names)
     prefixes = KOHYA_PREFIXES + PREFIXES + tuple(p for table in names for p in table.PREFIXES)
     found = collections.defaultdict(dict)  # diffusers module -> {"A", "B", "alpha"}
     unknown, unsupported = [], []
@@ -287,7 +285,7 @@ def load_lora(path_or_state_dict, params, strict=True, names=()):
         log.warning("left out of the LoRA: %s", message)
     tree = _build_tree(found, layers, params, config, where)
     if any(k.startswith(EMBEDDER_PREFIX) for k in tensors):
-        tree = _with_embedder_of(tree, tensors, params, names, where)
+        tree = _with_embedder_of(tree, tensors, params, layers, names, where)
     return tree
 
 

@@ -163,8 +163,8 @@ def _check_common(args):
 
     `--model` may be a diffusers pipeline folder (model_index.json): its transformer, its vae (unless
     --vae), its text encoders (unless --text_encoders or --embeddings) and its scheduler config (unless
-    --scheduler) are used. Returns (pixels per latent, the Glance schedule: from --schedule or the LoRA
-    files, checked against each other; None with --steps).
+    --scheduler) are used. Returns the Glance schedule: from --schedule or the LoRA files, checked against
+    each other; None with --steps.
     """
     if args.model:
         args.model = families.local_model_path(args.model, "--model", None, args.vae,
@@ -196,8 +196,8 @@ def _check_common(args):
     if args.schedule not in (None, "official"):
         _schedule_steps(args.schedule)
     if getattr(args, "steps", None):
-        return factor, None
-    return factor, _glance_schedule(args, family, _sizes(args, factor)[2])
+        return None
+    return _glance_schedule(args, family, _sizes(args, factor)[2])
 
 
 def _schedule_steps(text):
@@ -262,7 +262,7 @@ def sample_main(argv):
         if args.slow_lora or args.fast_lora:
             raise GlanceError("--steps samples the plain base, without LoRAs; Glance LoRAs need the Glance schedule: "
                               "leave out --steps, or the LoRA files")
-    _, schedule = _check_common(args)
+    schedule = _check_common(args)
     cfg_scale, negative, guidance_scale = _guidance(args)
     if image_out and not args.vae and args.model:
         raise GlanceError("image output of a latent model needs its VAE: pass --vae (or a pipeline folder as "
@@ -305,7 +305,7 @@ def eval_main(argv):
     _common_flags(p)
     args = p.parse_args(argv)
     captions, seeds = _eval_inputs(args)
-    _, schedule = _check_common(args)
+    schedule = _check_common(args)
     cfg_scale, negative, guidance_scale = _guidance(args)
     pipe, family = _pipeline(args.model, args.scheduler, args.vae)
     height, width, _ = _sizes(args, pipe.vae_scale_factor)

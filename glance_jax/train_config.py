@@ -227,7 +227,7 @@ FIELDS = (
           "the student's CFG negative: the sample's empty-prompt encoding"),
     # a model without a guidance input, target "teacher": the pair also trains a guidance embedding in the shape
     # of FLUX.1-dev's, on trajectories guided at the scales of teacher.guidance_range, then samples with one pass
-    # a step at a scale of that range (saved in the LoRA files, lora_formats.GUIDANCE_EMBEDDER)
+    # a step at a scale of that range (saved in the LoRA files, lora_tree.GUIDANCE_EMBEDDER)
     Field("student.guidance_input", False, _guidance_input, "train a guidance embedding beside the LoRAs"),
 
     Field("mesh", "", _mesh, "device mesh, e.g. data=2,fsdp=4 (axes data, fsdp, tensor); empty: one device",
