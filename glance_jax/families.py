@@ -10,14 +10,15 @@ here by the classes their configs name, before anything is loaded.
 
 import os
 
-from glance_jax import checkpoints
+from glance_jax import checkpoints, safe_io
 from glance_jax.errors import GlanceError
 from glance_jax.family import Family
 from glance_jax.flux.adapter import FLUX
+from glance_jax.flux_kontext.adapter import FLUX_KONTEXT
 from glance_jax.modules.identity_vae import IdentityVAE
 from glance_jax.qwen_image.adapter import QWEN_IMAGE
 
-FAMILIES = (FLUX, QWEN_IMAGE)  # a new family: its adapter here
+FAMILIES = (FLUX, FLUX_KONTEXT, QWEN_IMAGE)  # a new family: its adapter here (a shared transformer: after its own)
 NAMES = tuple(f.name for f in FAMILIES)
 VARIANTS = tuple(v for f in FAMILIES for v in f.variants)  # the planner's model names
 # every model class a checkpoint may hold (the identity VAE: a pixel-space model's "VAE" folder)
@@ -54,6 +55,17 @@ def of_class_name(name):
         if family.transformer.__name__ == name:
             return family
     raise GlanceError(f"{name!r} is the transformer of no model family ({', '.join(NAMES)})")
+
+
+def of_pipeline(path, transformer_family=None):
+    """The family of a diffusers pipeline folder, by the pipeline class its model_index.json names (an editing
+    model shares its transformer class with a text-to-image one); `transformer_family` if it names none known."""
+    index = os.path.join(os.path.expanduser(os.fspath(path)), checkpoints.PIPELINE_FILE)
+    name = safe_io.read_json(index).get("_class_name") if os.path.isfile(index) else None
+    for family in FAMILIES:
+        if name in family.pipelines:
+            return family
+    return transformer_family
 
 
 def of_variant(name):

@@ -56,6 +56,11 @@ class Family:
     # regular expression over diffusers module names), and (format, consumer, modules it needs to take a file)
     consumer_gaps: tuple = ()
     consumer_needs: tuple = ()
+    # diffusers pipeline classes (model_index.json's `_class_name`) of this family: how a pipeline folder tells
+    # an editing model (FLUX.1 Kontext) from the text-to-image model whose transformer class it shares
+    pipelines: tuple = ()
+    reference_images: int = 0  # source images an editing model takes (their latents follow the image tokens)
+    prompt_sees_images: bool = False  # the prompt encoder takes the source images too (Qwen-Image-Edit)
 
     # ---- latents ----
 
@@ -79,6 +84,17 @@ class Family:
     def latent_channels(self, model):
         """Channels of the latents (before packing) that `model` denoises."""
         return model.in_channels // (layout.PATCH * layout.PATCH)
+
+    # ---- editing: the source images ----
+
+    def reference_size(self, height, width):
+        """(height, width) in pixels that a source image of `height` x `width` is resized to before VAE encoding."""
+        step = layout.PATCH * self.vae_scale_factor
+        return height // step * step, width // step * step
+
+    def output_size(self, height, width):
+        """(height, width) of an edit of a `height` x `width` source image when no size is asked for."""
+        return self.reference_size(height, width)
 
     # ---- text and conditioning ----
 

@@ -47,6 +47,23 @@ def decode_latents(vae, vae_params, latents, tiled=False):
     return vae.drop_frames(images)
 
 
+def encode_images(vae, vae_params, images):
+    """The latents (B, h, w, C) the transformer works on, of images (B, H, W, 3) in [-1, 1], by either model's
+    VAE: its posterior mean (diffusers' `sample_mode="argmax"`), shifted and scaled."""
+    encode = vae.apply({"params": vae_params}, vae.add_frames(jnp.asarray(images, jnp.float32)), method="encode")[0]
+    return vae.normalize(vae.drop_frames(encode))
+
+
+def image_pixels(image, height, width):
+    """A PIL image resized to `height` x `width` as diffusers' VaeImageProcessor resizes (Lanczos), as
+    (height, width, 3) float32 in [-1, 1]."""
+    from PIL import Image
+    image = image.convert("RGB")
+    if image.size != (width, height):
+        image = image.resize((width, height), Image.LANCZOS)
+    return np.asarray(image, np.float32) / 127.5 - 1.0
+
+
 # ---- the schedule as per-phase step arrays ----
 
 def phase_steps(scheduler_config, image_seq_len, schedule=None, num_inference_steps=None, integration="consistent"):
@@ -189,7 +206,7 @@ class GlancePipeline:
     last_nfe = None
 
     def __init__(self, model, params, scheduler_config, latent_channels=None, vae_scale_factor=None, vae=None,
-                 tiled_vae=False, mesh=None, prompt_encoder=None, quantize=None):
+                 tiled_vae=False, mesh=None, prompt_encoder=None, quantize=None, family=None):
         """`latent_channels` and `vae_scale_factor` describe the latents: by default the model's and the VAE's
         (its family's VAE without one: FLUX.1 and Qwen-Image, 16 and 8).
 
@@ -198,9 +215,11 @@ class GlancePipeline:
         onto it, `from_pretrained(..., mesh=mesh)`), prompts are spread over its `data` axis. A
         `prompt_encoder` (the family's) lets calls pass `prompt=` strings instead of embeddings.
         `quantize="fp8"` or `"int8"` quantizes float `params` kernel by kernel, donating each float kernel
-        (loading with `from_pretrained(..., quantize=...)` is cheaper: the float base never exists).
+        (loading with `from_pretrained(..., quantize=...)` is cheaper: the float base never exists). `family`:
+        the model's (glance_jax.families) by default; an editing family shares its transformer class with a
+        text-to-image one (FLUX.1 Kontext: FLUX.1's), so name it (or use its entry point).
         """
-        self.family = self.family or families.of(model)
+        self.family = families.get(family) if family else self.family or families.of(model)
         self.mesh, self.prompt_encoder = mesh, prompt_encoder
         self.model, self.params = model, quantize_params(params, quantize)
         self.scheduler_config = dict(scheduler_config)
@@ -209,10 +228,10 @@ class GlancePipeline:
         self.vae, self.tiled_vae = vae, tiled_vae
         FlowMatchEulerScheduler.from_config(self.scheduler_config)  # refuse unsupported configs now
 
-    def sample(self, encodings, negative=None, prompt=None, negative_prompt=None, latents=None, height=1024,
-               width=1024, num_inference_steps=None, schedule=None, guidance_scale=None, true_cfg_scale=1.0,
+    def sample(self, encodings, negative=None, prompt=None, negative_prompt=None, latents=None, height=None,
+               width=None, num_inference_steps=None, schedule=None, guidance_scale=None, true_cfg_scale=1.0,
                slow_lora=None, fast_lora=None, lora_scale=1.0, integration="consistent", seed=0,
-               output_type="latent", lora_mode=None):
+               output_type="latent", lora_mode=None, image=None, image_size=None):
         """Samples packed latents (B, tokens, D) (or images, by `output_type`) for prompt `encodings`.
 
         `encodings` / `negative`: dicts of arrays under diffusers' names (`prompt_embeds`,
@@ -224,21 +243,37 @@ class GlancePipeline:
         embedding that LoRAs trained with one carry (glance_jax.lora_tree.GUIDANCE_EMBEDDER). True CFG: with
         a negative prompt and `true_cfg_scale > 1`, each step runs two passes and combines them as
         `neg + true_cfg_scale * (cond - neg)` (with the family's norm rescale).
+
+        Editing families (`family.reference_images`) take the source `image` (one, or a list of up to that
+        many, PIL or (H, W, 3) in [0, 1], shared by every prompt): each is resized to `image_size` ((height,
+        width); default the family's size for it, `family.reference_size`), VAE-encoded and appended to the
+        image tokens of both conditionings; a prompt encoder that sees images gets them too. `height` and
+        `width` default to 1024, or for an edit to `family.output_size` of the first source image.
         """
+        images = self._source_images(image)
+        if images and (height is None or width is None):
+            height, width = self.family.output_size(*images[0].shape[:2])
+        height, width = height or 1024, width or 1024
         if prompt is not None:
-            encodings = self._encode(prompt)
+            encodings = self._encode(prompt, images)
         batch = encodings["prompt_embeds"].shape[0]
         if negative_prompt is not None:
             negative = self._encode([negative_prompt] * batch if isinstance(negative_prompt, str) else
-                                    negative_prompt)
+                                    negative_prompt, images)
         negative = {k: v for k, v in (negative or {}).items() if v is not None} or None
+        if images:
+            references = self.image_latents(images, image_size, batch)
+            encodings = {**encodings, "image_latents": references}
+            negative = negative and {**negative, "image_latents": references}
         if guidance_scale is None:
             guidance_scale = self.family.default_guidance_scale
         numbers = {"true_cfg_scale": true_cfg_scale, "lora_scale": lora_scale}
         if guidance_scale is not None:
             numbers["guidance_scale"] = guidance_scale
-        validation.pipeline_inputs(batch, {**encodings, "latents": latents,
-                                           **{"negative_" + k: v for k, v in (negative or {}).items()}}, numbers)
+        arrays = {**encodings, "latents": latents, **{"negative_" + k: v for k, v in (negative or {}).items()}}
+        for key in ("image_latents", "negative_image_latents"):
+            arrays.update({f"{key}[{i}]": r for i, r in enumerate(arrays.pop(key, ()))})
+        validation.pipeline_inputs(batch, arrays, numbers)
         rows, cols = self.family.latent_grid(height, width, self.vae_scale_factor)
         trained_input = not self.family.takes_guidance(self.model) and any(
             tree is not None and guidance_embedder(tree) is not None for tree in (slow_lora, fast_lora))
@@ -317,11 +352,54 @@ class GlancePipeline:
                               "use lora_mode='unmerged' (the default for quantized bases)")
         return lora_mode
 
-    def _encode(self, prompt):
+    def _encode(self, prompt, images=()):
         if self.prompt_encoder is None:
             raise GlanceError("prompt strings need a prompt encoder: build the pipeline with prompt_encoder=... "
                               "(the family's), or pass prompt_embeds")
+        if self.family.prompt_sees_images:
+            return self.prompt_encoder(prompt, [self._pil(i) for i in images])
         return self.prompt_encoder(prompt)
+
+    def _source_images(self, image):
+        """The source images of an edit as (H, W, 3) uint8 arrays, checked against what the family takes."""
+        if image is None:
+            if self.family.reference_images:
+                raise GlanceError(f"{self.family.name} edits a source image: pass image=...")
+            return []
+        images = list(image) if isinstance(image, (list, tuple)) else [image]
+        if not self.family.reference_images:
+            raise GlanceError(f"{self.family.name} takes no source image (it is no editing model)")
+        if not 1 <= len(images) <= self.family.reference_images:
+            raise GlanceError(f"{len(images)} source images: {self.family.name} takes 1 to "
+                              f"{self.family.reference_images}")
+        return [np.asarray(self._pil(i)) for i in images]
+
+    @staticmethod
+    def _pil(image):
+        from PIL import Image
+        if isinstance(image, Image.Image):
+            return image.convert("RGB")
+        array = np.asarray(image)
+        if array.dtype != np.uint8:
+            array = (np.clip(array.astype(np.float32), 0, 1) * 255).round().astype(np.uint8)
+        if array.ndim != 3 or array.shape[-1] != 3:
+            raise GlanceError(f"a source image of shape {array.shape}: (height, width, 3) needed")
+        return Image.fromarray(array)
+
+    def image_latents(self, images, image_size=None, batch=1):
+        """The VAE latents of source images ((H, W, 3) uint8 arrays or PIL), each resized to `image_size` (or
+        the family's size for it), as a tuple of (batch, h, w, C) arrays: what the conditioning appends."""
+        if self.vae is None:
+            raise GlanceError("a source image needs the VAE: build the pipeline with vae=(vae, params)")
+        latents = []
+        for image in images:
+            image = self._pil(image)
+            size = image_size or self.family.reference_size(image.height, image.width)
+            self.family.latent_grid(*size, self.vae_scale_factor)  # refuses a size that makes no grid
+            pixels = image_pixels(image, *size)
+            encoded = encode_images(*self.vae, pixels[None])
+            latents.append(jnp.broadcast_to(encoded, (batch,) + encoded.shape[1:]).astype(self.model.dtype))
+        return tuple(latents)
 
     def noise(self, seed, batch, height, width):
         """Packed Gaussian noise, one PRNG key per image: `seed` (int) gives images seed, seed + 1, ..."""
@@ -360,6 +438,38 @@ class FluxGlancePipeline(GlancePipeline):
                            prompt, negative_prompt, latents, height, width, num_inference_steps, schedule,
                            guidance_scale, true_cfg_scale, slow_lora, fast_lora, lora_scale, integration, seed,
                            output_type, lora_mode)
+
+
+class FluxKontextGlancePipeline(GlancePipeline):
+    """Slow-Fast editing with FLUX.1 Kontext: the transformer `(model, params)`, a scheduler dict and the VAE."""
+
+    family = families.FLUX_KONTEXT
+
+    def __call__(self, image=None, prompt=None, negative_prompt=None, true_cfg_scale=1.0, height=None, width=None,
+                 num_inference_steps=None, schedule=None, guidance_scale=3.5, latents=None, prompt_embeds=None,
+                 pooled_prompt_embeds=None, negative_prompt_embeds=None, negative_pooled_prompt_embeds=None,
+                 output_type="latent", max_area=1024 ** 2, _auto_resize=True, slow_lora=None, fast_lora=None,
+                 lora_scale=1.0, integration="consistent", seed=0, lora_mode=None):
+        """`sample` with diffusers' FluxKontextPipeline arguments and sizes: the output has `max_area` pixels at
+        the aspect ratio of `height` x `width` (default 1024 x 1024); the source image is resized to Kontext's
+        preferred resolution nearest its aspect ratio (`_auto_resize`) or kept at its size, both cut to
+        multiples of 16."""
+        if (negative_prompt_embeds is None) != (negative_pooled_prompt_embeds is None):
+            raise GlanceError("pass both negative_prompt_embeds and negative_pooled_prompt_embeds, or neither")
+        multiple = 2 * self.vae_scale_factor
+        height, width = height or 1024, width or 1024
+        width, height = round((max_area * width / height) ** 0.5), round((max_area * height / width) ** 0.5)
+        height, width = height // multiple * multiple, width // multiple * multiple
+        image_size = None
+        if image is not None and not _auto_resize:
+            first = self._pil(image[0] if isinstance(image, (list, tuple)) else image)
+            image_size = first.height // multiple * multiple, first.width // multiple * multiple
+        return self.sample({"prompt_embeds": prompt_embeds, "pooled_prompt_embeds": pooled_prompt_embeds},
+                           {"prompt_embeds": negative_prompt_embeds,
+                            "pooled_prompt_embeds": negative_pooled_prompt_embeds},
+                           prompt, negative_prompt, latents, height, width, num_inference_steps, schedule,
+                           guidance_scale, true_cfg_scale, slow_lora, fast_lora, lora_scale, integration, seed,
+                           output_type, lora_mode, image, image_size)
 
 
 class QwenImageGlancePipeline(GlancePipeline):

@@ -36,7 +36,7 @@ FLUX = FluxFamily(
     recipe=Recipe(rank=16, lr=5e-4, caption_dropout=0.0),
     guidance_input=True, cfg_rescale=False, masked_text=False,
     variants={"flux-dev": {"guidance_embeds": True}, "flux-schnell": {"guidance_embeds": False}},
-    plan_text_tokens=512, default_guidance_scale=3.5, lora_file_names=lora_names,
+    plan_text_tokens=512, default_guidance_scale=3.5, lora_file_names=lora_names, pipelines=("FluxPipeline",),
     consumer_gaps=(
         ("kohya", "diffusers 0.42", "drops", r"x_embedder|context_embedder|time_text_embed\..*|proj_out|norm_out\.linear"),
         ("kohya", "InvokeAI 6.14", "refuses the whole file for",

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from glance_jax import layout
 from glance_jax.flux import bfl
 from glance_jax.modules.base import PretrainedModel
 from glance_jax.modules.layers import (
@@ -163,6 +164,9 @@ class FluxTransformer2DModel(PretrainedModel, nn.Module):
     `apply({"params": params}, hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids,
     txt_ids, guidance=None)` returns the velocity for packed latent tokens, exactly as diffusers'
     `forward(..., return_dict=False)[0]`: timestep (and guidance) in [0, 1] per sample, 2-D ids.
+    `reference_hidden_states` (FLUX.1 Kontext's packed reference image tokens) are appended to the image
+    tokens and cut from the output again, as diffusers' FluxKontextPipeline does around the model; `img_ids`
+    then holds the ids of both.
     """
 
     patch_size: int = 1
@@ -192,12 +196,15 @@ class FluxTransformer2DModel(PretrainedModel, nn.Module):
 
     @nn.compact
     def __call__(self, hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids, txt_ids,
-                 guidance=None):
+                 guidance=None, reference_hidden_states=None):
         dim = self.num_attention_heads * self.attention_head_dim
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         if self.guidance_embeds and guidance is None:
             raise ValueError("this FLUX model has a guidance embedding (FLUX.1-dev): pass `guidance`")
 
+        tokens = hidden_states.shape[1]
+        if reference_hidden_states is not None:
+            hidden_states = jnp.concatenate([hidden_states, reference_hidden_states.astype(hidden_states.dtype)], 1)
         img = Dense(dim, **kw, name="x_embedder")(hidden_states)
         txt = Dense(dim, **kw, name="context_embedder")(encoder_hidden_states)
         temb = TimeTextEmbedding(dim, self.guidance_embeds, **kw, name="time_text_embed")(
@@ -213,7 +220,7 @@ class FluxTransformer2DModel(PretrainedModel, nn.Module):
         if self.num_single_layers:
             carry, _ = block_stack(SingleStreamBlock, self.num_single_layers, self.remat_policy, self.scan_unroll)(
                 **blocks, name="single_transformer_blocks")(carry, temb, cos, sin)
-        img = carry[0]
+        img = carry[0][:, :tokens]  # the output layer works token by token: the reference tokens need none of it
 
         out_channels = self.out_channels or self.in_channels
         return output_layer(img, temb, self.patch_size ** 2 * out_channels, kw)
@@ -223,13 +230,21 @@ class FluxTransformer2DModel(PretrainedModel, nn.Module):
         (`prompt_embeds` (B, T, D), `pooled_prompt_embeds` (B, P)) and a rows x cols grid of packed latents.
 
         The one place FLUX's inputs are assembled (sampler, trainer, planner): position ids (0, row,
-        column) for the image and zeros for the text, and the guidance input if the model has one."""
+        column) for the image and zeros for the text, and the guidance input if the model has one. With
+        `image_latents` (FLUX.1 Kontext: a tuple of (B, h, w, C) VAE latents of reference images), their packed
+        tokens follow the image's, with ids (1, row, column), as diffusers' FluxKontextPipeline gives them."""
         embeds = encodings["prompt_embeds"]
         batch, text_tokens = embeds.shape[:2]
+        ids = [image_ids(rows, cols)]
+        references = [layout.pack_latents(jnp.asarray(r, self.dtype)) for r in encodings.get("image_latents", ())]
+        for r in encodings.get("image_latents", ()):
+            ids.append(image_ids(r.shape[1] // layout.PATCH, r.shape[2] // layout.PATCH, index=1))
         cond = dict(encoder_hidden_states=jnp.asarray(embeds, self.dtype),
                     pooled_projections=jnp.asarray(encodings["pooled_prompt_embeds"], self.dtype),
-                    img_ids=jnp.asarray(image_ids(rows, cols)), txt_ids=jnp.zeros((text_tokens, 3), jnp.float32),
+                    img_ids=jnp.asarray(np.concatenate(ids)), txt_ids=jnp.zeros((text_tokens, 3), jnp.float32),
                     guidance=jnp.full((batch,), guidance, jnp.float32) if self.guidance_embeds else None)
+        if references:
+            cond["reference_hidden_states"] = jnp.concatenate(references, axis=1)
         return cond, ()
 
     def example_inputs(self, batch=1, image_tokens=1, text_tokens=1):
@@ -241,9 +256,9 @@ class FluxTransformer2DModel(PretrainedModel, nn.Module):
         return dict(hidden_states=zeros(batch, image_tokens, self.in_channels), timestep=zeros(batch), **cond)
 
 
-def image_ids(rows, cols):
-    """FLUX position ids of a rows x cols grid of packed tokens: (0, row, column)."""
-    ids = np.zeros((rows, cols, 3), np.float32)
+def image_ids(rows, cols, index=0):
+    """FLUX position ids of a rows x cols grid of packed tokens: (index, row, column); Kontext's references: 1."""
+    ids = np.full((rows, cols, 3), index, np.float32)
     ids[..., 1] = np.arange(rows)[:, None]
     ids[..., 2] = np.arange(cols)[None, :]
     return ids.reshape(-1, 3)

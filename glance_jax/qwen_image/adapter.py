@@ -24,4 +24,5 @@ QWEN_IMAGE = Family(
     text_inputs=("encoder_hidden_states", "encoder_hidden_states_mask"),
     recipe=Recipe(rank=32, lr=3e-4, caption_dropout=0.1),
     guidance_input=False, cfg_rescale=True, masked_text=True, variants={"qwen-image": {}}, plan_text_tokens=128,
+    pipelines=("QwenImagePipeline",),
     consumer_gaps=(("kohya", "InvokeAI 6.14", "drops", r"(?!transformer_blocks\.).*"),))

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from glance_jax import layout
 from glance_jax.errors import GlanceError
 from glance_jax.modules.base import PretrainedModel
 from glance_jax.modules.layers import (
@@ -40,21 +41,23 @@ Dtype = Any
 def msrope_ids(img_shapes, text_len):
     """Position ids (text + image tokens, 3) of Qwen-Image's multi-scale RoPE, as diffusers' QwenEmbedRope.
 
-    Image tokens of a (frames, h, w) grid get (frame, row, column) with rows
-    and columns centred on zero (scale_rope): rows -(h - h//2) ... h//2 - 1.
-    Text token j gets (p, p, p) with p = max(h//2, w//2) + j, after the image's
-    largest position. All samples must share one image shape.
+    `img_shapes` holds, per sample, one (frames, h, w) grid or a list of them: the image's, then those of
+    Qwen-Image-Edit's reference images. Grid k's tokens get (k + frame, row, column) with rows and columns
+    centred on zero (scale_rope): rows -(h - h//2) ... h//2 - 1. Text token j gets (p, p, p) with
+    p = max over the grids of (h//2, w//2), plus j. All samples must share their grids.
     """
-    shapes = [tuple(s[0]) if isinstance(s, (list, tuple)) and s and isinstance(s[0], (list, tuple)) else tuple(s)
-              for s in img_shapes]
-    if any(len(s) != 3 for s in shapes) or len(set(shapes)) != 1:
-        raise GlanceError(f"img_shapes must be one (frames, height, width) shared by the batch, got {img_shapes}")
-    frames, h, w = (int(x) for x in shapes[0])
+    grids = [tuple(tuple(int(x) for x in g) for g in (s if s and isinstance(s[0], (list, tuple)) else [s]))
+             for s in img_shapes]
+    if len(set(grids)) != 1 or any(len(g) != 3 for g in grids[0]):
+        raise GlanceError(f"img_shapes must be (frames, height, width) grids shared by the batch, got {img_shapes}")
     centred = lambda n: np.concatenate([np.arange(-(n - n // 2), 0), np.arange(n // 2)])
-    f_ids, h_ids, w_ids = np.meshgrid(np.arange(frames), centred(h), centred(w), indexing="ij")
-    img = np.stack([f_ids, h_ids, w_ids], axis=-1).reshape(-1, 3)
-    txt = np.repeat((max(h // 2, w // 2) + np.arange(text_len))[:, None], 3, axis=1)
-    return np.concatenate([txt, img]).astype(np.float32), frames * h * w
+    ids = []
+    for k, (frames, h, w) in enumerate(grids[0]):
+        f_ids, h_ids, w_ids = np.meshgrid(k + np.arange(frames), centred(h), centred(w), indexing="ij")
+        ids.append(np.stack([f_ids, h_ids, w_ids], axis=-1).reshape(-1, 3))
+    start = max(max(h // 2, w // 2) for _, h, w in grids[0])
+    txt = np.repeat((start + np.arange(text_len))[:, None], 3, axis=1)
+    return np.concatenate([txt] + ids).astype(np.float32), sum(f * h * w for f, h, w in grids[0])
 
 
 class DualStreamBlock(nn.Module):
@@ -93,7 +96,9 @@ class QwenImageTransformer2DModel(PretrainedModel, nn.Module):
     `apply({"params": params}, hidden_states, encoder_hidden_states, encoder_hidden_states_mask, timestep,
     img_shapes)` returns what diffusers' `forward(..., return_dict=False)[0]` returns: packed latent
     tokens in, timestep in [0, 1], a text mask of 1 (real) / 0 (padding) in any pattern, and
-    `img_shapes` as Python ints ((frames, h, w) in packed tokens per sample).
+    `img_shapes` as Python ints ((frames, h, w) in packed tokens per sample). Qwen-Image-Edit's packed
+    reference latents come as `reference_hidden_states`: appended to the image tokens (their grids follow the
+    image's in `img_shapes`) and cut from the output again, as diffusers' edit pipelines do around the model.
     """
 
     patch_size: int = 2
@@ -120,10 +125,14 @@ class QwenImageTransformer2DModel(PretrainedModel, nn.Module):
                    "guidance_embeds": False}
 
     @nn.compact
-    def __call__(self, hidden_states, encoder_hidden_states, timestep, img_shapes, encoder_hidden_states_mask=None):
+    def __call__(self, hidden_states, encoder_hidden_states, timestep, img_shapes, encoder_hidden_states_mask=None,
+                 reference_hidden_states=None):
         dim = self.num_attention_heads * self.attention_head_dim
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         batch, text_len = encoder_hidden_states.shape[:2]
+        tokens = hidden_states.shape[1]
+        if reference_hidden_states is not None:
+            hidden_states = jnp.concatenate([hidden_states, reference_hidden_states.astype(hidden_states.dtype)], 1)
         ids, image_tokens = msrope_ids(img_shapes, text_len)
         if image_tokens != hidden_states.shape[1]:
             raise GlanceError(f"img_shapes {img_shapes} give {image_tokens} tokens, hidden_states has "
@@ -143,18 +152,25 @@ class QwenImageTransformer2DModel(PretrainedModel, nn.Module):
         stack = block_stack(DualStreamBlock, self.num_layers, self.remat_policy, self.scan_unroll, broadcast_args=4)
         (img, _), _ = stack(**blocks, name="transformer_blocks")((img, txt), temb, cos, sin, mask)
 
-        return output_layer(img, temb, self.patch_size ** 2 * self.out_channels, kw)
+        return output_layer(img[:, :tokens], temb, self.patch_size ** 2 * self.out_channels, kw)
 
     def conditioning(self, encodings, rows, cols, guidance=None):
         """(keyword inputs, static inputs) besides hidden_states and timestep, for a batch of prompt encodings
         (`prompt_embeds` (B, T, D), optionally `prompt_embeds_mask` (B, T)) and a rows x cols grid of packed
         latents. The one place Qwen-Image's inputs are assembled; `img_shapes` (Python ints) shape the
-        program. Qwen-Image has no guidance input: `guidance` is ignored."""
+        program. Qwen-Image has no guidance input: `guidance` is ignored. With `image_latents` (Qwen-Image-Edit:
+        a tuple of (B, h, w, C) VAE latents of source images), their packed tokens follow the image's."""
         embeds = encodings["prompt_embeds"]
         mask = encodings.get("prompt_embeds_mask")
+        references = [jnp.asarray(r, self.dtype) for r in encodings.get("image_latents", ())]
+        grids = ((1, rows, cols),) + tuple((1, r.shape[1] // layout.PATCH, r.shape[2] // layout.PATCH)
+                                           for r in references)
         cond = dict(encoder_hidden_states=jnp.asarray(embeds, self.dtype),
                     encoder_hidden_states_mask=None if mask is None else jnp.asarray(mask).astype(jnp.int32))
-        return cond, (("img_shapes", ((1, rows, cols),) * embeds.shape[0]),)
+        if references:
+            cond["reference_hidden_states"] = jnp.concatenate([layout.pack_latents(r) for r in references], axis=1)
+        shapes = grids if references else grids[0]
+        return cond, (("img_shapes", (shapes,) * embeds.shape[0]),)
 
     def example_inputs(self, batch=1, height=1, width=1, text_tokens=1):
         """Zero inputs for a (height, width) grid of packed tokens: enough to initialise or trace the model."""

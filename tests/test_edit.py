@@ -1,0 +1,107 @@
+"""Editing models against diffusers' edit pipelines (fp32, tiny random models): FLUX.1 Kontext."""
+
+import numpy as np
+import pytest
+import torch
+from diffusers import AutoencoderKL as TorchVAE
+from diffusers import FlowMatchEulerDiscreteScheduler, FluxKontextPipeline
+from diffusers import FluxTransformer2DModel as TorchFlux
+from diffusers.pipelines.flux.pipeline_flux_kontext import PREFERRED_KONTEXT_RESOLUTIONS
+from PIL import Image
+
+from glance_jax import families
+from glance_jax.errors import GlanceError
+from glance_jax.flux.adapter import SCHEDULER as FLUX_SCHEDULER
+from glance_jax.models import AutoencoderKL, FluxTransformer2DModel
+from glance_jax.pipelines import FluxKontextGlancePipeline, GlancePipeline
+from torch_peers import randomize_, relative_error
+
+TOLERANCE = 1e-4
+KONTEXT = dict(in_channels=64, num_layers=1, num_single_layers=2, attention_head_dim=16, num_attention_heads=2,
+               joint_attention_dim=24, pooled_projection_dim=20, guidance_embeds=True, axes_dims_rope=[4, 6, 6])
+VAE = dict(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(8, 16, 16, 16),
+           down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+           layers_per_block=1, norm_num_groups=4, use_quant_conv=False, use_post_quant_conv=False,
+           sample_size=64, scaling_factor=0.3611, shift_factor=0.1159)
+B, H, W = 2, 64, 96  # the edit: a 4 x 6 grid of packed tokens
+
+
+def source_image(height, width, seed):
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+@pytest.fixture(scope="module")
+def kontext(tmp_path_factory):
+    """A tiny FLUX.1 Kontext pipeline folder saved by diffusers, its torch pipeline, and ours loaded from it."""
+    root = tmp_path_factory.mktemp("kontext")
+    torch_pipe = FluxKontextPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler.from_config(FLUX_SCHEDULER),
+        vae=randomize_(TorchVAE(**VAE), seed=1).eval(), text_encoder=None, tokenizer=None, text_encoder_2=None,
+        tokenizer_2=None, transformer=randomize_(TorchFlux(**KONTEXT), seed=0).eval())
+    torch_pipe.set_progress_bar_config(disable=True)
+    torch_pipe.save_pretrained(root)
+    pipe = FluxKontextGlancePipeline(*FluxTransformer2DModel.from_pretrained(root / "transformer"), FLUX_SCHEDULER,
+                                     vae=AutoencoderKL.from_pretrained(root / "vae"))
+    rng = np.random.default_rng(3)
+    inputs = dict(prompt_embeds=rng.standard_normal((B, 7, 24), dtype=np.float32),
+                  pooled_prompt_embeds=rng.standard_normal((B, 20), dtype=np.float32),
+                  latents=rng.standard_normal((B, (H // 16) * (W // 16), 64), dtype=np.float32))
+    return root, torch_pipe, pipe, inputs
+
+
+def run_diffusers(torch_pipe, **kw):
+    with torch.no_grad():
+        return torch_pipe(**{k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in kw.items()},
+                          output_type="latent").images.numpy()
+
+
+@pytest.mark.parametrize("cfg", [1.0, 3.0])
+def test_kontext_matches_diffusers(kontext, cfg):
+    """Latents after 6 steps from a 72 x 100 source image (cut to 64 x 96, its own size), guidance 3.5, with and
+    without true CFG (two passes, the source image in both)."""
+    _, torch_pipe, pipe, inputs = kontext
+    rng = np.random.default_rng(4)
+    negative = dict(negative_prompt_embeds=rng.standard_normal((B, 7, 24), dtype=np.float32),
+                    negative_pooled_prompt_embeds=rng.standard_normal((B, 20), dtype=np.float32))
+    kw = dict(inputs, **(negative if cfg > 1 else {}), image=source_image(72, 100, 0), height=H, width=W,
+              max_area=H * W, _auto_resize=False, num_inference_steps=6, guidance_scale=3.5, true_cfg_scale=cfg)
+    want = run_diffusers(torch_pipe, **kw)
+    got = pipe(**kw)
+    err = relative_error(got, want)
+    print(f"FLUX.1 Kontext, 6 steps, true CFG {cfg}, vs diffusers FluxKontextPipeline: {err:.2e}")
+    assert err <= TOLERANCE, f"{err:.2e} > {TOLERANCE}"
+    assert pipe.last_nfe == (12 if cfg > 1 else 6)
+    without = pipe(**{k: v for k, v in kw.items() if k != "image"}, image=source_image(72, 100, 1))
+    assert relative_error(without, want) > 100 * TOLERANCE  # the source image matters
+
+
+def test_kontext_sizes_are_diffusers():
+    """The source image goes to the preferred Kontext resolution nearest its aspect ratio; the output to 1024 x 1024
+    unless asked (diffusers' FluxKontextPipeline)."""
+    family = families.FLUX_KONTEXT
+    for height, width in [(100, 72), (1080, 1920), (512, 512), (333, 1000), (1000, 333), (700, 650)]:
+        _, w, h = min((abs(width / height - w / h), w, h) for w, h in PREFERRED_KONTEXT_RESOLUTIONS)
+        assert family.reference_size(height, width) == (h // 16 * 16, w // 16 * 16)
+        assert family.output_size(height, width) == (1024, 1024)
+
+
+def test_kontext_is_told_by_its_pipeline_folder(kontext):
+    """A Kontext folder holds FLUX.1's transformer class: its family comes from model_index.json."""
+    root = kontext[0]
+    assert families.of_pipeline(root) is families.FLUX_KONTEXT
+    assert families.of_class_name("FluxTransformer2DModel") is families.FLUX
+
+
+def test_edit_inputs_are_refused_in_one_line(kontext):
+    _, _, pipe, inputs = kontext
+    kw = dict(inputs, height=H, width=W, max_area=H * W, num_inference_steps=2)
+    with pytest.raises(GlanceError, match="edits a source image: pass image="):
+        pipe(**kw)
+    with pytest.raises(GlanceError, match="2 source images: flux-kontext takes 1 to 1"):
+        pipe(**kw, image=[source_image(64, 96, 0)] * 2)
+    with pytest.raises(GlanceError, match=r"a source image of shape \(64, 96\)"):
+        pipe(**kw, image=np.zeros((64, 96)))
+    flux = GlancePipeline(pipe.model, pipe.params, FLUX_SCHEDULER, vae=pipe.vae)
+    with pytest.raises(GlanceError, match="flux takes no source image"):
+        flux.sample({k: inputs[k] for k in ("prompt_embeds", "pooled_prompt_embeds")}, image=source_image(64, 96, 0),
+                    height=H, width=W, num_inference_steps=2)
