@@ -130,6 +130,19 @@ def as_rgb(image):
     return image.convert("RGB")  # RGB, L, 1, CMYK, YCbCr, LAB, HSV
 
 
+def read_image(path, what="--image"):
+    """The RGB image at `path` (a source image to edit), refused in one line if it is missing or unreadable."""
+    if not os.path.isfile(os.path.expanduser(path)):
+        raise GlanceError(f"{what} {path}: no such file")
+    try:
+        with _opened(os.path.expanduser(path)) as image:
+            image = as_rgb(image)
+            image.load()
+            return image
+    except (UnidentifiedImageError, OSError) as e:
+        raise GlanceError(f"{what} {path}: not a readable image ({e})") from None
+
+
 def load_image(sample):
     """The sample's image resized and centre-cropped to its training size: (H, W, 3) float32 in [-1, 1]."""
     with _opened(sample.image_path) as image:

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from glance_jax import checkpoints, evaluation, families, safe_io, validation
+from glance_jax import checkpoints, data, evaluation, families, safe_io, validation
 from glance_jax.checkpoints import safetensors_io
 from glance_jax.demo import teacher
 from glance_jax.errors import GlanceError
@@ -31,24 +31,27 @@ from glance_jax.schedules import GlanceSchedule
 EMBEDDINGS_HELP = "text embeddings file (.safetensors with prompt_embeds and a 'captions' list in its metadata)"
 
 
-def _pipeline(model_path, scheduler_path=None, vae_path=None):
+def _pipeline(model_path, scheduler_path=None, vae_path=None, family=None):
     """(pipeline, family) for any model folder glance-jax loads; the demo teacher (and its identity VAE) by
-    default. Images come from the VAE: without one the pipeline samples latents."""
+    default. Images come from the VAE: without one the pipeline samples latents. `family`: the pipeline
+    folder's (an editing model shares its transformer class), else the model's."""
     model, params = families.load_model(model_path or teacher.TEACHER_DIR)
-    family = families.of(model)
+    family = family or families.of(model)
     if scheduler_path:
         with open(scheduler_path) as f:
             scheduler = json.load(f)
     else:
         scheduler = teacher.SCHEDULER if not model_path else family.scheduler
     vae = families.load_model(vae_path) if vae_path else None if model_path else teacher.VAE
-    return GlancePipeline(model, params, scheduler, vae=vae, tiled_vae=vae is not None), family
+    return GlancePipeline(model, params, scheduler, vae=vae, tiled_vae=vae is not None, family=family), family
 
 
-def _embeddings(path, captions, text_encoders, family):
-    """Arrays for `captions` (in order): encoded by the Flax text encoders, or read from an embeddings file."""
+def _embeddings(path, captions, text_encoders, family, images=()):
+    """Arrays for `captions` (in order): encoded by the Flax text encoders (with the source `images`, for a family
+    whose prompts see them), or read from an embeddings file."""
     if text_encoders:
-        encoded = family.prompt_encoder.from_pretrained(text_encoders)(captions)
+        encoder = family.prompt_encoder.from_pretrained(text_encoders)
+        encoded = encoder(captions, list(images)) if family.prompt_sees_images else encoder(captions)
         return {k: np.asarray(v) for k, v in encoded.items()}
     f = safetensors_io.SafetensorsFile(path or teacher.PROMPTS_FILE)
     try:
@@ -145,10 +148,13 @@ def _describe_cost(passes, scale, negative):
 
 
 def _sizes(args, factor):
-    """(height, width, packed tokens) for a VAE of `factor` pixels a latent: by default 1024 x 1024, and for the
-    demo teacher (1 pixel a latent) its 8 x 8. Latents are packed 2 x 2 into tokens."""
-    default = 8 if factor == 1 else 1024
-    height, width = args.height or default, args.width or default
+    """(height, width, packed tokens) for a VAE of `factor` pixels a latent: by default 1024 x 1024 (an edit:
+    its family's size for the last source image), and for the demo teacher (1 pixel a latent) its 8 x 8.
+    Latents are packed 2 x 2 into tokens."""
+    default = (8, 8) if factor == 1 else (1024, 1024)
+    if getattr(args, "source_images", None):
+        default = args.family.output_size(args.source_images[-1].height, args.source_images[-1].width)
+    height, width = args.height or default[0], args.width or default[1]
     return height, width, (height // (2 * factor)) * (width // (2 * factor))
 
 
@@ -166,9 +172,11 @@ def _check_common(args):
     --scheduler) are used. Returns the Glance schedule: from --schedule or the LoRA files, checked against
     each other; None with --steps.
     """
+    args.family = None
     if args.model:
         args.model = families.local_model_path(args.model, "--model", None, args.vae,
                                                args.text_encoders or args.embeddings)
+        args.family = families.of_pipeline(args.model)
         parts = checkpoints.pipeline_parts(args.model) or {}
         text_encoders = args.text_encoders or (None if args.embeddings else args.model if parts else None)
         args.model, args.vae, args.text_encoders = families.model_paths(args.model, None, args.vae, text_encoders,
@@ -183,8 +191,9 @@ def _check_common(args):
     if args.text_encoders:
         safe_io.no_remote_code(args.text_encoders)  # tokenizers load with trust_remote_code=False
     config = checkpoints.open_checkpoint(args.model or teacher.TEACHER_DIR, families.CLASSES).config  # headers only
-    family = families.of_class_name(checkpoints.class_name(config))
+    family = args.family = args.family or families.of_class_name(checkpoints.class_name(config))
     factor = teacher.VAE[0].spatial_scale if not args.model else family.vae_scale_factor
+    _check_source_images(args, family)
     for flag in ("scheduler", "embeddings", "slow_lora", "fast_lora"):
         path = getattr(args, flag)
         if path and not os.path.exists(os.path.expanduser(path)):
@@ -198,6 +207,25 @@ def _check_common(args):
     if getattr(args, "steps", None):
         return None
     return _glance_schedule(args, family, _sizes(args, factor)[2])
+
+
+def _check_source_images(args, family):
+    """--image: the source images of an editing model (read now: their sizes give the output's), as many as it
+    takes; refused for a text-to-image model, or without the VAE that encodes them."""
+    if not hasattr(args, "image") and family.reference_images:
+        raise GlanceError(f"glance-jax eval compares text-to-image samples; {family.name} is an editing model")
+    images = getattr(args, "image", None) or []
+    if family.reference_images and not images:
+        raise GlanceError(f"--model is {family.name}, an editing model: pass the source image with --image")
+    if images and not family.reference_images:
+        raise GlanceError(f"--image: {family.name} is no editing model (a pipeline folder of FLUX.1 Kontext or "
+                          "Qwen-Image-Edit edits)")
+    if len(images) > family.reference_images:
+        raise GlanceError(f"--image given {len(images)} times: {family.name} takes at most "
+                          f"{family.reference_images} source image(s)")
+    if images and not args.vae:
+        raise GlanceError("--image needs the model's VAE to encode it: pass --vae (or a pipeline folder as --model)")
+    args.source_images = [data.read_image(path) for path in images]
 
 
 def _schedule_steps(text):
@@ -252,6 +280,9 @@ def sample_main(argv):
                    ".safetensors (the latents)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=None, help="plain sampling with this many steps instead of Glance")
+    p.add_argument("--image", action="append", default=None,
+                   help="source image of an editing model (FLUX.1 Kontext, Qwen-Image-Edit); repeat it for several "
+                        "(Qwen-Image-Edit-2509 takes up to 3)")
     _common_flags(p)
     args = p.parse_args(argv)
     validation.seed("--seed", args.seed)
@@ -267,12 +298,16 @@ def sample_main(argv):
     if image_out and not args.vae and args.model:
         raise GlanceError("image output of a latent model needs its VAE: pass --vae (or a pipeline folder as "
                           "--model), or use --out x.safetensors")
-    pipe, family = _pipeline(args.model, args.scheduler, args.vae)
+    pipe, family = _pipeline(args.model, args.scheduler, args.vae, args.family)
     height, width, _ = _sizes(args, pipe.vae_scale_factor)
-    prompts = _embeddings(args.embeddings, [args.prompt], args.text_encoders, family)
-    negatives = None if negative is None else _embeddings(args.embeddings, [negative], args.text_encoders, family)
+    sources = args.source_images
+    prompts = _embeddings(args.embeddings, [args.prompt], args.text_encoders, family, sources)
+    negatives = None if negative is None else _embeddings(args.embeddings, [negative], args.text_encoders, family,
+                                                          sources)
     kw = dict(num_inference_steps=args.steps) if args.steps else dict(integration=args.integration,
                                                                        schedule=schedule)
+    if sources:
+        kw["image"] = sources
     if not args.steps:
         kw["slow_lora"] = load_lora(args.slow_lora, pipe.params) if args.slow_lora else None
         kw["fast_lora"] = load_lora(args.fast_lora, pipe.params) if args.fast_lora else None
@@ -307,7 +342,7 @@ def eval_main(argv):
     captions, seeds = _eval_inputs(args)
     schedule = _check_common(args)
     cfg_scale, negative, guidance_scale = _guidance(args)
-    pipe, family = _pipeline(args.model, args.scheduler, args.vae)
+    pipe, family = _pipeline(args.model, args.scheduler, args.vae, args.family)
     height, width, _ = _sizes(args, pipe.vae_scale_factor)
     batch_captions = [c for c in captions for _ in seeds]
     encode = lambda texts: {k: jnp.asarray(v) for k, v in _embeddings(args.embeddings, texts, args.text_encoders,

@@ -105,3 +105,49 @@ def test_edit_inputs_are_refused_in_one_line(kontext):
     with pytest.raises(GlanceError, match="flux takes no source image"):
         flux.sample({k: inputs[k] for k in ("prompt_embeds", "pooled_prompt_embeds")}, image=source_image(64, 96, 0),
                     height=H, width=W, num_inference_steps=2)
+
+
+@pytest.fixture(scope="module")
+def edit_inputs(kontext, tmp_path_factory):
+    """A source image and an embeddings file (one instruction) for the command line."""
+    root, _, _, inputs = kontext
+    folder = tmp_path_factory.mktemp("edit_inputs")
+    source_image(72, 100, 0).save(folder / "source.png")
+    from glance_jax.checkpoints import safetensors_io
+    safetensors_io.save_file({k: inputs[k][:1] for k in ("prompt_embeds", "pooled_prompt_embeds")},
+                             folder / "prompts.safetensors", {"captions": '["make it red"]'})
+    return folder
+
+
+def test_sample_edits_the_source_image(kontext, edit_inputs, tmp_path):
+    """`glance-jax sample --image` on a Kontext pipeline folder: the family from model_index.json, the source image
+    resized to its preferred resolution, the output of the asked size; the same latents as the pipeline."""
+    from glance_jax.checkpoints import safetensors_io
+    from glance_jax.cli import main
+    root, _, pipe, inputs = kontext
+    out = tmp_path / "edit.safetensors"
+    args = ["sample", "--model", str(root), "--embeddings", str(edit_inputs / "prompts.safetensors"),
+            "--prompt", "make it red", "--height", "32", "--width", "48", "--steps", "2", "--seed", "1"]
+    assert main([*args, "--image", str(edit_inputs / "source.png"), "--out", str(out)]) == 0
+    got = safetensors_io.SafetensorsFile(out).read("latents")
+    want = pipe.sample({k: inputs[k][:1] for k in ("prompt_embeds", "pooled_prompt_embeds")},
+                       image=Image.open(edit_inputs / "source.png"), height=32, width=48, num_inference_steps=2,
+                       seed=1, output_type="unpacked_latent")[0]
+    assert got.shape == (4, 6, 16) and relative_error(got, np.asarray(want)) < 1e-5
+
+
+@pytest.mark.parametrize("image,message", [
+    (None, "--model is flux-kontext, an editing model: pass the source image with --image"),
+    ("missing.png", "--image {folder}/missing.png: no such file"),
+    ("prompts.safetensors", "--image {folder}/prompts.safetensors: not a readable image"),
+])
+def test_sample_refuses_a_bad_source_image(kontext, edit_inputs, tmp_path, capsys, image, message):
+    from glance_jax.cli import main
+    out = tmp_path / "edit.safetensors"
+    args = ["sample", "--model", str(kontext[0]), "--embeddings", str(edit_inputs / "prompts.safetensors"),
+            "--prompt", "make it red", "--height", "32", "--width", "48", "--steps", "2", "--out", str(out)]
+    assert main(args + (["--image", str(edit_inputs / image)] if image else [])) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("glance-jax sample: error:"), err
+    assert message.format(folder=edit_inputs) in err[0]
+    assert not out.exists()
