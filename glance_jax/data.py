@@ -54,6 +54,12 @@ class Sample:
     caption: str
     width: int  # training size in pixels, after resizing and cropping
     height: int
+    sources: tuple = ()  # an edit's source images (config.data.sources), each the edited image's size
+
+
+def source_key(index):
+    """The encoded sample's array of source image `index`'s latents (an edit; the edited image is `latents`)."""
+    return f"source_latents_{index}"
 
 
 def training_size(width, height, resolution, multiple):
@@ -63,8 +69,10 @@ def training_size(width, height, resolution, multiple):
     return w - w % multiple, h - h % multiple
 
 
-def find_samples(folder, resolution, multiple=32):
-    """All image/caption pairs of `folder`, validated; raises one GlanceError naming the first problem."""
+def find_samples(folder, resolution, multiple=32, source_dirs=()):
+    """All image/caption pairs of `folder`, validated; raises one GlanceError naming the first problem. For an
+    edit, each of `source_dirs` holds a source image under each image's name (any image extension), of its size:
+    the image is the edit, its caption the instruction."""
     if not os.path.isdir(folder):
         raise GlanceError(f"{folder}: no such folder (config.data.dir)")
     images = sorted(n for n in os.listdir(folder) if n.lower().endswith(IMAGE_EXTENSIONS))
@@ -92,8 +100,32 @@ def find_samples(folder, resolution, multiple=32):
         w, h = training_size(width, height, resolution, multiple)
         if min(w, h) < multiple:
             raise GlanceError(f"{path}: {width}x{height} is too narrow to crop to a multiple of {multiple}")
-        samples.append(Sample(path, caption, w, h))
+        samples.append(Sample(path, caption, w, h, tuple(_source(path, d, (width, height)) for d in source_dirs)))
     return samples
+
+
+def _source(path, folder, size):
+    """The source image in `folder` of the edited image at `path`, checked to be readable and of its `size`."""
+    if not os.path.isdir(folder):
+        raise GlanceError(f"{folder}: no such folder (config.data.sources)")
+    stem = os.path.splitext(os.path.basename(path))[0]
+    found = [n for n in sorted(os.listdir(folder)) if os.path.splitext(n)[0] == stem and
+             n.lower().endswith(IMAGE_EXTENSIONS)]
+    if len(found) != 1:
+        raise GlanceError(f"{path}: {'no' if not found else len(found)} source images named {stem}.* in {folder} "
+                          "(config.data.sources); one is needed")
+    source = os.path.join(folder, found[0])
+    try:
+        with _opened(source) as image:
+            image.verify()
+        with _opened(source) as image:
+            source_size = ImageOps.exif_transpose(image).size
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise GlanceError(f"{source}: unreadable image ({e})") from None
+    if source_size != size:
+        raise GlanceError(f"{source}: {source_size[0]}x{source_size[1]}, its edit {path} is {size[0]}x{size[1]}; "
+                          "a source image and its edit must be the same size")
+    return source
 
 
 @contextlib.contextmanager
@@ -143,9 +175,10 @@ def read_image(path, what="--image"):
         raise GlanceError(f"{what} {path}: not a readable image ({e})") from None
 
 
-def load_image(sample):
-    """The sample's image resized and centre-cropped to its training size: (H, W, 3) float32 in [-1, 1]."""
-    with _opened(sample.image_path) as image:
+def load_image(sample, path=None):
+    """The sample's image (or its source image at `path`) resized and centre-cropped to its training size:
+    (H, W, 3) float32 in [-1, 1]."""
+    with _opened(path or sample.image_path) as image:
         image = as_rgb(image)
         scale = max(sample.width, sample.height) / max(image.size)
         scale = max(scale, sample.width / image.size[0], sample.height / image.size[1])
@@ -203,8 +236,8 @@ class PrecomputedEncoder:
     """
 
     def __init__(self, latent_channels, text_dim, pooled_dim=None, vae_scale_factor=8, with_latents=True,
-                 with_text=True):
-        self.with_latents, self.with_text = with_latents, with_text
+                 with_text=True, sources=0):
+        self.with_latents, self.with_text, self.sources = with_latents, with_text, sources
         self.latent_channels, self.text_dim, self.pooled_dim = latent_channels, text_dim, pooled_dim
         self.vae_scale_factor = vae_scale_factor
 
@@ -225,16 +258,17 @@ class PrecomputedEncoder:
     def encode(self, sample):
         path = self.path(sample)
         f = safetensors_io.SafetensorsFile(path)
-        required = (("latents",) if self.with_latents else ()) + (("prompt_embeds",) if self.with_text else ()) + (
+        latents = ("latents",) + tuple(source_key(i) for i in range(self.sources))  # an edit: its sources' too
+        required = (latents if self.with_latents else ()) + (("prompt_embeds",) if self.with_text else ()) + (
             ("pooled_prompt_embeds",) if self.pooled_dim and self.with_text else ())
         missing = [k for k in required if k not in f.tensors]
         if missing:
             raise GlanceError(f"{path}: missing arrays {', '.join(missing)}")
-        wanted = lambda k: self.with_latents if k == "latents" else self.with_text
+        wanted = lambda k: self.with_latents if k in latents else self.with_text
         arrays = {k: f.read(k).astype(np.int32 if k.endswith("_mask") else np.float32) for k in f.keys() if wanted(k)}
         validation.finite_arrays(arrays, path)
-        want = {"latents": (sample.height // self.vae_scale_factor, sample.width // self.vae_scale_factor,
-                            self.latent_channels)} if self.with_latents else {}
+        grid = (sample.height // self.vae_scale_factor, sample.width // self.vae_scale_factor, self.latent_channels)
+        want = {key: grid for key in latents} if self.with_latents else {}
         if self.pooled_dim and self.with_text:
             want["pooled_prompt_embeds"] = (self.pooled_dim,)
         for key, shape in want.items():
@@ -260,8 +294,9 @@ class VAEEncoder:
     def encode(self, sample):
         vae, params = families.load_model(self.path)
         encode = jax.jit(lambda p, x: vae.apply({"params": p}, x, method="encode")[0])
-        mean = vae.drop_frames(encode(params, vae.add_frames(load_image(sample)[None])))
-        return {"latents": np.asarray(vae.normalize(mean)[0], np.float32)}
+        latents = lambda path: np.asarray(vae.normalize(vae.drop_frames(encode(
+            params, vae.add_frames(load_image(sample, path)[None]))))[0], np.float32)
+        return {"latents": latents(None), **{source_key(i): latents(p) for i, p in enumerate(sample.sources)}}
 
 
 class FlaxTextEncoder:
@@ -283,7 +318,12 @@ class FlaxTextEncoder:
         return self._identity
 
     def encode(self, sample):
-        encoder = self.family.prompt_encoder.from_pretrained(self.path, dtype=checkpoints.parse_dtype(self.dtype))
+        loaded = self.family.prompt_encoder.from_pretrained(self.path, dtype=checkpoints.parse_dtype(self.dtype))
+        encoder = loaded
+        if self.family.prompt_sees_images:  # every prompt sees the edit's source images, as at sampling
+            images = [Image.fromarray(((load_image(sample, p) + 1) * 127.5).round().astype(np.uint8))
+                      for p in sample.sources]
+            encoder = lambda texts: loaded(texts, [images] * len(texts))
         out = {}
         for prefix, text in (("", sample.caption), ("empty_", " ")):  # " ": the official empty prompt
             for key, value in encoder([text]).items():
@@ -291,7 +331,7 @@ class FlaxTextEncoder:
         if self.prompts:  # one row per extra caption
             for key, value in encoder(list(self.prompts)).items():
                 out["teacher_" + key] = np.asarray(value, np.int32 if key.endswith("_mask") else np.float32)
-        del encoder  # the text encoders' memory goes back before the base trains
+        del encoder, loaded  # the text encoders' memory goes back before the base trains
         return out
 
 
@@ -323,8 +363,10 @@ class SampleEncoder:
 
 def encoded_sample(sample, encoder, cache_dir, resolution):
     """The sample's encoded arrays, from the cache if an identical encoding was made before."""
-    with open(sample.image_path, "rb") as f:
-        digest = hashlib.sha256(f.read())
+    digest = hashlib.sha256()
+    for image in (sample.image_path,) + tuple(sample.sources):
+        with open(image, "rb") as f:
+            digest.update(f.read())
     for part in (sample.caption, f"{sample.width}x{sample.height}@{resolution}", encoder.identity(sample)):
         digest.update(b"\0" + part.encode())
     path = os.path.join(cache_dir, digest.hexdigest() + ".safetensors")

@@ -51,10 +51,12 @@ def path_identity(path):
 
 
 def sample_identity(sample):
-    """sha256 of the sample's image bytes, caption, training size and any precomputed encodings beside it."""
+    """sha256 of the sample's image bytes (and its source images', for an edit), caption, training size and any
+    precomputed encodings beside it."""
     digest = hashlib.sha256()
-    with open(sample.image_path, "rb") as f:
-        digest.update(f.read())
+    for image in (sample.image_path,) + tuple(sample.sources):
+        with open(image, "rb") as f:
+            digest.update(f.read())
     digest.update(f"\0{sample.caption}\0{sample.width}x{sample.height}".encode())
     encodings = os.path.splitext(sample.image_path)[0] + ".safetensors"
     if os.path.isfile(encodings):

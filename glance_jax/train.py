@@ -163,7 +163,8 @@ def resolve(config, workdir, fresh):
     cleared if `fresh`) and checked against the run's fingerprint, the base's header read and checked."""
     train_config.check(config)  # every value, before anything is loaded
     transformer, vae, text_encoders = _model_paths(config)
-    samples = data.find_samples(os.path.expanduser(config.data.dir), config.data.resolution, config.data.multiple)
+    samples = data.find_samples(os.path.expanduser(config.data.dir), config.data.resolution, config.data.multiple,
+                                [os.path.expanduser(d) for d in config.data.sources])
     if len(samples) != 1:
         raise GlanceError(f"{config.data.dir}: {len(samples)} image/caption pairs; Glance trains on exactly one")
     if jax.process_index() == 0:
@@ -195,8 +196,8 @@ def _model_paths(config):
 
 def _check_model(config, held):
     """Checks the config against the base's header (`held`); returns its family."""
-    family = families.of(held)
-    if family is not families.get(config.family):
+    family = families.get(config.family)
+    if not isinstance(held, family.transformer):
         raise GlanceError(f"config.model.path holds a {type(held).__name__}, config.family is {config.family!r}")
     if not family.takes_guidance(held) and config.model.guidance not in (None, 1.0):
         raise GlanceError("config.model.guidance: this model has no guidance embedding")
@@ -214,7 +215,7 @@ def encode(config, sources):
     held, family = sources.held, sources.family
     precomputed = data.PrecomputedEncoder(family.latent_channels(held), family.text_dim(held), family.pooled_dim(held),
                                           sources.pixels_per_latent, with_latents=not sources.vae,
-                                          with_text=not sources.text_encoders)
+                                          with_text=not sources.text_encoders, sources=len(sources.sample.sources))
     prompts = tuple(config.teacher.prompts)
     encoder = data.SampleEncoder(data.VAEEncoder(sources.vae) if sources.vae else None,
                                  data.FlaxTextEncoder(family, sources.text_encoders,
@@ -258,6 +259,8 @@ def training_batch(family, model, arrays, guidance):
     # every group of encodings with a leading axis of captions: one for the caption and the empty prompt
     encodings = {p: {k[len(p):]: np.asarray(v) if p == "teacher_" else np.asarray(v)[None]
                      for k, v in arrays.items() if k.startswith(p + "p")} for p in prompts}
+    sources = tuple(np.asarray(arrays[data.source_key(i)])[None] for i in range(family.reference_images)
+                    if data.source_key(i) in arrays)  # an edit: the source images' latents, beside every caption's
     if family.masked_text:
         length = max(e["prompt_embeds"].shape[1] for e in encodings.values())
         for e in encodings.values():
@@ -267,13 +270,17 @@ def training_batch(family, model, arrays, guidance):
     elif any(e["prompt_embeds"].shape[1:] != arrays["prompt_embeds"].shape for e in encodings.values()):
         raise GlanceError("empty_prompt_embeds and teacher_prompt_embeds must have the shape of prompt_embeds (FLUX "
                           f"pads to a fixed length): {arrays['prompt_embeds'].shape} for the caption")
+    for p in ("", "empty_"):  # the teacher's extra captions give text inputs only
+        if sources and p in encodings:
+            encodings[p]["image_latents"] = sources
     batch["cond"], static = family.conditioning(model, encodings[""], rows, cols, guidance)
     if "empty_" in encodings:
         empty, _ = family.conditioning(model, encodings["empty_"], rows, cols, guidance)
         batch["empty_cond"] = {k: v for k, v in empty.items() if v is not None}
     texts = batch["cond"]  # the teacher's captions: the caption, then the extra ones
     if "teacher_" in encodings:
-        both = {k: np.concatenate([v, encodings["teacher_"][k]]) for k, v in encodings[""].items()}
+        both = {k: np.concatenate([v, encodings["teacher_"][k]]) for k, v in encodings[""].items()
+                if k != "image_latents"}
         texts, _ = family.conditioning(model, both, rows, cols, guidance)
     batch["teacher_texts"] = {k: texts[k][:, None] for k in family.text_inputs if texts.get(k) is not None}
     return batch, static

@@ -65,6 +65,18 @@ def _resolution(name, value, config):
     validation.multiple_of(name, value, config.data.multiple)
 
 
+def _sources(name, value, config):
+    """An editing family's source-image folders: one to as many as it takes; none for a text-to-image family."""
+    family = families.get(config.family)
+    if isinstance(value, str) or not all(isinstance(v, str) and v for v in value):
+        raise GlanceError(f"{name} {value!r}: a tuple of folders, e.g. ('~/edit/source',)")
+    if family.reference_images and not 1 <= len(value) <= family.reference_images:
+        raise GlanceError(f"{name}: {family.name} edits 1 to {family.reference_images} source image(s), one folder "
+                          f"each; {len(value)} given")
+    if value and not family.reference_images:
+        raise GlanceError(f"{name}: {family.name} is no editing model; leave it empty")
+
+
 def _weight_decay(name, value, config):
     validation.finite_number(name, value)
     if value < 0:
@@ -158,6 +170,9 @@ FIELDS = (
 
     Field("data.dir", "", _required, "the folder of the one image with its same-name .txt caption",
           fingerprinted=False, because="the sample's content is fingerprinted instead (runstate.sample_identity)"),
+    Field("data.sources", (), _sources, "an editing model's source images: folders, one per source image, each "
+          "holding it under the edited image's name", fingerprinted=False,
+          because="the source images' content is fingerprinted with the sample's (runstate.sample_identity)"),
     Field("data.multiple", 32, _value(validation.positive_int),
           "crop to a multiple of this many pixels (and of the model's 2 x 2 patch, checked once it is known)"),
     Field("data.resolution", 1024, _resolution, "the long side in pixels"),

@@ -1,5 +1,8 @@
 """Editing models against diffusers' edit pipelines (fp32, tiny random models): FLUX.1 Kontext."""
 
+import json
+import pathlib
+
 import numpy as np
 import pytest
 import torch
@@ -17,6 +20,7 @@ from glance_jax.pipelines import FluxKontextGlancePipeline, GlancePipeline
 from torch_peers import randomize_, relative_error
 
 TOLERANCE = 1e-4
+REPO = pathlib.Path(__file__).resolve().parent.parent
 KONTEXT = dict(in_channels=64, num_layers=1, num_single_layers=2, attention_head_dim=16, num_attention_heads=2,
                joint_attention_dim=24, pooled_projection_dim=20, guidance_embeds=True, axes_dims_rope=[4, 6, 6])
 VAE = dict(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(8, 16, 16, 16),
@@ -151,3 +155,105 @@ def test_sample_refuses_a_bad_source_image(kontext, edit_inputs, tmp_path, capsy
     assert len(err) == 1 and err[0].startswith("glance-jax sample: error:"), err
     assert message.format(folder=edit_inputs) in err[0]
     assert not out.exists()
+
+
+# ---- training on one edit ----
+
+def write_edit_sample(root, size=(96, 64)):
+    """An edit sample laid out as configs/flux_kontext.py describes: edited/NAME.png + NAME.txt, source/NAME.png, and
+    random stand-ins for the text encodings (NAME.safetensors beside the edited image)."""
+    (root / "edited").mkdir()
+    (root / "source").mkdir()
+    source_image(size[1], size[0], 5).save(root / "source" / "cat.png")
+    Image.fromarray(255 - np.asarray(source_image(size[1], size[0], 5))).save(root / "edited" / "cat.png")
+    (root / "edited" / "cat.txt").write_text("invert the colours")
+    from glance_jax.checkpoints import safetensors_io
+    rng = np.random.default_rng(0)
+    safetensors_io.save_file({"prompt_embeds": rng.standard_normal((7, 24), dtype=np.float32),
+                              "pooled_prompt_embeds": rng.standard_normal((20,), dtype=np.float32),
+                              "empty_prompt_embeds": rng.standard_normal((7, 24), dtype=np.float32),
+                              "empty_pooled_prompt_embeds": rng.standard_normal((20,), dtype=np.float32)},
+                             root / "edited" / "cat.safetensors")
+
+
+def kontext_config(root, folder, **overrides):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("flux_kontext", REPO / "configs" / "flux_kontext.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    c = module.get_config("tiny")
+    c.model.path, c.data.dir, c.data.sources = str(root), str(folder / "edited"), (str(folder / "source"),)
+    c.data.resolution, c.data.multiple, c.data.cache_dir = 96, 16, str(folder / "cache")
+    c.steps = 4
+    for key, value in overrides.items():
+        node = c
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return c
+
+
+def test_kontext_trains_on_one_edit_and_diffusers_applies_the_lora(kontext, tmp_path):
+    """Both phases of the data target on one edit (the source image's latents beside the noised edit), then the
+    exported Slow-LoRA in diffusers' FluxKontextPipeline (load_lora_weights) gives the latents it gives here."""
+    from glance_jax import lora
+    from glance_jax.train import train
+    root, torch_pipe, pipe, inputs = kontext
+    write_edit_sample(tmp_path)
+    written = train(kontext_config(root, tmp_path, phase="both"), tmp_path / "run")
+    assert set(written) == {"slow", "fast"}
+    with open(tmp_path / "run" / "metrics.jsonl") as f:
+        losses = [json.loads(line)["loss"] for line in f]
+    assert len(losses) == 8 and np.all(np.isfinite(losses))
+    tree = lora.load_lora(written["slow"], pipe.params)
+    merged = FluxKontextGlancePipeline(pipe.model, lora.merged_params(pipe.params, tree), FLUX_SCHEDULER,
+                                       vae=pipe.vae)
+    kw = dict(inputs, image=source_image(72, 100, 0), height=H, width=W, max_area=H * W, _auto_resize=False,
+              num_inference_steps=3, guidance_scale=3.5)
+    torch_pipe.load_lora_weights(str(tmp_path / "run"), weight_name="slow_lora.safetensors")
+    try:
+        want = run_diffusers(torch_pipe, **kw)
+    finally:
+        torch_pipe.unload_lora_weights()
+    got = merged(**kw)
+    err = relative_error(got, want)
+    print(f"Kontext Slow-LoRA trained here, in diffusers' FluxKontextPipeline vs here: {err:.2e}")
+    assert err <= TOLERANCE, f"{err:.2e} > {TOLERANCE}"
+    assert relative_error(pipe(**kw), want) > 100 * TOLERANCE  # the LoRA changed the output
+
+
+def test_kontext_teacher_target_draws_trajectories_from_the_source(kontext, tmp_path):
+    from glance_jax.train import prepare, train_phases
+    root = kontext[0]
+    write_edit_sample(tmp_path)
+    config = kontext_config(root, tmp_path, phase="both", target="teacher", **{"teacher.trajectories": 2,
+                                                                               "teacher.substeps": 10})
+    run = prepare(config, tmp_path / "run")
+    assert run.batch["cond"]["reference_hidden_states"].shape == (1, 24, 64)  # the 64 x 96 source, packed
+    assert set(train_phases(run)) == {"slow", "fast"}
+
+
+@pytest.mark.parametrize("problem,message", [
+    ("no_source", "no source images named cat.* in {folder}/source (config.data.sources); one is needed"),
+    ("size", "{folder}/source/cat.png: 80x64, its edit {folder}/edited/cat.png is 96x64; a source image and its "
+             "edit must be the same size"),
+    ("no_folder", "config.data.sources: flux-kontext edits 1 to 1 source image(s), one folder each; 0 given"),
+])
+def test_bad_edit_samples_are_refused_before_any_load(kontext, tmp_path, capsys, problem, message):
+    from glance_jax.cli import main
+    write_edit_sample(tmp_path)
+    sources = f"('{tmp_path / 'source'}',)"
+    if problem == "no_source":
+        (tmp_path / "source" / "cat.png").unlink()
+    elif problem == "size":
+        source_image(64, 80, 5).save(tmp_path / "source" / "cat.png")
+    elif problem == "no_folder":
+        sources = "()"
+    code = main(["train", "--config", str(REPO / "configs" / "flux_kontext.py") + ":tiny", "--workdir",
+                 str(tmp_path / "run"), f"--config.model.path={kontext[0]}", f"--config.data.dir={tmp_path / 'edited'}",
+                 f"--config.data.sources={sources}", "--config.data.resolution=96", "--config.data.multiple=16"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1 and err[0].startswith("glance-jax train: error:"), err
+    assert message.format(folder=tmp_path) in err[0], err[0]
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())

@@ -240,6 +240,7 @@ def test_bad_flags(setup, tmp_path, capsys, args, message):
 
 
 CONFIG_ARGS = {"flux.py": ("slow", "fast", "both", "teacher", "tiny"),
+               "flux_kontext.py": ("slow", "fast", "both", "teacher", "tiny"),
                "qwen_image.py": ("slow", "fast", "both", "teacher", "teacher_onepass")}
 
 
@@ -256,6 +257,8 @@ def test_every_config_file_loads():
         for arg in args:
             config = module.get_config(arg)
             config.model.path, config.data.dir = "/base", "/sample"
+            if families.get(config.family).reference_images:  # an edit: the source image's folder too
+                config.data.sources = ("/source",)
             train_config.check(config)
             assert config.lora.alpha == 4 * config.lora.rank
             assert config.phase == (arg if arg in ("slow", "fast") else "both")
