@@ -321,9 +321,9 @@ class FlaxTextEncoder:
         loaded = self.family.prompt_encoder.from_pretrained(self.path, dtype=checkpoints.parse_dtype(self.dtype))
         encoder = loaded
         if self.family.prompt_sees_images:  # every prompt sees the edit's source images, as at sampling
-            images = [Image.fromarray(((load_image(sample, p) + 1) * 127.5).round().astype(np.uint8))
-                      for p in sample.sources]
-            encoder = lambda texts: loaded(texts, [images] * len(texts))
+            images = self.family.prompt_images([Image.fromarray(
+                ((load_image(sample, p) + 1) * 127.5).round().astype(np.uint8)) for p in sample.sources])
+            encoder = lambda texts: loaded(texts, images)
         out = {}
         for prefix, text in (("", sample.caption), ("empty_", " ")):  # " ": the official empty prompt
             for key, value in encoder([text]).items():

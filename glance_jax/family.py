@@ -96,6 +96,11 @@ class Family:
         """(height, width) of an edit of a `height` x `width` source image when no size is asked for."""
         return self.reference_size(height, width)
 
+    def prompt_images(self, images):
+        """The source images (PIL) as the prompt encoder is handed them (`prompt_sees_images`), resized as the
+        family's diffusers pipeline resizes them for it."""
+        return images
+
     # ---- text and conditioning ----
 
     def text_dim(self, model):

@@ -357,7 +357,7 @@ class GlancePipeline:
             raise GlanceError("prompt strings need a prompt encoder: build the pipeline with prompt_encoder=... "
                               "(the family's), or pass prompt_embeds")
         if self.family.prompt_sees_images:
-            return self.prompt_encoder(prompt, [self._pil(i) for i in images])
+            return self.prompt_encoder(prompt, self.family.prompt_images([self._pil(i) for i in images]))
         return self.prompt_encoder(prompt)
 
     def _source_images(self, image):

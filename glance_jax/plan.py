@@ -234,7 +234,7 @@ def step_program(model, args, mesh):
     """The real train or sampling step of `model` on `mesh`, from abstract shapes: a dict with `lower` (-> the
     jit-lowered program), `flops` (-> XLA's FLOP count of the step, every block counted), the sampling `batch`,
     and the per-device bytes of the parameters and of the LoRA + Adam state."""
-    family = families.of(model)
+    family = families.of_variant(args.model)[0]  # an editing variant shares its transformer class
     text = family.plan_text_tokens
     sizes = dict(mesh.shape)
     sds = lambda tree, shardings: jax.tree_util.tree_map(
@@ -249,6 +249,8 @@ def step_program(model, args, mesh):
         (batch, side, side, family.latent_channels(model)), jnp.float32))
     rows, cols = family.token_grid(x_sds.shape[:1] + (side, side, 1))
     encodings = family.example_encodings(model, batch, text)
+    if family.reference_images:  # an edit: one source image of the target's size, its tokens beside the image's
+        encodings["image_latents"] = (jnp.zeros((batch, side, side, family.latent_channels(model)), model.dtype),)
     _, static = family.conditioning(model, encodings, rows, cols)
     cond = jax.eval_shape(lambda e: family.conditioning(model, e, rows, cols)[0], encodings)
     cond_sh = jax.tree_util.tree_map(lambda x: sharding.batch_sharding(mesh, x.shape) if x.shape[0] == batch else

@@ -51,7 +51,8 @@ def _embeddings(path, captions, text_encoders, family, images=()):
     whose prompts see them), or read from an embeddings file."""
     if text_encoders:
         encoder = family.prompt_encoder.from_pretrained(text_encoders)
-        encoded = encoder(captions, list(images)) if family.prompt_sees_images else encoder(captions)
+        encoded = encoder(captions, family.prompt_images(list(images))) if family.prompt_sees_images else \
+            encoder(captions)
         return {k: np.asarray(v) for k, v in encoded.items()}
     f = safetensors_io.SafetensorsFile(path or teacher.PROMPTS_FILE)
     try:
