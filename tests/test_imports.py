@@ -28,8 +28,10 @@ LAYERS = (  # (layer, module patterns); the first layer whose patterns match a m
     ("checkpoints", ("glance_jax.checkpoints", "glance_jax.checkpoints.*")),
     ("models", ("glance_jax.modules", "glance_jax.modules.*", "glance_jax.models", "glance_jax.*.transformer",
                 "glance_jax.*.vae", "glance_jax.*.text_encoder", "glance_jax.*.text_encoders", "glance_jax.*.bfl",
-                "glance_jax.flux", "glance_jax.qwen_image")),
-    ("io", ("glance_jax.lora_formats", "glance_jax.*.lora_names", "glance_jax.prompts", "glance_jax.*.prompts")),
+                "glance_jax.flux", "glance_jax.qwen_image",
+                "glance_jax.qwen_image_edit", "glance_jax.qwen_image_edit.vision")),
+    ("io", ("glance_jax.lora_formats", "glance_jax.*.lora_names", "glance_jax.prompts", "glance_jax.*.prompts",
+            "glance_jax.qwen_image_edit.processor")),
     ("app", ("glance_jax.*",)),
 )
 RANK = {name: i for i, (name, _) in enumerate(LAYERS)}

@@ -44,10 +44,11 @@ class QwenLayer(nn.Module):
 
 
 def rotate(x, cos, sin):
-    """RoPE by halves (rotate_half) on (B, T, heads, d) with cos/sin (T, d)."""
+    """RoPE by halves (rotate_half) on (B, T, heads, d) with cos/sin (T, d), or (B, T, d) (per-sequence positions)."""
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
     rotated = jnp.concatenate([-x2, x1], axis=-1)
-    return (x.astype(jnp.float32) * cos[None, :, None] + rotated * sin[None, :, None]).astype(x.dtype)
+    cos, sin = (c[None, :, None] if c.ndim == 2 else c[:, :, None] for c in (cos, sin))
+    return (x.astype(jnp.float32) * cos + rotated * sin).astype(x.dtype)
 
 
 class Qwen25VLTextModel(TextEncoder, nn.Module):

@@ -1,0 +1,1 @@
+"""Qwen-Image-Edit (and 2509 Plus): Qwen-Image's transformer with reference latents, prompts that see the image."""
