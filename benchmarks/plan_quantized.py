@@ -2,11 +2,13 @@
 
 FLUX.1-dev and Qwen-Image at 1024 x 1024 on one device, the official LoRA preset, rank and AdamW (fp32
 moments, and bf16 moments for the quantized rows with full remat), for the remat policies none, dots and
-full. Each row is one `glance-jax plan` run (a full-size compile from abstract shapes, ~30 s and several GB
-on this machine's CPU backend), run one at a time.
+full; the editing models (FLUX.1 Kontext, Qwen-Image-Edit) with one 1024 x 1024 source image, bf16 and fp8,
+dots and full. Each row is one `glance-jax plan` run (a full-size compile from abstract shapes, ~30 s and
+several GB on this machine's CPU backend), run one at a time.
 
-    python benchmarks/plan_quantized.py              # about 15 minutes on 2 CPU cores
-    python benchmarks/plan_quantized.py fp8,int8     # only the quantized rows
+    python benchmarks/plan_quantized.py                          # about 25 minutes on 2 CPU cores
+    python benchmarks/plan_quantized.py fp8,int8                 # only the quantized rows
+    python benchmarks/plan_quantized.py none,fp8 flux-kontext,qwen-image-edit   # only these models
 """
 
 import json
@@ -17,7 +19,9 @@ import sys
 MODELS = ("flux-dev", "qwen-image")
 RUNS = ([(model, remat, quantize, "fp32") for model in MODELS for quantize in ("none", "fp8", "int8")
          for remat in ("none", "dots", "full")]
-        + [(model, "full", quantize, "bf16") for model in MODELS for quantize in ("fp8", "int8")])
+        + [(model, "full", quantize, "bf16") for model in MODELS for quantize in ("fp8", "int8")]
+        + [(model, remat, quantize, "fp32") for model in ("flux-kontext", "qwen-image-edit")
+           for quantize in ("none", "fp8") for remat in ("dots", "full")])
 
 
 def plan(model, remat, quantize, state_dtype):
@@ -29,12 +33,13 @@ def plan(model, remat, quantize, state_dtype):
 
 def main():
     bases = sys.argv[1].split(",") if len(sys.argv) > 1 else ("none", "fp8", "int8")
+    models = sys.argv[2].split(",") if len(sys.argv) > 2 else None
     gib = lambda b: f"{b / 2 ** 30:.1f}"
     print("| model | base | remat | Adam moments | params / device GiB | LoRA + Adam GiB | peak / device GiB | "
           "TFLOP / step | compile s |")
     print("|---|---|---|---|---|---|---|---|---|")
     for model, remat, quantize, state_dtype in RUNS:
-        if quantize not in bases:
+        if quantize not in bases or (models and model not in models):
             continue
         r = plan(model, remat, quantize, state_dtype)
         base = "bf16" if quantize == "none" else quantize

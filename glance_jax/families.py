@@ -17,8 +17,10 @@ from glance_jax.flux.adapter import FLUX
 from glance_jax.flux_kontext.adapter import FLUX_KONTEXT
 from glance_jax.modules.identity_vae import IdentityVAE
 from glance_jax.qwen_image.adapter import QWEN_IMAGE
+from glance_jax.qwen_image_edit.adapter import QWEN_IMAGE_EDIT, QWEN_IMAGE_EDIT_PLUS
 
-FAMILIES = (FLUX, FLUX_KONTEXT, QWEN_IMAGE)  # a new family: its adapter here (a shared transformer: after its own)
+# a new family: its adapter here (one that shares another's transformer: after it)
+FAMILIES = (FLUX, FLUX_KONTEXT, QWEN_IMAGE, QWEN_IMAGE_EDIT, QWEN_IMAGE_EDIT_PLUS)
 NAMES = tuple(f.name for f in FAMILIES)
 VARIANTS = tuple(v for f in FAMILIES for v in f.variants)  # the planner's model names
 # every model class a checkpoint may hold (the identity VAE: a pixel-space model's "VAE" folder)

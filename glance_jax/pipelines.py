@@ -248,11 +248,11 @@ class GlancePipeline:
         many, PIL or (H, W, 3) in [0, 1], shared by every prompt): each is resized to `image_size` ((height,
         width); default the family's size for it, `family.reference_size`), VAE-encoded and appended to the
         image tokens of both conditionings; a prompt encoder that sees images gets them too. `height` and
-        `width` default to 1024, or for an edit to `family.output_size` of the first source image.
+        `width` default to 1024, or for an edit to `family.output_size` of the last source image.
         """
         images = self._source_images(image)
         if images and (height is None or width is None):
-            height, width = self.family.output_size(*images[0].shape[:2])
+            height, width = self.family.output_size(*images[-1].shape[:2])
         height, width = height or 1024, width or 1024
         if prompt is not None:
             encodings = self._encode(prompt, images)
@@ -491,3 +491,32 @@ class QwenImageGlancePipeline(GlancePipeline):
                             "prompt_embeds_mask": negative_prompt_embeds_mask},
                            prompt, negative_prompt, latents, height, width, num_inference_steps, schedule, None,
                            true_cfg_scale, slow_lora, fast_lora, lora_scale, integration, seed, output_type, lora_mode)
+
+
+class QwenImageEditGlancePipeline(GlancePipeline):
+    """Slow-Fast editing with Qwen-Image-Edit: the transformer `(model, params)`, a scheduler dict and the VAE."""
+
+    family = families.QWEN_IMAGE_EDIT
+
+    def __call__(self, image=None, prompt=None, negative_prompt=None, true_cfg_scale=4.0, height=None, width=None,
+                 num_inference_steps=None, schedule=None, latents=None, prompt_embeds=None, prompt_embeds_mask=None,
+                 negative_prompt_embeds=None, negative_prompt_embeds_mask=None, output_type="latent",
+                 slow_lora=None, fast_lora=None, lora_scale=1.0, integration="consistent", seed=0, lora_mode=None):
+        """`sample` with diffusers' QwenImageEditPipeline (QwenImageEditPlusPipeline) arguments and sizes: each
+        source image is VAE-encoded at about 1024 x 1024 (multiples of 32) and seen by the prompt encoder; the
+        edit has the last one's size unless `height` and `width` are given (cut to multiples of 16). True CFG
+        (two passes a step, norm rescale) runs with a negative prompt and `true_cfg_scale > 1`."""
+        multiple = 2 * self.vae_scale_factor
+        height, width = (None if v is None else v // multiple * multiple for v in (height, width))
+        return self.sample({"prompt_embeds": prompt_embeds, "prompt_embeds_mask": prompt_embeds_mask},
+                           {"prompt_embeds": negative_prompt_embeds,
+                            "prompt_embeds_mask": negative_prompt_embeds_mask},
+                           prompt, negative_prompt, latents, height, width, num_inference_steps, schedule, None,
+                           true_cfg_scale, slow_lora, fast_lora, lora_scale, integration, seed, output_type, lora_mode,
+                           image)
+
+
+class QwenImageEditPlusGlancePipeline(QwenImageEditGlancePipeline):
+    """Slow-Fast editing with Qwen-Image-Edit-2509 ("Plus"): up to three source images."""
+
+    family = families.QWEN_IMAGE_EDIT_PLUS

@@ -257,3 +257,60 @@ def test_bad_edit_samples_are_refused_before_any_load(kontext, tmp_path, capsys,
     assert code == 1 and len(err) == 1 and err[0].startswith("glance-jax train: error:"), err
     assert message.format(folder=tmp_path) in err[0], err[0]
     assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
+
+
+# ---- Qwen-Image-Edit and Qwen-Image-Edit-2509 (Plus): the sampler, with prompt embeddings given ----
+
+QWEN = dict(patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16, num_attention_heads=2,
+            joint_attention_dim=24, axes_dims_rope=[4, 6, 6])
+QWEN_VAE = dict(base_dim=8, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1, temperal_downsample=[False, True, True],
+                latents_mean=[0.1, -0.2, 0.3, 0.0], latents_std=[1.5, 0.5, 2.0, 1.0])
+
+
+@pytest.fixture(scope="module")
+def qwen_edit(tmp_path_factory):
+    """Tiny Qwen-Image-Edit and -2509 pipelines (one transformer, one VAE) saved by diffusers, and ours."""
+    from diffusers import AutoencoderKLQwenImage as TorchQwenVAE
+    from diffusers import QwenImageEditPipeline, QwenImageEditPlusPipeline
+    from diffusers import QwenImageTransformer2DModel as TorchQwen
+    from glance_jax.models import AutoencoderKLQwenImage, QwenImageTransformer2DModel
+    from glance_jax.pipelines import QwenImageEditGlancePipeline, QwenImageEditPlusGlancePipeline
+    from glance_jax.qwen_image.adapter import SCHEDULER
+    root = tmp_path_factory.mktemp("qwen_edit")
+    parts = dict(scheduler=FlowMatchEulerDiscreteScheduler.from_config(SCHEDULER),
+                 vae=randomize_(TorchQwenVAE(**QWEN_VAE), seed=1).eval(), text_encoder=None, tokenizer=None,
+                 processor=None, transformer=randomize_(TorchQwen(**QWEN), seed=0).eval())
+    torch_pipes = {"edit": QwenImageEditPipeline(**parts), "plus": QwenImageEditPlusPipeline(**parts)}
+    for name, p in torch_pipes.items():
+        p.set_progress_bar_config(disable=True)
+        p.save_pretrained(root / name)
+    base = (QwenImageTransformer2DModel.from_pretrained(root / "edit" / "transformer"), SCHEDULER)
+    vae = AutoencoderKLQwenImage.from_pretrained(root / "edit" / "vae")
+    ours = {"edit": QwenImageEditGlancePipeline(*base[0], base[1], vae=vae),
+            "plus": QwenImageEditPlusGlancePipeline(*base[0], base[1], vae=vae)}
+    return root, torch_pipes, ours
+
+
+@pytest.mark.parametrize("variant,images", [("edit", 1), ("plus", 2)])
+def test_qwen_image_edit_matches_diffusers(qwen_edit, variant, images):
+    """Latents after 4 steps of true CFG 4 (two passes, norm rescale) from odd-sized source images, each VAE-encoded
+    at about 1024 x 1024, the edit 64 x 96; prompt embeddings of different lengths (masks)."""
+    _, torch_pipes, ours = qwen_edit
+    rng = np.random.default_rng(6)
+    mask = np.ones((B, 7), np.int64)
+    mask[1, 5:] = 0
+    inputs = dict(prompt_embeds=rng.standard_normal((B, 7, 24), dtype=np.float32), prompt_embeds_mask=mask,
+                  negative_prompt_embeds=rng.standard_normal((B, 5, 24), dtype=np.float32),
+                  negative_prompt_embeds_mask=np.ones((B, 5), np.int64),
+                  latents=rng.standard_normal((B, (H // 16) * (W // 16), 16), dtype=np.float32))
+    if variant == "plus":  # diffusers' QwenImageEditPlusPipeline takes one prompt at a time
+        inputs = {k: v[:1] for k, v in inputs.items()}
+    sources = [source_image(72, 100, 0), source_image(90, 60, 2)][:images]
+    image = sources[0] if images == 1 else sources
+    kw = dict(inputs, image=image, height=H, width=W, num_inference_steps=4, true_cfg_scale=4.0)
+    want = run_diffusers(torch_pipes[variant], **kw)
+    got = ours[variant](**kw)
+    err = relative_error(got, want)
+    print(f"Qwen-Image-{variant}, {images} source image(s), 4 steps of true CFG 4 vs diffusers: {err:.2e}")
+    assert err <= TOLERANCE, f"{err:.2e} > {TOLERANCE}"
+    assert ours[variant].last_nfe == 8
