@@ -46,7 +46,7 @@ def smart_resize(height, width, factor=28, min_pixels=56 * 56, max_pixels=28 * 2
     return h, w
 
 
-def rgb(image):
+def _rgb(image):
     """A PIL image in RGB, transparency composited onto white (transformers' `convert_to_rgb`)."""
     from PIL import Image
 
@@ -101,7 +101,7 @@ class QwenVLImageProcessor:
 
     def pixels(self, image):
         """One PIL image as a (C, H, W) float32 array, resized, rescaled and normalized."""
-        image = rgb(image) if self.do_convert_rgb else image
+        image = _rgb(image) if self.do_convert_rgb else image
         if self.do_resize:
             height, width = self.resized_size(image.height, image.width)
             image = image.resize((width, height), resample=self.resample)

@@ -55,7 +55,7 @@ def vision_layout(grid_thw, spatial_merge_size, window_size, patch_size):
     - `order`: patch permutation into window order (transformers' `window_index`, expanded to whole merge blocks);
     - `positions`: (patches, 2) row and column of each patch, in that order;
     - `restore`: merged-token permutation back to image order (argsort of `window_index`);
-    - `full`, `windows`: the attention segments of each kind (`segments` of their boundaries).
+    - `full`, `windows`: the attention segments of each kind (`_segments` of their boundaries).
     """
     m = spatial_merge_size
     unit = m * m
@@ -84,10 +84,10 @@ def vision_layout(grid_thw, spatial_merge_size, window_size, patch_size):
     window_index = np.concatenate(window_index)
     order = (window_index[:, None] * unit + np.arange(unit)[None]).reshape(-1)
     return {"order": order, "positions": np.concatenate(positions)[order], "restore": np.argsort(window_index),
-            "full": segments(frame_bounds), "windows": segments(window_bounds)}
+            "full": _segments(frame_bounds), "windows": _segments(window_bounds)}
 
 
-def segments(bounds):
+def _segments(bounds):
     """(gather, valid, scatter) for the segments [bounds[i], bounds[i + 1]) of a sequence: `x[gather]` is the
     (segments, longest, ...) padded batch, `valid` its key mask, `batch.reshape(-1, ...)[scatter]` the sequence."""
     bounds = np.asarray(bounds)
@@ -100,9 +100,9 @@ def segments(bounds):
     return gather, valid, scatter
 
 
-def segment_attention(q, k, v, segments_, implementation):
-    """Attention of (N, heads, d) queries within each segment (`segments` of the sequence)."""
-    gather, valid, scatter = segments_
+def _segment_attention(q, k, v, segments, implementation):
+    """Attention of (N, heads, d) queries within each segment (`_segments` of the sequence)."""
+    gather, valid, scatter = segments
     n, heads, d = q.shape
     if gather.shape[0] == 1 and valid.all():  # one segment: the whole sequence
         return attention(q[None], k[None], v[None], None, implementation)[0]
@@ -110,7 +110,7 @@ def segment_attention(q, k, v, segments_, implementation):
     return out.reshape(-1, heads, d)[scatter]
 
 
-def rotary(positions, head_dim, theta):
+def _rotary(positions, head_dim, theta):
     """cos, sin (N, head_dim) of the vision RoPE: row angles, then column angles, the pair repeated (float32)."""
     dim = head_dim // 2
     inv_freq = 1.0 / (theta ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)))
@@ -146,14 +146,14 @@ class VisionBlock(nn.Module):
     attention_implementation: str
 
     @nn.compact
-    def __call__(self, x, cos, sin, segments_):
+    def __call__(self, x, cos, sin, segments):
         n, d = x.shape
         head_dim = d // self.heads
         h = RMSNorm(1e-6, self.dtype, self.dtype, name="norm1")(x)
         qkv = dense(3 * d, "attn.qkv", self.dtype)(h).reshape(n, 3, self.heads, head_dim)
         q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
         q, k = rotate(q[None], cos, sin)[0], rotate(k[None], cos, sin)[0]
-        out = segment_attention(q, k, v, segments_, self.attention_implementation).reshape(n, d)
+        out = _segment_attention(q, k, v, segments, self.attention_implementation).reshape(n, d)
         x = x + dense(d, "attn.proj", self.dtype)(out)
         h = RMSNorm(1e-6, self.dtype, self.dtype, name="norm2")(x)
         h = jax.nn.silu(dense(self.intermediate, "mlp.gate_proj", self.dtype)(h)) * dense(
@@ -201,8 +201,8 @@ class Qwen25VisionTransformer(nn.Module):
         x = PatchEmbed(self.hidden_size, self.in_channels, self.temporal_patch_size, self.patch_size, self.dtype,
                        self.param_dtype, name="patch_embed.proj")(pixel_values)
         x = x[layout["order"]]
-        cos, sin = (jnp.asarray(a) for a in rotary(layout["positions"], self.hidden_size // self.num_heads,
-                                                   self.rope_theta))
+        cos, sin = (jnp.asarray(a) for a in _rotary(layout["positions"], self.hidden_size // self.num_heads,
+                                                    self.rope_theta))
         for i in range(self.depth):
             kind = layout["full"] if i in self.fullatt_block_indexes else layout["windows"]
             x = VisionBlock(self.num_heads, self.intermediate_size, self.dtype, self.attention_implementation,
