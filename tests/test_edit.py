@@ -314,3 +314,44 @@ def test_qwen_image_edit_matches_diffusers(qwen_edit, variant, images):
     print(f"Qwen-Image-{variant}, {images} source image(s), 4 steps of true CFG 4 vs diffusers: {err:.2e}")
     assert err <= TOLERANCE, f"{err:.2e} > {TOLERANCE}"
     assert ours[variant].last_nfe == 8
+
+
+def test_qwen_image_edit_trains_on_one_edit_and_diffusers_applies_the_lora(qwen_edit, tmp_path):
+    """configs/qwen_image_edit.py (both phases, the data target, caption dropout on the empty prompt) on one edit
+    with precomputed text encodings; the Fast-LoRA in diffusers' QwenImageEditPipeline gives the latents it gives
+    here."""
+    import importlib.util
+    from glance_jax import lora
+    from glance_jax.checkpoints import safetensors_io
+    from glance_jax.pipelines import QwenImageEditGlancePipeline
+    from glance_jax.train import train
+    root, torch_pipes, ours = qwen_edit
+    write_edit_sample(tmp_path)
+    rng = np.random.default_rng(1)
+    safetensors_io.save_file({"prompt_embeds": rng.standard_normal((7, 24), dtype=np.float32),
+                              "empty_prompt_embeds": rng.standard_normal((5, 24), dtype=np.float32)},
+                             tmp_path / "edited" / "cat.safetensors")
+    spec = importlib.util.spec_from_file_location("qwen_image_edit", REPO / "configs" / "qwen_image_edit.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    c = module.get_config("both")
+    c.model.path, c.data.dir, c.data.sources = str(root / "edit"), str(tmp_path / "edited"), (str(tmp_path / "source"),)
+    c.model.dtype, c.model.quantize, c.data.cache_dir = "fp32", "none", str(tmp_path / "cache")
+    c.data.resolution, c.data.multiple, c.steps, c.lora.rank, c.lora.alpha = 96, 16, 4, 4, 16.0
+    written = train(c, tmp_path / "run")
+    assert set(written) == {"slow", "fast"}
+    pipe = ours["edit"]
+    merged = QwenImageEditGlancePipeline(pipe.model, lora.merged_params(pipe.params, lora.load_lora(
+        written["fast"], pipe.params)), pipe.scheduler_config, vae=pipe.vae)
+    rng = np.random.default_rng(2)
+    kw = dict(prompt_embeds=rng.standard_normal((1, 7, 24), dtype=np.float32), image=source_image(72, 100, 0),
+              latents=rng.standard_normal((1, 24, 16), dtype=np.float32), height=H, width=W, num_inference_steps=3)
+    torch_pipes["edit"].load_lora_weights(str(tmp_path / "run"), weight_name="fast_lora.safetensors")
+    try:
+        want = run_diffusers(torch_pipes["edit"], **kw)
+    finally:
+        torch_pipes["edit"].unload_lora_weights()
+    err = relative_error(merged(**kw), want)
+    print(f"Qwen-Image-Edit Fast-LoRA trained here, in diffusers' QwenImageEditPipeline vs here: {err:.2e}")
+    assert err <= TOLERANCE, f"{err:.2e} > {TOLERANCE}"
+    assert relative_error(pipe(**kw), want) > 10 * TOLERANCE  # the LoRA (4 steps at lr 3e-4) changed the output

@@ -241,7 +241,8 @@ def test_bad_flags(setup, tmp_path, capsys, args, message):
 
 CONFIG_ARGS = {"flux.py": ("slow", "fast", "both", "teacher", "tiny"),
                "flux_kontext.py": ("slow", "fast", "both", "teacher", "tiny"),
-               "qwen_image.py": ("slow", "fast", "both", "teacher", "teacher_onepass")}
+               "qwen_image.py": ("slow", "fast", "both", "teacher", "teacher_onepass"),
+               "qwen_image_edit.py": ("slow", "fast", "both", "teacher")}
 
 
 def test_every_config_file_loads():
@@ -270,8 +271,8 @@ def test_every_config_file_loads():
             if arg.startswith("teacher"):
                 assert config.target == "teacher" and config.lora.targets == config.family + "-all"
             # the Qwen-Image teacher recipe samples as the official pipeline: true CFG 5, two passes a step
-            two_pass = (name, arg) == ("qwen_image.py", "teacher")
-            assert config.student.guidance_scale == (5.0 if two_pass else 1.0)
+            two_pass = {("qwen_image.py", "teacher"): 5.0, ("qwen_image_edit.py", "teacher"): 4.0}
+            assert config.student.guidance_scale == two_pass.get((name, arg), 1.0)
         with pytest.raises(ValueError):
             module.get_config("medium")
 

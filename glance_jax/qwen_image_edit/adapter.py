@@ -12,14 +12,18 @@ import dataclasses
 
 from glance_jax.family import Family
 from glance_jax.qwen_image.adapter import QWEN_IMAGE
-from glance_jax.qwen_image_edit.prompts import QwenImageEditPromptEncoder, vl_image
+from glance_jax.qwen_image_edit.prompts import (QwenImageEditPlusPromptEncoder, QwenImageEditPromptEncoder,
+                                                dimensions, vl_image)
 from glance_jax.qwen_image_edit.text_encoder import Qwen25VLModel
 
 VAE_AREA = 1024 * 1024  # the pixels both pipelines encode a source image (and make the edit) at
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
 class QwenImageEditFamily(Family):
     """Qwen-Image-Edit: the source images at about one megapixel (multiples of 32), the edit at the last one's."""
+
+    plus: bool = False  # the 2509 model: its prompt sees the images at 384 x 384 and names each ("Picture 1: ")
 
     def reference_size(self, height, width):
         width, height = dimensions(VAE_AREA, width / height)
@@ -29,21 +33,7 @@ class QwenImageEditFamily(Family):
         return self.reference_size(height, width)
 
     def prompt_images(self, images):
-        return [vl_image(image, plus=self.reference_images > 1) for image in images]
-
-
-class QwenImageEditPlusPromptEncoder(QwenImageEditPromptEncoder):
-    """The 2509 model's prompts: up to three pictures, each named in the template ("Picture 1: ...")."""
-
-    @classmethod
-    def from_pretrained(cls, path, dtype=None, plus=True, **kw):
-        return super().from_pretrained(path, **({} if dtype is None else {"dtype": dtype}), plus=plus, **kw)
-
-
-def dimensions(area, ratio):
-    """diffusers' `calculate_dimensions`: (width, height) of about `area` pixels at `ratio`, multiples of 32."""
-    width = (area * ratio) ** 0.5
-    return round(width / 32) * 32, round(width / ratio / 32) * 32
+        return [vl_image(image, plus=self.plus) for image in images]
 
 
 _QWEN = {f.name: getattr(QWEN_IMAGE, f.name) for f in dataclasses.fields(QWEN_IMAGE)}
@@ -54,4 +44,4 @@ QWEN_IMAGE_EDIT = QwenImageEditFamily(**dict(
     pipelines=("QwenImageEditPipeline",), reference_images=1))
 QWEN_IMAGE_EDIT_PLUS = QwenImageEditFamily(**dict(
     _EDIT, name="qwen-image-edit-plus", prompt_encoder=QwenImageEditPlusPromptEncoder,
-    variants={"qwen-image-edit-plus": {}}, pipelines=("QwenImageEditPlusPipeline",), reference_images=3))
+    variants={"qwen-image-edit-plus": {}}, pipelines=("QwenImageEditPlusPipeline",), reference_images=3, plus=True))

@@ -44,7 +44,7 @@ EDIT_VL_AREA = 1024 * 1024  # the pixels of the image the Edit pipeline hands to
 PLUS_VL_AREA = 384 * 384  # the Plus pipeline's CONDITION_IMAGE_SIZE
 
 
-def _dimensions(area, ratio):
+def dimensions(area, ratio):
     """diffusers' `calculate_dimensions`: (width, height) of about `area` pixels at `ratio`, multiples of 32."""
     width = math.sqrt(area * ratio)
     height = width / ratio
@@ -55,7 +55,7 @@ def vl_image(image, plus=False):
     """The image (PIL) the Edit (`plus=False`) or Plus pipeline gives its processor for a user's PIL image."""
     from PIL import Image
 
-    width, height = _dimensions(PLUS_VL_AREA if plus else EDIT_VL_AREA, image.width / image.height)
+    width, height = dimensions(PLUS_VL_AREA if plus else EDIT_VL_AREA, image.width / image.height)
     return image.resize((width, height), resample=Image.Resampling.LANCZOS)
 
 
@@ -134,3 +134,11 @@ class QwenImageEditPromptEncoder:
         if not out_mask.all():
             encodings["prompt_embeds_mask"] = jnp.asarray(out_mask)
         return encodings
+
+
+class QwenImageEditPlusPromptEncoder(QwenImageEditPromptEncoder):
+    """Qwen-Image-Edit-2509's prompts ("Plus"): up to three pictures, each named in the template."""
+
+    @classmethod
+    def from_pretrained(cls, path, dtype=jnp.float32, plus=True, mrope=True):
+        return super().from_pretrained(path, dtype, plus, mrope)
