@@ -355,3 +355,90 @@ def test_qwen_image_edit_trains_on_one_edit_and_diffusers_applies_the_lora(qwen_
     print(f"Qwen-Image-Edit Fast-LoRA trained here, in diffusers' QwenImageEditPipeline vs here: {err:.2e}")
     assert err <= TOLERANCE, f"{err:.2e} > {TOLERANCE}"
     assert relative_error(pipe(**kw), want) > 10 * TOLERANCE  # the LoRA (4 steps at lr 3e-4) changed the output
+
+
+# ---- a Qwen-Image-Edit folder laid out as the released repository: prompts that see the source image ----
+
+@pytest.fixture(scope="module")
+def qwen_edit_repo(tmp_path_factory):
+    """transformer/, vae/, scheduler/, text_encoder/ (a tiny Qwen2.5-VL with its vision tower), tokenizer/ and
+    processor/ (the real Qwen2.5 tokenizer), model_index.json; and diffusers' pipeline over the same parts."""
+    from diffusers import AutoencoderKLQwenImage as TorchQwenVAE
+    from diffusers import QwenImageEditPipeline
+    from diffusers import QwenImageTransformer2DModel as TorchQwen
+    from transformers import AutoTokenizer, Qwen2VLImageProcessorPil
+    from transformers import Qwen2_5_VLForConditionalGeneration as TorchQwenVL
+    from glance_jax.qwen_image.adapter import SCHEDULER
+    from test_qwen_vl import QWEN_VL, PREPROCESSOR, processor_without_torchvision, tame_patch_embed_
+    import real_tokenizers
+    root = tmp_path_factory.mktemp("qwen_edit_repo")
+    real_tokenizers.qwen_tokenizer(root / "tokenizer")
+    AutoTokenizer.from_pretrained(root / "tokenizer").save_pretrained(root / "processor")
+    (root / "processor" / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR))
+    text_encoder = randomize_(TorchQwenVL(QWEN_VL), seed=7).eval()
+    tame_patch_embed_(text_encoder.model.visual)
+    text_encoder.save_pretrained(root / "text_encoder")
+    transformer = randomize_(TorchQwen(**dict(QWEN, joint_attention_dim=32)), seed=0).eval()
+    vae = randomize_(TorchQwenVAE(**QWEN_VAE), seed=1).eval()
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(SCHEDULER)
+    for name, part in (("transformer", transformer), ("vae", vae), ("scheduler", scheduler)):
+        part.save_pretrained(root / name)
+    (root / "model_index.json").write_text(json.dumps({
+        "_class_name": "QwenImageEditPipeline", "_diffusers_version": "0.42.1",
+        "processor": ["transformers", "Qwen2VLProcessor"], "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+        "text_encoder": ["transformers", "Qwen2_5_VLForConditionalGeneration"],
+        "tokenizer": ["transformers", "Qwen2Tokenizer"], "transformer": ["diffusers", "QwenImageTransformer2DModel"],
+        "vae": ["diffusers", "AutoencoderKLQwenImage"]}))
+    processor = processor_without_torchvision(Qwen2VLImageProcessorPil.from_pretrained(root / "processor"),
+                                              AutoTokenizer.from_pretrained(root / "processor"))
+    reference = QwenImageEditPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder,
+                                      tokenizer=processor.tokenizer, processor=processor, transformer=transformer)
+    reference.set_progress_bar_config(disable=True)
+    source = root / "source.png"
+    source_image(72, 100, 0).save(source)
+    return root, reference, source
+
+
+def test_qwen_image_edit_from_prompt_strings_matches_diffusers(qwen_edit_repo):
+    """The whole pipeline from the instruction and the source image: Qwen2.5-VL sees the image (as diffusers 0.42
+    under transformers 5 numbers its positions: the prompt encoder's mrope=False), the VAE encodes it, true CFG 4."""
+    from glance_jax.models import AutoencoderKLQwenImage, QwenImageTransformer2DModel
+    from glance_jax.pipelines import QwenImageEditGlancePipeline
+    from glance_jax.qwen_image.adapter import SCHEDULER
+    from glance_jax.qwen_image_edit.prompts import QwenImageEditPromptEncoder
+    root, reference, source = qwen_edit_repo
+    latents = np.random.default_rng(8).standard_normal((1, 24, 16), dtype=np.float32)
+    kw = dict(prompt="make the sky red", negative_prompt=" ", image=Image.open(source), height=H, width=W,
+              num_inference_steps=3, true_cfg_scale=4.0, latents=latents)
+    want = run_diffusers(reference, **kw)
+    pipe = QwenImageEditGlancePipeline(*QwenImageTransformer2DModel.from_pretrained(root / "transformer"), SCHEDULER,
+                                       vae=AutoencoderKLQwenImage.from_pretrained(root / "vae"),
+                                       prompt_encoder=QwenImageEditPromptEncoder.from_pretrained(root, mrope=False))
+    err = relative_error(pipe(**kw), want)
+    print(f"Qwen-Image-Edit from prompt strings (the VL encoder seeing the image), 3 steps of true CFG 4, vs "
+          f"diffusers: {err:.2e}")
+    assert err <= TOLERANCE, f"{err:.2e} > {TOLERANCE}"
+
+
+def test_sample_and_train_on_a_qwen_image_edit_folder(qwen_edit_repo, tmp_path):
+    """`glance-jax sample --image` and `glance-jax train` with configs/qwen_image_edit.py on the folder alone: its
+    family from model_index.json, the instruction encoded by its Qwen2.5-VL seeing the source image."""
+    from glance_jax.checkpoints import safetensors_io
+    from glance_jax.cli import main
+    root, _, source = qwen_edit_repo
+    out = tmp_path / "edit.safetensors"
+    assert main(["sample", "--model", str(root), "--prompt", "make the sky red", "--image", str(source),
+                 "--height", "32", "--width", "48", "--steps", "2", "--out", str(out)]) == 0
+    assert safetensors_io.SafetensorsFile(out).read("latents").shape == (4, 6, 4)
+    write_edit_sample(tmp_path)
+    (tmp_path / "edited" / "cat.safetensors").unlink()  # the text encoder of the folder encodes the instruction
+    code = main(["train", "--config", str(REPO / "configs" / "qwen_image_edit.py") + ":slow", "--workdir",
+                 str(tmp_path / "run"), f"--config.model.path={root}", f"--config.data.dir={tmp_path / 'edited'}",
+                 f"--config.data.sources=('{tmp_path / 'source'}',)", "--config.data.resolution=96",
+                 "--config.data.multiple=16", "--config.model.dtype=fp32", "--config.model.quantize=none",
+                 "--config.steps=2", f"--config.data.cache_dir={tmp_path / 'cache'}", "--config.lora.rank=4",
+                 "--config.lora.alpha=16"])
+    assert code == 0 and (tmp_path / "run" / "slow_lora.safetensors").exists()
+    cached = [f for f in (tmp_path / "cache").iterdir() if f.suffix == ".safetensors"]
+    keys = set(safetensors_io.SafetensorsFile(cached[0]).keys())
+    assert {"latents", "source_latents_0", "prompt_embeds", "empty_prompt_embeds"} <= keys
