@@ -29,6 +29,7 @@ file's metadata: `vae_scale_factor` (pixels per latent, default the family's).
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -39,7 +40,7 @@ import jax
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from glance_jax import checkpoints, families, safe_io, validation
+from glance_jax import checkpoints, families, pipelines, safe_io, validation
 from glance_jax.checkpoints import safetensors_io
 from glance_jax.errors import GlanceError
 
@@ -293,9 +294,8 @@ class VAEEncoder:
 
     def encode(self, sample):
         vae, params = families.load_model(self.path)
-        encode = jax.jit(lambda p, x: vae.apply({"params": p}, x, method="encode")[0])
-        latents = lambda path: np.asarray(vae.normalize(vae.drop_frames(encode(
-            params, vae.add_frames(load_image(sample, path)[None]))))[0], np.float32)
+        encode = jax.jit(functools.partial(pipelines.encode_images, vae))
+        latents = lambda path: np.asarray(encode(params, load_image(sample, path)[None])[0], np.float32)
         return {"latents": latents(None), **{source_key(i): latents(p) for i, p in enumerate(sample.sources)}}
 
 

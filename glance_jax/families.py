@@ -114,13 +114,13 @@ def _component(path, component, wanted, what):
 def transformer_path(path, family=None, what="the model path"):
     """The transformer checkpoint a user's path stands for (a pipeline folder gives its transformer/),
     refused in one line if it holds another kind of model (or another family than `family`)."""
-    wanted = tuple(f.transformer.__name__ for f in ([get(family)] if family else FAMILIES))
+    wanted = tuple(dict.fromkeys(f.transformer.__name__ for f in ([get(family)] if family else FAMILIES)))
     return _component(path, "transformer", wanted, what)
 
 
 def vae_path(path, what="the VAE path"):
     """The VAE folder a user's path stands for (a pipeline folder gives its vae/), checked by its config."""
-    return _component(path, "vae", tuple(f.vae.__name__ for f in FAMILIES), what)
+    return _component(path, "vae", tuple(dict.fromkeys(f.vae.__name__ for f in FAMILIES)), what)
 
 
 def text_encoders_path(path, family, what="the text encoder path"):

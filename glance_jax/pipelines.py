@@ -54,11 +54,23 @@ def encode_images(vae, vae_params, images):
     return vae.normalize(vae.drop_frames(encode))
 
 
+def _pil(image):
+    """A source image (PIL, or (H, W, 3) uint8 or floats in [0, 1]) as an RGB PIL image."""
+    from PIL import Image
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    array = np.asarray(image)
+    if array.ndim != 3 or array.shape[-1] != 3:
+        raise GlanceError(f"a source image of shape {array.shape}: (height, width, 3) needed")
+    if array.dtype != np.uint8:
+        array = (np.clip(array.astype(np.float32), 0, 1) * 255).round().astype(np.uint8)
+    return Image.fromarray(array)
+
+
 def image_pixels(image, height, width):
-    """A PIL image resized to `height` x `width` as diffusers' VaeImageProcessor resizes (Lanczos), as
+    """An RGB PIL image resized to `height` x `width` as diffusers' VaeImageProcessor resizes (Lanczos), as
     (height, width, 3) float32 in [-1, 1]."""
     from PIL import Image
-    image = image.convert("RGB")
     if image.size != (width, height):
         image = image.resize((width, height), Image.LANCZOS)
     return np.asarray(image, np.float32) / 127.5 - 1.0
@@ -252,7 +264,7 @@ class GlancePipeline:
         """
         images = self._source_images(image)
         if images and (height is None or width is None):
-            height, width = self.family.output_size(*images[-1].shape[:2])
+            height, width = self.family.output_size(images[-1].height, images[-1].width)
         height, width = height or 1024, width or 1024
         if prompt is not None:
             encodings = self._encode(prompt, images)
@@ -357,11 +369,11 @@ class GlancePipeline:
             raise GlanceError("prompt strings need a prompt encoder: build the pipeline with prompt_encoder=... "
                               "(the family's), or pass prompt_embeds")
         if self.family.prompt_sees_images:
-            return self.prompt_encoder(prompt, self.family.prompt_images([self._pil(i) for i in images]))
+            return self.prompt_encoder(prompt, self.family.prompt_images(images))
         return self.prompt_encoder(prompt)
 
     def _source_images(self, image):
-        """The source images of an edit as (H, W, 3) uint8 arrays, checked against what the family takes."""
+        """The source images of an edit as RGB PIL images, checked against what the family takes."""
         if image is None:
             if self.family.reference_images:
                 raise GlanceError(f"{self.family.name} edits a source image: pass image=...")
@@ -372,32 +384,18 @@ class GlancePipeline:
         if not 1 <= len(images) <= self.family.reference_images:
             raise GlanceError(f"{len(images)} source images: {self.family.name} takes 1 to "
                               f"{self.family.reference_images}")
-        return [np.asarray(self._pil(i)) for i in images]
-
-    @staticmethod
-    def _pil(image):
-        from PIL import Image
-        if isinstance(image, Image.Image):
-            return image.convert("RGB")
-        array = np.asarray(image)
-        if array.dtype != np.uint8:
-            array = (np.clip(array.astype(np.float32), 0, 1) * 255).round().astype(np.uint8)
-        if array.ndim != 3 or array.shape[-1] != 3:
-            raise GlanceError(f"a source image of shape {array.shape}: (height, width, 3) needed")
-        return Image.fromarray(array)
+        return [_pil(i) for i in images]
 
     def image_latents(self, images, image_size=None, batch=1):
-        """The VAE latents of source images ((H, W, 3) uint8 arrays or PIL), each resized to `image_size` (or
-        the family's size for it), as a tuple of (batch, h, w, C) arrays: what the conditioning appends."""
+        """The VAE latents of source images (PIL), each resized to `image_size` (or the family's size for it), as
+        a tuple of (batch, h, w, C) arrays: what the conditioning appends to the image tokens."""
         if self.vae is None:
             raise GlanceError("a source image needs the VAE: build the pipeline with vae=(vae, params)")
         latents = []
         for image in images:
-            image = self._pil(image)
             size = image_size or self.family.reference_size(image.height, image.width)
             self.family.latent_grid(*size, self.vae_scale_factor)  # refuses a size that makes no grid
-            pixels = image_pixels(image, *size)
-            encoded = encode_images(*self.vae, pixels[None])
+            encoded = encode_images(*self.vae, image_pixels(image, *size)[None])
             latents.append(jnp.broadcast_to(encoded, (batch,) + encoded.shape[1:]).astype(self.model.dtype))
         return tuple(latents)
 
@@ -462,7 +460,7 @@ class FluxKontextGlancePipeline(GlancePipeline):
         height, width = height // multiple * multiple, width // multiple * multiple
         image_size = None
         if image is not None and not _auto_resize:
-            first = self._pil(image[0] if isinstance(image, (list, tuple)) else image)
+            first = _pil(image[0] if isinstance(image, (list, tuple)) else image)
             image_size = first.height // multiple * multiple, first.width // multiple * multiple
         return self.sample({"prompt_embeds": prompt_embeds, "pooled_prompt_embeds": pooled_prompt_embeds},
                            {"prompt_embeds": negative_prompt_embeds,
