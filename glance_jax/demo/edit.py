@@ -244,7 +244,7 @@ def write_report(t2i, demo, results, images, batch):
              or m["kind"] == "glance"]
     rows = [[batch.sources[i] for i in columns], [batch.truth[i] for i in columns]]
     rows += [[images[name][i] for i in columns] for name in shown]
-    labels = [f"{batch.edit_of[i]}\n{batch.kind_of[i]}" for i in columns]
+    labels = [f"{batch.edit_of[i].replace('-', chr(10))}\n{batch.kind_of[i]}" for i in columns]
     grid = evaluation.grid(rows, ["source", "exact edit"] + shown, labels, scale=5)
     safe_io.save_image(grid, os.path.join(demo.workdir, "grid.png"), "PNG")
     return report
