@@ -265,7 +265,7 @@ class GlancePipeline:
         images = self._source_images(image)
         if images and (height is None or width is None):
             height, width = self.family.output_size(images[-1].height, images[-1].width)
-        height, width = height or 1024, width or 1024
+        height, width = 1024 if height is None else height, 1024 if width is None else width
         if prompt is not None:
             encodings = self._encode(prompt, images)
         batch = encodings["prompt_embeds"].shape[0]

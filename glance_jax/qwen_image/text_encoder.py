@@ -32,7 +32,7 @@ class QwenLayer(nn.Module):
         v = dense(self.kv_heads * head_dim, "self_attn.v_proj", self.dtype)(h)
         split = lambda y: y.reshape(*y.shape[:2], -1, head_dim)
         q, k, v = split(q), split(k), split(v)
-        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+        q, k = rope_by_halves(q, cos, sin), rope_by_halves(k, cos, sin)
         repeat = self.heads // self.kv_heads  # grouped-query attention
         k, v = jnp.repeat(k, repeat, axis=2), jnp.repeat(v, repeat, axis=2)
         out = biased_attention(q, k, v, bias, head_dim ** -0.5).reshape(*x.shape[:2], -1)
@@ -43,7 +43,7 @@ class QwenLayer(nn.Module):
         return x + dense(d, "mlp.down_proj", self.dtype, False)(h)
 
 
-def rotate(x, cos, sin):
+def rope_by_halves(x, cos, sin):
     """RoPE by halves (rotate_half) on (B, T, heads, d) with cos/sin (T, d), or (B, T, d) (per-sequence positions)."""
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
     rotated = jnp.concatenate([-x2, x1], axis=-1)

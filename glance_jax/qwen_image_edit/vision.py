@@ -25,7 +25,7 @@ from glance_jax.errors import GlanceError
 from glance_jax.modules.attention import attention
 from glance_jax.modules.layers import RMSNorm
 from glance_jax.modules.text import dense
-from glance_jax.qwen_image.text_encoder import rotate
+from glance_jax.qwen_image.text_encoder import rope_by_halves
 
 Dtype = Any
 VISION_KEYS = ("depth", "hidden_size", "intermediate_size", "num_heads", "in_channels", "patch_size",
@@ -152,7 +152,7 @@ class VisionBlock(nn.Module):
         h = RMSNorm(1e-6, self.dtype, self.dtype, name="norm1")(x)
         qkv = dense(3 * d, "attn.qkv", self.dtype)(h).reshape(n, 3, self.heads, head_dim)
         q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
-        q, k = rotate(q[None], cos, sin)[0], rotate(k[None], cos, sin)[0]
+        q, k = rope_by_halves(q[None], cos, sin)[0], rope_by_halves(k[None], cos, sin)[0]
         out = _segment_attention(q, k, v, segments, self.attention_implementation).reshape(n, d)
         x = x + dense(d, "attn.proj", self.dtype)(out)
         h = RMSNorm(1e-6, self.dtype, self.dtype, name="norm2")(x)
