@@ -14,7 +14,8 @@ subcommands:
   sample       sample one prompt (cached embeddings) with or without Glance LoRAs
   eval         agreement (PSNR, SSIM) and timing of Glance against the base's N-step samples
   plan         per-device memory and FLOPs of a full-size model on a mesh, from abstract shapes
-  demo         the whole method on an embedded digits teacher: distil, sample, measure (about 4.5 minutes on 2 cores)
+  demo         the whole method on an embedded digits teacher: distil, sample, measure (about 4.5 minutes on 2 cores;
+               --edit: on an embedded edit teacher, about 3 minutes)
 
 run 'glance-jax SUBCOMMAND --help' for its arguments."""
 

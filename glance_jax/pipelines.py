@@ -259,10 +259,12 @@ class GlancePipeline:
         Editing families (`family.reference_images`) take the source `image` (one, or a list of up to that
         many, PIL or (H, W, 3) in [0, 1], shared by every prompt): each is resized to `image_size` ((height,
         width); default the family's size for it, `family.reference_size`), VAE-encoded and appended to the
-        image tokens of both conditionings; a prompt encoder that sees images gets them too. `height` and
+        image tokens of both conditionings; a prompt encoder that sees images gets them too. Their latents may
+        come in `encodings["image_latents"]` instead (a tuple of (B, h, w, C), a row per prompt). `height` and
         `width` default to 1024, or for an edit to `family.output_size` of the last source image.
         """
-        images = self._source_images(image)
+        given = encodings is not None and "image_latents" in encodings  # source latents, one row per prompt
+        images = self._source_images(image, given)
         if images and (height is None or width is None):
             height, width = self.family.output_size(images[-1].height, images[-1].width)
         height, width = 1024 if height is None else height, 1024 if width is None else width
@@ -274,9 +276,9 @@ class GlancePipeline:
                                     negative_prompt, images)
         negative = {k: v for k, v in (negative or {}).items() if v is not None} or None
         if images:
-            references = self.image_latents(images, image_size, batch)
-            encodings = {**encodings, "image_latents": references}
-            negative = negative and {**negative, "image_latents": references}
+            encodings = {**encodings, "image_latents": self.image_latents(images, image_size, batch)}
+        if "image_latents" in encodings:  # both passes of true CFG see the sources
+            negative = negative and {**negative, "image_latents": encodings["image_latents"]}
         if guidance_scale is None:
             guidance_scale = self.family.default_guidance_scale
         numbers = {"true_cfg_scale": true_cfg_scale, "lora_scale": lora_scale}
@@ -372,12 +374,16 @@ class GlancePipeline:
             return self.prompt_encoder(prompt, self.family.prompt_images(images))
         return self.prompt_encoder(prompt)
 
-    def _source_images(self, image):
-        """The source images of an edit as RGB PIL images, checked against what the family takes."""
+    def _source_images(self, image, given=False):
+        """The source images of an edit as RGB PIL images, checked against what the family takes (`given`: their
+        latents came in the encodings instead)."""
         if image is None:
-            if self.family.reference_images:
-                raise GlanceError(f"{self.family.name} edits a source image: pass image=...")
+            if self.family.reference_images and not given:
+                raise GlanceError(f"{self.family.name} edits a source image: pass image=... (or image_latents in "
+                                  "the encodings)")
             return []
+        if given:
+            raise GlanceError("pass the source images as image=... or as image_latents in the encodings, not both")
         images = list(image) if isinstance(image, (list, tuple)) else [image]
         if not self.family.reference_images:
             raise GlanceError(f"{self.family.name} takes no source image (it is no editing model)")

@@ -168,3 +168,11 @@ def test_an_edit_lora_loads_into_diffusers_kontext(quick_edit_demo):
     err = relative_error(got, want)
     print(f"edit demo Slow-LoRA in diffusers' FluxKontextPipeline vs here: {err:.2e}")
     assert err < 1e-4 and relative_error(without, want) > 1e-3  # the LoRA loaded, and it matters
+
+
+def test_edit_demo_refuses_all(tmp_path, capsys):
+    from glance_jax.cli import main
+    assert main(["demo", "--edit", "--all", "--workdir", str(tmp_path / "d")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--all adds the guided text-to-image rows" in err[0]
+    assert not (tmp_path / "d").exists()

@@ -28,6 +28,7 @@ from PIL import Image
 from glance_jax import checkpoints, data, evaluation, families, pipelines, safe_io, train, validation
 from glance_jax.checkpoints import safetensors_io
 from glance_jax.demo import edit_teacher
+from glance_jax.errors import GlanceError
 from glance_jax.layout import unpack_latents
 from glance_jax.lora import load_lora
 from glance_jax.pipelines import GlancePipeline
@@ -156,14 +157,8 @@ class EditBatch:
 
 
 def edit_sampler(base):
-    """The sampler of the Kontext teacher with one source per edit, given as latents in the encodings
-    (`image_latents`): GlancePipeline.sample of the flux-kontext family takes one source image for the whole batch,
-    as pixels, so this samples through the record of FLUX.1, whose conditioning Kontext's is (it appends
-    `image_latents` as Kontext's reference tokens) and which takes them from the encodings."""
-    family = families.get("flux")
-    if family.conditioning.__func__ is not FAMILY.conditioning.__func__ or not isinstance(base[0], family.transformer):
-        raise AssertionError("the Kontext teacher no longer samples through FLUX.1's conditioning")
-    return GlancePipeline(*base, edit_teacher.SCHEDULER, latent_channels=1, vae_scale_factor=1, family=family.name)
+    """The sampler of the Kontext teacher; each edit's source comes as latents in the encodings (`image_latents`)."""
+    return GlancePipeline(*base, edit_teacher.SCHEDULER, latent_channels=1, vae_scale_factor=1, family=FAMILY)
 
 
 def sample(pipe, batch, **kwargs):
@@ -281,6 +276,8 @@ def print_table(demo, report, seconds):
 
 def main(args, t2i):
     """The edit demo for the demo's parsed `args`; `t2i`: the text-to-image demo module (glance_jax.demo)."""
+    if args.all:
+        raise GlanceError("--all adds the guided text-to-image rows; the edit demo has none: leave it out with --edit")
     workdir = validation.output_folder(args.workdir)
     validation.fresh_outputs(workdir, ("metrics.json", "grid.png"), args.overwrite)
     if args.retrain_teacher:
