@@ -176,3 +176,20 @@ def test_edit_demo_refuses_all(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--all adds the guided text-to-image rows" in err[0]
     assert not (tmp_path / "d").exists()
+
+
+def test_every_demo_asset_is_package_data():
+    """A fresh install (`pip install .`) carries every committed demo asset: setup.cfg's package_data covers it."""
+    import configparser
+    import fnmatch
+    import pathlib
+    root = pathlib.Path(__file__).resolve().parent.parent
+    config = configparser.ConfigParser()
+    config.read(root / "setup.cfg")
+    patterns = [p.strip() for p in config["options.package_data"]["glance_jax"].split(",")]
+    assets = root / "glance_jax" / "demo" / "assets"
+    files = [p.relative_to(root / "glance_jax").as_posix() for p in assets.rglob("*") if p.is_file()]
+    matches = lambda f, p: len(f.split("/")) == len(p.split("/")) and all(  # a * stops at "/", as in setuptools
+        fnmatch.fnmatch(a, b) for a, b in zip(f.split("/"), p.split("/")))
+    missing = [f for f in files if not any(matches(f, p) for p in patterns)]
+    assert files and not missing, missing
