@@ -21,13 +21,11 @@ Every draw comes from its seed (jax.random); two trainings were not compared bit
 
 import json
 import os
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from tqdm import tqdm
 
 from glance_jax import checkpoints, families
 from glance_jax.checkpoints import safetensors_io
@@ -144,27 +142,12 @@ def train_teacher(seed=0, steps=1500, batch_size=48, lr=1e-3, out=TEACHER_DIR):
         x0 = targets[e, i]
         t = jax.random.uniform(k_t, (batch_size,))
         noise = jax.random.normal(k_n, x0.shape)
-        x_t = (1 - t[:, None, None]) * x0 + t[:, None, None] * noise
         cond, _ = FAMILY.conditioning(TEACHER, {"prompt_embeds": text_all[rows], "pooled_prompt_embeds": pooled_all[rows],
                                                 "image_latents": (sources[i],)}, 4, 4)
+        return t2i.flow_matching_update(TEACHER, opt, params, opt_state, cond, x0, t, noise)
 
-        def loss_fn(p):
-            v = TEACHER.apply({"params": p}, hidden_states=x_t, timestep=t, **cond)
-            return jnp.mean(jnp.square(v - (noise - x0)))
-
-        loss, grads = jax.value_and_grad(loss_fn)(params)
-        updates, opt_state = opt.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
-
-    key = jax.random.PRNGKey(seed + 1)
-    start, losses = time.time(), []
-    bar = tqdm(range(steps), desc="edit teacher", unit="step", mininterval=5)
-    for i in bar:
-        params, opt_state, loss = step(params, opt_state, jax.random.fold_in(key, i))
-        losses.append(float(loss))
-        if i % 50 == 0:
-            bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
+    params, losses, seconds = t2i.fit(step, params, opt_state, seed, steps, "edit teacher", mininterval=5)
     checkpoints.save_diffusers(TEACHER, params, out)
-    print(f"edit teacher: {steps} steps in {time.time() - start:.0f} s, final loss {np.mean(losses[-100:]):.4f}, "
+    print(f"edit teacher: {steps} steps in {seconds:.0f} s, final loss {np.mean(losses[-100:]):.4f}, "
           f"written to {out}")
     return params

@@ -128,27 +128,39 @@ def train_teacher(seed=0, steps=3000, batch_size=64, lr=1e-3):
         x0 = x0_all[i]
         t = jax.random.uniform(k_t, (batch_size,))
         noise = jax.random.normal(k_n, x0.shape)
-        x_t = (1 - t[:, None, None]) * x0 + t[:, None, None] * noise
-
         cond, _ = FAMILY.conditioning(TEACHER, {"prompt_embeds": text_all[rows],
                                                 "pooled_prompt_embeds": pooled_all[rows]}, 4, 4)
+        return flow_matching_update(TEACHER, opt, params, opt_state, cond, x0, t, noise)
 
-        def loss_fn(p):
-            v = TEACHER.apply({"params": p}, hidden_states=x_t, timestep=t, **cond)
-            return jnp.mean(jnp.square(v - (noise - x0)))
+    params, losses, seconds = fit(step, params, opt_state, seed, steps, "teacher")
+    checkpoints.save_diffusers(TEACHER, params, TEACHER_DIR)
+    print(f"teacher: {steps} steps in {seconds:.0f} s, final loss {np.mean(losses[-100:]):.4f}, "
+          f"written to {TEACHER_DIR}")
 
-        loss, grads = jax.value_and_grad(loss_fn)(params)
-        updates, opt_state = opt.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
 
+def flow_matching_update(model, opt, params, opt_state, cond, x0, t, noise):
+    """One optimizer step of `model` on the flow-matching loss at `x_t = (1 - t) x0 + t noise` (target
+    `noise - x0`): (params, opt_state, loss). Both demo teachers train with it."""
+    x_t = (1 - t[:, None, None]) * x0 + t[:, None, None] * noise
+
+    def loss_fn(p):
+        v = model.apply({"params": p}, hidden_states=x_t, timestep=t, **cond)
+        return jnp.mean(jnp.square(v - (noise - x0)))
+
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    updates, opt_state = opt.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+
+def fit(step, params, opt_state, seed, steps, desc, **bar):
+    """Runs `steps` of `step(params, opt_state, key)` (keys from `seed`) with a progress bar showing the loss:
+    (params, losses, seconds)."""
     key = jax.random.PRNGKey(seed + 1)
     start, losses = time.time(), []
-    bar = tqdm(range(steps), desc="teacher", unit="step")
-    for i in bar:
+    progress = tqdm(range(steps), desc=desc, unit="step", **bar)
+    for i in progress:
         params, opt_state, loss = step(params, opt_state, jax.random.fold_in(key, i))
         losses.append(float(loss))
         if i % 50 == 0:
-            bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
-    checkpoints.save_diffusers(TEACHER, params, TEACHER_DIR)
-    print(f"teacher: {steps} steps in {time.time() - start:.0f} s, final loss {np.mean(losses[-100:]):.4f}, "
-          f"written to {TEACHER_DIR}")
+            progress.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
+    return params, losses, time.time() - start
