@@ -62,6 +62,11 @@ class Family:
     reference_images: int = 0  # source images an editing model takes (their latents follow the image tokens)
     prompt_sees_images: bool = False  # the prompt encoder takes the source images too (Qwen-Image-Edit)
 
+    @classmethod
+    def based_on(cls, family, **changes):
+        """A record of this class with `family`'s answers but `changes` (an editing family on its base's models)."""
+        return cls(**{**{f.name: getattr(family, f.name) for f in dataclasses.fields(family)}, **changes})
+
     # ---- latents ----
 
     def latent_grid(self, height, width, vae_scale_factor):

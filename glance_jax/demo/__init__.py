@@ -427,6 +427,16 @@ def table_methods(args, trained, fitted, pipe):
     return methods
 
 
+def timed(run):
+    """(result, seconds) of `run()`: a second call is timed if the first compiled a new sampler program."""
+    compiled, start = pipelines.compile_count(), time.perf_counter()
+    result = run()
+    if pipelines.compile_count() > compiled:
+        start = time.perf_counter()
+        result = run()
+    return result, time.perf_counter() - start
+
+
 def evaluate(methods, pipe, batch, classifier):
     """(rows, {name: held-out images}): each method's images of the batch, timed (a second call where the first
     compiled), against its reference row's from the same noise, by the digit classifier and its features."""
@@ -435,13 +445,7 @@ def evaluate(methods, pipe, batch, classifier):
     results, images, caption_images = [], {}, {}
     for m in methods:
         kwargs = dict(m.pop("kwargs"))
-        run = lambda: sample_batch(pipe, batch, **kwargs).block_until_ready()
-        compiled, start = pipelines.compile_count(), time.perf_counter()
-        latents = run()
-        if pipelines.compile_count() > compiled:  # the first call compiled a new program: time a second one
-            start = time.perf_counter()
-            latents = run()
-        seconds = time.perf_counter() - start
+        latents, seconds = timed(lambda: sample_batch(pipe, batch, **kwargs).block_until_ready())
         both = np.clip(np.asarray(unpack_latents(latents, SIZE, SIZE, 1)), -1, 1)
         out, own = both[:n], both[n:]
         images[m["name"]], caption_images[m["name"]] = out, own

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from glance_jax import checkpoints, data, evaluation, families, pipelines, safe_io, train, validation
+from glance_jax import checkpoints, data, evaluation, families, safe_io, train, validation
 from glance_jax.checkpoints import safetensors_io
 from glance_jax.demo import edit_teacher
 from glance_jax.errors import GlanceError
@@ -192,13 +192,7 @@ def evaluate(t2i, methods, pipe, batch):
     results, images, own_images = [], {}, {}
     for m in methods:
         kwargs = dict(m.pop("kwargs"))
-        run = lambda: sample(pipe, batch, **kwargs).block_until_ready()
-        compiled, start = pipelines.compile_count(), time.perf_counter()
-        latents = run()
-        if pipelines.compile_count() > compiled:
-            start = time.perf_counter()
-            latents = run()
-        seconds = time.perf_counter() - start
+        latents, seconds = t2i.timed(lambda: sample(pipe, batch, **kwargs).block_until_ready())
         both = np.clip(np.asarray(unpack_latents(latents, SIZE, SIZE, 1)), -1, 1)
         out, own = both[:n], both[n:]
         images[m["name"]], own_images[m["name"]] = out, own

@@ -6,8 +6,6 @@ image tokens with position ids (1, row, column) (`FluxTransformer2DModel.conditi
 cut back to the image's tokens. Its pipeline folder names `FluxKontextPipeline`.
 """
 
-import dataclasses
-
 from glance_jax.flux.adapter import FLUX, FluxFamily
 
 # diffusers' PREFERRED_KONTEXT_RESOLUTIONS: the (width, height) Kontext was trained at, about one megapixel each
@@ -28,6 +26,6 @@ class FluxKontextFamily(FluxFamily):
         return DEFAULT_SIZE, DEFAULT_SIZE
 
 
-FLUX_KONTEXT = FluxKontextFamily(**{**{f.name: getattr(FLUX, f.name) for f in dataclasses.fields(FLUX)},
-                                    "name": "flux-kontext", "variants": {"flux-kontext": {"guidance_embeds": True}},
-                                    "pipelines": ("FluxKontextPipeline",), "reference_images": 1})
+FLUX_KONTEXT = FluxKontextFamily.based_on(
+    FLUX, name="flux-kontext", variants={"flux-kontext": {"guidance_embeds": True}},
+    pipelines=("FluxKontextPipeline",), reference_images=1)

@@ -36,12 +36,11 @@ class QwenImageEditFamily(Family):
         return [vl_image(image, plus=self.plus) for image in images]
 
 
-_QWEN = {f.name: getattr(QWEN_IMAGE, f.name) for f in dataclasses.fields(QWEN_IMAGE)}
-_EDIT = dict(_QWEN, models=(QWEN_IMAGE.transformer, QWEN_IMAGE.vae, Qwen25VLModel), prompt_sees_images=True,
+_EDIT = dict(models=(QWEN_IMAGE.transformer, QWEN_IMAGE.vae, Qwen25VLModel), prompt_sees_images=True,
              text_encoders={"text_encoder": ("Qwen2_5_VLForConditionalGeneration", "Qwen25VLModel")})
-QWEN_IMAGE_EDIT = QwenImageEditFamily(**dict(
-    _EDIT, name="qwen-image-edit", prompt_encoder=QwenImageEditPromptEncoder, variants={"qwen-image-edit": {}},
-    pipelines=("QwenImageEditPipeline",), reference_images=1))
-QWEN_IMAGE_EDIT_PLUS = QwenImageEditFamily(**dict(
-    _EDIT, name="qwen-image-edit-plus", prompt_encoder=QwenImageEditPlusPromptEncoder,
-    variants={"qwen-image-edit-plus": {}}, pipelines=("QwenImageEditPlusPipeline",), reference_images=3, plus=True))
+QWEN_IMAGE_EDIT = QwenImageEditFamily.based_on(
+    QWEN_IMAGE, **_EDIT, name="qwen-image-edit", prompt_encoder=QwenImageEditPromptEncoder,
+    variants={"qwen-image-edit": {}}, pipelines=("QwenImageEditPipeline",), reference_images=1)
+QWEN_IMAGE_EDIT_PLUS = QwenImageEditFamily.based_on(
+    QWEN_IMAGE, **_EDIT, name="qwen-image-edit-plus", prompt_encoder=QwenImageEditPlusPromptEncoder,
+    variants={"qwen-image-edit-plus": {}}, pipelines=("QwenImageEditPlusPipeline",), reference_images=3, plus=True)
